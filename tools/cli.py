@@ -1,0 +1,45 @@
+"""`csprt`: one entry point, one module per subcommand.
+
+Each subcommand module exposes `add_parser(subparsers)` and `run(args) -> int`. Flags default to
+None so only what the user set is applied. Any ToolchainError becomes one line on stderr and exit 2;
+a failed check (parity, validation) exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from graphs.errors import ToolchainError
+
+# subcommand -> module under tools/
+COMMANDS = {
+    "make-tiny": "tools.make_tiny",
+    "flops": "tools.flops",
+    "run": "tools.run",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csprt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ToolchainError as exc:
+        print(f"csprt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"csprt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
