@@ -118,6 +118,8 @@ class Schedule:
                 raise ScheduleError(f"{where}: budget {s.budget} is outside 1..{self.n_image_tokens} (the model's image tokens N)")
             if s.op in ("all", "scatter") and s.budget != self.n_image_tokens:
                 raise ScheduleError(f"{where}: op {s.op!r} keeps all N={self.n_image_tokens} tokens, but budget is {s.budget}")
+            if s.op == "all" and i > 0 and self.stages[i - 1].budget != self.n_image_tokens:
+                raise ScheduleError(f"{where}: op 'all' cannot follow a stage that dropped tokens (use 'scatter' after 'cluster')")
             if s.op in FIRST_STAGE_ONLY and i != 0:
                 raise ScheduleError(f"{where}: op {s.op!r} selects from the LLM input and must be the first stage")
             if s.op == "scatter" and (i == 0 or self.stages[i - 1].op != "cluster"):

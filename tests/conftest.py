@@ -28,3 +28,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "trt" in item.keywords and not has_tensorrt():
             item.add_marker(pytest.mark.skip(reason="needs TensorRT or TensorRT-RTX"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """Path of a `csprt make-tiny` checkpoint (default options), written once per session. Treat as read-only."""
+    from exporter.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny_ckpt") / "tiny")

@@ -1,0 +1,325 @@
+"""Save and load LISA checkpoints (HF layout) into `LisaModel`, offline, with one clear error per problem.
+
+A checkpoint directory holds `config.json`, the tokenizer, and LISA-layout weights in any of HF's
+four layouts (single or sharded, safetensors or `.bin`). CLIP is a separate HF directory named by
+`mm_vision_tower` or `--vision-tower`. Every problem the user can fix (missing file, corrupt
+file, keys that do not match the config) is a `CheckpointError` saying what and where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from exporter import keys
+from exporter.model import LisaModel
+from graphs.errors import CheckpointError
+from graphs.shapes import ModelShape
+
+FORMATS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
+# (index file, single file) per weight format, in load preference order.
+_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+_MAX_LISTED = 20
+
+# What CLIPImageProcessor uses for openai/clip-vit-*; sizes follow the tower's image_size.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def clip_processor_config(image_size: int) -> dict:
+    """The CLIP image processor settings for a tower of `image_size` (preprocessor_config.json form)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
+    }
+
+
+@dataclass
+class LoadedCheckpoint:
+    """Everything a run needs from a checkpoint directory."""
+
+    model: LisaModel
+    shape: ModelShape
+    tokenizer: object  # a transformers tokenizer
+    clip_dir: Path
+    ckpt_dir: Path
+    image_processor_config: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _empty_construction(dtype: torch.dtype, device: str | torch.device):
+    """Build modules directly on `device` in `dtype` with weight init skipped (weights come next).
+
+    Buffers computed in constructors (rotary inv_freq, position ids) are still computed, which is
+    why this beats building on `meta` and materialising.
+    """
+    from transformers.initialization import no_init_weights
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), no_init_weights():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_random(shape: ModelShape, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", seed: int = 0) -> LisaModel:
+    """A `LisaModel` with random weights, fast at LISA-7B size (for speed runs, not accuracy).
+
+    Matrices get normal(0, 0.02), norm weights 1 and biases 0, drawn on the target device.
+
+    Args:
+        shape (ModelShape): dimensions.
+        attn (str): LLaMA attention implementation. Defaults to "sdpa".
+        dtype (torch.dtype): parameter dtype. Defaults to float32.
+        device (str | torch.device): where to build. Defaults to "cpu".
+        seed (int): generator seed. Defaults to 0.
+    """
+    with _empty_construction(dtype, device):
+        model = LisaModel(shape, attn=attn)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.02, generator=gen)
+            elif "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+    return model.eval()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temp file in the same directory, then rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically write `data` as indented JSON."""
+    _atomic_write(Path(path), lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def save_checkpoint(model: LisaModel, out_dir: str | os.PathLike, fmt: str = "safetensors",
+                    max_shard_size: int | str = "5GB") -> list[Path]:
+    """Write the model's LISA-layout weights (CLIP excluded) exactly as HF `save_pretrained` lays them out.
+
+    Args:
+        model (LisaModel): the model to save.
+        out_dir (path): target directory (created).
+        fmt (str): "safetensors", "safetensors-sharded", "bin" or "bin-sharded". Defaults to "safetensors".
+        max_shard_size (int | str): shard size limit for the sharded formats. Defaults to "5GB".
+
+    Returns:
+        list[Path]: files written (weights, then the index if sharded).
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # contiguous clones: safetensors rejects views and shared storage, torch.save would keep both.
+    state = {k: v.detach().contiguous().clone().cpu() for k, v in keys.module_state_to_lisa(model.state_dict()).items()}
+    use_safetensors = fmt.startswith("safetensors")
+    index_name, single_name = _LAYOUTS[0] if use_safetensors else _LAYOUTS[1]
+    pattern = "model{suffix}.safetensors" if use_safetensors else "pytorch_model{suffix}.bin"
+    sharded = fmt.endswith("-sharded")
+    split = split_torch_state_dict_into_shards(state, filename_pattern=pattern,
+                                               max_shard_size=max_shard_size if sharded else 2**62)
+    written = []
+    for filename, names in split.filename_to_tensors.items():
+        shard = {n: state[n] for n in names}
+        name = filename if sharded else single_name
+        if use_safetensors:
+            _atomic_write(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+        else:
+            _atomic_write(out / name, lambda p, s=shard: torch.save(s, p))
+        written.append(out / name)
+    if sharded:
+        index = {"metadata": {"total_size": split.metadata.get("total_size",
+                                                               sum(t.numel() * t.element_size() for t in state.values()))},
+                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        write_json(out / index_name, index)
+        written.append(out / index_name)
+    return written
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def find_weight_files(ckpt_dir: Path) -> list[Path]:
+    """The weight files of a checkpoint: safetensors index > model.safetensors > bin index > pytorch_model.bin."""
+    looked_for = []
+    for index_name, single_name in _LAYOUTS:
+        index_path = ckpt_dir / index_name
+        looked_for += [index_name, single_name]
+        if index_path.is_file():
+            weight_map = _read_json(index_path, "weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"weight index {index_path} has no 'weight_map'")
+            files = [ckpt_dir / f for f in sorted(set(weight_map.values()))]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise CheckpointError(f"weight index {index_path} names missing shard(s): {', '.join(absent)}")
+            return files
+        if (ckpt_dir / single_name).is_file():
+            return [ckpt_dir / single_name]
+    raise CheckpointError(f"no weights in {ckpt_dir}: looked for {', '.join(looked_for)}")
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors or `.bin` file, on CPU; any read failure is a CheckpointError."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # safetensors, pickle and zip errors have no common base
+        raise CheckpointError(f"weights file {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"weights file {path} is corrupt: expected a dict of tensors")
+    return state
+
+
+def _check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], unknown: list[str],
+                ckpt_dir: Path) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped key (LISA names)."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in found:
+            problems.append(f"missing: {keys.module_to_lisa(name)} (expected shape {tuple(shape)})")
+        elif found[name].shape != shape:
+            problems.append(f"wrong shape: {keys.module_to_lisa(name)} expected {tuple(shape)}, "
+                            f"found {tuple(found[name].shape)}")
+    unexpected = unknown + [keys.module_to_lisa(n) for n in found if n not in expected]
+    problems += [f"unexpected: {k}" for k in sorted(unexpected)]
+    if not problems:
+        return
+    listed = problems[:_MAX_LISTED]
+    if len(problems) > _MAX_LISTED:
+        listed.append(f"... and {len(problems) - _MAX_LISTED} more")
+    raise CheckpointError(
+        f"checkpoint {ckpt_dir} does not match its config.json ({len(problems)} problem(s)):\n  "
+        + "\n  ".join(listed))
+
+
+def resolve_clip_dir(ckpt_dir: Path, config: dict, vision_tower: str | os.PathLike | None) -> Path:
+    """The CLIP directory: `vision_tower` if given, else config `mm_vision_tower` if it is a local dir.
+
+    A relative `mm_vision_tower` is tried against the checkpoint directory, then the working directory.
+    """
+    if vision_tower is not None:
+        path = Path(vision_tower)
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"vision tower {path} is not a CLIP directory (no config.json)")
+        return path
+    named = config.get("mm_vision_tower") or config.get("vision_tower")
+    if isinstance(named, str):
+        for candidate in (ckpt_dir / named, Path(named)):
+            if (candidate / "config.json").is_file():
+                return candidate
+    raise CheckpointError(
+        f"config.json names vision tower {named!r}, which is not a local directory "
+        f"(relative to {ckpt_dir} or the working directory): pass --vision-tower DIR (a CLIP model directory)")
+
+
+def _load_clip(clip_dir: Path, dtype: torch.dtype, device):
+    from transformers import CLIPVisionModel
+
+    try:
+        tower, info = CLIPVisionModel.from_pretrained(
+            clip_dir, local_files_only=True, attn_implementation="eager", dtype=dtype, output_loading_info=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load CLIP vision tower from {clip_dir}: {exc}") from None
+    bad = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+    if bad:
+        raise CheckpointError(f"CLIP directory {clip_dir} lacks or mis-shapes weights: {', '.join(bad[:_MAX_LISTED])}")
+    # LisaModel reads CLS attention probabilities, which only eager attention returns.
+    tower.config._attn_implementation = "eager"
+    return tower.to(device).eval()
+
+
+def _load_tokenizer(ckpt_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ckpt_dir, local_files_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the tokenizer from {ckpt_dir}: {exc}") from None
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
+                    attn: str = "sdpa", dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load a LISA checkpoint directory (and its CLIP directory) into a `LisaModel`, offline.
+
+    Args:
+        ckpt_dir (path): directory with config.json, tokenizer files and LISA-layout weights.
+        vision_tower (path | None): CLIP directory; None uses config.json's `mm_vision_tower`.
+        attn (str): LLaMA attention implementation. Defaults to "sdpa".
+        dtype (torch.dtype): parameter dtype. Defaults to float32.
+        device (str | torch.device): target device. Defaults to "cpu".
+
+    Raises:
+        CheckpointError: missing or corrupt files, or weights that do not match config.json.
+    """
+    # Never reach the Hub: every file must be local (and a stray repo id must fail fast).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
+    config = _read_json(ckpt / "config.json", "checkpoint config")
+    clip_dir = resolve_clip_dir(ckpt, config, vision_tower)
+    shape = ModelShape.from_hf_configs(config, _read_json(clip_dir / "config.json", "CLIP config"))
+
+    state: dict[str, torch.Tensor] = {}
+    for path in find_weight_files(ckpt):
+        state.update(read_weight_file(path))
+    found, unknown = keys.lisa_state_to_module(state)
+
+    with _empty_construction(dtype, device):
+        model = LisaModel(shape, attn=attn)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("vision_tower.")}
+    _check_keys(expected, found, unknown, ckpt)
+    model.load_state_dict(found, strict=False)  # strictness checked above; CLIP comes next
+    model.vision_tower = _load_clip(clip_dir, dtype, device)
+
+    processor_path = clip_dir / "preprocessor_config.json"
+    processor = (_read_json(processor_path, "CLIP image processor config") if processor_path.is_file()
+                 else clip_processor_config(shape.vision.image_size))
+    return LoadedCheckpoint(model=model.eval(), shape=shape, tokenizer=_load_tokenizer(ckpt), clip_dir=clip_dir,
+                            ckpt_dir=ckpt, image_processor_config=processor)

@@ -1,0 +1,277 @@
+"""The PyTorch reference: LISA with a static token schedule, single-pass or generate.
+
+Decoder layers run one stage at a time. The hidden-state tensor is always laid out as
+
+    [ text prefix (P) | image rows (the stage's budget, original order) | text suffix (S) ]
+
+and every row keeps its original RoPE position (P + image index for image rows), so a `full`
+schedule is exactly the unpruned model. Stage entry ops come from `exporter.selection`, the
+same functions the export wrappers trace. Generate mode keeps one KV cache per layer; each
+holds only the image rows its stage saw.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from exporter import selection
+from exporter.model import LisaModel
+from exporter.preprocess import binarize, clip_pixels, postprocess_masks, sam_pixels
+from graphs.errors import InputError
+from graphs.prompt import PromptIds, tokenize_prompt
+from graphs.schedule import Schedule, Stage
+
+
+@dataclass
+class ReferenceOutput:
+    seg_embeddings: torch.Tensor        # [K, out_dim] SAM prompts, one per [SEG]
+    seg_hidden: torch.Tensor            # [K, H] final post-norm hidden states they came from
+    low_res_logits: torch.Tensor        # [K, 4g, 4g] SAM decoder output
+    mask_logits: torch.Tensor           # [K, H_img, W_img] at the input image's size
+    masks: np.ndarray                   # [K, H_img, W_img] bool
+    generated_ids: list[int]            # generate mode; empty in single-pass
+    answer: str
+    image_tokens_per_layer: list[int]   # counted from the hidden states of each layer (prefill)
+    kv_image_tokens_per_layer: list[int] = field(default_factory=list)  # generate: image rows in each layer's cache
+    stage_indices: dict[str, list[int]] = field(default_factory=dict)   # original image indices each stage saw
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class KVStore:
+    """Per-layer KV cache with the one method transformers' attention calls (`update`).
+
+    Layers may hold different lengths: a layer's cache has exactly the rows its stage saw.
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):  # key: [1, kv_heads, T, hd]
+        if layer_idx in self.keys:
+            key = torch.cat([self.keys[layer_idx], key], dim=2)
+            value = torch.cat([self.values[layer_idx], value], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def length(self, layer_idx: int) -> int:
+        return self.keys[layer_idx].shape[2]
+
+
+def causal_mask(t: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[1, 1, T, T] additive mask. Rows are in position order, so causal by row is causal by position."""
+    m = torch.full((t, t), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.triu(m, diagonal=1)[None, None]
+
+
+class _Timer:
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.ms: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                timer.sync()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.sync()
+                timer.ms[name] = timer.ms.get(name, 0.0) + 1e3 * (time.perf_counter() - self.t0)
+
+        return _Span()
+
+
+class Reference:
+    """Runs a `LisaModel` under a `Schedule`.
+
+    Args:
+        model (LisaModel): weights loaded, on its target device and dtype.
+        tokenizer: the checkpoint's HF tokenizer.
+        clip_processor_config (dict): the CLIP `preprocessor_config.json` contents.
+        schedule (Schedule): resolved against this model.
+    """
+
+    def __init__(self, model: LisaModel, tokenizer, clip_processor_config: dict, schedule: Schedule):
+        shape = model.shape
+        self.schedule = schedule.check_against(shape.llm.layers, shape.num_image_tokens)
+        self.model, self.tokenizer, self.clip_cfg = model, tokenizer, clip_processor_config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    # -- inputs -------------------------------------------------------------------------------
+    def prompt(self, query: str, mode: str) -> PromptIds:
+        shape = self.model.shape
+        return tokenize_prompt(self.tokenizer, query, mode, shape.num_image_tokens, shape.llm.max_positions)
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        t = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model.llm.model.embed_tokens(t)  # [1, len, H]
+
+    # -- stage entry --------------------------------------------------------------------------
+    def select_first(self, stage: Stage, feats_proj: torch.Tensor, cls_attn, instance_masks) -> torch.Tensor:
+        """Original indices of the image tokens the first stage sees. feats_proj: [N, H]."""
+        sched, n = self.schedule, feats_proj.shape[0]
+        if stage.op == "all":
+            return torch.arange(n, device=self.device)
+        if stage.op == "kcenter":
+            return selection.kcenter_indices(feats_proj, self.model.shape.vision.grid, stage.budget, sched.kcenter_lambda)
+        method = sched.cluster_method
+        if method == "uniform":
+            return selection.uniform_indices(n, stage.budget, self.device)
+        if method == "random":
+            return selection.random_indices(n, stage.budget, sched.seed, self.device)
+        if method == "cls_attention":
+            return selection.topk_sorted(cls_attn[0], stage.budget)
+        if method == "kmeans":
+            return selection.kmeans_indices(feats_proj, stage.budget, sched.kmeans_iters)
+        if method == "seg_first":
+            if instance_masks is None:
+                raise InputError("cluster_method 'seg_first' needs instance masks at token-grid resolution; "
+                                 "pass instance_masks or choose another cluster_method")
+            grid = self.model.shape.vision.grid
+            masks = torch.as_tensor(np.asarray(instance_masks), device=self.device).reshape(-1, grid * grid)
+            return selection.seg_first_indices(masks, stage.budget)
+        raise AssertionError(f"unhandled cluster method {method}")
+
+    def _query_rows(self, t: int, s: int, ids: PromptIds, mode: str) -> torch.Tensor:
+        query = self.schedule.prune_query
+        if query == "mean":
+            return torch.arange(t, device=self.device)
+        if query == "seg" and mode == "single-pass":
+            return torch.tensor([t - s + ids.seg_suffix_positions()[0] - 1], device=self.device)
+        return torch.tensor([t - 1], device=self.device)  # "last", or "seg" in generate mode: last prompt token
+
+    # -- forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, query: str | PromptIds, mode: str = "single-pass", max_new_tokens: int = 32,
+                 instance_masks=None) -> ReferenceOutput:
+        """Segment `image` for `query`.
+
+        Args:
+            image (ndarray): [H, W, 3] uint8 RGB.
+            query (str | PromptIds): the user's question, or its already tokenised prompt (benchmarks
+                with random-weight models have no real tokenizer).
+            mode (str): "single-pass" or "generate". Defaults to "single-pass".
+            max_new_tokens (int): generate-mode decode limit. Defaults to 32.
+            instance_masks: [M, grid, grid] masks for cluster_method "seg_first". Defaults to None.
+        """
+        m, sched, timer = self.model, self.schedule, _Timer(self.device)
+        ids = query if isinstance(query, PromptIds) else self.prompt(query, mode)
+        with timer("preprocess"):
+            clip_in = clip_pixels(image, self.clip_cfg).to(self.device, self.dtype)
+            sam_in, resized_hw = sam_pixels(image, m.shape.sam.image_size)
+            sam_in = sam_in.to(self.device, self.dtype)
+        with timer("vision"):
+            want_cls = sched.stages[0].op == "cluster" and sched.cluster_method == "cls_attention"
+            _, emb, cls_attn = m.vision_features(clip_in, with_cls_attention=want_cls)
+            emb = emb[0]  # [N, H]
+        with timer("sam_encoder"):
+            image_embeddings = m.sam_image_embeddings(sam_in)
+        with timer("llm"):
+            state = self._prefill(emb, cls_attn, ids, mode, instance_masks)
+        with timer("llm_decode"):
+            generated, seg_hidden = self._generate(state, ids, max_new_tokens) if mode == "generate" else ([], None)
+        if mode == "single-pass":
+            s = len(ids.suffix)
+            rows = [state["h"].shape[1] - s + j - 1 for j in ids.seg_suffix_positions()]
+            seg_hidden = state["normed"][0, rows]  # [K, H]
+        with timer("seg_head"):
+            seg_emb = m.seg_head(seg_hidden)
+        with timer("sam_decoder"):
+            low_res = m.sam_decode(image_embeddings, seg_emb) if len(seg_emb) else image_embeddings.new_zeros((0, 1, 1))
+        with timer("postprocess"):
+            if len(seg_emb):
+                logits = postprocess_masks(low_res.float(), resized_hw, image.shape[:2], m.shape.sam.image_size)
+            else:
+                logits = torch.zeros((0, *image.shape[:2]))
+            masks = binarize(logits)
+        masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else masks
+        answer = " [SEG]." if mode == "single-pass" else (
+            self.tokenizer.decode(generated, skip_special_tokens=False) if self.tokenizer is not None else "")
+        return ReferenceOutput(
+            seg_embeddings=seg_emb, seg_hidden=seg_hidden, low_res_logits=low_res, mask_logits=logits,
+            masks=masks, generated_ids=generated, answer=answer.strip(),
+            image_tokens_per_layer=state["counts"], kv_image_tokens_per_layer=state.get("kv_counts", []),
+            stage_indices=state["stage_indices"], timings_ms=timer.ms,
+        )
+
+    def _prefill(self, emb: torch.Tensor, cls_attn, ids: PromptIds, mode: str, instance_masks) -> dict:
+        """Run all decoder layers over the prompt. Returns the state the decode loop continues from."""
+        m, sched = self.model, self.schedule
+        layers, n = m.decoder_layers, emb.shape[0]
+        p, s = len(ids.prefix), len(ids.suffix)
+        text_pos_suffix = torch.arange(p + n, p + n + s, device=self.device)
+        h = None
+        img_idx = rep_idx = assign = scores = None
+        kv = KVStore() if mode == "generate" else None
+        counts, stage_indices = [], {}
+        for i, stage in enumerate(sched.stages):
+            if i == 0:
+                img_idx = self.select_first(stage, emb, cls_attn, instance_masks)
+                if stage.op == "cluster":
+                    rep_idx = img_idx
+                    assign = selection.assign_to_representatives(emb, rep_idx)
+                img_h = emb[img_idx][None]
+                h = torch.cat([self._embed(ids.prefix), img_h, self._embed(ids.suffix)], dim=1)
+            else:
+                cur = h[:, p:h.shape[1] - s]  # [1, b, H] image rows
+                if stage.op == "scatter":
+                    new_img = selection.scatter_tokens(cur[0], emb, rep_idx, assign, sched.scatter_mode)[None]
+                    img_idx = torch.arange(n, device=self.device)
+                elif stage.op == "prune":
+                    keep = selection.topk_sorted(scores[p:p + cur.shape[1]], stage.budget)
+                    img_idx, new_img = img_idx[keep], cur[:, keep]
+                else:  # "all" after a stage that kept every token: nothing changes
+                    new_img = cur
+                h = torch.cat([h[:, :p], new_img, h[:, h.shape[1] - s:]], dim=1)
+            stage_indices[stage.name] = img_idx.tolist()
+            pos = torch.cat([torch.arange(p, device=self.device), p + img_idx, text_pos_suffix])[None]
+            cos, sin = m.llm.model.rotary_emb(h, pos)
+            mask = causal_mask(h.shape[1], h.dtype, self.device)
+            next_prunes = i + 1 < len(sched.stages) and sched.stages[i + 1].op == "prune"
+            for layer_idx in stage.layers:
+                counts.append(h.shape[1] - p - s)  # counted from the tensor, not from the schedule
+                layer = layers[layer_idx]
+                if next_prunes and layer_idx == stage.end - 1:
+                    scores = selection.query_attention(layer, h, cos, sin, mask, self._query_rows(h.shape[1], s, ids, mode))
+                h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=kv,
+                          position_embeddings=(cos, sin))
+        normed = m.llm.model.norm(h)
+        state = {"h": h, "normed": normed, "counts": counts, "stage_indices": stage_indices, "kv": kv,
+                 "text_rows": p + s, "next_pos": p + n + s}
+        return state
+
+    def _generate(self, state: dict, ids: PromptIds, max_new_tokens: int):
+        """Greedy decode from the prefill state. Returns (generated ids, [K, H] hidden states before each [SEG])."""
+        m, kv = self.model, state["kv"]
+        layers = m.decoder_layers
+        last = state["normed"][:, -1:]  # [1, 1, H]
+        generated, seg_rows = [], []
+        pos = state["next_pos"]
+        fed = 0
+        for _ in range(max_new_tokens):
+            tok = int(torch.argmax(m.llm.lm_head(last)[0, -1]))
+            generated.append(tok)
+            if tok == ids.seg_token_id:
+                seg_rows.append(last[0, -1])
+            if tok == ids.eos_token_id or len(generated) == max_new_tokens:
+                break
+            x = self._embed([tok])
+            position = torch.tensor([[pos]], device=self.device)
+            cos, sin = m.llm.model.rotary_emb(x, position)
+            for layer_idx, layer in enumerate(layers):
+                mask = torch.zeros((1, 1, 1, kv.length(layer_idx) + 1), dtype=x.dtype, device=self.device)
+                x = layer(x, attention_mask=mask, position_ids=position, past_key_values=kv, position_embeddings=(cos, sin))
+            last = m.llm.model.norm(x)
+            pos += 1
+            fed += 1
+        state["kv_counts"] = [kv.length(i) - state["text_rows"] - fed for i in range(len(layers))]
+        hidden = torch.stack(seg_rows) if seg_rows else last.new_zeros((0, last.shape[-1]))
+        return generated, hidden

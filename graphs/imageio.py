@@ -1,0 +1,200 @@
+"""Image loading and result writing, numpy + PIL only (the ONNX Runtime side imports this without torch).
+
+Loading always yields uint8 RGB [H, W, 3], the array LISA's `cv2.imread` + `cvtColor(BGR2RGB)` gives:
+- EXIF orientation is applied, so the mask lines up with what viewers show.
+- Alpha is dropped, not composited: cv2's default `IMREAD_COLOR` drops it too, so results match LISA.
+- Grayscale (1-bit, L, LA) is replicated to three channels; 16-bit grayscale is scaled to 8 bits
+  (v / 257, rounded, so 65535 -> 255) rather than clipped; CMYK and palette images go through PIL's RGB conversion.
+- Animated files (GIF, WebP) use their first frame.
+Every failure raises `InputError` with the file's name and what to do about it.
+
+Writers are atomic: a temp file in the destination directory, then `os.replace`, so a reader never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from graphs.errors import InputError
+
+# 64 MP (8192 x 8192): far above anything SAM (1024) or CLIP (224/336) can use, and ~200 MB as RGB.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+_FIX = "pass a readable JPEG, PNG or WebP image"
+# What PIL raises on corrupt or truncated data during open() or load(); it is not consistent.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Load an image file as uint8 RGB.
+
+    Args:
+        path (str or PathLike): the image file (anything PIL opens: JPEG, PNG, WebP, GIF, BMP, TIFF ...).
+
+    Returns:
+        np.ndarray: uint8, shape [H, W, 3], RGB, EXIF orientation applied.
+
+    Raises:
+        InputError: missing path, a directory, empty or unreadable file, truncated data, or more than
+            `MAX_IMAGE_PIXELS` pixels.
+    """
+    p = Path(path)
+    name = str(p)
+    if not p.exists():
+        raise InputError(f"image {name}: no such file; check the path")
+    if p.is_dir():
+        raise InputError(f"image {name}: is a directory; {_FIX} file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise InputError(f"image {name}: cannot read ({e.strerror or e}); check its permissions") from e
+    return decode_image_bytes(data, name=name)
+
+
+def decode_image_bytes(data: bytes, name: str = "request") -> np.ndarray:
+    """Decode encoded image bytes (e.g. an upload) as uint8 RGB; same rules as `load_image`.
+
+    Args:
+        data (bytes): the encoded file contents.
+        name (str): what to call the image in error messages. Defaults to "request".
+
+    Returns:
+        np.ndarray: uint8, shape [H, W, 3], RGB, EXIF orientation applied.
+    """
+    if not data:
+        raise InputError(f"image {name}: file is empty (0 bytes); {_FIX}")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below is stricter than PIL's warning threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size  # header only, nothing decoded yet
+            if w * h > MAX_IMAGE_PIXELS:
+                raise _too_large(name, w, h)
+            img.load()  # force a full decode now so truncated files fail here, not later
+            img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image {name}: too large to decode safely ({e}); downscale it below "
+                         f"{MAX_IMAGE_PIXELS // 2**20} megapixels") from e
+    except UnidentifiedImageError as e:
+        raise InputError(f"image {name}: not an image format PIL can read; {_FIX}") from e
+    except _DECODE_ERRORS as e:
+        raise InputError(f"image {name}: corrupt or truncated image data ({e}); re-export or re-download it") from e
+    return _to_rgb(img, name)
+
+
+def _too_large(name: str, w: int, h: int) -> InputError:
+    return InputError(f"image {name}: {w}x{h} is {w * h / 2**20:.1f} megapixels, above the "
+                      f"{MAX_IMAGE_PIXELS // 2**20} MP limit; downscale it first")
+
+
+def _to_rgb(img: Image.Image, name: str) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3]."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # PIL's own I -> L conversion clips at 255, which turns most 16-bit images white.
+        v = np.asarray(img, dtype=np.float64)
+        gray = np.clip(np.rint(v / 257.0), 0, 255).astype(np.uint8)  # [H, W]
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if img.mode == "F":
+        gray = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if img.mode != "RGB":
+        # RGBA/LA/P: alpha dropped (see module docstring); CMYK/YCbCr/L/1: PIL's RGB conversion.
+        try:
+            img = img.convert("RGB")
+        except ValueError as e:
+            raise InputError(f"image {name}: unsupported color mode {img.mode}; {_FIX} in RGB or grayscale") from e
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
+    """Write via `write(file)` into a temp file beside `path`, then rename over it (atomic on one filesystem)."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _check_mask(mask: np.ndarray, hw: tuple[int, int] | None = None) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise InputError(f"mask: expected a 2-D [H, W] array, got shape {tuple(mask.shape)}")
+    if hw is not None and mask.shape != tuple(hw):
+        raise InputError(f"mask: shape {tuple(mask.shape)} does not match the image's (H, W) {tuple(hw)}")
+    return mask.astype(bool)
+
+
+def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a binary mask as an 8-bit grayscale PNG with values 0 and 255.
+
+    Args:
+        mask (np.ndarray): bool (or 0/1) [H, W]; True = object.
+        path (str or PathLike): destination; parent directories are created.
+
+    Returns:
+        Path: the written file.
+    """
+    m = _check_mask(mask)
+    img = Image.fromarray(m.astype(np.uint8) * 255, mode="L")
+    return _atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def write_overlay_png(image: np.ndarray, mask: np.ndarray, path: str | os.PathLike,
+                      color: tuple[int, int, int] = (255, 0, 0), alpha: float = 0.5) -> Path:
+    """Write the image with the mask tinted: masked pixels become (1 - alpha) * pixel + alpha * color.
+
+    Args:
+        image (np.ndarray): uint8 RGB [H, W, 3].
+        mask (np.ndarray): bool (or 0/1) [H, W].
+        path (str or PathLike): destination; parent directories are created.
+        color (tuple[int, int, int]): tint RGB. Defaults to red.
+        alpha (float): tint strength in [0, 1]. Defaults to 0.5.
+
+    Returns:
+        Path: the written file.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(f"overlay: expected a uint8 RGB image [H, W, 3], got {image.dtype} {tuple(image.shape)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"overlay: alpha must be in [0, 1], got {alpha}")
+    m = _check_mask(mask, image.shape[:2])
+    out = image.copy()
+    tint = np.asarray(color, dtype=np.float32)
+    out[m] = np.rint((1.0 - alpha) * image[m].astype(np.float32) + alpha * tint).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(out, mode="RGB")
+    return _atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` as indented UTF-8 JSON with a trailing newline.
+
+    Args:
+        obj (Any): JSON-serialisable data.
+        path (str or PathLike): destination; parent directories are created.
+
+    Returns:
+        Path: the written file.
+    """
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # serialise first: a TypeError leaves no temp file
+    return _atomic_write(path, lambda f: f.write(text), binary=False)

@@ -1,0 +1,125 @@
+"""LISA's image preprocessing, in numpy + PIL so the torch exporter and the ONNX Runtime side share it.
+
+    image uint8 [H, W, 3] --+-- CLIP processor: resize shortest edge S (bicubic), center crop S, /255, CLIP mean/std
+                            |       -> [1, 3, S, S] float32                                   (clip_pixels_np)
+                            +-- SAM: resize longest side 1024 (PIL bilinear), SAM mean/std, pad bottom/right 0
+                                    -> [1, 3, 1024, 1024] float32 and the resized (h', w')    (sam_pixels_np)
+
+Postprocessing (bilinear upsampling of the mask logits) stays in torch (`exporter/preprocess.py`): a numpy
+twin of `F.interpolate` differs from it in the last bits and sometimes by 1e-3 where float rounding picks a
+different source pixel, so it would not be one implementation.
+
+No torch here. The CLIP path imports transformers lazily; its PIL backend needs neither torch nor torchvision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from graphs.errors import InputError
+
+# segment-anything `Sam.pixel_mean` / `pixel_std`, on the 0-255 scale (LISA copies them unchanged).
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+SAM_IMAGE_SIZE = 1024
+
+# OpenAI CLIP normalisation on the 0-1 scale (transformers `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_RESAMPLE_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as stored in preprocessor_config.json
+
+
+def default_clip_processor_config(image_size: int = 224) -> dict:
+    """The `preprocessor_config.json` of openai/clip-vit-large-patch14(-336) with the size swapped in.
+
+    Args:
+        image_size (int): the CLIP input side S (224 for ViT-L/14, 336 for ViT-L/14-336). Defaults to 224.
+    """
+    return {
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": CLIP_RESAMPLE_BICUBIC,
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "do_convert_rgb": True,
+        "image_processor_type": "CLIPImageProcessor",
+    }
+
+
+def check_rgb_uint8(image: np.ndarray, what: str = "image") -> None:
+    """Raise InputError unless `image` is a uint8 [H, W, 3] array (what `graphs.imageio.load_image` returns)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise InputError(f"{what}: expected a uint8 RGB array [H, W, 3], got {got}; "
+                         "load it with graphs.imageio.load_image")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise InputError(f"{what}: image is empty ({image.shape[0]}x{image.shape[1]})")
+
+
+def clip_pixels_np(image: np.ndarray, processor_config: dict) -> np.ndarray:
+    """CLIP pixel values exactly as LISA computes them (`CLIPImageProcessor.preprocess`).
+
+    Args:
+        image (np.ndarray): uint8 RGB image, shape [H, W, 3].
+        processor_config (dict): a CLIP `preprocessor_config.json` as a dict, e.g. from
+            `default_clip_processor_config(224)`.
+
+    Returns:
+        np.ndarray: float32, shape [1, 3, S, S] with S the config's crop size.
+    """
+    check_rgb_uint8(image)
+    # Lazy: transformers is heavy, and graphs/ must import with numpy alone. The PIL backend is the
+    # torchvision-free twin of the processor LISA uses; both resize with PIL.
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil(**processor_config)
+    # Say channels-last outright: left to guess, transformers reads a [1, 1, 3] or [3, W, 3] image as [C, H, W].
+    out = processor(images=image, input_data_format="channels_last", return_tensors="np")
+    out = out["pixel_values"]  # [1, 3, S, S]
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def sam_resize_hw(hw: tuple[int, int], sam_size: int = SAM_IMAGE_SIZE) -> tuple[int, int]:
+    """segment-anything `ResizeLongestSide.get_preprocess_shape`: the longest side becomes `sam_size`.
+
+    Args:
+        hw (tuple[int, int]): original (height, width).
+        sam_size (int): SAM's square input side. Defaults to 1024.
+
+    Returns:
+        tuple[int, int]: resized (height, width); rounding is segment-anything's `int(x * scale + 0.5)`.
+    """
+    h, w = hw
+    scale = sam_size * 1.0 / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def sam_pixels_np(image: np.ndarray, sam_size: int = SAM_IMAGE_SIZE) -> tuple[np.ndarray, tuple[int, int]]:
+    """SAM pixel values as LISA computes them: ResizeLongestSide, normalise, then zero-pad bottom/right.
+
+    Args:
+        image (np.ndarray): uint8 RGB image, shape [H, W, 3].
+        sam_size (int): SAM's square input side. Defaults to 1024.
+
+    Returns:
+        tuple[np.ndarray, tuple[int, int]]: float32 pixels of shape [1, 3, sam_size, sam_size], and the
+        resized (h', w') that `postprocess_masks` crops back to.
+    """
+    check_rgb_uint8(image)
+    new_h, new_w = sam_resize_hw(image.shape[:2], sam_size)
+    # PIL bilinear on uint8, as segment-anything's `resize(to_pil_image(image), target_size)` does.
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))  # [h', w', 3]
+    mean = np.asarray(SAM_PIXEL_MEAN, dtype=np.float32)
+    std = np.asarray(SAM_PIXEL_STD, dtype=np.float32)
+    # float32 throughout, like torch's uint8 - float32 tensor promotion in LISA's `preprocess`.
+    normed = (resized.astype(np.float32) - mean) / std  # [h', w', 3]
+    out = np.zeros((1, 3, sam_size, sam_size), dtype=np.float32)
+    # Padding after normalising, as LISA does: the pad region is 0, not -mean/std.
+    out[0, :, :new_h, :new_w] = normed.transpose(2, 0, 1)
+    return out, (new_h, new_w)

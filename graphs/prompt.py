@@ -1,0 +1,71 @@
+"""LISA's llava_v1 prompt and its tokenisation around the image placeholder (no torch).
+
+    <s> {system} USER: <im_start> | N image tokens | <im_end>\\n{query} Please output segmentation mask. ASSISTANT:[ [SEG].]
+
+The text is split at `<image>` and each side tokenised on its own (LLaVA's tokenizer_image_token),
+so it works whether or not the tokenizer knows `<image>` as a token. Single-pass mode appends the
+answer ` [SEG].`; the [SEG] embedding is the hidden state one position before each [SEG] token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graphs.errors import CheckpointError, InputError
+
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SEG_TOKEN = "[SEG]"
+IMAGE_TOKEN = "<image>"
+IM_START, IM_END = "<im_start>", "<im_end>"
+SINGLE_PASS_ANSWER = "[SEG]."
+INSTRUCTION = "Please output segmentation mask."
+MODES = ("single-pass", "generate")
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    prefix: list[int]   # BOS ... <im_start>: before the image tokens
+    suffix: list[int]   # <im_end> ... ASSISTANT:[ [SEG].]: after them
+    seg_token_id: int
+    eos_token_id: int
+
+    def seg_suffix_positions(self) -> list[int]:
+        """Indices in `suffix` of each [SEG] token."""
+        return [i for i, t in enumerate(self.suffix) if t == self.seg_token_id]
+
+
+def prompt_text(query: str, mode: str) -> str:
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    query = query.strip()
+    if not query:
+        raise InputError("the query is empty; pass a question such as 'Where is the cat?'")
+    text = f"{SYSTEM} USER: {IM_START}{IMAGE_TOKEN}{IM_END}\n{query} {INSTRUCTION} ASSISTANT:"
+    return text + (f" {SINGLE_PASS_ANSWER}" if mode == "single-pass" else "")
+
+
+def token_id(tokenizer, token: str) -> int:
+    """Look an added token's id up; never hard-code it."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        raise CheckpointError(f"the tokenizer has no {token!r} token; LISA checkpoints add it (re-create with csprt make-tiny)")
+    return tid
+
+
+def tokenize_prompt(tokenizer, query: str, mode: str, n_image_tokens: int, max_positions: int) -> PromptIds:
+    """Token ids either side of the image, checked against the model's position limit."""
+    before, after = prompt_text(query, mode).split(IMAGE_TOKEN)
+    prefix = tokenizer(before, add_special_tokens=True)["input_ids"]
+    suffix = tokenizer(after, add_special_tokens=False)["input_ids"]
+    total = len(prefix) + n_image_tokens + len(suffix)
+    if total > max_positions:
+        raise InputError(
+            f"the prompt is {total} tokens ({len(prefix) + len(suffix)} text + {n_image_tokens} image), over the model's "
+            f"maximum of {max_positions}; shorten the query"
+        )
+    ids = PromptIds(prefix=prefix, suffix=suffix, seg_token_id=token_id(tokenizer, SEG_TOKEN),
+                    eos_token_id=tokenizer.eos_token_id)
+    if mode == "single-pass" and not ids.seg_suffix_positions():
+        raise InputError("the single-pass prompt lost its [SEG] token in tokenisation; check the tokenizer")
+    return ids

@@ -1,0 +1,116 @@
+"""`csprt flops`: image tokens per layer and FLOPs per component for a schedule.
+
+    csprt flops (--checkpoint DIR [--vision-tower DIR] | --shape NAME) --schedule NAME_OR_JSON
+                [--text-tokens N] [--json]
+
+The shape comes from a checkpoint's `config.json` plus the CLIP tower's `config.json` (read as
+JSON only, so no torch import and no weights), or from a named preset shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from graphs.errors import CheckpointError, ToolchainError
+from graphs.flops import CONVENTIONS, DEFAULT_TEXT_TOKENS, flops_report
+from graphs.schedule import PRESETS, load_schedule
+from graphs.shapes import SHAPES, ModelShape, shape_named
+
+
+def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help="image tokens per layer and FLOPs of a schedule",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", metavar="DIR", help="LISA checkpoint directory (its config.json is read)")
+    p.add_argument("--vision-tower", metavar="DIR",
+                   help="CLIP vision tower directory. Defaults to the config's mm_vision_tower when that is a directory "
+                        "(relative to the checkpoint)")
+    p.add_argument("--shape", metavar="NAME", help=f"a named model shape instead of a checkpoint: {', '.join(SHAPES)}")
+    p.add_argument("--schedule", required=True, metavar="NAME_OR_JSON",
+                   help=f"a preset ({', '.join(PRESETS)}) or a schedule .json file")
+    p.add_argument("--text-tokens", type=int, metavar="N",
+                   help=f"text tokens besides the image. Defaults to {DEFAULT_TEXT_TOKENS}")
+    p.add_argument("--json", action="store_true", help="print only the JSON report")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.shape is None):
+        raise ToolchainError("give exactly one of --checkpoint DIR or --shape NAME "
+                             f"(shapes: {', '.join(SHAPES)})")
+    if args.vision_tower is not None and args.checkpoint is None:
+        raise ToolchainError("--vision-tower goes with --checkpoint; a --shape already includes the vision tower")
+    if args.shape is not None:
+        shape, source = shape_named(args.shape), args.shape
+    else:
+        shape, source = shape_from_checkpoint(Path(args.checkpoint), args.vision_tower), args.checkpoint
+    schedule = load_schedule(args.schedule, shape.llm.layers, shape.num_image_tokens)
+    text_tokens = DEFAULT_TEXT_TOKENS if args.text_tokens is None else args.text_tokens
+    report = flops_report(shape, schedule, text_tokens=text_tokens)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report, source))
+    return 0
+
+
+def shape_from_checkpoint(checkpoint: Path, vision_tower: str | None = None) -> ModelShape:
+    """Read a checkpoint's shape from config files alone.
+
+    Args:
+        checkpoint: the LISA checkpoint directory (holds config.json).
+        vision_tower: the CLIP directory. Defaults to the config's `mm_vision_tower` when it names
+            an existing directory (a relative path resolves against the checkpoint directory).
+    """
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
+    config = _read_config(checkpoint, "checkpoint")
+    if vision_tower is None:
+        named = config.get("mm_vision_tower")
+        candidate = checkpoint / named if isinstance(named, str) and named else None
+        if candidate is None or not candidate.is_dir():
+            raise CheckpointError(
+                f"{checkpoint}/config.json's mm_vision_tower {named!r} is not a directory (relative paths resolve "
+                "against the checkpoint directory); LISA checkpoints do not contain CLIP: pass --vision-tower DIR"
+            )
+        clip_dir = candidate
+    else:
+        clip_dir = Path(vision_tower)
+        if not clip_dir.is_dir():
+            raise CheckpointError(f"vision tower directory {clip_dir} does not exist")
+    return ModelShape.from_hf_configs(config, _read_config(clip_dir, "CLIP vision tower"))
+
+
+def _read_config(directory: Path, what: str) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{what} config {path} not found: expected a Hugging Face model directory with config.json")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{what} config {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} config {path} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def format_report(report: dict, source: str) -> str:
+    """A short human-readable table of `flops_report`'s output (GFLOPs, FastV convention)."""
+    lines = [
+        f"schedule {report['schedule']} on {source}: L={report['n_layers']} layers, "
+        f"N={report['n_image_tokens']} image tokens, {report['text_tokens']} text tokens",
+        f"image tokens / layer  {report['avg_image_tokens_per_layer']:.2f} of {report['n_image_tokens']} "
+        f"({report['image_token_reduction_pct']:.1f}% fewer)",
+        "",
+        f"{'GFLOPs (MACs)':<18}" + "".join(f"{c:>12}" for c in CONVENTIONS),
+    ]
+    for name, per in report["flops"].items():
+        lines.append(f"{name:<18}" + "".join(f"{per[c] / 1e9:>12.2f}" for c in CONVENTIONS))
+    lines += [
+        "",
+        f"saved vs full       image-token FLOPs {report['image_token_flops_reduction_pct']:.1f}%, "
+        f"LLM {report['llm_flops_reduction_pct']:.1f}%, total {report['total_flops_reduction_pct']:.1f}%",
+    ]
+    return "\n".join(lines)
