@@ -29,12 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    """Fold a multi-line message (e.g. a list of checkpoint key problems) into one line: "head item; item"."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message
+    return f"{lines[0]} {'; '.join(lines[1:])}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ToolchainError as exc:
-        print(f"csprt {args.command}: error: {exc}", file=sys.stderr)
+        print(f"csprt {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"csprt {args.command}: interrupted", file=sys.stderr)
