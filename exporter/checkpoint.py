@@ -9,18 +9,18 @@ file, keys that do not match the config) is a `CheckpointError` saying what and 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from exporter import keys
 from exporter.model import LisaModel
+from graphs.atomic import atomic_path, write_json
+from graphs.checkpoint_config import read_checkpoint_config, read_json
 from graphs.errors import CheckpointError
+from graphs.preprocessing import default_clip_processor_config
 from graphs.shapes import ModelShape
 
 FORMATS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
@@ -30,22 +30,6 @@ _LAYOUTS = (
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
 _MAX_LISTED = 20
-
-# What CLIPImageProcessor uses for openai/clip-vit-*; sizes follow the tower's image_size.
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def clip_processor_config(image_size: int) -> dict:
-    """The CLIP image processor settings for a tower of `image_size` (preprocessor_config.json form)."""
-    return {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
-    }
-
 
 @dataclass
 class LoadedCheckpoint:
@@ -104,24 +88,6 @@ def build_random(shape: ModelShape, attn: str = "sdpa", dtype: torch.dtype = tor
     return model.eval()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temp file in the same directory, then rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomically write `data` as indented JSON."""
-    _atomic_write(Path(path), lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def save_checkpoint(model: LisaModel, out_dir: str | os.PathLike, fmt: str = "safetensors",
                     max_shard_size: int | str = "5GB") -> list[Path]:
     """Write the model's LISA-layout weights (CLIP excluded) exactly as HF `save_pretrained` lays them out.
@@ -155,29 +121,19 @@ def save_checkpoint(model: LisaModel, out_dir: str | os.PathLike, fmt: str = "sa
         shard = {n: state[n] for n in names}
         name = filename if sharded else single_name
         if use_safetensors:
-            _atomic_write(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+            with atomic_path(out / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
         else:
-            _atomic_write(out / name, lambda p, s=shard: torch.save(s, p))
+            with atomic_path(out / name) as tmp:
+                torch.save(shard, tmp)
         written.append(out / name)
     if sharded:
         index = {"metadata": {"total_size": split.metadata.get("total_size",
                                                                sum(t.numel() * t.element_size() for t in state.values()))},
                  "weight_map": dict(sorted(split.tensor_to_filename.items()))}
-        write_json(out / index_name, index)
+        write_json(index, out / index_name)
         written.append(out / index_name)
     return written
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{what} {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} {path} must hold a JSON object")
-    return data
 
 
 def find_weight_files(ckpt_dir: Path) -> list[Path]:
@@ -187,7 +143,7 @@ def find_weight_files(ckpt_dir: Path) -> list[Path]:
         index_path = ckpt_dir / index_name
         looked_for += [index_name, single_name]
         if index_path.is_file():
-            weight_map = _read_json(index_path, "weight index").get("weight_map")
+            weight_map = read_json(index_path, "weight index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"weight index {index_path} has no 'weight_map'")
             files = [ckpt_dir / f for f in sorted(set(weight_map.values()))]
@@ -237,26 +193,6 @@ def _check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor],
         + "\n  ".join(listed))
 
 
-def resolve_clip_dir(ckpt_dir: Path, config: dict, vision_tower: str | os.PathLike | None) -> Path:
-    """The CLIP directory: `vision_tower` if given, else config `mm_vision_tower` if it is a local dir.
-
-    A relative `mm_vision_tower` is tried against the checkpoint directory, then the working directory.
-    """
-    if vision_tower is not None:
-        path = Path(vision_tower)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"vision tower {path} is not a CLIP directory (no config.json)")
-        return path
-    named = config.get("mm_vision_tower") or config.get("vision_tower")
-    if isinstance(named, str):
-        for candidate in (ckpt_dir / named, Path(named)):
-            if (candidate / "config.json").is_file():
-                return candidate
-    raise CheckpointError(
-        f"config.json names vision tower {named!r}, which is not a local directory "
-        f"(relative to {ckpt_dir} or the working directory): pass --vision-tower DIR (a CLIP model directory)")
-
-
 def _load_clip(clip_dir: Path, dtype: torch.dtype, device):
     from transformers import CLIPVisionModel
 
@@ -299,12 +235,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike
     """
     # Never reach the Hub: every file must be local (and a stray repo id must fail fast).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ckpt = Path(ckpt_dir)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {ckpt}")
-    config = _read_json(ckpt / "config.json", "checkpoint config")
-    clip_dir = resolve_clip_dir(ckpt, config, vision_tower)
-    shape = ModelShape.from_hf_configs(config, _read_json(clip_dir / "config.json", "CLIP config"))
+    cfg = read_checkpoint_config(ckpt_dir, vision_tower)
+    ckpt, clip_dir, shape = cfg.ckpt_dir, cfg.clip_dir, cfg.shape
 
     state: dict[str, torch.Tensor] = {}
     for path in find_weight_files(ckpt):
@@ -319,7 +251,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike
     model.vision_tower = _load_clip(clip_dir, dtype, device)
 
     processor_path = clip_dir / "preprocessor_config.json"
-    processor = (_read_json(processor_path, "CLIP image processor config") if processor_path.is_file()
-                 else clip_processor_config(shape.vision.image_size))
+    processor = (read_json(processor_path, "CLIP image processor config") if processor_path.is_file()
+                 else default_clip_processor_config(shape.vision.image_size))
     return LoadedCheckpoint(model=model.eval(), shape=shape, tokenizer=_load_tokenizer(ckpt), clip_dir=clip_dir,
                             ckpt_dir=ckpt, image_processor_config=processor)

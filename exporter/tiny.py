@@ -106,7 +106,9 @@ def make_tiny(out_dir: str | Path, opts: TinyOptions = TinyOptions()) -> Path:
     # Local imports: `csprt` builds every subcommand's parser, which must not pay for torch.
     import torch
 
-    from exporter.checkpoint import clip_processor_config, save_checkpoint, write_json
+    from exporter.checkpoint import save_checkpoint
+    from graphs.atomic import write_json
+    from graphs.preprocessing import default_clip_processor_config
     from exporter.model import LisaModel
     from exporter.tokenizer import build_tokenizer
 
@@ -119,10 +121,10 @@ def make_tiny(out_dir: str | Path, opts: TinyOptions = TinyOptions()) -> Path:
     model = LisaModel(shape)
 
     save_checkpoint(model, out, fmt=opts.format, max_shard_size="100KB")
-    write_json(out / "config.json", lisa_config(shape))
+    write_json(lisa_config(shape), out / "config.json")
     tokenizer.save_pretrained(out)
 
     clip_dir = out / CLIP_SUBDIR
     model.vision_tower.save_pretrained(clip_dir)
-    write_json(clip_dir / "preprocessor_config.json", clip_processor_config(shape.vision.image_size))
+    write_json(default_clip_processor_config(shape.vision.image_size), clip_dir / "preprocessor_config.json")
     return out

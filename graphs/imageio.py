@@ -14,18 +14,16 @@ Writers are atomic: a temp file in the destination directory, then `os.replace`,
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from graphs.atomic import atomic_path
 from graphs.errors import InputError
 
 # 64 MP (8192 x 8192): far above anything SAM (1024) or CLIP (224/336) can use, and ~200 MB as RGB.
@@ -118,23 +116,6 @@ def _to_rgb(img: Image.Image, name: str) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
-    """Write via `write(file)` into a temp file beside `path`, then rename over it (atomic on one filesystem)."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
 def _check_mask(mask: np.ndarray, hw: tuple[int, int] | None = None) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -156,7 +137,9 @@ def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
     """
     m = _check_mask(mask)
     img = Image.fromarray(m.astype(np.uint8) * 255, mode="L")
-    return _atomic_write(path, lambda f: img.save(f, format="PNG"))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
 
 
 def write_overlay_png(image: np.ndarray, mask: np.ndarray, path: str | os.PathLike,
@@ -183,18 +166,6 @@ def write_overlay_png(image: np.ndarray, mask: np.ndarray, path: str | os.PathLi
     tint = np.asarray(color, dtype=np.float32)
     out[m] = np.rint((1.0 - alpha) * image[m].astype(np.float32) + alpha * tint).clip(0, 255).astype(np.uint8)
     img = Image.fromarray(out, mode="RGB")
-    return _atomic_write(path, lambda f: img.save(f, format="PNG"))
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write `obj` as indented UTF-8 JSON with a trailing newline.
-
-    Args:
-        obj (Any): JSON-serialisable data.
-        path (str or PathLike): destination; parent directories are created.
-
-    Returns:
-        Path: the written file.
-    """
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # serialise first: a TypeError leaves no temp file
-    return _atomic_write(path, lambda f: f.write(text), binary=False)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)

@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from graphs.errors import CheckpointError, ToolchainError
+from graphs.checkpoint_config import read_checkpoint_config
+from graphs.errors import ToolchainError
 from graphs.flops import CONVENTIONS, DEFAULT_TEXT_TOKENS, flops_report
 from graphs.schedule import PRESETS, load_schedule
 from graphs.shapes import SHAPES, ModelShape, shape_named
@@ -57,43 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def shape_from_checkpoint(checkpoint: Path, vision_tower: str | None = None) -> ModelShape:
-    """Read a checkpoint's shape from config files alone.
-
-    Args:
-        checkpoint: the LISA checkpoint directory (holds config.json).
-        vision_tower: the CLIP directory. Defaults to the config's `mm_vision_tower` when it names
-            an existing directory (a relative path resolves against the checkpoint directory).
-    """
-    if not checkpoint.is_dir():
-        raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
-    config = _read_config(checkpoint, "checkpoint")
-    if vision_tower is None:
-        named = config.get("mm_vision_tower")
-        candidate = checkpoint / named if isinstance(named, str) and named else None
-        if candidate is None or not candidate.is_dir():
-            raise CheckpointError(
-                f"{checkpoint}/config.json's mm_vision_tower {named!r} is not a directory (relative paths resolve "
-                "against the checkpoint directory); LISA checkpoints do not contain CLIP: pass --vision-tower DIR"
-            )
-        clip_dir = candidate
-    else:
-        clip_dir = Path(vision_tower)
-        if not clip_dir.is_dir():
-            raise CheckpointError(f"vision tower directory {clip_dir} does not exist")
-    return ModelShape.from_hf_configs(config, _read_config(clip_dir, "CLIP vision tower"))
-
-
-def _read_config(directory: Path, what: str) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{what} config {path} not found: expected a Hugging Face model directory with config.json")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{what} config {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} config {path} must be a JSON object, got {type(data).__name__}")
-    return data
+    """A checkpoint's shape from its config files alone (no weights, no torch)."""
+    return read_checkpoint_config(checkpoint, vision_tower).shape
 
 
 def format_report(report: dict, source: str) -> str:

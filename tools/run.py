@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from graphs.errors import InputError
-from graphs.imageio import load_image, write_json, write_mask_png, write_overlay_png
-from graphs.prompt import MODES
+from graphs.atomic import write_json
+from graphs.imageio import load_image, write_mask_png, write_overlay_png
+from graphs.prompt import MODES, prompt_text
 from tools.schedule_args import add_schedule_args, schedule_from_args
 
 BACKENDS = ("torch",)
@@ -45,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from exporter.checkpoint import load_checkpoint
     from exporter.reference import Reference
 
-    image = load_image(args.image)  # fail on a bad image before the slow load
+    from tools.flops import shape_from_checkpoint
+
+    # Fail on bad input before the slow load: the image, the query, and the schedule (from config.json alone).
+    image = load_image(args.image)
+    prompt_text(args.query, args.mode)
+    early_shape = shape_from_checkpoint(args.checkpoint, args.vision_tower)
+    schedule_from_args(args, early_shape.llm.layers, early_shape.num_image_tokens)
     masks_in = None
     if args.instance_masks is not None:
         try:

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from exporter import keys
+from graphs.preprocessing import default_clip_processor_config
 from exporter.checkpoint import (
-    FORMATS, build_random, clip_processor_config, find_weight_files, load_checkpoint, save_checkpoint,
+    FORMATS, build_random, find_weight_files, load_checkpoint, save_checkpoint,
 )
 from exporter.model import LisaModel
 from exporter.tiny import CLIP_SUBDIR, tiny_shape
@@ -229,7 +230,7 @@ def test_vision_tower_resolution(tiny_ckpt, tmp_path):
     shutil.copytree(tiny_ckpt / CLIP_SUBDIR, clip)
     (clip / "preprocessor_config.json").unlink()
     got = load_checkpoint(ckpt, vision_tower=clip)
-    assert got.image_processor_config == clip_processor_config(64)
+    assert got.image_processor_config == default_clip_processor_config(64)
     assert got.image_processor_config["image_mean"] == [0.48145466, 0.4578275, 0.40821073]
 
 

@@ -1,7 +1,6 @@
 """The reference forward: `full` equals the plain unpruned composition; every preset's per-layer
 image-token counts (counted from tensors) equal the schedule's."""
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -14,7 +14,8 @@ from PIL import Image
 
 from graphs import imageio
 from graphs.errors import InputError
-from graphs.imageio import decode_image_bytes, load_image, write_json, write_mask_png, write_overlay_png
+from graphs.atomic import write_json
+from graphs.imageio import decode_image_bytes, load_image, write_mask_png, write_overlay_png
 
 
 def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -96,9 +96,9 @@ def test_checkpoint_with_explicit_vision_tower(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("config, needle", [
-    (None, "config.json not found"),
+    (None, "checkpoint config not found"),
     ("{not json", "not valid JSON"),
-    ("[1, 2]", "must be a JSON object"),
+    ("[1, 2]", "must hold a JSON object"),
     ({**LLAMA, "mm_vision_tower": "openai/clip-vit-large-patch14"}, "pass --vision-tower DIR"),
     ({"hidden_size": 32, "mm_vision_tower": "clip"}, "checkpoint config.json lacks"),
 ], ids=["missing", "corrupt", "not-object", "hub-tower", "missing-key"])
@@ -110,4 +110,4 @@ def test_bad_checkpoint_exits_2(capsys, tmp_path, config, needle):
 
 def test_missing_checkpoint_dir_exits_2(capsys, tmp_path):
     assert cli.main(["flops", "--checkpoint", str(tmp_path / "nowhere"), "--schedule", "csp"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "checkpoint directory not found" in capsys.readouterr().err
