@@ -192,7 +192,7 @@ class Reference:
             else:
                 logits = torch.zeros((0, *image.shape[:2]))
             masks = binarize(logits)
-        masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else masks
+        masks = masks.cpu().numpy()
         answer = " [SEG]." if mode == "single-pass" else (
             self.tokenizer.decode(generated, skip_special_tokens=False) if self.tokenizer is not None else "")
         return ReferenceOutput(

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from graphs.checkpoint_config import read_checkpoint_config
 from graphs.errors import InputError
 from graphs.atomic import write_json
 from graphs.imageio import load_image, write_mask_png, write_overlay_png
@@ -46,13 +47,12 @@ def run(args: argparse.Namespace) -> int:
     from exporter.checkpoint import load_checkpoint
     from exporter.reference import Reference
 
-    from tools.flops import shape_from_checkpoint
-
-    # Fail on bad input before the slow load: the image, the query, and the schedule (from config.json alone).
+    # Fail on bad input before the slow load: the image, the query, and the schedule (from config.json alone;
+    # the loader derives the same shape from the same files, and Reference re-checks it against the model).
     image = load_image(args.image)
     prompt_text(args.query, args.mode)
-    early_shape = shape_from_checkpoint(args.checkpoint, args.vision_tower)
-    schedule_from_args(args, early_shape.llm.layers, early_shape.num_image_tokens)
+    shape = read_checkpoint_config(args.checkpoint, args.vision_tower).shape
+    schedule = schedule_from_args(args, shape.llm.layers, shape.num_image_tokens)
     masks_in = None
     if args.instance_masks is not None:
         try:
@@ -62,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
     _progress(f"loading {args.checkpoint}")
     loaded = load_checkpoint(args.checkpoint, vision_tower=args.vision_tower, dtype=getattr(torch, DTYPES[args.dtype]),
                              device=args.device)
-    shape = loaded.shape
-    schedule = schedule_from_args(args, shape.llm.layers, shape.num_image_tokens)
     _progress(f"schedule {schedule.name}: {schedule.avg_image_tokens():.1f} image tokens/layer "
               f"({schedule.reduction_pct():.1f}% saved)")
     ref = Reference(loaded.model, loaded.tokenizer, loaded.image_processor_config, schedule)
