@@ -21,6 +21,10 @@ class InputError(ToolchainError):
     """A request input that cannot be used: corrupt image, text too long, wrong shape."""
 
 
+class ArtifactError(ToolchainError):
+    """An exported artifact that cannot be used: incomplete, modified, from another schema or engine version."""
+
+
 class ParityError(ToolchainError):
     """A backend disagrees with the reference beyond tolerance."""
 
