@@ -209,7 +209,7 @@ def _load_clip(clip_dir: Path, dtype: torch.dtype, device):
     return tower.to(device).eval()
 
 
-def _load_tokenizer(ckpt_dir: Path):
+def load_tokenizer(ckpt_dir: Path):
     from transformers import AutoTokenizer
 
     try:
@@ -253,5 +253,5 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike
     processor_path = clip_dir / "preprocessor_config.json"
     processor = (read_json(processor_path, "CLIP image processor config") if processor_path.is_file()
                  else default_clip_processor_config(shape.vision.image_size))
-    return LoadedCheckpoint(model=model.eval(), shape=shape, tokenizer=_load_tokenizer(ckpt), clip_dir=clip_dir,
+    return LoadedCheckpoint(model=model.eval(), shape=shape, tokenizer=load_tokenizer(ckpt), clip_dir=clip_dir,
                             ckpt_dir=ckpt, image_processor_config=processor)

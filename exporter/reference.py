@@ -21,7 +21,6 @@ import torch
 from exporter import selection
 from exporter.model import LisaModel
 from exporter.preprocess import binarize, clip_pixels, postprocess_masks, sam_pixels
-from graphs.errors import InputError
 from graphs.prompt import PromptIds, tokenize_prompt
 from graphs.schedule import Schedule, Stage
 
@@ -117,28 +116,10 @@ class Reference:
     # -- stage entry --------------------------------------------------------------------------
     def select_first(self, stage: Stage, feats_proj: torch.Tensor, cls_attn, instance_masks) -> torch.Tensor:
         """Original indices of the image tokens the first stage sees. feats_proj: [N, H]."""
-        sched, n = self.schedule, feats_proj.shape[0]
-        if stage.op == "all":
-            return torch.arange(n, device=self.device)
-        if stage.op == "kcenter":
-            return selection.kcenter_indices(feats_proj, self.model.shape.vision.grid, stage.budget, sched.kcenter_lambda)
-        method = sched.cluster_method
-        if method == "uniform":
-            return selection.uniform_indices(n, stage.budget, self.device)
-        if method == "random":
-            return selection.random_indices(n, stage.budget, sched.seed, self.device)
-        if method == "cls_attention":
-            return selection.topk_sorted(cls_attn[0], stage.budget)
-        if method == "kmeans":
-            return selection.kmeans_indices(feats_proj, stage.budget, sched.kmeans_iters)
-        if method == "seg_first":
-            if instance_masks is None:
-                raise InputError("cluster_method 'seg_first' needs instance masks at token-grid resolution; "
-                                 "pass instance_masks or choose another cluster_method")
-            grid = self.model.shape.vision.grid
-            masks = torch.as_tensor(np.asarray(instance_masks), device=self.device).reshape(-1, grid * grid)
-            return selection.seg_first_indices(masks, stage.budget)
-        raise AssertionError(f"unhandled cluster method {method}")
+        if instance_masks is not None:
+            instance_masks = torch.as_tensor(np.asarray(instance_masks), device=self.device)
+        return selection.first_stage_indices(self.schedule, stage, feats_proj, cls_attn, self.model.shape.vision.grid,
+                                             instance_masks)
 
     def _query_rows(self, t: int, s: int, ids: PromptIds, mode: str) -> torch.Tensor:
         query = self.schedule.prune_query

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from graphs.errors import InputError
+
 
 def sort_indices(idx: torch.Tensor) -> torch.Tensor:
     """[k] indices in ascending order (kept tokens stay in original order)."""
@@ -83,11 +85,12 @@ def seg_first_indices(instance_masks: torch.Tensor, k: int) -> torch.Tensor:
         instance_masks (Tensor): [M, N] bool or 0/1, instance masks at token-grid resolution.
         k (int): number of representatives.
     """
-    m = instance_masks.to(torch.float64)
+    # float32 throughout (TensorRT has no float64): every value is a small integer, exact below 2**24.
+    m = instance_masks.to(torch.float32)
     n = m.shape[1]
     in_any = m.amax(dim=0) > 0  # [N]
     owner = torch.argmax(m, dim=0)  # [N]: first instance containing the token
-    own = F.one_hot(owner, m.shape[0]).to(torch.float64) * in_any[:, None].to(torch.float64)  # [N, M]
+    own = F.one_hot(owner, m.shape[0]).to(torch.float32) * in_any[:, None].to(torch.float32)  # [N, M]
     counts = own.sum(dim=0)  # [M]
     quota = torch.clamp(torch.floor(k * counts / counts.sum().clamp(min=1.0)), min=1.0) * (counts > 0)
     rank = ((torch.cumsum(own, dim=0) - 1.0) * own).sum(dim=1)  # [N] rank within own instance
@@ -95,9 +98,14 @@ def seg_first_indices(instance_masks: torch.Tensor, k: int) -> torch.Tensor:
     q = (own * quota).sum(dim=1).clamp(min=1.0)
     bucket = torch.floor(rank * q / c)
     picked = (torch.floor((rank + 1.0) * q / c) > bucket) & in_any
-    pos = torch.arange(n, dtype=torch.float64, device=m.device)
-    priority = torch.where(picked, bucket / q, torch.where(in_any, 1.0 + rank / c, 2.0 + pos / n))
-    return topk_sorted(-(priority + pos * 1e-9), k)  # ties go to the lower index
+    pos = torch.arange(n, dtype=torch.float32, device=m.device)
+    # Priority as an exact fraction num/den: picks bucket/q, other instance tokens 1 + rank/c, background 2 + pos/n.
+    num = torch.where(picked, bucket, torch.where(in_any, c + rank, 2.0 * n + pos))
+    den = torch.where(picked, q, torch.where(in_any, c, torch.full_like(pos, float(n))))
+    # Total order by cross-multiplication (no float ties), lower index first on equal priority.
+    mine, theirs = num[:, None] * den[None, :], num[None, :] * den[:, None]  # [N, N]: a's and b's side of pa < pb
+    ahead = (theirs < mine) | ((theirs == mine) & (pos[None, :] < pos[:, None]))  # [a, b]: b goes before a
+    return topk_sorted(-ahead.to(torch.float32).sum(dim=1), k)
 
 
 def kcenter_indices(feats: torch.Tensor, grid: int, k: int, lam: float) -> torch.Tensor:
@@ -187,3 +195,39 @@ def query_attention(layer, hidden_in: torch.Tensor, cos: torch.Tensor, sin: torc
     scores = (q @ k.transpose(-1, -2)).float() * attn.scaling + mask[:, :, query_rows].float()
     probs = torch.softmax(scores, dim=-1)  # [1, heads, R, T]
     return probs.mean(dim=(0, 1, 2))
+
+
+def first_stage_indices(schedule, stage, feats: torch.Tensor, cls_attn: torch.Tensor | None, grid: int,
+                        instance_masks: torch.Tensor | None) -> torch.Tensor:
+    """Original indices of the image tokens the schedule's first stage sees (its entry op).
+
+    Args:
+        schedule (Schedule): supplies the clustering knobs.
+        stage (Stage): the first stage; op "all", "cluster" or "kcenter".
+        feats (Tensor): [N, H] projected image tokens.
+        cls_attn (Tensor | None): [1, N] CLS attention (cluster_method "cls_attention").
+        grid (int): tokens per side of the CLIP grid.
+        instance_masks (Tensor | None): [M, grid, grid] masks (cluster_method "seg_first").
+    Returns:
+        Tensor: [budget] int64, ascending.
+    """
+    n = feats.shape[0]
+    if stage.op == "all":
+        return torch.arange(n, device=feats.device)
+    if stage.op == "kcenter":
+        return kcenter_indices(feats, grid, stage.budget, schedule.kcenter_lambda)
+    method = schedule.cluster_method
+    if method == "uniform":
+        return uniform_indices(n, stage.budget, feats.device)
+    if method == "random":
+        return random_indices(n, stage.budget, schedule.seed, feats.device)
+    if method == "cls_attention":
+        return topk_sorted(cls_attn[0], stage.budget)
+    if method == "kmeans":
+        return kmeans_indices(feats, stage.budget, schedule.kmeans_iters)
+    if method == "seg_first":
+        if instance_masks is None:
+            raise InputError("cluster_method 'seg_first' needs instance masks at token-grid resolution; "
+                             "pass instance_masks or choose another cluster_method")
+        return seg_first_indices(instance_masks.reshape(-1, grid * grid), stage.budget)
+    raise AssertionError(f"unhandled cluster method {method}")

@@ -123,3 +123,50 @@ def sam_pixels_np(image: np.ndarray, sam_size: int = SAM_IMAGE_SIZE) -> tuple[np
     # Padding after normalising, as LISA does: the pad region is 0, not -mean/std.
     out[0, :, :new_h, :new_w] = normed.transpose(2, 0, 1)
     return out, (new_h, new_w)
+
+
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights along one axis, as torch's CPU `upsample_bilinear2d` computes them.
+
+    align_corners=False: half-pixel centres, src = scale * (dst + 0.5) - 0.5 with the float32
+    scale = in / out, clamped at 0; the upper tap is clamped to the edge. torch's compiled kernel
+    fuses the multiply-add (one rounding), which float64 arithmetic rounded once to float32 reproduces.
+    """
+    if in_size == out_size:  # torch copies rather than interpolates
+        idx = np.arange(out_size)
+        return idx, idx, np.ones(out_size, np.float32), np.zeros(out_size, np.float32)
+    scale = np.float64(np.float32(in_size) / np.float32(out_size))
+    src = (scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(src.astype(np.int64), in_size - 1)  # truncation == floor here (src >= 0)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
+
+
+def resize_bilinear_np(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a stack of maps, matching `F.interpolate(mode="bilinear", align_corners=False)`.
+
+    No antialiasing (as torch's default), so downsizing samples rather than averages, like LISA's
+    `postprocess_masks`. Agrees with torch to float32 rounding (~1e-6 relative).
+
+    Args:
+        x (np.ndarray): float maps, shape [K, h, w].
+        out_hw (tuple[int, int]): output (H, W).
+
+    Returns:
+        np.ndarray: float32, shape [K, H, W].
+    """
+    if x.ndim != 3:
+        raise InputError(f"resize_bilinear_np: expected maps [K, h, w], got shape {tuple(x.shape)}")
+    out_h, out_w = (int(v) for v in out_hw)
+    if out_h < 1 or out_w < 1 or x.shape[1] < 1 or x.shape[2] < 1:
+        raise InputError(f"resize_bilinear_np: cannot resize {tuple(x.shape[1:])} to {(out_h, out_w)}")
+    x = x.astype(np.float32, copy=False)
+    r0, r1, rw0, rw1 = _linear_taps(x.shape[1], out_h)
+    c0, c1, cw0, cw1 = _linear_taps(x.shape[2], out_w)
+    top, bottom = x[:, r0], x[:, r1]  # [K, H, w]
+    # Row blend of column blends, the order torch's generic N-d kernel nests them in.
+    top = top[:, :, c0] * cw0 + top[:, :, c1] * cw1  # [K, H, W]
+    bottom = bottom[:, :, c0] * cw0 + bottom[:, :, c1] * cw1
+    return (top * rw0[:, None] + bottom * rw1[:, None]).astype(np.float32, copy=False)

@@ -21,7 +21,7 @@ collects); a dict {mode: source} where the source differs by mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from graphs.errors import internal_error
 from graphs.schedule import Schedule
@@ -215,22 +215,24 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
             ins = [TensorSpec("prefix_ids", "int64", ("prefix_len",), "host.prefix_ids"),
                    TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids")]
         else:
-            ins = [TensorSpec("prefix_hidden", f, (1, "prefix_len", h), f"{prev}.prefix_hidden"),
-                   TensorSpec("suffix_hidden", f, (1, "suffix_len", h), f"{prev}.suffix_hidden")]
+            ins = [TensorSpec("prefix_hidden", f, (1, "prefix_len", h), f"{prev}.prefix_hidden_out"),
+                   TensorSpec("suffix_hidden", f, (1, "suffix_len", h), f"{prev}.suffix_hidden_out")]
             if (next_prunes and schedule.prune_query == "seg") or (last and single):
                 ins.append(TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids"))
         b_in = first.budget if i == 0 else schedule.stages[i - 1].budget
-        ins += [TensorSpec("image_hidden", f, (1, b_in, h), f"{prev}.image_hidden"),
-                TensorSpec("image_indices", "int64", (b_in,), f"{prev}.image_indices")]
+        sfx = "" if i == 0 else "_out"
+        ins += [TensorSpec("image_hidden", f, (1, b_in, h), f"{prev}.image_hidden{sfx}"),
+                TensorSpec("image_indices", "int64", (b_in,), f"{prev}.image_indices{sfx}")]
         if st.op == "scatter":
             ins += [TensorSpec("image_embeds", f, (n, h), "vision.image_embeds"),
                     TensorSpec("assign", "int64", (n,), "vision.assign")]
         elif st.op == "prune":
             ins.append(TensorSpec("image_scores", "float32", (b_in,), f"{prev}.image_scores"))
-        outs = [TensorSpec("prefix_hidden", f, (1, "prefix_len", h)),
-                TensorSpec("image_hidden", f, (1, st.budget, h)),
-                TensorSpec("suffix_hidden", f, (1, "suffix_len", h)),
-                TensorSpec("image_indices", "int64", (st.budget,))]
+        # "_out": ONNX value names are unique, so an output cannot share its input's name.
+        outs = [TensorSpec("prefix_hidden_out", f, (1, "prefix_len", h)),
+                TensorSpec("image_hidden_out", f, (1, st.budget, h)),
+                TensorSpec("suffix_hidden_out", f, (1, "suffix_len", h)),
+                TensorSpec("image_indices_out", "int64", (st.budget,))]
         if next_prunes:
             outs.append(TensorSpec("image_scores", "float32", (st.budget,)))  # softmax attention paid to each image row
         if last and single:

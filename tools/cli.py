@@ -17,7 +17,9 @@ from graphs.errors import ToolchainError
 COMMANDS = {
     "make-tiny": "tools.make_tiny",
     "flops": "tools.flops",
+    "export": "tools.export",
     "run": "tools.run",
+    "validate": "tools.validate",
 }
 
 

@@ -1,4 +1,8 @@
-"""`csprt run`: segment one image for one query and write mask.png, overlay.png, result.json."""
+"""`csprt run`: segment one image for one query and write mask.png, overlay.png, result.json.
+
+TARGET is an exported artifact (runs on ONNX Runtime by default) or a checkpoint directory (runs
+the PyTorch reference).
+"""
 
 from __future__ import annotations
 
@@ -13,26 +17,28 @@ from graphs.imageio import load_image, write_mask_png, write_overlay_png
 from graphs.prompt import MODES, prompt_text
 from tools.schedule_args import add_schedule_args, schedule_from_args
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="segment an image for a query", description=__doc__)
-    p.add_argument("checkpoint", type=Path, help="LISA checkpoint directory (for --backend torch)")
+    p.add_argument("target", type=Path, help="artifact directory (from csprt export) or LISA checkpoint directory")
     p.add_argument("--image", type=Path, required=True, help="JPEG/PNG/WebP image, any size")
     p.add_argument("--query", required=True, help="what to segment, e.g. 'Where is the cat?'")
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="Defaults to torch.")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="Defaults to onnxruntime for an artifact, torch for a checkpoint.")
     p.add_argument("--mode", choices=MODES, default="single-pass", help="Defaults to single-pass.")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generate mode only. Defaults to 32.")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generate mode only. Defaults to 32 (an artifact: its exported limit, at most 32).")
     p.add_argument("--vision-tower", type=Path, default=None, help="CLIP directory, if config.json does not name a local one")
-    p.add_argument("--device", default="cpu", help="torch device. Defaults to cpu.")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="Defaults to fp32.")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (torch device or ONNX Runtime provider). Defaults to cpu.")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="torch backend only. Defaults to fp32.")
     p.add_argument("--instance-masks", type=Path, default=None,
                    help=".npy [M, grid, grid] instance masks for --cluster-method seg_first")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory. Defaults to ./out.")
     p.add_argument("--json", action="store_true", help="print result.json to stdout")
-    add_schedule_args(p)
+    add_schedule_args(p, default=None)
     p.set_defaults(func=run)
 
 
@@ -40,57 +46,109 @@ def _progress(msg: str) -> None:
     print(f"[csprt run] {msg}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def _instance_masks(path: Path | None):
     import numpy as np
+
+    if path is None:
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read instance masks {path}: {exc}; pass a .npy array [M, grid, grid]") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from graphs.manifest import is_artifact_dir
+
+    image = load_image(args.image)  # bad input fails before anything slow
+    prompt_text(args.query, args.mode)
+    if is_artifact_dir(args.target):
+        if args.backend == "torch":
+            raise InputError(f"{args.target} is an exported artifact; --backend torch runs a checkpoint directory "
+                             "(pass the checkpoint instead, or choose --backend onnxruntime)")
+        result, masks = _run_artifact(args, image)
+    else:
+        if args.backend not in (None, "torch"):
+            raise InputError(f"--backend {args.backend} runs an exported artifact, and {args.target} is not one "
+                             f"(no manifest.json); export it first: csprt export {args.target} --out ART")
+        result, masks = _run_checkpoint(args, image)
+    _write_outputs(args, image, masks, result)
+    return 0
+
+
+def _run_artifact(args: argparse.Namespace, image):
+    from engines.session import ArtifactSession
+
+    session = ArtifactSession(args.target, backend=args.backend or "onnxruntime", device=args.device)
+    sched = session.artifact.schedule
+    if args.schedule is not None and args.schedule != sched.name:
+        raise InputError(f"artifact {args.target} was exported with schedule {sched.name!r}, not {args.schedule!r}; "
+                         f"re-export with --schedule {args.schedule}, or drop --schedule")
+    limit = session.artifact.layout.loop.max_new_tokens if session.artifact.layout.loop else 0
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else min(32, limit)
+    _progress(f"artifact {args.target}: schedule {sched.name}, {session.artifact.precision}, "
+              f"{args.mode} on {session.backend}/{args.device}")
+    with session:
+        out = session.segment(image, args.query, mode=args.mode, max_new_tokens=max_new if args.mode == "generate" else None,
+                              instance_masks=_instance_masks(args.instance_masks))
+    result = {"answer": out.answer, "generated_ids": out.generated_ids,
+              "image_tokens_per_layer": out.image_tokens_per_layer, "timings_ms": out.timings_ms,
+              "schedule": sched.to_dict(), "backend": session.backend}
+    return result, out.masks
+
+
+def _run_checkpoint(args: argparse.Namespace, image):
     import torch
 
     from exporter.checkpoint import load_checkpoint
     from exporter.reference import Reference
 
-    # Fail on bad input before the slow load: the image, the query, and the schedule (from config.json alone;
-    # the loader derives the same shape from the same files, and Reference re-checks it against the model).
-    image = load_image(args.image)
-    prompt_text(args.query, args.mode)
-    shape = read_checkpoint_config(args.checkpoint, args.vision_tower).shape
+    shape = read_checkpoint_config(args.target, args.vision_tower).shape
+    if args.schedule is None:
+        args.schedule = "csp"
     schedule = schedule_from_args(args, shape.llm.layers, shape.num_image_tokens)
-    masks_in = None
-    if args.instance_masks is not None:
-        try:
-            masks_in = np.load(args.instance_masks)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read instance masks {args.instance_masks}: {exc}; pass a .npy array [M, grid, grid]") from None
-    _progress(f"loading {args.checkpoint}")
-    loaded = load_checkpoint(args.checkpoint, vision_tower=args.vision_tower, dtype=getattr(torch, DTYPES[args.dtype]),
+    masks_in = _instance_masks(args.instance_masks)
+    _progress(f"loading {args.target}")
+    loaded = load_checkpoint(args.target, vision_tower=args.vision_tower, dtype=getattr(torch, DTYPES[args.dtype]),
                              device=args.device)
     _progress(f"schedule {schedule.name}: {schedule.avg_image_tokens():.1f} image tokens/layer "
               f"({schedule.reduction_pct():.1f}% saved)")
     ref = Reference(loaded.model, loaded.tokenizer, loaded.image_processor_config, schedule)
-    _progress(f"running {args.mode} on {args.backend}/{args.device}")
-    out = ref(image, args.query, mode=args.mode, max_new_tokens=args.max_new_tokens, instance_masks=masks_in)
-    union = out.masks.any(axis=0) if len(out.masks) else np.zeros(image.shape[:2], dtype=bool)
+    _progress(f"running {args.mode} on torch/{args.device}")
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else 32
+    out = ref(image, args.query, mode=args.mode, max_new_tokens=max_new, instance_masks=masks_in)
+    result = {"answer": out.answer, "generated_ids": out.generated_ids,
+              "image_tokens_per_layer": out.image_tokens_per_layer, "timings_ms": out.timings_ms,
+              "schedule": schedule.to_dict(), "backend": "torch"}
+    return result, out.masks
+
+
+def _write_outputs(args: argparse.Namespace, image, masks, partial: dict) -> None:
+    import json
+
+    import numpy as np
+
+    union = masks.any(axis=0) if len(masks) else np.zeros(image.shape[:2], dtype=bool)
     args.out.mkdir(parents=True, exist_ok=True)
     write_mask_png(union, args.out / "mask.png")
     write_overlay_png(image, union, args.out / "overlay.png")
     result = {
-        "answer": out.answer,
-        "num_seg": int(len(out.masks)),
+        "answer": partial["answer"],
+        "num_seg": int(len(masks)),
         "mask_area": int(union.sum()),
-        "mask_areas": [int(m.sum()) for m in out.masks],
+        "mask_areas": [int(m.sum()) for m in masks],
         "image_size": [int(image.shape[1]), int(image.shape[0])],
         "mode": args.mode,
-        "backend": args.backend,
-        "generated_ids": out.generated_ids,
-        "image_tokens_per_layer": out.image_tokens_per_layer,
-        "timings_ms": {k: round(v, 3) for k, v in out.timings_ms.items()},
-        "schedule": schedule.to_dict(),
+        "backend": partial["backend"],
+        "generated_ids": partial["generated_ids"],
+        "image_tokens_per_layer": partial["image_tokens_per_layer"],
+        "timings_ms": {k: round(float(v), 3) for k, v in partial["timings_ms"].items()},
+        "schedule": partial["schedule"],
     }
     write_json(result, args.out / "result.json")
     _progress(f"wrote {args.out / 'mask.png'}, {args.out / 'overlay.png'}, {args.out / 'result.json'}")
     if args.json:
-        import json
-
         print(json.dumps(result, indent=2))
     else:
-        print(f"answer: {out.answer!r}  [SEG] masks: {result['num_seg']}  mask area: {result['mask_area']} px  "
+        print(f"answer: {result['answer']!r}  [SEG] masks: {result['num_seg']}  mask area: {result['mask_area']} px  "
               f"-> {args.out}")
-    return 0

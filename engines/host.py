@@ -1,0 +1,148 @@
+"""Host-side I/O of an artifact, without torch: request -> host inputs, and graph outputs -> masks and text.
+
+    image uint8 [H, W, 3], query --inputs()--> {prefix_ids, suffix_ids, clip_pixels, sam_pixels[, instance_masks]}, meta
+    sam_decoder.masks [K, S, S] --masks()--> crop [:h', :w'] -> bilinear to [K, H, W] -> logits, logits > 0
+    generated ids --answer()--> text
+
+Everything it needs comes from the manifest: the tokenizer directory, the model shape, the CLIP and
+SAM preprocessing config, the precision and the host inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from graphs.errors import ArtifactError, InputError
+from graphs.preprocessing import clip_pixels_np, resize_bilinear_np, sam_pixels_np
+from graphs.prompt import SINGLE_PASS_ANSWER, PromptIds, tokenize_prompt
+from graphs.shapes import ModelShape
+
+
+@dataclass(frozen=True)
+class HostMeta:
+    """What postprocessing needs to know about a request."""
+
+    original_hw: tuple[int, int]   # the input image (H, W)
+    resized_hw: tuple[int, int]    # the unpadded part of the SAM input (h', w')
+    mode: str
+    prompt: PromptIds
+
+
+class HostIO:
+    """Preprocessing, tokenisation and postprocessing for one artifact.
+
+    Args:
+        manifest (dict): the artifact's manifest.json contents (tokenizer, model, preprocessing, host_inputs).
+        art_dir (str | Path): the artifact directory (the tokenizer directory is relative to it).
+    """
+
+    def __init__(self, manifest: dict, art_dir: str | Path):
+        try:
+            self.tok_cfg = manifest["tokenizer"]
+            self.shape = ModelShape.from_dict(manifest["model"])
+            self.clip_cfg = manifest["preprocessing"]["clip"]
+            self.sam_size = int(manifest["preprocessing"]["sam"]["image_size"])
+            self.host_inputs = {t["name"]: t for t in manifest["host_inputs"]}
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"manifest lacks {exc}; re-run csprt export") from None
+        self.art_dir = Path(art_dir)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The artifact's tokenizer, loaded on first use (transformers' tokenizers need no torch)."""
+        if self._tokenizer is None:
+            path = self.art_dir / self.tok_cfg.get("dir", "tokenizer")
+            if not path.is_dir():
+                raise ArtifactError(f"the artifact's tokenizer directory {path} is missing; re-run csprt export")
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never reach for the Hub
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return self._tokenizer
+
+    # -- request -> host inputs -----------------------------------------------------------------
+    def inputs(self, image: np.ndarray, query: str, mode: str,
+               instance_masks: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], HostMeta]:
+        """The host inputs of one request.
+
+        Args:
+            image (np.ndarray): uint8 RGB, shape [H, W, 3].
+            query (str): the user's question.
+            mode (str): "single-pass" or "generate".
+            instance_masks (np.ndarray | None): [M, grid, grid] instance masks at token-grid resolution,
+                for artifacts whose schedule clusters with seg_first. Defaults to None.
+
+        Returns:
+            tuple[dict[str, np.ndarray], HostMeta]: host input name -> array (dtypes as the manifest
+            lists them), and what `masks` needs.
+        """
+        ids = tokenize_prompt(self.tokenizer, query, mode, self.shape.num_image_tokens, self.shape.llm.max_positions)
+        want_seg = self.tok_cfg.get("seg_token_id")
+        if want_seg is not None and ids.seg_token_id != want_seg:
+            raise ArtifactError(f"the tokenizer's [SEG] id is {ids.seg_token_id} but the manifest says {want_seg}; "
+                                "the tokenizer directory was modified, re-run csprt export")
+        sam, resized_hw = sam_pixels_np(image, self.sam_size)
+        values = {
+            "prefix_ids": np.asarray(ids.prefix, dtype=np.int64),
+            "suffix_ids": np.asarray(ids.suffix, dtype=np.int64),
+            "clip_pixels": clip_pixels_np(image, self.clip_cfg),
+            "sam_pixels": sam,
+        }
+        if "instance_masks" in self.host_inputs:
+            values["instance_masks"] = self._instance_masks(instance_masks)
+        elif instance_masks is not None:
+            raise InputError("this artifact takes no instance masks (its schedule does not cluster with seg_first)")
+        feed = {}
+        for name, spec in self.host_inputs.items():
+            if name not in values:
+                raise ArtifactError(f"manifest host input {name!r} is unknown to this csprt; "
+                                    f"it knows {', '.join(values)}")
+            feed[name] = np.ascontiguousarray(values[name], dtype=spec["dtype"])
+        meta = HostMeta(original_hw=(int(image.shape[0]), int(image.shape[1])), resized_hw=resized_hw,
+                        mode=mode, prompt=ids)
+        return feed, meta
+
+    def _instance_masks(self, masks) -> np.ndarray:
+        grid = self.shape.vision.grid
+        if masks is None:
+            raise InputError(f"this artifact clusters with seg_first: pass instance masks [M, {grid}, {grid}] "
+                             "at token-grid resolution from your instance segmenter")
+        masks = np.asarray(masks)
+        if masks.ndim != 3 or masks.shape[1:] != (grid, grid) or masks.shape[0] < 1:
+            raise InputError(f"instance masks: expected shape [M, {grid}, {grid}] with M >= 1, got {list(masks.shape)}")
+        return masks.astype(np.float32)
+
+    # -- outputs -> masks and text --------------------------------------------------------------
+    def masks(self, padded_mask_logits: np.ndarray, meta: HostMeta) -> tuple[np.ndarray, np.ndarray]:
+        """Mask logits and masks at the original image size (LISA `postprocess_masks` after its first upsample).
+
+        Args:
+            padded_mask_logits (np.ndarray): float logits over the padded SAM input, shape [K, S, S]
+                (`sam_decoder.masks`).
+            meta (HostMeta): from `inputs`.
+
+        Returns:
+            tuple[np.ndarray, np.ndarray]: float32 logits [K, H, W] and bool masks [K, H, W] (logits > 0).
+        """
+        x = np.asarray(padded_mask_logits)
+        if x.ndim != 3:
+            raise InputError(f"mask logits must be [K, S, S], got shape {list(x.shape)}")
+        h, w = meta.resized_hw
+        if x.shape[1] < h or x.shape[2] < w:
+            raise InputError(f"mask logits {list(x.shape)} are smaller than the resized image ({h}, {w})")
+        if x.shape[0] == 0:
+            logits = np.zeros((0, *meta.original_hw), dtype=np.float32)
+        else:
+            logits = resize_bilinear_np(x[:, :h, :w].astype(np.float32), meta.original_hw)  # [K, H, W]
+        return logits, logits > 0
+
+    def answer(self, generated_ids: list[int], mode: str = "generate") -> str:
+        """The text answer: the decoded generated ids, or "[SEG]." in single-pass mode (as exporter.reference)."""
+        if mode == "single-pass":
+            return SINGLE_PASS_ANSWER
+        return self.tokenizer.decode(list(generated_ids), skip_special_tokens=False).strip()

@@ -1,0 +1,402 @@
+"""The artifact manifest: what a C++, Triton or Python host reads to chain the stage graphs.
+
+    out/
+      manifest.json            # this module; validated by manifest.schema.json (docs/artifact.md)
+      graphs/<stage>.onnx      # + graphs/<stage>.onnx.data when a graph is over 2 GB
+      tokenizer/               # the checkpoint's tokenizer files
+      engines/                 # TensorRT plans (csprt build)
+
+The stage I/O, wiring, named dims and decode loop are `graphs.stages.Layout`, serialised verbatim;
+the manifest adds per-stage files with their sha256, export keys and tolerances, plus the model,
+schedule, tokenizer and pre/postprocessing metadata. `manifest.json` is written last and removed
+first (`invalidate`), so a directory that is being rewritten never loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.resources
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from graphs.atomic import write_json
+from graphs.errors import ArtifactError, ToolchainError, internal_error
+from graphs.schedule import Schedule
+from graphs.shapes import ModelShape
+from graphs.stages import DimRange, Layout, Loop, StageSpec, TensorSpec
+
+SCHEMA_VERSION = 1
+FORMAT = "csprt.artifact"
+MANIFEST_NAME = "manifest.json"
+GRAPHS_DIR = "graphs"
+TOKENIZER_DIR = "tokenizer"
+GENERIC_REBUILD = "csprt export CHECKPOINT --schedule NAME --out {dir}"
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+# --- Layout <-> JSON ------------------------------------------------------------------------------
+
+def _tensor_to_dict(t: TensorSpec) -> dict:
+    d = {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+    if t.source:
+        d["from"] = dict(t.source) if isinstance(t.source, dict) else t.source
+    return d
+
+
+def _tensor_from_dict(d: dict) -> TensorSpec:
+    src = d.get("from", "")
+    return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), dict(src) if isinstance(src, dict) else src)
+
+
+def _stage_to_dict(s: StageSpec) -> dict:
+    return {"name": s.name, "kind": s.kind, "inputs": [_tensor_to_dict(t) for t in s.inputs],
+            "outputs": [_tensor_to_dict(t) for t in s.outputs], "layers": list(s.layers), "loop": s.loop,
+            "modes": list(s.modes), "skip_if_empty": s.skip_if_empty}
+
+
+def _stage_from_dict(d: dict) -> StageSpec:
+    return StageSpec(name=d["name"], kind=d["kind"], inputs=tuple(_tensor_from_dict(t) for t in d["inputs"]),
+                     outputs=tuple(_tensor_from_dict(t) for t in d["outputs"]), layers=tuple(d["layers"]),
+                     loop=d["loop"], modes=tuple(d["modes"]), skip_if_empty=d["skip_if_empty"])
+
+
+def layout_to_dict(layout: Layout) -> dict:
+    """The manifest's layout keys: host_inputs, stages (StageSpec fields only), dims, modes, outputs, loop.
+
+    Args:
+        layout (Layout): from `graphs.stages.build_layout`.
+    """
+    loop = None
+    if layout.loop is not None:
+        lp = layout.loop
+        loop = {"stage": lp.stage, "token": lp.token, "hidden": lp.hidden, "token_output": lp.token_output,
+                "hidden_output": lp.hidden_output, "carry": dict(lp.carry), "max_new_tokens": lp.max_new_tokens,
+                "stop_token_ids": list(lp.stop_token_ids), "seg_token_id": lp.seg_token_id,
+                "outputs": list(lp.outputs)}
+    return {
+        "host_inputs": [_tensor_to_dict(t) for t in layout.host_inputs],
+        "stages": [_stage_to_dict(s) for s in layout.stages],
+        "dims": {k: {"min": r.min, "opt": r.opt, "max": r.max} for k, r in layout.dims.items()},
+        "modes": list(layout.modes),
+        "outputs": {k: dict(v) if isinstance(v, dict) else v for k, v in layout.outputs.items()},
+        "loop": loop,
+    }
+
+
+def layout_from_dict(d: dict) -> Layout:
+    """Inverse of `layout_to_dict` (tuples restored). Also reads a whole manifest: extra keys are ignored.
+
+    Args:
+        d (dict): a dict with the keys `layout_to_dict` writes.
+    """
+    lp = d.get("loop")
+    loop = None if lp is None else Loop(
+        stage=lp["stage"], token=lp["token"], hidden=lp["hidden"], token_output=lp["token_output"],
+        hidden_output=lp["hidden_output"], carry=dict(lp["carry"]), max_new_tokens=lp["max_new_tokens"],
+        stop_token_ids=tuple(lp["stop_token_ids"]), seg_token_id=lp["seg_token_id"], outputs=tuple(lp["outputs"]))
+    return Layout(
+        host_inputs=tuple(_tensor_from_dict(t) for t in d["host_inputs"]),
+        stages=tuple(_stage_from_dict(s) for s in d["stages"]),
+        dims={k: DimRange(r["min"], r["opt"], r["max"]) for k, r in d["dims"].items()},
+        modes=tuple(d["modes"]),
+        outputs={k: dict(v) if isinstance(v, dict) else v for k, v in d["outputs"].items()},
+        loop=loop,
+    )
+
+
+def layout_problems(layout: Layout) -> list[str]:
+    """Wiring and dim names that do not resolve: every input source names an existing host input, stage
+    output or loop output, and every name in a shape is a key of `dims`. Empty when consistent."""
+    known = {f"host.{t.name}" for t in layout.host_inputs}
+    known |= {f"{s.name}.{t.name}" for s in layout.stages for t in s.outputs}
+    if layout.loop is not None:
+        known |= {f"loop.{o}" for o in layout.loop.outputs}
+    problems = []
+    for s in layout.stages:
+        for t in s.inputs:
+            srcs = t.source.values() if isinstance(t.source, dict) else [t.source]
+            problems += [f"stage {s.name!r} input {t.name!r} comes from {src!r}, which no stage, host input or "
+                         "loop provides" for src in srcs if src not in known]
+    tensors = [("host input", t) for t in layout.host_inputs]
+    tensors += [(f"stage {s.name!r} tensor", t) for s in layout.stages for t in (*s.inputs, *s.outputs)]
+    for what, t in tensors:
+        for dim in t.shape:
+            if isinstance(dim, str):
+                problems += [f"{what} {t.name!r} uses dim {name!r}, which is not in dims"
+                             for name in _IDENT.findall(dim) if name not in layout.dims]
+    return problems
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return importlib.resources.files("graphs").joinpath("manifest.schema.json").read_text(encoding="utf-8")
+
+
+def manifest_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of manifest.json, shipped as graphs/manifest.schema.json."""
+    return json.loads(_schema_text())
+
+
+def schema_errors(manifest: dict) -> list[str]:
+    """Schema violations of `manifest`, most relevant first, each as "<json path>: <message>"."""
+    import jsonschema
+
+    errors = list(jsonschema.Draft202012Validator(manifest_schema()).iter_errors(manifest))
+    if not errors:
+        return []
+    best = jsonschema.exceptions.best_match(errors)  # descends into oneOf/anyOf to the likely culprit
+    return [f"{_json_path(e.absolute_path)}: {e.message}" for e in [best, *(e for e in errors if e is not best)]]
+
+
+def _json_path(parts) -> str:
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+
+
+def package_versions(names: tuple[str, ...] = ("csprt", "torch", "transformers", "onnx", "onnxscript")) -> dict:
+    """Installed versions of `names` (for export.versions), read from package metadata without importing them.
+
+    Args:
+        names (tuple[str, ...]): distribution names. Defaults to csprt, torch, transformers, onnx, onnxscript.
+    """
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def new_manifest(*, layout: Layout, shape: ModelShape, schedule: Schedule, precision: str, opset: int,
+                 export: dict, tokenizer: dict, preprocessing: dict, postprocessing: dict, tolerances: dict,
+                 stage_files: dict[str, dict[str, str]], stage_keys: dict[str, str],
+                 stage_tolerances: dict[str, dict]) -> dict:
+    """The manifest dict of an exported artifact (validate and write it with `write_manifest`).
+
+    Args:
+        layout (Layout): stage I/O, wiring and dims.
+        shape (ModelShape): the model's dimensions.
+        schedule (Schedule): the resolved schedule.
+        precision (str): "fp32" or "fp16".
+        opset (int): the graphs' ONNX opset.
+        export (dict): {"command": the `csprt export ...` line that regenerates the artifact, "checkpoint",
+            "vision_tower" (str or None), "mode", "options" (LayoutOptions fields), "versions" (name -> version)}.
+        tokenizer (dict): {"dir": "tokenizer", "seg_token_id", "eos_token_id", "prompt": {...}}.
+        preprocessing (dict): {"clip": {...}, "sam": {...}}.
+        postprocessing (dict): free-form.
+        tolerances (dict): end-to-end tolerances, e.g. {"end_to_end": {"mask_logits_atol": 1e-3}}.
+        stage_files (dict[str, dict[str, str]]): per stage, {relpath: sha256} (`graph_files`).
+        stage_keys (dict[str, str]): per stage, the content key its graph was exported under.
+        stage_tolerances (dict[str, dict]): per stage, {"atol": {"": x, ...}, "rtol": {"": y, ...}}.
+    """
+    stages = []
+    for spec in layout.stages:
+        for what, table in (("files", stage_files), ("export key", stage_keys), ("tolerance", stage_tolerances)):
+            if spec.name not in table:
+                raise internal_error(f"new_manifest: no {what} for stage {spec.name!r}")
+        graph = f"{GRAPHS_DIR}/{spec.name}.onnx"
+        if graph not in stage_files[spec.name]:
+            raise internal_error(f"new_manifest: files of stage {spec.name!r} lack its graph {graph}")
+        stages.append({**_stage_to_dict(spec), "graph": graph, "files": dict(stage_files[spec.name]),
+                       "export_key": stage_keys[spec.name], "tolerance": stage_tolerances[spec.name],
+                       "engines": {}})
+    lay = layout_to_dict(layout)
+    manifest = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "csprt_version": package_versions(("csprt",))["csprt"],
+        "export": export, "model": shape.to_dict(), "schedule": schedule.to_dict(), "precision": precision,
+        "opset": opset, "modes": lay["modes"], "tokenizer": tokenizer, "preprocessing": preprocessing,
+        "postprocessing": postprocessing, "dims": lay["dims"], "host_inputs": lay["host_inputs"],
+        "stages": stages, "loop": lay["loop"], "outputs": lay["outputs"], "tolerances": tolerances,
+    }
+    return json.loads(json.dumps(manifest))  # plain JSON types (to_dict() keeps tuples): what is written is what is read
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (graphs can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def graph_files(art_dir: str | os.PathLike, graph_relpath: str) -> dict[str, str]:
+    """{relpath: sha256} of a graph and every external-data file it references, relative to `art_dir`.
+
+    Args:
+        art_dir (str or PathLike): the artifact directory.
+        graph_relpath (str): e.g. "graphs/llm_0.onnx".
+    """
+    import onnx
+
+    from graphs.onnx_passes import external_data_locations
+
+    art = Path(art_dir)
+    graph = art / graph_relpath
+    model = onnx.load(str(graph), load_external_data=False)
+    rels = [graph_relpath] + [Path(graph_relpath).parent.joinpath(loc).as_posix()
+                              for loc in external_data_locations(model)]
+    return {rel: file_sha256(art / rel) for rel in rels}
+
+
+def write_manifest(art_dir: str | os.PathLike, manifest: dict) -> Path:
+    """Validate `manifest` against the schema, then write `<art_dir>/manifest.json` atomically.
+
+    An invalid manifest is a csprt bug, so it raises an internal error, not a user-facing one.
+    """
+    problems = schema_errors(json.loads(json.dumps(manifest)))  # validate the JSON form: tuples become arrays
+    if problems:
+        raise internal_error(f"manifest does not match manifest.schema.json at {problems[0]}")
+    return write_json(manifest, Path(art_dir) / MANIFEST_NAME)
+
+
+def invalidate(art_dir: str | os.PathLike) -> None:
+    """Remove `<art_dir>/manifest.json` if present, so a directory being rewritten never loads."""
+    Path(art_dir, MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def is_artifact_dir(path: str | os.PathLike) -> bool:
+    """A directory meant as an artifact: it has a manifest, or graphs/ and no checkpoint config.json
+    (an interrupted export, which `load_artifact` then reports as such)."""
+    p = Path(path)
+    return p.is_dir() and ((p / MANIFEST_NAME).is_file() or ((p / GRAPHS_DIR).is_dir() and not (p / "config.json").exists()))
+
+
+def read_manifest(art_dir: str | os.PathLike) -> dict | None:
+    """The previous manifest for incremental re-export: the dict when it parses and matches this
+    schema version, else None. Unverified; check files with `reusable_files`."""
+    try:
+        manifest = json.loads(Path(art_dir, MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and manifest.get("schema_version") == SCHEMA_VERSION
+    return manifest if ok and not schema_errors(manifest) else None
+
+
+def reusable_files(previous: dict | None, art_dir: str | os.PathLike, stage: str, export_key: str) -> dict | None:
+    """The files of `stage` from a previous manifest when its export key equals `export_key` and every
+    file is still on disk with its recorded sha256; else None (re-export the stage)."""
+    entry = next((s for s in (previous or {}).get("stages", []) if s["name"] == stage), None)
+    if entry is None or entry["export_key"] != export_key:
+        return None
+    art = Path(art_dir)
+    for rel, digest in entry["files"].items():
+        if not (art / rel).is_file() or file_sha256(art / rel) != digest:
+            return None
+    return dict(entry["files"])
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Artifact:
+    dir: Path
+    manifest: dict
+    layout: Layout
+    shape: ModelShape
+    schedule: Schedule
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return self.layout.modes
+
+    @property
+    def rebuild_command(self) -> str:
+        return self.manifest["export"]["command"]
+
+    def stage_entry(self, stage: str) -> dict:
+        """The manifest entry of `stage`; ArtifactError naming the valid stages when there is none."""
+        check_stage_names(self, [stage])
+        return next(e for e in self.manifest["stages"] if e["name"] == stage)
+
+    def graph_path(self, stage: str) -> Path:
+        return self.dir / self.stage_entry(stage)["graph"]
+
+
+def check_stage_names(artifact: Artifact, names) -> None:
+    """Raise ArtifactError for the first name in `names` that is not a stage of `artifact`."""
+    have = [s.name for s in artifact.layout.stages]
+    for name in names:
+        if name not in have:
+            raise ArtifactError(f"unknown stage {name!r}; this artifact has: {', '.join(have)}")
+
+
+def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
+    """Read and check an artifact directory.
+
+    Args:
+        art_dir (str or PathLike): the directory `csprt export` wrote.
+        verify (bool): also check that every listed file exists with its recorded sha256. Defaults to True.
+
+    Raises:
+        ArtifactError: one sentence saying what is wrong and the command that regenerates the artifact.
+    """
+    art = Path(art_dir)
+    fix = GENERIC_REBUILD.format(dir=art)
+    if not art.is_dir():
+        what = "is not a directory" if art.exists() else "does not exist"
+        raise ArtifactError(f"artifact directory {art} {what}; create it with: {fix}")
+    path = art / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{art} has no {MANIFEST_NAME}: it is not a csprt artifact, or an export was "
+                            f"interrupted before it finished; re-run the export: {fix}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export with: {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{path} is not a csprt manifest (format {got!r}, expected {FORMAT!r}); "
+                            f"re-export with: {fix}")
+    command = manifest.get("export", {}).get("command") if isinstance(manifest.get("export"), dict) else None
+    fix = command if isinstance(command, str) and command else fix
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ArtifactError(f"{path} has schema version {version!r}, newer than this csprt reads "
+                            f"({SCHEMA_VERSION}); upgrade csprt, or re-export with: {fix}")
+    if version < SCHEMA_VERSION:
+        raise ArtifactError(f"{path} was written by an older csprt (schema {version}, this csprt reads "
+                            f"{SCHEMA_VERSION}); re-export with: {fix}")
+    problems = schema_errors(manifest)
+    if problems:
+        raise ArtifactError(f"{path} does not match the manifest schema at {problems[0]}; re-export with: {fix}")
+    try:
+        layout = layout_from_dict(manifest)
+        shape = ModelShape.from_dict(manifest["model"])
+        schedule = Schedule.from_dict(manifest["schedule"])
+    except ToolchainError as exc:
+        raise ArtifactError(f"{path}: {exc}; re-export with: {fix}") from None
+    problems = layout_problems(layout)
+    problems += [f"stage {e['name']!r} graph {e['graph']} is not in its files" for e in manifest["stages"]
+                 if e["graph"] not in e["files"]]
+    if problems:
+        raise ArtifactError(f"{path}: {problems[0]}; re-export with: {fix}")
+    artifact = Artifact(dir=art, manifest=manifest, layout=layout, shape=shape, schedule=schedule)
+    if verify:
+        _verify_files(artifact, fix)
+    return artifact
+
+
+def _verify_files(artifact: Artifact, fix: str) -> None:
+    tok = artifact.dir / artifact.manifest["tokenizer"]["dir"]
+    if not tok.is_dir():
+        raise ArtifactError(f"tokenizer directory {tok} is missing; re-export with: {fix}")
+    for entry in artifact.manifest["stages"]:
+        for rel, digest in entry["files"].items():
+            path = artifact.dir / rel
+            if not path.is_file():
+                raise ArtifactError(f"{rel} (stage {entry['name']!r}) is missing from {artifact.dir}; "
+                                    f"re-export with: {fix}")
+            if file_sha256(path) != digest:
+                raise ArtifactError(f"{rel} changed since export (hash mismatch); re-export with: {fix}")

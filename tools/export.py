@@ -1,0 +1,58 @@
+"""`csprt export`: a checkpoint and a schedule -> segmented ONNX graphs + manifest.json (an artifact)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from graphs.checkpoint_config import read_checkpoint_config
+from graphs.stages import EXPORT_MODES, PRECISIONS
+from tools.schedule_args import KNOB_FLAGS, add_schedule_args, schedule_from_args
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="export a checkpoint to per-stage ONNX graphs", description=__doc__)
+    p.add_argument("checkpoint", type=Path, help="LISA checkpoint directory")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory (updated incrementally if it exists)")
+    p.add_argument("--mode", choices=EXPORT_MODES, default="single-pass",
+                   help="which inference modes the graphs serve. Defaults to single-pass.")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="weights and float I/O of every graph (TensorRT engines inherit it). Defaults to fp32.")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset. Defaults to 18.")
+    p.add_argument("--vision-tower", type=Path, default=None, help="CLIP directory, if config.json does not name a local one")
+    p.add_argument("--max-text-len", type=int, default=None, help="most text tokens either side of the image. Defaults to 256.")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generate-mode decode limit. Defaults to 64.")
+    p.add_argument("--max-seg", type=int, default=None, help="most [SEG] tokens per request. Defaults to 8.")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="graph cache directory shared between exports (same graphs are copied, not re-traced)")
+    add_schedule_args(p)
+    p.set_defaults(func=run)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that regenerates this artifact, recorded in its manifest."""
+    words = ["csprt", "export", str(args.checkpoint), "--schedule", args.schedule, "--out", str(args.out),
+             "--mode", args.mode, "--precision", args.precision]
+    for flag in ("opset", "vision_tower", "max_text_len", "max_new_tokens", "max_seg", *KNOB_FLAGS):
+        value = getattr(args, flag, None)
+        if value is not None:
+            words += [f"--{flag.replace('_', '-')}", str(value)]
+    return shlex.join(words)
+
+
+def run(args: argparse.Namespace) -> int:
+    from exporter.export import ExportOptions, export_artifact
+
+    shape = read_checkpoint_config(args.checkpoint, args.vision_tower).shape
+    schedule = schedule_from_args(args, shape.llm.layers, shape.num_image_tokens)
+    given = {k: getattr(args, k) for k in ("opset", "max_text_len", "max_new_tokens", "max_seg")
+             if getattr(args, k) is not None}
+    options = ExportOptions(precision=args.precision, mode=args.mode,
+                            cache_dir=str(args.cache) if args.cache else None, **given)
+    art = export_artifact(args.checkpoint, schedule, args.out, options, vision_tower=args.vision_tower,
+                          command=_command(args), progress=lambda msg: print(f"[csprt] {msg}", file=sys.stderr,
+                                                                             flush=True))
+    print(f"artifact: {art} (schedule {schedule.name}, {args.precision}, mode {args.mode})")
+    return 0
