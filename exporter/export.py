@@ -17,9 +17,11 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -44,12 +46,15 @@ from graphs.stages import PRECISIONS, Layout, LayoutOptions, StageSpec, build_la
 SAMPLE_QUERY = "Where is the cat in this picture?"
 DEFAULT_OPSET = 18  # what TensorRT 10 / TensorRT-RTX 1.x parse, and what the dynamo exporter emits natively
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# Per-stage export parity (ORT vs the eager wrapper on the sample). fp32: measured <= 2e-6 on the tiny
-# model, 1e-4 leaves room for other shapes. fp16: both sides round to fp16 differently (CPU torch vs ORT).
+# Per-stage parity (ORT vs the eager wrapper on the same feed). fp32: measured <= 3e-6 on the tiny model;
+# 1e-4 leaves room for deeper models. fp16: measured <= 1.3e-2 (sam_decoder; 2e-3 elsewhere), torch CPU and
+# ORT round fp16 at different points.
 STAGE_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
 STAGE_RTOL = {"fp32": 1e-4, "fp16": 1e-2}
+# End to end against the fp32 reference. fp16 measured on the tiny csp artifact: mask logits max abs 2.2e-2,
+# mask IoU 0.990 (pixels whose logit is within ~1e-2 of 0 flip), generated ids equal.
 E2E_TOLERANCES = {"fp32": {"mask_logits_atol": 1e-3, "mask_iou_min": 1.0},
-                  "fp16": {"mask_logits_atol": 0.25, "mask_iou_min": 0.97}}
+                  "fp16": {"mask_logits_atol": 0.05, "mask_iou_min": 0.98}}
 _CODE = ("exporter/wrappers.py", "exporter/selection.py", "exporter/model.py", "exporter/export.py", "graphs/stages.py",
          "graphs/onnx_passes.py")
 
@@ -153,7 +158,12 @@ def trace_stage(wrapper: torch.nn.Module, spec: StageSpec, args: tuple, opset: i
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         dynamic = [tuple(dynamic)]  # torch.export matches `*args` as one tuple argument
     sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), torch.no_grad():
+    # The exporter narrates to stdout, warns about unused dim names and logs missing torchvision ops:
+    # none of it is actionable here, and progress is reported per stage instead.
+    for name in ("torch.onnx", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(sink), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper, args, dynamo=True, input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs], dynamic_shapes=tuple(dynamic), opset_version=opset,

@@ -36,6 +36,7 @@ class ReferenceOutput:
     answer: str
     image_tokens_per_layer: list[int]   # counted from the hidden states of each layer (prefill)
     kv_image_tokens_per_layer: list[int] = field(default_factory=list)  # generate: image rows in each layer's cache
+    step_hidden: torch.Tensor | None = None  # generate: [n, H] post-norm hidden state each generated token came from
     stage_indices: dict[str, list[int]] = field(default_factory=dict)   # original image indices each stage saw
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -159,6 +160,7 @@ class Reference:
             state = self._prefill(emb, cls_attn, ids, mode, instance_masks)
         with timer("llm_decode"):
             generated, seg_hidden = self._generate(state, ids, max_new_tokens) if mode == "generate" else ([], None)
+            step_hidden = state.get("step_hidden")
         if mode == "single-pass":
             s = len(ids.suffix)
             rows = [state["h"].shape[1] - s + j - 1 for j in ids.seg_suffix_positions()]
@@ -180,7 +182,7 @@ class Reference:
             seg_embeddings=seg_emb, seg_hidden=seg_hidden, low_res_logits=low_res, mask_logits=logits,
             masks=masks, generated_ids=generated, answer=answer.strip(),
             image_tokens_per_layer=state["counts"], kv_image_tokens_per_layer=state.get("kv_counts", []),
-            stage_indices=state["stage_indices"], timings_ms=timer.ms,
+            stage_indices=state["stage_indices"], timings_ms=timer.ms, step_hidden=step_hidden,
         )
 
     def _prefill(self, emb: torch.Tensor, cls_attn, ids: PromptIds, mode: str, instance_masks) -> dict:
@@ -234,12 +236,13 @@ class Reference:
         m, kv = self.model, state["kv"]
         layers = m.decoder_layers
         last = state["normed"][:, -1:]  # [1, 1, H]
-        generated, seg_rows = [], []
+        generated, seg_rows, steps = [], [], []
         pos = state["next_pos"]
         fed = 0
         for _ in range(max_new_tokens):
             tok = int(torch.argmax(m.llm.lm_head(last)[0, -1]))
             generated.append(tok)
+            steps.append(last[0, -1])
             if tok == ids.seg_token_id:
                 seg_rows.append(last[0, -1])
             if tok == ids.eos_token_id or len(generated) == max_new_tokens:
@@ -254,5 +257,6 @@ class Reference:
             pos += 1
             fed += 1
         state["kv_counts"] = [kv.length(i) - state["text_rows"] - fed for i in range(len(layers))]
+        state["step_hidden"] = torch.stack(steps)
         hidden = torch.stack(seg_rows) if seg_rows else last.new_zeros((0, last.shape[-1]))
         return generated, hidden

@@ -120,6 +120,7 @@ def make_tiny(out_dir: str | Path, opts: TinyOptions = TinyOptions()) -> Path:
     torch.manual_seed(opts.seed)
     model = LisaModel(shape)
 
+    _teach_seg_answer(model, tokenizer)
     save_checkpoint(model, out, fmt=opts.format, max_shard_size="100KB")
     write_json(lisa_config(shape), out / "config.json")
     tokenizer.save_pretrained(out)
@@ -128,3 +129,39 @@ def make_tiny(out_dir: str | Path, opts: TinyOptions = TinyOptions()) -> Path:
     model.vision_tower.save_pretrained(clip_dir)
     write_json(default_clip_processor_config(shape.vision.image_size), clip_dir / "preprocessor_config.json")
     return out
+
+
+SEG_QUERY = "Where is the cat in this picture?"  # the query (with exporter.export.sample_image) it answers with [SEG]
+
+
+def _teach_seg_answer(model, tokenizer) -> None:
+    """Bias the LM head so generate mode answers the sample request with "[SEG]</s>", as a trained LISA would.
+
+    Random weights never emit [SEG], so generate mode would never produce a mask. The [SEG] row gets
+    the winning token's row plus a step along the hidden state h1 that chose it (a 2-logit lead). The
+    EOS row then gets that same row plus a step along the part of the next state h2 orthogonal to
+    h1, so it wins after [SEG] (by 2 logits) and stays below [SEG] at the first step. Single-pass outputs
+    are unaffected (they never read the LM head).
+    """
+    import torch
+
+    from exporter.export import sample_image
+    from exporter.reference import Reference
+    from graphs.preprocessing import default_clip_processor_config
+    from graphs.prompt import SEG_TOKEN, token_id
+    from graphs.schedule import resolve
+
+    shape = model.shape
+    ref = Reference(model, tokenizer, default_clip_processor_config(shape.vision.image_size),
+                    resolve("full", shape.llm.layers, shape.num_image_tokens))
+    seg, eos = token_id(tokenizer, SEG_TOKEN), tokenizer.eos_token_id
+    w = model.llm.lm_head.weight
+    with torch.no_grad():
+        first = ref(sample_image(), SEG_QUERY, mode="generate", max_new_tokens=1)
+        h1 = first.step_hidden[0]
+        w[seg] = w[first.generated_ids[0]] + 2.0 * h1 / h1.dot(h1)
+        h2 = ref(sample_image(), SEG_QUERY, mode="generate", max_new_tokens=2).step_hidden[1]
+        d = h2 - h2.dot(h1) / h1.dot(h1) * h1  # orthogonal to h1: the first step's logits do not move
+        base = w[first.generated_ids[0]]  # below [SEG] by 2 at h1
+        lead = float((w @ h2).max() - base.dot(h2)) + 2.0
+        w[eos] = base + lead * d / d.dot(h2)

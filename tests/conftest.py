@@ -36,3 +36,27 @@ def tiny_ckpt(tmp_path_factory):
     from exporter.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def export_tiny(tiny_ckpt, tmp_path_factory):
+    """`export_tiny(schedule="csp", mode="both", precision="fp32") -> Path`: an artifact of `tiny_ckpt`,
+    exported once per session (stages shared through one graph cache). Treat as read-only; copy to modify."""
+    from exporter.export import ExportOptions, export_artifact
+    from graphs.checkpoint_config import read_checkpoint_config
+    from graphs.schedule import resolve
+
+    cache_dir = tmp_path_factory.mktemp("graph_cache")
+    shape = read_checkpoint_config(tiny_ckpt).shape
+    made = {}
+
+    def export(schedule: str = "csp", mode: str = "both", precision: str = "fp32"):
+        key = (schedule, mode, precision)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"art_{schedule}_{mode}_{precision}") / "art"
+            export_artifact(tiny_ckpt, resolve(schedule, shape.llm.layers, shape.num_image_tokens), out,
+                            ExportOptions(mode=mode, precision=precision, cache_dir=str(cache_dir)))
+            made[key] = out
+        return made[key]
+
+    return export

@@ -32,5 +32,7 @@ def test_demo_command_runs_end_to_end(tmp_path):
     mask = Image.open(tmp_path / "result/mask.png")
     assert mask.size == photo.size == (451, 300)
     assert result["num_seg"] == 1 and result["schedule"]["name"] == "csp"
+    assert result["backend"] == "onnxruntime"  # the embedded default, from the exported artifact
+    assert (tmp_path / "artifact/manifest.json").is_file()
     assert result["image_tokens_per_layer"] == [16, 64, 16, 16]  # tiny csp: cluster 1 layer, scatter 1, prune 2
     assert 0 < result["mask_area"] < photo.size[0] * photo.size[1]
