@@ -72,8 +72,8 @@ class ArtifactSession:
 
     def check_mode(self, mode: str) -> None:
         if mode not in self.artifact.modes:
-            raise InputError(f"mode {mode!r} is not in this artifact (exported with {', '.join(self.artifact.modes)}); "
-                             f"re-export with --mode both: {self.artifact.rebuild_command} --mode both")
+            raise InputError(f"mode {mode!r} is not in this artifact (exported for {', '.join(self.artifact.modes)}); "
+                             f"re-export it with --mode both (or --mode {mode}): {self.artifact.rebuild_command}")
 
     def segment(self, image: np.ndarray, query: str, mode: str = "single-pass", max_new_tokens: int | None = None,
                 instance_masks=None, record: bool = False) -> Segmentation:
@@ -82,7 +82,7 @@ class ArtifactSession:
         feed, meta = self.host.inputs(image, query, mode, instance_masks=instance_masks)
         # Before any stage runs: a text over the exported range fails here, naming the dim and the range.
         present = tuple(t for t in self.artifact.layout.host_inputs if t.name in feed)
-        bind_dims(StageSpec("request", "host", present, ()), {t.name: feed[t.name] for t in present},
+        bind_dims(StageSpec("host inputs", "host", present, ()), {t.name: feed[t.name] for t in present},
                   self.artifact.layout.dims)
         result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens)
         padded = result.outputs.get("masks")

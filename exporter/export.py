@@ -29,12 +29,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from exporter.graph_cache import GraphCache
 from exporter.checkpoint import find_weight_files, load_checkpoint, load_tokenizer
+from exporter.graph_cache import GraphCache
 from exporter.preprocess import clip_pixels, sam_pixels
 from exporter.wrappers import make_wrapper
 from graphs import manifest as mf
 from graphs import onnx_checks, onnx_passes
+from graphs.atomic import atomic_path
 from graphs.checkpoint_config import read_checkpoint_config
 from graphs.errors import ArtifactError, ParityError, ToolchainError
 from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, default_clip_processor_config
@@ -100,24 +101,6 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
-def _versions() -> dict:
-    import onnx
-    import onnxscript
-    import transformers
-
-    return {"csprt": _csprt_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
-
-
-def _csprt_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("csprt")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def _schedule_context(spec: StageSpec, schedule: Schedule) -> dict:
     """The part of the schedule a stage's graph depends on, so unrelated schedules share graphs."""
     knobs = {k: v for k, v in schedule.to_dict().items() if k not in ("name", "stages", "n_layers", "n_image_tokens")}
@@ -126,8 +109,8 @@ def _schedule_context(spec: StageSpec, schedule: Schedule) -> dict:
         return {"first": dataclasses.asdict(schedule.stages[0]), "knobs": knobs}
     if spec.kind == "llm":
         i = names.index(spec.name)
-        near = [dataclasses.asdict(s) for s in schedule.stages[max(0, i - 1):i + 2]]
-        return {"index": i, "last": i == len(names) - 1, "near": near, "knobs": knobs}
+        nxt = schedule.stages[i + 1].op if i + 1 < len(names) else None  # the previous budget is in the I/O
+        return {"index": i, "stage": dataclasses.asdict(schedule.stages[i]), "next_op": nxt, "knobs": knobs}
     return {}  # decode, seg_head and SAM graphs depend on the I/O alone (decode's past dims encode the stages)
 
 
@@ -306,7 +289,7 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
 
     weights = _fingerprint(find_weight_files(cfg.ckpt_dir) + [cfg.ckpt_dir / "config.json"]
                            + [p for p in cfg.clip_dir.iterdir() if p.is_file()])
-    versions, code = _versions(), _code_hash()
+    versions, code = mf.package_versions(), _code_hash()
     keys = {s.name: stage_key(s, schedule, shape, options, weights, versions, code, seg_id) for s in layout.stages}
     reuse = _reusable(art, keys)
     todo = [s for s in layout.stages if s.name not in reuse]
@@ -422,7 +405,5 @@ def _copy_tokenizer(ckpt_dir: Path, dest: Path) -> None:
     for name in _TOKENIZER_FILES:
         src = ckpt_dir / name
         if src.is_file():
-            from graphs.atomic import atomic_path
-
             with atomic_path(dest / name) as tmp:
                 shutil.copyfile(src, tmp)

@@ -4,10 +4,13 @@ Exporting several schedules of one checkpoint re-traces the same SAM, [SEG]-head
 (and often the same vision and early LLM stages). Each graph is stored under its export key
 (`exporter.export.stage_key`), so a later export with the same key copies the files instead of
 tracing. Entries are written to a temp dir and renamed into place: a reader sees all or nothing.
+Files are copied, never hard-linked (an artifact edited in place must not change the cache), and
+each entry records its files' sha256: an entry whose bytes changed is dropped, not served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,15 +18,19 @@ import tempfile
 from pathlib import Path
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.cache-tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)  # same filesystem: free, and the bytes are immutable once cached
-    except OSError:
-        shutil.copyfile(src, tmp)
+    shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class GraphCache:
@@ -37,15 +44,17 @@ class GraphCache:
     def get(self, key: str, art: Path) -> tuple[list[str], dict] | None:
         """Copy a cached entry's files into `art` (same relative paths). Returns (relpaths, parity) or None."""
         entry = self.root / key
-        meta_path = entry / "entry.json"
-        if not meta_path.is_file():
-            return None
-        meta = json.loads(meta_path.read_text())
-        if not all((entry / rel).is_file() for rel in meta["files"]):
+        try:
+            meta = json.loads((entry / "entry.json").read_text())
+            intact = all(_sha256(entry / rel) == digest for rel, digest in meta["files"].items())
+        except (OSError, ValueError, KeyError, AttributeError):
+            intact = False
+        if not intact:
+            shutil.rmtree(entry, ignore_errors=True)  # damaged or foreign: drop it so a fresh put can replace it
             return None
         for rel in meta["files"]:
-            _link_or_copy(entry / rel, art / rel)
-        return meta["files"], meta.get("parity", {})
+            _copy(entry / rel, art / rel)
+        return list(meta["files"]), meta.get("parity", {})
 
     def put(self, key: str, art: Path, files: list[str], parity: dict) -> None:
         """Store `files` (relative to `art`) under `key`; an existing entry is kept."""
@@ -55,9 +64,11 @@ class GraphCache:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{key[:12]}."))
         try:
+            digests = {}
             for rel in files:
-                _link_or_copy(art / rel, tmp / rel)
-            (tmp / "entry.json").write_text(json.dumps({"files": files, "parity": parity}))
+                _copy(art / rel, tmp / rel)
+                digests[rel] = _sha256(tmp / rel)
+            (tmp / "entry.json").write_text(json.dumps({"files": digests, "parity": parity}))
             os.replace(tmp, entry)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # a concurrent writer won the rename: theirs is as good

@@ -29,6 +29,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--query", default=DEFAULT_QUERY, help=f"Defaults to {DEFAULT_QUERY!r}.")
     p.add_argument("--mode", default=None, help="single-pass or generate. Defaults to every mode the artifact has.")
     p.add_argument("--max-new-tokens", type=int, default=8, help="generate-mode decode steps. Defaults to 8.")
+    p.add_argument("--stages", default=None,
+                   help="comma-separated stage names to compare per stage. Defaults to every stage that runs.")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -39,7 +41,7 @@ def _progress(msg: str) -> None:
 
 def validate_artifact(art_dir: Path, checkpoint: Path | None = None, vision_tower: Path | None = None,
                       backend: str = "onnxruntime", image=None, query: str = DEFAULT_QUERY, modes=None,
-                      max_new_tokens: int = 8, progress=_progress) -> dict:
+                      max_new_tokens: int = 8, stages=None, progress=_progress) -> dict:
     """The parity report of one backend (see `format_report` for its fields)."""
     import numpy as np
     import torch
@@ -51,8 +53,12 @@ def validate_artifact(art_dir: Path, checkpoint: Path | None = None, vision_towe
     from exporter.reference import Reference
     from exporter.torch_runner import TorchStageRunner
 
+    from graphs.manifest import check_stage_names
+
     session = ArtifactSession(art_dir, backend=backend)
     art = session.artifact
+    if stages is not None:
+        check_stage_names(art, stages)
     ckpt = checkpoint or Path(art.manifest["export"]["checkpoint"])
     tower = vision_tower or art.manifest["export"].get("vision_tower")
     modes = list(modes or art.modes)
@@ -76,6 +82,8 @@ def validate_artifact(art_dir: Path, checkpoint: Path | None = None, vision_towe
             progress(f"{mode}: running the {backend} pipeline")
             seg = session.segment(image, query, mode=mode, max_new_tokens=max_new_tokens, record=True)
             for name, feed in seg.pipeline.feeds.items():
+                if stages is not None and name not in stages:
+                    continue
                 stage = art.layout.stage(name)
                 if stage.skip_if_empty and feed[stage.skip_if_empty].size == 0:
                     continue  # skipped in the run (no [SEG]): nothing ran, nothing to compare
@@ -137,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
     modes = [args.mode] if args.mode else None
     reports = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
         reports.append(validate_artifact(args.artifact, args.checkpoint, args.vision_tower, backend, image, args.query,
-                                         modes, args.max_new_tokens))
+                                         modes, args.max_new_tokens, stages))
     report = reports[0] if len(reports) == 1 else {
         "passed": all(r["passed"] for r in reports), "mask_iou": min(r["mask_iou"] for r in reports),
         "stages": [s for r in reports for s in r["stages"]], "backends": reports}

@@ -111,3 +111,22 @@ def test_fp16_artifact_within_documented_tolerance(export_tiny, tiny_ckpt):
     for e in report["end_to_end"]:
         assert e["num_seg"] == 1 and e["ids_equal"]
         assert e["mask_logits_max_abs"] <= 0.05 and e["mask_iou"] >= 0.98
+
+
+def test_validate_unknown_stage_name_is_a_clear_error(export_tiny, capsys):
+    from tools.cli import main
+
+    art = export_tiny("full", "single-pass")
+    assert main(["validate", str(art), "--stages", "llm_0,llm_9"]) == 2
+    err = capsys.readouterr().err
+    assert "llm_9" in err and "vision, sam_encoder, llm_0" in err and "Traceback" not in err
+
+
+def test_validate_subset_of_stages(export_tiny, tiny_ckpt, capsys):
+    import json
+
+    from tools.cli import main
+
+    art = export_tiny("full", "single-pass")
+    assert main(["validate", str(art), "--checkpoint", str(tiny_ckpt), "--stages", "llm_0", "--json"]) == 0
+    assert [s["name"] for s in json.loads(capsys.readouterr().out)["stages"]] == ["llm_0"]
