@@ -1,6 +1,6 @@
 """Host-side I/O of an artifact, without torch: request -> host inputs, and graph outputs -> masks and text.
 
-    image uint8 [H, W, 3], query --inputs()--> {prefix_ids, suffix_ids, clip_pixels, sam_pixels[, instance_masks]}, meta
+    image uint8 [H, W, 3], query --inputs()--> {prefix_ids, suffix_ids, clip_pixels, sam_pixels[, seg_rows][, instance_masks]}, meta
     sam_decoder.masks [K, S, S] --masks()--> crop [:h', :w'] -> bilinear to [K, H, W] -> logits, logits > 0
     generated ids --answer()--> text
 
@@ -93,12 +93,16 @@ class HostIO:
             "clip_pixels": clip_pixels_np(image, self.clip_cfg),
             "sam_pixels": sam,
         }
+        if mode == "single-pass":  # the suffix row predicting each [SEG] (the position just before it)
+            values["seg_rows"] = np.asarray([j - 1 for j in ids.seg_suffix_positions()], dtype=np.int64)
         if "instance_masks" in self.host_inputs:
             values["instance_masks"] = self._instance_masks(instance_masks)
         elif instance_masks is not None:
             raise InputError("this artifact takes no instance masks (its schedule does not cluster with seg_first)")
         feed = {}
         for name, spec in self.host_inputs.items():
+            if name == "seg_rows" and mode != "single-pass":
+                continue  # read only by single-pass stages
             if name not in values:
                 raise ArtifactError(f"manifest host input {name!r} is unknown to this csprt; "
                                     f"it knows {', '.join(values)}")

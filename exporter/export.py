@@ -202,6 +202,8 @@ def _host_sample(loaded, image: np.ndarray, ids, dtype: torch.dtype, layout: Lay
         "prefix_ids": torch.tensor(ids.prefix, dtype=torch.long),
         "suffix_ids": torch.tensor(ids.suffix, dtype=torch.long),
     }
+    if any(t.name == "seg_rows" for t in layout.host_inputs):
+        host["seg_rows"] = torch.tensor([j - 1 for j in ids.seg_suffix_positions()], dtype=torch.long)
     if any(t.name == "instance_masks" for t in layout.host_inputs):
         g = shape.vision.grid
         masks = torch.zeros((2, g, g), dtype=dtype)

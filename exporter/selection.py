@@ -16,14 +16,22 @@ import torch.nn.functional as F
 from graphs.errors import InputError
 
 
+# TensorRT's TopK and ArgMax need rank >= 2, so 1-D vectors get a leading axis of 1 first.
+
+
+def argmax_1d(x: torch.Tensor) -> torch.Tensor:
+    """Index of the largest element of a vector [N], as a 0-d tensor."""
+    return torch.argmax(x[None], dim=-1)[0]
+
+
 def sort_indices(idx: torch.Tensor) -> torch.Tensor:
     """[k] indices in ascending order (kept tokens stay in original order)."""
-    return torch.sort(idx).values
+    return torch.sort(idx[None], dim=-1).values[0]
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """[N] scores -> [k] indices of the k largest, ascending."""
-    return sort_indices(torch.topk(scores, k).indices)
+    return sort_indices(torch.topk(scores[None], k, dim=-1).indices[0])
 
 
 def uniform_indices(n: int, k: int, device=None) -> torch.Tensor:
@@ -66,7 +74,7 @@ def _nearest_distinct(f: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     picks = []
     for j in range(centroids.shape[0]):
         # Taken tokens drop below any cosine (>= -1) so each centroid gets a distinct token.
-        idx = torch.argmax(sim[:, j] - 4.0 * taken)
+        idx = argmax_1d(sim[:, j] - 4.0 * taken)
         taken = taken + F.one_hot(idx, f.shape[0]).to(f.dtype)
         picks.append(idx)
     return sort_indices(torch.stack(picks))
@@ -125,11 +133,11 @@ def kcenter_indices(feats: torch.Tensor, grid: int, k: int, lam: float) -> torch
     ids = torch.arange(n, device=f.device)
     p = torch.stack([ids // grid, ids % grid], dim=-1).to(f.dtype) / max(grid - 1, 1)  # [N, 2]
     dist = (1.0 - lam) * torch.cdist(f, f) + lam * torch.cdist(p, p)  # [N, N]
-    seed = torch.argmin(torch.linalg.vector_norm(f - f.mean(dim=0, keepdim=True), dim=-1))
+    seed = argmax_1d(-torch.linalg.vector_norm(f - f.mean(dim=0, keepdim=True), dim=-1))
     min_d = dist[seed]
     picks = [seed]
     for _ in range(k - 1):
-        nxt = torch.argmax(min_d)
+        nxt = argmax_1d(min_d)
         min_d = torch.minimum(min_d, dist[nxt])
         picks.append(nxt)
     return sort_indices(torch.stack(picks))

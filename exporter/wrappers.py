@@ -95,7 +95,7 @@ class LlmStage(nn.Module):
         # "seg": the row before the first [SEG] of the suffix (single-pass prompt); with none (generate
         # prompt), the last prompt row. An arithmetic select, not a branch on the data.
         is_seg = (suffix_ids == self.seg_token_id).to(torch.int64)
-        first = torch.argmax(is_seg)
+        first = selection.argmax_1d(is_seg)
         row = (t - s - 1) + first
         return torch.where(is_seg.sum() > 0, row, last[0])[None]
 
@@ -119,10 +119,6 @@ class LlmStage(nn.Module):
             h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=kv, position_embeddings=(cos, sin))
         out = {"prefix_hidden_out": h[:, :p], "image_hidden_out": h[:, p:t - s], "suffix_hidden_out": h[:, t - s:],
                "image_indices_out": idx, "image_scores": scores}
-        if "seg_hidden" in self.out_names:
-            # The rows just before each [SEG]: count is data-dependent (NonZero in the graph).
-            seg_pos = torch.nonzero(x["suffix_ids"] == self.seg_token_id)[:, 0]
-            out["seg_hidden"] = m.llm.model.norm(h[0, t - s - 1 + seg_pos])
         if "next_token" in self.out_names:
             last = m.llm.model.norm(h[:, -1])  # [1, H]
             out["last_hidden"] = last
@@ -173,6 +169,21 @@ class DecodeStage(nn.Module):
         return tuple(out[name] for name in self.out_names)
 
 
+class SegGatherStage(nn.Module):
+    """suffix_hidden [1, S, H], seg_rows [K] -> seg_hidden [K, H]: final norm of the rows predicting each [SEG].
+
+    The host passes the rows (from its own tokenisation) so K is an input dim: a data-dependent count
+    in the graph would need NonZero, which TensorRT-RTX does not import.
+    """
+
+    def __init__(self, model: LisaModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, suffix_hidden, seg_rows):
+        return (self.model.llm.model.norm(suffix_hidden[0][seg_rows]),)
+
+
 class SegHeadStage(nn.Module):
     """seg_hidden [K, H] (final post-norm rows) -> seg_embeddings [K, out_dim]."""
 
@@ -221,6 +232,8 @@ def make_wrapper(model: LisaModel, schedule: Schedule, spec: StageSpec, seg_toke
         w = LlmStage(model, schedule, [s.name for s in schedule.stages].index(spec.name), spec, seg_token_id)
     elif spec.kind == "decode":
         w = DecodeStage(model, schedule, spec)
+    elif spec.kind == "seg_gather":
+        w = SegGatherStage(model)
     elif spec.kind == "seg_head":
         w = SegHeadStage(model)
     elif spec.kind == "sam_encoder":

@@ -104,6 +104,11 @@ def _trt_restriction(node: onnx.NodeProto, types: dict) -> str:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "Softmax" and types.get(node.input[0], (0, None))[1] == 1:
         return f"takes a 1-D input {node.input[0]!r}; TensorRT-RTX rejects a 1-D Softmax (unsqueeze it to 2-D)"
+    if node.op_type in ("TopK", "ArgMax", "ArgMin") and types.get(node.input[0], (0, None))[1] == 1:
+        return f"takes a 1-D input {node.input[0]!r}; TensorRT needs rank >= 2 (unsqueeze it first)"
+    if node.op_type == "NonZero":
+        return ("has a data-dependent output shape that TensorRT-RTX imports only through a plugin it does not ship; "
+                "pass the count as an input dim instead")
     if node.op_type == "TopK" and attrs.get("sorted", 1) == 0:
         return "has sorted=0; TensorRT needs sorted=1 (sort the selected indices afterwards instead)"
     if node.op_type == "LayerNormalization" and any(node.output[1:]):

@@ -6,7 +6,7 @@ stages: every input names where its tensor comes from.
 
     host.clip_pixels --> vision --(image_hidden, image_indices, image_embeds, assign)--+
     host.prefix_ids, host.suffix_ids ---------------------------------------------------+--> llm_0 --> ... --> llm_{n-1}
-                                                                  seg_hidden (single-pass) or loop.seg_hidden (generate)
+                        seg_gather(suffix rows at host.seg_rows) (single-pass) or loop.seg_hidden (generate)
     host.sam_pixels --> sam_encoder --(image_embeddings)--+                                    |
                                                           +--> sam_decoder <-- seg_head <-----+
     generate: llm_{n-1}.(next_token, next_position, last_hidden) + every llm_i.present_* --> loop over `decode`
@@ -48,7 +48,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class StageSpec:
     name: str               # graph file graphs/<name>.onnx; reused verbatim in engines, reports, tests
-    kind: str               # vision | llm | seg_head | sam_encoder | sam_decoder | decode
+    kind: str               # vision | llm | seg_gather | seg_head | sam_encoder | sam_decoder | decode
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     layers: tuple[int, ...] = ()   # decoder layers (llm and decode stages)
@@ -181,6 +181,10 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
         TensorSpec("prefix_ids", "int64", ("prefix_len",)),
         TensorSpec("suffix_ids", "int64", ("suffix_len",)),
     ]
+    if single:
+        # Rows of the suffix just before each [SEG] token (single-pass): the host knows them from its
+        # tokenisation, and as an input K stays a named dim (no data-dependent NonZero in the graphs).
+        host.append(TensorSpec("seg_rows", "int64", ("num_seg",)))
     if seg_first:
         host.append(TensorSpec("instance_masks", f, ("instances", v.grid, v.grid)))
     dims = {
@@ -217,7 +221,7 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
         else:
             ins = [TensorSpec("prefix_hidden", f, (1, "prefix_len", h), f"{prev}.prefix_hidden_out"),
                    TensorSpec("suffix_hidden", f, (1, "suffix_len", h), f"{prev}.suffix_hidden_out")]
-            if (next_prunes and schedule.prune_query == "seg") or (last and single):
+            if next_prunes and schedule.prune_query == "seg":
                 ins.append(TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids"))
         b_in = first.budget if i == 0 else schedule.stages[i - 1].budget
         sfx = "" if i == 0 else "_out"
@@ -235,8 +239,6 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
                 TensorSpec("image_indices_out", "int64", (st.budget,))]
         if next_prunes:
             outs.append(TensorSpec("image_scores", "float32", (st.budget,)))  # softmax attention paid to each image row
-        if last and single:
-            outs.append(TensorSpec("seg_hidden", f, ("num_seg", h)))  # final post-norm rows before each [SEG]
         if last and generate:
             outs += [TensorSpec("next_token", "int64", (1,)), TensorSpec("last_hidden", f, (1, h)),
                      TensorSpec("next_position", "int64", (1,))]
@@ -274,7 +276,13 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
 
     seg_src: dict[str, str] = {}
     if single:
-        seg_src["single-pass"] = f"{last_llm}.seg_hidden"
+        stages.append(StageSpec(
+            "seg_gather", "seg_gather",
+            (TensorSpec("suffix_hidden", f, (1, "suffix_len", h), f"{last_llm}.suffix_hidden_out"),
+             TensorSpec("seg_rows", "int64", ("num_seg",), "host.seg_rows")),
+            (TensorSpec("seg_hidden", f, ("num_seg", h)),),  # final post-norm rows before each [SEG]
+            modes=("single-pass",), skip_if_empty="seg_rows"))
+        seg_src["single-pass"] = "seg_gather.seg_hidden"
     if generate:
         seg_src["generate"] = "loop.seg_hidden"
     stages.append(StageSpec(

@@ -58,7 +58,11 @@ def test_inputs_match_prompt_and_preprocessing(tiny_ckpt, art_dir, mode):
     feed, meta = io.inputs(image, "Where is the cat?", mode)
     shape = tiny_shape()
     ids = tokenize_prompt(io.tokenizer, "Where is the cat?", mode, shape.num_image_tokens, shape.llm.max_positions)
-    assert set(feed) == {"clip_pixels", "sam_pixels", "prefix_ids", "suffix_ids"}
+    base = {"clip_pixels", "sam_pixels", "prefix_ids", "suffix_ids"}
+    assert set(feed) == (base | {"seg_rows"} if mode == "single-pass" else base)
+    if mode == "single-pass":  # the row before the [SEG] in the suffix
+        np.testing.assert_array_equal(feed["seg_rows"], [j - 1 for j in ids.seg_suffix_positions()])
+        assert feed["seg_rows"].dtype == np.int64
     np.testing.assert_array_equal(feed["prefix_ids"], ids.prefix)
     np.testing.assert_array_equal(feed["suffix_ids"], ids.suffix)
     assert feed["prefix_ids"].dtype == np.int64 and feed["suffix_ids"].dtype == np.int64

@@ -123,13 +123,16 @@ def test_float64_is_rejected():
         check_trt_ops(model)
 
 
-def test_topk_must_be_sorted_and_opset_in_range():
+def test_topk_must_be_sorted_2d_and_opset_in_range():
     k = numpy_helper.from_array(np.array([2], np.int64), "k")
-    topk = lambda s: _model([helper.make_node("TopK", ["x", "k"], ["v", "i"], sorted=s, name="select")],  # noqa: E731
-                            [_vi("x", F32, [8])], [_vi("v", F32, [2]), _vi("i", I64, [2])], [k])
-    check_trt_ops(topk(1))
+    topk = lambda s, shape: _model(  # noqa: E731
+        [helper.make_node("TopK", ["x", "k"], ["v", "i"], sorted=s, name="select")],
+        [_vi("x", F32, shape)], [_vi("v", F32, shape[:-1] + [2]), _vi("i", I64, shape[:-1] + [2])], [k])
+    check_trt_ops(topk(1, [1, 8]))
     with pytest.raises(GraphCheckError, match=r"node 'select' \(TopK\) has sorted=0"):
-        check_trt_ops(topk(0))
+        check_trt_ops(topk(0, [1, 8]))
+    with pytest.raises(GraphCheckError, match=r"node 'select' \(TopK\) takes a 1-D input 'x'; TensorRT needs rank >= 2"):
+        check_trt_ops(topk(1, [8]))
     with pytest.raises(GraphCheckError, match="uses ONNX opset 8; TensorRT imports opsets 9 to 24"):
         check_trt_ops(_model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", F32, [2])], [_vi("y", F32, [2])],
                              opset=8))
@@ -159,3 +162,12 @@ def test_check_io_expression_dims_are_checked_for_rank_only():
     with pytest.raises(GraphCheckError, match="expected rank 4"):
         check_io(_model([helper.make_node("Identity", ["x"], ["y"])], [_vi("x", F32, shape[1:])],
                         [_vi("y", F32, shape)]), spec)
+
+
+def test_nonzero_and_1d_argmax_are_rejected():
+    nz = _model([helper.make_node("NonZero", ["x"], ["y"], name="find")], [_vi("x", F32, [1, 8])], [_vi("y", I64, [2, "n"])])
+    with pytest.raises(GraphCheckError, match=r"node 'find' \(NonZero\) has a data-dependent output shape"):
+        check_trt_ops(nz)
+    am = _model([helper.make_node("ArgMax", ["x"], ["y"], axis=0, name="best")], [_vi("x", F32, [8])], [_vi("y", I64, [1])])
+    with pytest.raises(GraphCheckError, match=r"node 'best' \(ArgMax\) takes a 1-D input"):
+        check_trt_ops(am)

@@ -6,8 +6,6 @@ valid choices), that no traceback is printed, and where it matters that nothing 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +15,7 @@ from PIL import Image
 
 from graphs.errors import ArtifactError
 from graphs.manifest import MANIFEST_NAME, check_stage_names, load_artifact
+from tests.cli_io import call, error_lines
 from tools import cli
 
 QUERY = "Where is the cat?"
@@ -28,23 +27,8 @@ def only_run_and_export(monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", {"run": "tools.run", "export": "tools.export", "validate": "tools.validate"})
 
 
-def call(argv: list[str]) -> tuple[int, str, str]:
-    """cli.main in-process with stdout/stderr captured."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
-def error_lines(stderr: str) -> list[str]:
-    """stderr lines that are neither `[csprt ...]` progress nor tqdm progress bars."""
-    lines = []
-    for raw in stderr.splitlines():
-        line = raw.split("\r")[-1].strip()  # tqdm redraws with \r
-        if not line or line.startswith("[csprt") or "it/s]" in line or "%|" in line:
-            continue
-        lines.append(line)
-    return lines
 
 
 def assert_one_line_error(command: str, rc: int, stderr: str, needles: list[str]) -> str:

@@ -6,8 +6,6 @@ export key and file hashes match the previous manifest are reused without loadin
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import signal
@@ -22,6 +20,7 @@ from PIL import Image
 
 from graphs.errors import ArtifactError
 from graphs.manifest import MANIFEST_NAME, load_artifact
+from tests.cli_io import call
 from tools import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,11 +34,6 @@ def only_run_and_export(monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", {"run": "tools.run", "export": "tools.export"})
 
 
-def call(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def progress_lines(stderr: str) -> list[str]:
@@ -98,7 +92,7 @@ def test_killed_export_never_loads_and_reexport_recovers(tiny_ckpt, export_tiny,
     export_tiny("csp", "both")  # fills the shared graph cache the recovery export copies from
     out = tmp_path / "art"
     lines = export_until_killed(tiny_ckpt, out)
-    assert any("0 unchanged, 8 to export" in line for line in lines), lines
+    assert any("0 unchanged, 9 to export" in line for line in lines), lines
 
     # Killed between stages: the first graphs are on disk, the manifest never was.
     assert not (out / MANIFEST_NAME).exists()
@@ -118,15 +112,15 @@ def test_killed_export_never_loads_and_reexport_recovers(tiny_ckpt, export_tiny,
     assert "no manifest.json" in errors[0] and "interrupted" in errors[0] and "re-run the export" in errors[0]
     assert stdout == "" and not (tmp_path / "result").exists()
 
-    # Re-running the export finishes the artifact. Without a manifest nothing on disk is trusted: all 8 redone.
+    # Re-running the export finishes the artifact. Without a manifest nothing on disk is trusted: all 9 redone.
     capsys.readouterr()
     export_argv = ["export", str(tiny_ckpt), "--schedule", "csp", "--mode", "both", "--out", str(out)]
     cache = shared_graph_cache(tmp_path_factory)
     rc = cli.main(export_argv + (["--cache", str(cache)] if cache else []))
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert any("0 unchanged, 8 to export" in line for line in progress_lines(err)), err
-    assert any(line.startswith("[csprt] export: [8/8]") for line in progress_lines(err)), err
+    assert any("0 unchanged, 9 to export" in line for line in progress_lines(err)), err
+    assert any(line.startswith("[csprt] export: [9/9]") for line in progress_lines(err)), err
     art = load_artifact(out, verify=True)
     assert art.schedule.name == "csp" and set(art.modes) == {"single-pass", "generate"}
     assert art.rebuild_command.startswith("csprt export ") and f"--out {out}" in art.rebuild_command
@@ -156,7 +150,7 @@ def test_reexport_unchanged_reuses_everything(tiny_ckpt, export_tiny, tmp_path):
     before = graph_mtimes(art)
     time.sleep(0.01)  # any rewrite would get a later mtime
     lines = _reexport(tiny_ckpt, art, cache=None)  # no cache: a hit could only come from the artifact itself
-    assert "8 unchanged, 0 to export" in lines[0], lines
+    assert "9 unchanged, 0 to export" in lines[0], lines
     assert not any("[1/" in line or "loaded" in line for line in lines), lines  # checkpoint never loaded
     assert graph_mtimes(art) == before
     load_artifact(art, verify=True)
@@ -174,7 +168,7 @@ def test_reexport_after_modified_graph_redoes_one_stage(tiny_ckpt, export_tiny, 
     time.sleep(0.01)
 
     lines = _reexport(tiny_ckpt, art, shared_graph_cache(tmp_path_factory))
-    assert "7 unchanged, 1 to export" in lines[0], lines
+    assert "8 unchanged, 1 to export" in lines[0], lines
     done = [line for line in lines if line.startswith("export: [")]
     assert len(done) == 1 and done[0].startswith("export: [1/1] llm_1:"), lines
     after = graph_mtimes(art)

@@ -68,7 +68,8 @@ def test_validate_cli_json(export_tiny, tiny_ckpt, capsys):
     assert main(["validate", str(art), "--checkpoint", str(tiny_ckpt), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] is True
-    assert {s["name"] for s in report["stages"]} == {"vision", "sam_encoder", "llm_0", "seg_head", "sam_decoder"}
+    assert {s["name"] for s in report["stages"]} == {"vision", "sam_encoder", "llm_0", "seg_gather", "seg_head",
+                                                  "sam_decoder"}
     assert all(set(s) >= {"name", "max_abs", "passed"} for s in report["stages"])
     assert report["mask_iou"] == 1.0
 

@@ -20,7 +20,7 @@ from graphs.manifest import MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 POLYGRAPHY = Path(sys.executable).parent / "polygraphy"  # the venv's console script (no `python -m polygraphy`)
-STAGES = ("vision", "sam_encoder", "llm_0", "llm_1", "llm_2", "decode", "seg_head", "sam_decoder")
+STAGES = ("vision", "sam_encoder", "llm_0", "llm_1", "llm_2", "decode", "seg_gather", "seg_head", "sam_decoder")
 
 
 def recorded_feeds(art: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -47,6 +47,8 @@ def opt_feed(manifest: dict, stage: dict, recorded: dict[str, np.ndarray], rng) 
         if all(isinstance(d, int) for d in t["shape"]):
             assert recorded[t["name"]].shape == shape, (stage["name"], t["name"])
             feed[t["name"]] = recorded[t["name"]]
+        elif t["name"] == "seg_rows":  # row indices into the suffix, not token ids
+            feed[t["name"]] = rng.integers(0, manifest["dims"]["suffix_len"]["opt"], size=shape, dtype=np.int64)
         elif t["dtype"] == "int64":
             feed[t["name"]] = rng.integers(3, vocab, size=shape, dtype=np.int64)
         else:

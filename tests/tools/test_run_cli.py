@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.cli_io import call, error_lines
 from tools import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,23 +26,8 @@ def only_run(monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", {"run": "tools.run"})
 
 
-def call(argv: list[str]) -> tuple[int, str, str]:
-    """cli.main in-process with stdout/stderr captured (usable from module-scoped fixtures, unlike capsys)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
-def error_lines(stderr: str) -> list[str]:
-    """stderr lines that are neither `[csprt run]` progress nor tqdm progress bars (e.g. transformers' loading bar)."""
-    lines = []
-    for raw in stderr.splitlines():
-        line = raw.split("\r")[-1].strip()  # tqdm redraws with \r
-        if not line or line.startswith("[csprt run]") or "it/s]" in line or "%|" in line:
-            continue
-        lines.append(line)
-    return lines
 
 
 def chelsea() -> np.ndarray:
