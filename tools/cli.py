@@ -18,6 +18,7 @@ COMMANDS = {
     "make-tiny": "tools.make_tiny",
     "flops": "tools.flops",
     "export": "tools.export",
+    "build": "tools.build",
     "run": "tools.run",
     "validate": "tools.validate",
 }

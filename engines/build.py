@@ -1,0 +1,586 @@
+"""`csprt build`: one TensorRT / TensorRT-RTX engine per stage graph of an artifact.
+
+    graphs/<stage>.onnx --NetworkFromOnnx--> strongly typed network --ConfigFromProfiles--> builder config
+        (one optimization profile from the manifest's dims; TensorRT-RTX: target compute capabilities)
+        --PlanFromNetwork--> engines/<flavor>/<stage>.plan + <stage>.json (sidecar), manifest "engines" entry
+
+Strongly typed networks (TensorRT-RTX; TensorRT 11 drops weak typing) have no fp16 builder flag: an
+engine computes in its graph's dtypes, so the precision is chosen at export. Builds are cached: a
+stage whose build key (graph files, settings, flavor, version) matches its sidecar, and whose plan is
+intact, is not rebuilt. Engines of each flavor get their own directory so building with TensorRT on a
+GPU host does not replace the TensorRT-RTX plans CI built.
+
+The loaders follow Polygraphy's style (lazy callables) but use the TensorRT API directly: Polygraphy
+0.53 imports TensorRT-RTX as `tensorrt_rtx` (the PyPI wheel is `tensorrt_rtx_bindings`), fixes the
+flavor once per process, builds its profiles inside `CreateConfig` where tests cannot read them back,
+and `EngineBytesFromNetwork` queries CUDA while logging the config, which fails loudly on a GPU-less host.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from engines.profiles import (InputShapes, Profile, apply_overrides, dims_to_json, parse_shapes, profiles_note,
+                              profiles_to_json, stage_dims, stage_profiles)
+from engines.trt import PRETTY, load_trt
+from graphs.atomic import atomic_path, write_json
+from graphs.errors import ArtifactError, ToolchainError
+from graphs.manifest import Artifact, check_stage_names, file_sha256, load_artifact, package_versions, write_manifest
+
+ENGINES_DIR = "engines"
+BUILD_FORMAT = 1  # bump when a build setting's meaning changes: every cached engine is rebuilt
+PRECISIONS = ("fp16", "bf16", "fp32")
+# TensorRT-RTX cannot compile FP32 GEMMs for Turing ("Cannot compile operation ... for Turing (SM75): FP32
+# GEMM is not supported"), and fp16 graphs keep some matmuls in fp32 (seen: `vision`'s selection scores), so
+# the default targets are Ampere and newer; SM75 only when asked for.
+DEFAULT_MIN_SM = 80
+_SM = re.compile(r"^(?:sm_?)?(\d+)(?:\.(\d+))?$", re.IGNORECASE)
+# CUDA probes a GPU-less TensorRT-RTX build makes and logs as errors; they do not affect the plan.
+_NO_GPU_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "cudaError 100", "no CUDA-capable device")
+
+
+class EngineBuildError(ToolchainError):
+    """Some stages failed to build. `report` holds what `build_engines` returns for the ones that did."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildSettings:
+    flavor: str                              # "tensorrt" | "tensorrt-rtx"
+    trt_version: str                         # e.g. "1.7.1.116"
+    precision: str                           # the artifact's: "fp32" | "fp16"
+    compute_capabilities: tuple[str, ...]    # ("SM80", "SM86", ...); ("CURRENT",) = the build GPU
+    workspace_gb: float | None = None        # builder workspace pool limit; None: TensorRT's default
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "compute_capabilities": list(self.compute_capabilities), "strongly_typed": True}
+
+
+def _with_precision(command: str, precision: str) -> str:
+    words = shlex.split(command)
+    if "--precision" in words[:-1]:
+        words[words.index("--precision") + 1] = precision
+    else:
+        words += ["--precision", precision]
+    return shlex.join(words)
+
+
+def resolve_precision(requested: str | None, artifact: Artifact) -> str:
+    """The engine precision: the artifact's. `requested` must equal it (strongly typed networks).
+
+    Raises:
+        ToolchainError: `requested` is not a precision, is bf16, or differs from the artifact's; the message
+            names the re-export command.
+    """
+    have = artifact.precision
+    if requested is None or requested == have:
+        return have
+    if requested not in PRECISIONS:
+        raise ToolchainError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
+    why = ("TensorRT-RTX and TensorRT 11 build strongly typed networks, so an engine computes in its graph's "
+           "dtypes (there is no fp16 builder flag)")
+    if requested == "bf16":
+        raise ToolchainError(f"--precision bf16: csprt cannot export bf16 graphs yet (export offers fp32 and fp16) "
+                             f"and {why}; this artifact is {have}: build it as is, or re-export for fp16 with: "
+                             f"{_with_precision(artifact.rebuild_command, 'fp16')}")
+    raise ToolchainError(f"--precision {requested}: this artifact's graphs are {have}, and {why}; re-export with: "
+                         f"{_with_precision(artifact.rebuild_command, requested)}")
+
+
+def parse_compute_capability(text: str) -> str:
+    """"SM86", "sm_86", "86" or "8.6" -> "SM86"; "current" -> "CURRENT" (the GPU present at build time)."""
+    t = str(text).strip()
+    if t.lower() == "current":
+        return "CURRENT"
+    m = _SM.match(t)
+    if not m:
+        raise ToolchainError(f"--compute-capability {text}: expected a compute capability like SM86, 8.6 or 86, "
+                             "or 'current'")
+    return f"SM{m.group(1)}{m.group(2) or ''}"
+
+
+def _sm_number(name: str) -> int:
+    return int(name[2:])
+
+
+def targetable(trt) -> tuple[str, ...]:
+    """The compute capabilities this TensorRT-RTX can build for, e.g. ("SM75", "SM80", ..., "SM121")."""
+    names = [n for n in trt.ComputeCapability.__members__ if n.startswith("SM")]
+    return tuple(sorted(names, key=_sm_number))
+
+
+def resolve_compute_capabilities(trt, flavor: str, requested=None) -> tuple[str, ...]:
+    """Targets of the build, sorted.
+
+    TensorRT-RTX: `requested` (e.g. ["SM86", "8.9"]), or by default every capability from SM80 on that it
+    can target (`DEFAULT_MIN_SM`). TensorRT builds for the GPU it runs on: ("CURRENT",), and `requested`
+    must be empty.
+    """
+    asked = [parse_compute_capability(c) for c in (requested or ())]
+    if flavor != "tensorrt-rtx":
+        if asked and asked != ["CURRENT"]:
+            raise ToolchainError("--compute-capability applies to TensorRT-RTX only (--flavor tensorrt-rtx); "
+                                 "TensorRT builds for the GPU it runs on")
+        return ("CURRENT",)
+    valid = targetable(trt)
+    if not asked:
+        return tuple(c for c in valid if _sm_number(c) >= DEFAULT_MIN_SM)
+    for c in asked:
+        if c != "CURRENT" and c not in valid:
+            raise ToolchainError(f"--compute-capability {c}: TensorRT-RTX {trt.__version__} cannot target it; it "
+                                 f"targets: {', '.join(valid)} (or 'current', the GPU present at build time)")
+    if "CURRENT" in asked and len(asked) > 1:
+        raise ToolchainError("--compute-capability current cannot be combined with other compute capabilities")
+    return tuple(sorted(set(asked), key=lambda c: -1 if c == "CURRENT" else _sm_number(c)))
+
+
+# --- loaders (lazy callables) ---------------------------------------------------------------------
+
+class CaptureLogger:
+    """`logger(trt)`: a TensorRT ILogger that keeps warnings and errors instead of printing them."""
+
+    def __new__(cls, trt):
+        class _Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.messages: list[tuple[int, str]] = []  # (severity: 0 internal error .. 2 warning, text)
+
+            def log(self, severity, msg):
+                if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                    self.messages.append((int(severity), str(msg)))
+
+            def errors(self) -> list[str]:
+                errs = [m for s, m in self.messages if s <= int(trt.ILogger.Severity.ERROR)]
+                real = [m for m in errs if not any(n in m for n in _NO_GPU_NOISE)]
+                return real or errs
+
+        return _Logger()
+
+
+class NetworkFromOnnx:
+    """() -> (builder, network, parser): a strongly typed network parsed from an ONNX file.
+
+    Args:
+        trt (module): from `load_trt`.
+        path (Path): the .onnx; external data is read from beside it.
+        logger (trt.ILogger): e.g. `CaptureLogger(trt)`.
+        what (str): how messages name the graph, e.g. "stage 'llm_0' (graphs/llm_0.onnx)".
+    """
+
+    def __init__(self, trt, path, logger, what: str):
+        self.trt, self.path, self.logger, self.what = trt, Path(path), logger, what
+
+    def __call__(self):
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        network = builder.create_network(0 if typed is None else 1 << int(typed))
+        parser = trt.OnnxParser(network, self.logger)
+        ok = parser.parse_from_file(str(self.path))
+        if not ok or parser.num_errors:
+            raise ToolchainError(f"{self.what}: {PRETTY.get(_flavor_of(trt), 'TensorRT')} {trt.__version__} cannot "
+                                 f"import the graph: {_parser_errors(parser)}")
+        shape_inputs = [network.get_input(i).name for i in range(network.num_inputs)
+                        if network.get_input(i).is_shape_tensor]
+        if shape_inputs:
+            raise ToolchainError(f"{self.what}: inputs {', '.join(shape_inputs)} are shape tensors (their values "
+                                 "set shapes); csprt engines take only execution tensors; re-export the artifact")
+        return builder, network, parser
+
+
+def _flavor_of(trt) -> str:
+    return "tensorrt-rtx" if "rtx" in trt.__name__ else "tensorrt"
+
+
+# Known parser failures on csprt graphs, and what the exporter must emit instead.
+_PARSER_HINTS = (
+    ("NonZero", "TensorRT-RTX imports NonZero only through a plugin it does not ship; the exporter must "
+                "select data-dependent rows without NonZero (e.g. TopK with a data-dependent k)"),
+    ("at least 2 dimensions are required", "TensorRT's ArgMax/ArgMin/TopK need a tensor of rank >= 2; the "
+                                           "exporter must unsqueeze 1-D inputs first"),
+)
+
+
+def _parser_errors(parser) -> str:
+    parts = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        lines = [ln.strip() for ln in str(err.desc()).splitlines() if ln.strip()]
+        desc = " ".join(ln for ln in lines if not any(n in ln for n in _NO_GPU_NOISE)) or " ".join(lines)
+        node = f"node {err.node_name()!r} ({err.node_operator()}): " if err.node() >= 0 else ""
+        parts.append(f"{node}{desc}")
+    text = "; ".join(parts) or "the parser reported no error (is the file a valid ONNX model?)"
+    hints = [h for key, h in _PARSER_HINTS if key in text]
+    return text + (f" ({hints[0]})" if hints else "")
+
+
+class ConfigFromProfiles:
+    """(builder, network) -> (config, [IOptimizationProfile]): profiles, targets, workspace, timing cache.
+
+    Args:
+        trt (module): from `load_trt`.
+        profiles (list[dict[str, InputShapes]]): from `engines.profiles.stage_profiles`; every network input
+            must have shapes.
+        settings (BuildSettings): flavor, compute capabilities, workspace.
+        timing_cache (bytes | None): a serialized timing cache to start from. Defaults to None (empty).
+    """
+
+    def __init__(self, trt, profiles: list[Profile], settings: BuildSettings, timing_cache: bytes | None = None):
+        self.trt, self.profiles, self.settings, self.timing_cache = trt, profiles, settings, timing_cache
+
+    def __call__(self, builder, network):
+        trt, s = self.trt, self.settings
+        config = builder.create_builder_config()
+        made = []
+        for shapes in self.profiles:
+            profile = builder.create_optimization_profile()
+            for i in range(network.num_inputs):
+                name = network.get_input(i).name
+                if name not in shapes:
+                    raise ArtifactError(f"graph input {name!r} is not an input of the stage spec; the graph and the "
+                                        "manifest come from different exports, re-export the artifact")
+                profile.set_shape(name, shapes[name].min, shapes[name].opt, shapes[name].max)
+            config.add_optimization_profile(profile)
+            made.append(profile)
+        if s.flavor == "tensorrt-rtx":
+            config.num_compute_capabilities = len(s.compute_capabilities)
+            for i, cc in enumerate(s.compute_capabilities):
+                config.set_compute_capability(getattr(trt.ComputeCapability, cc), i)
+        if s.workspace_gb is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(s.workspace_gb * (1 << 30)))
+        if s.flavor == "tensorrt":  # TensorRT-RTX's timing-cache calls are deprecated no-ops
+            cache = config.create_timing_cache(self.timing_cache or b"")
+            config.set_timing_cache(cache, ignore_mismatch=True)  # a cache from another version is ignored
+        return config, made
+
+
+class PlanFromNetwork:
+    """() -> bytes: the serialized engine. Like Polygraphy's `EngineBytesFromNetwork`, without logging the config.
+
+    Args:
+        network (tuple | callable): (builder, network, parser), or a callable returning it (`NetworkFromOnnx`).
+        config (IBuilderConfig | callable): a config, or (builder, network) -> (config, profiles)
+            (`ConfigFromProfiles`).
+        logger: the logger `network` uses (its errors explain a failed build).
+        what (str): how messages name the graph.
+        save_timing_cache (Path | None): where to write the builder's timing cache afterwards (atomically).
+            Defaults to None.
+    """
+
+    def __init__(self, network, config, logger, what: str, save_timing_cache: Path | None = None):
+        self.network, self.config, self.logger, self.what = network, config, logger, what
+        self.save_timing_cache = save_timing_cache
+
+    def __call__(self) -> bytes:
+        builder, network, _parser = self.network() if callable(self.network) else self.network  # parser owns weights
+        config = self.config(builder, network)[0] if callable(self.config) else self.config
+        plan = builder.build_serialized_network(network, config)
+        if plan is None or plan.nbytes == 0:
+            errors = self.logger.errors()
+            raise ToolchainError(f"{self.what}: the TensorRT builder failed: "
+                                 f"{errors[-1] if errors else 'no error was logged'}")
+        if self.save_timing_cache is not None and config.get_timing_cache() is not None:
+            with atomic_path(self.save_timing_cache) as tmp:
+                tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        return bytes(plan)
+
+
+@dataclass
+class Prepared:
+    """A stage's parsed network and builder config, not built yet (for inspection and `PlanFromNetwork`)."""
+
+    builder: object
+    network: object
+    parser: object
+    config: object
+    trt_profiles: list          # the IOptimizationProfile objects added to `config`
+    profiles: list[Profile]     # what they were made from (the sidecar's "profiles")
+
+
+def read_profile(profile, network) -> dict[str, InputShapes]:
+    """What an IOptimizationProfile holds for each network input: {name: InputShapes}."""
+    out = {}
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        lo, opt, hi = profile.get_shape(name)
+        out[name] = InputShapes(tuple(lo), tuple(opt), tuple(hi))
+    return out
+
+
+# --- build ----------------------------------------------------------------------------------------
+
+def engine_paths(flavor: str, stage: str) -> tuple[str, str]:
+    """(plan, sidecar) paths relative to the artifact, e.g. ("engines/tensorrt-rtx/llm_0.plan", "....json")."""
+    base = f"{ENGINES_DIR}/{flavor}/{stage}"
+    return f"{base}.plan", f"{base}.json"
+
+
+def build_key(files: dict[str, str], stage: str, settings: BuildSettings, profiles: list[Profile]) -> str:
+    """sha256 of everything that determines an engine: graph files' hashes, stage, settings, profiles."""
+    blob = json.dumps({"format": BUILD_FORMAT, "stage": stage, "files": dict(sorted(files.items())),
+                       "settings": settings.to_json(), "profiles": profiles_to_json(profiles)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Job:
+    artifact: Artifact
+    stage: str
+    settings: BuildSettings
+    dims: dict
+
+    @property
+    def what(self) -> str:
+        return f"stage {self.stage!r} ({self.artifact.stage_entry(self.stage)['graph']})"
+
+
+def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None) -> Prepared:
+    """Parse a stage's graph and create its builder config with the stage's profile, without building."""
+    logger = logger or CaptureLogger(trt)
+    spec = job.artifact.layout.stage(job.stage)
+    builder, network, parser = NetworkFromOnnx(trt, job.artifact.graph_path(job.stage), logger, job.what)()
+    known = {t.name for t in spec.inputs}
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    profiles = stage_profiles(spec, job.dims, inputs=[n for n in inputs if n in known])
+    config, made = ConfigFromProfiles(trt, profiles, job.settings, timing_cache)(builder, network)
+    return Prepared(builder, network, parser, config, made, profiles)
+
+
+def _cached(art: Path, sidecar_rel: str, key: str, settings: BuildSettings) -> dict | None:
+    """The sidecar of an intact plan built under `key` (and this flavor and version), else None."""
+    try:
+        sidecar = json.loads((art / sidecar_rel).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    plan = art / sidecar.get("plan", "")
+    same = (sidecar.get("build_key"), sidecar.get("flavor"), sidecar.get("trt_version")) == (
+        key, settings.flavor, settings.trt_version)
+    if not same or not plan.is_file() or plan.stat().st_size != sidecar.get("plan_bytes"):
+        return None
+    return sidecar if file_sha256(plan) == sidecar.get("plan_sha256") else None
+
+
+def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str], None]) -> tuple[dict, bool]:
+    art, name, s = job.artifact.dir, job.stage, job.settings
+    spec = job.artifact.layout.stage(name)
+    entry = job.artifact.stage_entry(name)
+    profiles = stage_profiles(spec, job.dims)
+    key = build_key(entry["files"], name, s, profiles)
+    plan_rel, sidecar_rel = engine_paths(s.flavor, name)
+    hit = _cached(art, sidecar_rel, key, s)
+    if hit is not None:
+        say(f"{name}: cached ({plan_rel}, build key {key[:12]})")
+        return hit, False
+    say(f"{name}: building with {PRETTY[s.flavor]} {s.trt_version} for {', '.join(s.compute_capabilities)} ...")
+    logger = CaptureLogger(trt)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
+    t0 = time.perf_counter()
+    prep = prepare_stage(trt, job, logger, cache_bytes)
+    plan = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger, job.what,
+                           save_timing_cache=timing_cache)()
+    seconds = time.perf_counter() - t0
+    with atomic_path(art / plan_rel) as tmp:
+        tmp.write_bytes(plan)
+    graph = entry["graph"]
+    sidecar = {
+        "format": "csprt.engine", "format_version": BUILD_FORMAT, "stage": name,
+        "flavor": s.flavor, "trt_version": s.trt_version, "compute_capabilities": list(s.compute_capabilities),
+        "graph": graph, "graph_sha256": entry["files"][graph], "graph_files": dict(entry["files"]),
+        "precision": s.precision, "profiles": profiles_to_json(prep.profiles),
+        "dims": dims_to_json(stage_dims(spec, job.dims)), "profiles_note": profiles_note(spec),
+        "settings": s.to_json(), "build_key": key, "plan": plan_rel, "plan_sha256": hashlib.sha256(plan).hexdigest(),
+        "plan_bytes": len(plan), "build_seconds": round(seconds, 3),
+        "csprt_version": package_versions(("csprt",))["csprt"],
+        "warnings": [m for sev, m in logger.messages if sev == 2][:20],
+    }
+    write_json(sidecar, art / sidecar_rel)  # written last: a plan without its sidecar is never used
+    say(f"{name}: built in {seconds:.1f} s, {len(plan) / 1e6:.2f} MB -> {plan_rel}")
+    return sidecar, True
+
+
+def _manifest_entry(sidecar: dict, sidecar_rel: str) -> dict:
+    keys = ("plan", "build_key", "trt_version", "compute_capabilities", "precision", "dims", "profiles_note")
+    return {"sidecar": sidecar_rel, **{k: sidecar[k] for k in keys}}
+
+
+def _drop_stale_entry(artifact: Artifact, manifest: dict, stage: str, flavor: str) -> None:
+    """Unlist `stage`'s engine when it was built from other graph files (a host must not load it)."""
+    entry = next(e for e in manifest["stages"] if e["name"] == stage)
+    listed = entry["engines"].get(flavor)
+    if listed is None:
+        return
+    try:
+        built_from = json.loads((artifact.dir / listed["sidecar"]).read_text(encoding="utf-8")).get("graph_files")
+    except (OSError, ValueError, KeyError):
+        built_from = None
+    if built_from != entry["files"]:
+        del entry["engines"][flavor]
+
+
+def _stage_list(artifact: Artifact, stages) -> list[str]:
+    if stages is None:
+        return [s.name for s in artifact.layout.stages]
+    names = [n.strip() for n in (stages.split(",") if isinstance(stages, str) else stages) if n.strip()]
+    check_stage_names(artifact, names)
+    return [s.name for s in artifact.layout.stages if s.name in names]
+
+
+def _resolve(art_dir, precision, flavor, compute_capabilities, shapes, workspace_gb, stages):
+    """Check every setting (cheapest first, TensorRT last) -> (artifact, stage names, trt, settings, dims)."""
+    artifact = load_artifact(art_dir)
+    precision = resolve_precision(precision, artifact)
+    names = _stage_list(artifact, stages)
+    dims = apply_overrides(artifact.layout.dims, parse_shapes(shapes, artifact.layout.dims))
+    if workspace_gb is not None and not workspace_gb > 0:
+        raise ToolchainError(f"--workspace {workspace_gb}: expected a positive size in GiB")
+    trt, flavor, version = load_trt(flavor)
+    targets = resolve_compute_capabilities(trt, flavor, compute_capabilities)
+    return artifact, names, trt, BuildSettings(flavor, version, precision, targets, workspace_gb), dims
+
+
+def inspect_stage(art_dir, stage: str, precision: str | None = None, flavor: str = "auto",
+                  compute_capabilities=None, shapes=None, workspace_gb: float | None = None) -> Prepared:
+    """The parsed network and builder config `build_engines` would build `stage` from, unbuilt.
+
+    Takes `build_engines`' settings; read the profile back with `read_profile(prepared.trt_profiles[0],
+    prepared.network)`.
+    """
+    artifact, _, trt, settings, dims = _resolve(art_dir, precision, flavor, compute_capabilities, shapes,
+                                                workspace_gb, [stage])
+    return prepare_stage(trt, _Job(artifact, stage, settings, dims))
+
+
+def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", compute_capabilities=None,
+                  shapes=None, timing_cache=None, workspace_gb: float | None = None, stages=None,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Build (or reuse) one engine per stage graph of an artifact and record them in its manifest.
+
+    Args:
+        art_dir (path): an exported artifact; engines go to `<art_dir>/engines/<flavor>/`.
+        precision (str | None): "fp16", "bf16" or "fp32"; must equal the artifact's. Defaults to None (the
+            artifact's).
+        flavor (str): "auto", "tensorrt" or "tensorrt-rtx". Defaults to "auto" (tensorrt, then tensorrt-rtx).
+        compute_capabilities (Iterable[str] | None): TensorRT-RTX targets, e.g. ["SM86", "SM89"]. Defaults to
+            None (all it can target from SM80 on).
+        shapes (Iterable[str] | None): "NAME=min:opt:max" named-dim overrides within the exported ranges.
+            Defaults to None (the manifest's dims).
+        timing_cache (path | None): a timing cache file to read and update (TensorRT; TensorRT-RTX has none and
+            ignores it). Defaults to None.
+        workspace_gb (float | None): builder workspace limit in GiB. Defaults to None (TensorRT's default).
+        stages (str | Iterable[str] | None): "a,b" or names to build. Defaults to None (every stage).
+        progress (callable | None): called with one line per stage event. Defaults to None (silent).
+
+    Returns:
+        dict: {"artifact", "flavor", "trt_version", "compute_capabilities", "precision", "engines_dir",
+        "stages": {name: {"status": "built" | "cached", "plan", "sidecar", "plan_bytes", "seconds"}}}.
+
+    Raises:
+        ToolchainError: bad settings, TensorRT missing, or an unusable artifact (before any build).
+        EngineBuildError: some stages failed; the others were built and recorded (`.report`).
+    """
+    say = progress or (lambda _msg: None)
+    artifact, names, trt, settings, dims = _resolve(art_dir, precision, flavor, compute_capabilities, shapes,
+                                                    workspace_gb, stages)
+    flavor, version, targets = settings.flavor, settings.trt_version, settings.compute_capabilities
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    if cache_path is not None and flavor == "tensorrt-rtx":
+        say(f"--timing-cache ignored: TensorRT-RTX {version} has no timing cache (its timing-cache calls are no-ops)")
+        cache_path = None
+    report = {"artifact": str(artifact.dir), "flavor": flavor, "trt_version": version,
+              "compute_capabilities": list(targets), "precision": settings.precision,
+              "engines_dir": str(artifact.dir / ENGINES_DIR / flavor), "stages": {}}
+    manifest = copy.deepcopy(artifact.manifest)
+    failures: dict[str, str] = {}
+    try:
+        for i, name in enumerate(names, 1):
+            t0 = time.perf_counter()
+            try:
+                sidecar, built = _build_stage(trt, _Job(artifact, name, settings, dims), cache_path,
+                                              lambda msg, i=i: say(f"[{i}/{len(names)}] {msg}"))
+            except ToolchainError as exc:
+                failures[name] = str(exc)
+                say(f"[{i}/{len(names)}] {name}: FAILED: {exc}")
+                _drop_stale_entry(artifact, manifest, name, flavor)
+                continue
+            plan_rel, sidecar_rel = engine_paths(flavor, name)
+            report["stages"][name] = {"status": "built" if built else "cached", "plan": str(artifact.dir / plan_rel),
+                                      "sidecar": str(artifact.dir / sidecar_rel), "plan_bytes": sidecar["plan_bytes"],
+                                      "seconds": round(time.perf_counter() - t0, 3)}
+            entry = next(e for e in manifest["stages"] if e["name"] == name)
+            entry["engines"][flavor] = _manifest_entry(sidecar, sidecar_rel)
+    finally:
+        if manifest != artifact.manifest:
+            write_manifest(artifact.dir, manifest)
+    if failures:
+        first = next(iter(failures.values()))
+        raise EngineBuildError(f"{len(failures)} of {len(names)} stage engines failed to build "
+                               f"({', '.join(failures)}); first: {first}", {**report, "failures": failures})
+    return report
+
+
+# --- loading checks -------------------------------------------------------------------------------
+
+def check_engine(art_dir, stage: str, flavor: str | None = None, version: str | None = None) -> tuple[Path, dict]:
+    """The plan and sidecar of `stage`'s engine, refused unless it still matches graph and TensorRT.
+
+    Args:
+        art_dir (path): the artifact.
+        stage (str): a stage name.
+        flavor (str | None): the TensorRT flavor that will run it. Defaults to None (the installed one).
+        version (str | None): that flavor's version. Defaults to None (the installed one).
+
+    Returns:
+        tuple[Path, dict]: (plan path, sidecar).
+
+    Raises:
+        ArtifactError: no engine, another graph, another TensorRT flavor or version, or a changed plan;
+            each message names `csprt build ART`.
+    """
+    artifact = load_artifact(art_dir, verify=False)
+    if flavor is None or version is None:
+        _, found, found_version = load_trt(flavor or "auto")
+        flavor, version = flavor or found, version or found_version
+    entry = artifact.stage_entry(stage)
+    fix = f"csprt build {shlex.quote(str(artifact.dir))}"
+    _, sidecar_rel = engine_paths(flavor, stage)
+    listed = entry["engines"].get(flavor)
+    sidecar_path = artifact.dir / (listed["sidecar"] if listed else sidecar_rel)
+    if listed is None or not sidecar_path.is_file():
+        others = [f"{PRETTY.get(f, f)} {e.get('trt_version')}" for f, e in entry["engines"].items() if f != flavor]
+        also = f" (it has {', '.join(others)} engines, which never load into another flavor)" if others else ""
+        raise ArtifactError(f"stage {stage!r} has no {PRETTY.get(flavor, flavor)} engine in {artifact.dir}{also}; "
+                            f"build it with: {fix}")
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"engine sidecar {sidecar_path} is unreadable ({exc}); rebuild with: {fix}") from None
+    plan = artifact.dir / sidecar["plan"]
+    built_from = sidecar.get("graph_files") or {}
+    changed = sorted(rel for rel in set(entry["files"]) | set(built_from) if built_from.get(rel) != entry["files"].get(rel))
+    if changed:
+        raise ArtifactError(f"engine {sidecar['plan']} was built from another {changed[0]} (the graph changed since "
+                            f"the build, sha256 {str(built_from.get(changed[0]))[:12]} then, "
+                            f"{str(entry['files'].get(changed[0]))[:12]} now); an engine never runs another graph; "
+                            f"rebuild with: {fix}")
+    if sidecar.get("flavor") != flavor or sidecar.get("trt_version") != version:
+        built = f"{PRETTY.get(sidecar.get('flavor'), sidecar.get('flavor'))} {sidecar.get('trt_version')}"
+        raise ArtifactError(f"engine {sidecar['plan']} was built with {built}, but this host runs "
+                            f"{PRETTY.get(flavor, flavor)} {version}; an engine is never loaded into another "
+                            f"TensorRT version or flavor; rebuild with: {fix}")
+    if not plan.is_file() or file_sha256(plan) != sidecar.get("plan_sha256"):
+        what = "is missing" if not plan.is_file() else "changed since it was built (hash mismatch)"
+        raise ArtifactError(f"engine {sidecar['plan']} {what}; rebuild with: {fix}")
+    return plan, sidecar

@@ -1,0 +1,177 @@
+"""Optimization profiles of a stage engine, from the manifest's named dims. Pure functions, no TensorRT.
+
+    dims = apply_overrides(layout.dims, parse_shapes(["suffix_len=1:32:128"], layout.dims))
+    stage_profiles(stage, dims)   # [{"suffix_ids": InputShapes(min=(1,), opt=(32,), max=(128,)), ...}]
+
+Each input dim is a static int (fixed in min/opt/max) or a named dim (a key of `dims`, e.g.
+"prefix_len", "past_llm_0", and "num_seg", whose size is data-dependent upstream but bounded by the
+export). Expression dims ("past_llm_0 + step_len") appear only on outputs; TensorRT infers them.
+
+One profile per engine, in both modes (`PROFILES_NOTE`): the generate-mode decode step is its own
+graph (`decode`), so no engine serves both a prompt and a one-token step, which is what a second
+profile would be for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graphs.errors import ArtifactError, ToolchainError
+from graphs.stages import DimRange, StageSpec
+
+# Why each engine has exactly one optimization profile; recorded in every sidecar and manifest engine entry.
+PROFILES_NOTE = {
+    "llm": ("one profile: this prefill graph only sees whole prompts (prefix_len, suffix_len); generate-mode "
+            "one-token steps run in the separate 'decode' graph with its own engine and profile"),
+    "decode": ("one profile: this graph only runs decode steps (step_len tokens over past_<stage> rows); "
+               "prompts run in the llm_* prefill graphs with their own engines"),
+}
+_OTHER_NOTE = "one profile: the same graph and shapes serve single-pass and generate mode"
+
+# The export flags that bound each named dim: what to re-export with when an override asks for more.
+_EXPORT_FLAG = {"prefix_len": "--max-text-len", "suffix_len": "--max-text-len", "num_seg": "--max-seg",
+                "instances": "--max-instances", "step_len": "--max-step"}
+
+
+@dataclass(frozen=True)
+class InputShapes:
+    """min/opt/max shape of one engine input."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputShapes":
+        return cls(tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))
+
+
+Profile = dict[str, InputShapes]  # input name -> shapes
+
+
+def profiles_note(stage: StageSpec) -> str:
+    """Why `stage`'s engine has one optimization profile (for the sidecar's "profiles_note")."""
+    return PROFILES_NOTE.get(stage.kind, _OTHER_NOTE)
+
+
+def _reexport_hint(name: str) -> str:
+    if name in _EXPORT_FLAG:
+        return f"re-export with a larger {_EXPORT_FLAG[name]}"
+    if name.startswith("past_"):
+        return "re-export with a larger --max-text-len or --max-new-tokens"
+    return "re-export with larger bounds"
+
+
+def parse_shapes(items, dims: dict[str, DimRange]) -> dict[str, DimRange]:
+    """Parse `--shapes NAME=min:opt:max` items into named-dim overrides, checked against the export.
+
+    An override may narrow a dim's exported range (smaller buffers, a better-tuned opt), never widen
+    it: the graphs and every runner's input checks are bounded by the export.
+
+    Args:
+        items (Iterable[str] | None): e.g. ["suffix_len=1:32:128", "num_seg=1:1:4"].
+        dims (dict[str, DimRange]): the artifact's named dims (`Layout.dims`).
+
+    Returns:
+        dict[str, DimRange]: dim name -> override. Empty when `items` is None or empty.
+
+    Raises:
+        ToolchainError: "--shapes <item>: <what is wrong>", naming valid dims or the exported range.
+    """
+    out: dict[str, DimRange] = {}
+    for item in items or ():
+        where = f"--shapes {item}"
+        name, sep, spec = str(item).partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ToolchainError(f"{where}: expected NAME=min:opt:max, e.g. suffix_len=1:32:128")
+        if name not in dims:
+            raise ToolchainError(f"{where}: {name!r} is not a named dim of this artifact; it has: "
+                                 f"{', '.join(dims)}")
+        if name in out:
+            raise ToolchainError(f"{where}: {name!r} is given twice")
+        parts = spec.split(":")
+        try:
+            lo, opt, hi = (int(p) for p in parts)
+        except ValueError:
+            raise ToolchainError(f"{where}: expected three integers min:opt:max, got {spec!r}") from None
+        if not 0 <= lo <= opt <= hi:
+            raise ToolchainError(f"{where}: needs 0 <= min <= opt <= max, got min {lo}, opt {opt}, max {hi}")
+        exported = dims[name]
+        if lo < exported.min:
+            raise ToolchainError(f"{where}: min {lo} is below the exported min {exported.min} of {name!r} "
+                                 f"(exported range [{exported.min}, {exported.max}])")
+        if hi > exported.max:
+            raise ToolchainError(f"{where}: max {hi} is above the exported max {exported.max} of {name!r} "
+                                 f"(exported range [{exported.min}, {exported.max}]); {_reexport_hint(name)}")
+        out[name] = DimRange(lo, opt, hi)
+    return out
+
+
+def apply_overrides(dims: dict[str, DimRange], overrides: dict[str, DimRange] | None) -> dict[str, DimRange]:
+    """`dims` with `overrides` (from `parse_shapes`) replacing their entries."""
+    return {**dims, **(overrides or {})}
+
+
+def input_shapes(stage: StageSpec, name: str, dims: dict[str, DimRange]) -> InputShapes:
+    """min/opt/max of input `name` of `stage`: static ints fixed, named dims from `dims`.
+
+    Raises:
+        ArtifactError: the input uses an expression dim or a dim `dims` lacks (a manifest problem).
+    """
+    spec = stage.input(name)
+    lo, opt, hi = [], [], []
+    for dim in spec.shape:
+        if isinstance(dim, int):
+            r = DimRange(dim, dim, dim)
+        elif dim.isidentifier() and dim in dims:
+            r = dims[dim]
+        else:
+            what = "an expression dim" if not dim.isidentifier() else "a dim that is not in the manifest's dims"
+            raise ArtifactError(f"stage {stage.name!r} input {name!r} has {what} ({dim!r}); an engine input needs "
+                                "static or named dims; re-export the artifact")
+        lo.append(r.min)
+        opt.append(r.opt)
+        hi.append(r.max)
+    return InputShapes(tuple(lo), tuple(opt), tuple(hi))
+
+
+def stage_profiles(stage: StageSpec, dims: dict[str, DimRange], inputs=None) -> list[Profile]:
+    """The optimization profiles of `stage`'s engine: one (see `PROFILES_NOTE`).
+
+    Args:
+        stage (StageSpec): the stage.
+        dims (dict[str, DimRange]): named dims, overrides applied.
+        inputs (Iterable[str] | None): the graph's inputs, when it dropped some the spec lists (exporters
+            drop inputs a graph never reads). Defaults to None (every spec input).
+
+    Returns:
+        list[dict[str, InputShapes]]: [{input name: min/opt/max shapes}].
+    """
+    names = [t.name for t in stage.inputs] if inputs is None else list(inputs)
+    return [{name: input_shapes(stage, name, dims) for name in names}]
+
+
+def stage_dims(stage: StageSpec, dims: dict[str, DimRange]) -> dict[str, DimRange]:
+    """The named dims `stage`'s inputs use, in first-use order, with their ranges from `dims`."""
+    out: dict[str, DimRange] = {}
+    for t in stage.inputs:
+        for dim in t.shape:
+            if isinstance(dim, str) and dim in dims:
+                out.setdefault(dim, dims[dim])
+    return out
+
+
+def profiles_to_json(profiles: list[Profile]) -> list[dict]:
+    return [{name: shapes.to_dict() for name, shapes in p.items()} for p in profiles]
+
+
+def profiles_from_json(data: list[dict]) -> list[Profile]:
+    return [{name: InputShapes.from_dict(s) for name, s in p.items()} for p in data]
+
+
+def dims_to_json(dims: dict[str, DimRange]) -> dict:
+    return {k: {"min": r.min, "opt": r.opt, "max": r.max} for k, r in dims.items()}

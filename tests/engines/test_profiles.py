@@ -1,0 +1,133 @@
+"""engines.profiles: optimization profiles from the manifest's named dims, and `--shapes` overrides. No TensorRT."""
+
+from __future__ import annotations
+
+import pytest
+
+from engines.profiles import (PROFILES_NOTE, InputShapes, apply_overrides, parse_shapes, profiles_from_json,
+                              profiles_note, profiles_to_json, stage_dims, stage_profiles)
+from graphs.errors import ArtifactError, ToolchainError
+from graphs.schedule import resolve
+from graphs.shapes import shape_named
+from graphs.stages import DimRange, LayoutOptions, StageSpec, TensorSpec, build_layout
+
+DIMS = {"prefix_len": DimRange(1, 9, 256), "suffix_len": DimRange(1, 28, 256), "num_seg": DimRange(1, 1, 8),
+        "past_llm_0": DimRange(1, 185, 592)}
+LLM = StageSpec("llm_1", "llm",
+                (TensorSpec("prefix_hidden", "float16", (1, "prefix_len", 64), "llm_0.prefix_hidden_out"),
+                 TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids"),
+                 TensorSpec("image_hidden", "float16", (1, 16, 64), "llm_0.image_hidden_out")),
+                (TensorSpec("present_key_3", "float16", (1, 2, "prefix_len + 16 + suffix_len", 16)),))
+
+
+def _layout(schedule: str, mode: str = "both"):
+    shape = shape_named("small")
+    sched = resolve(schedule, shape.llm.layers, shape.num_image_tokens)
+    return build_layout(sched, shape, LayoutOptions(mode=mode), seg_token_id=5, stop_token_ids=(2,))
+
+
+def _substitute(shape, dims, key):
+    return tuple(d if isinstance(d, int) else getattr(dims[d], key) for d in shape)
+
+
+def test_static_dims_fixed_named_dims_from_dims():
+    (profile,) = stage_profiles(LLM, DIMS)
+    assert profile == {
+        "prefix_hidden": InputShapes((1, 1, 64), (1, 9, 64), (1, 256, 64)),
+        "suffix_ids": InputShapes((1,), (28,), (256,)),
+        "image_hidden": InputShapes((1, 16, 64), (1, 16, 64), (1, 16, 64)),
+    }
+
+
+@pytest.mark.parametrize("schedule", ["full", "csp", "evtp"])
+def test_every_stage_of_a_real_layout_gets_one_profile_matching_its_dims(schedule):
+    layout = _layout(schedule)
+    for stage in layout.stages:
+        profiles = stage_profiles(stage, layout.dims)
+        assert len(profiles) == 1, stage.name
+        for t in stage.inputs:
+            got = profiles[0][t.name]
+            assert got == InputShapes(*(_substitute(t.shape, layout.dims, k) for k in ("min", "opt", "max"))), t.name
+            assert all(lo <= o <= hi for lo, o, hi in zip(got.min, got.opt, got.max))
+
+
+def test_data_dependent_num_seg_is_bounded_by_dims():
+    layout = _layout("csp")
+    (profile,) = stage_profiles(layout.stage("sam_decoder"), layout.dims)
+    assert profile["seg_embeddings"].min[0] == 1 and profile["seg_embeddings"].max[0] == layout.dims["num_seg"].max
+
+
+def test_decode_profile_uses_step_len_and_past_dims():
+    layout = _layout("csp", "generate")
+    decode = layout.stage("decode")
+    (profile,) = stage_profiles(decode, layout.dims)
+    assert profile["token_ids"].max == (layout.dims["step_len"].max,)
+    key = profile["past_key_0"]
+    assert key.max[2] == layout.dims["past_llm_0"].max and key.min[2] == layout.dims["past_llm_0"].min
+    assert set(stage_dims(decode, layout.dims)) == {"step_len", "past_llm_0", "past_llm_1", "past_llm_2"}
+
+
+def test_profiles_note_says_why_one_profile_suffices():
+    layout = _layout("csp")
+    notes = {s.kind: profiles_note(s) for s in layout.stages}
+    assert notes["llm"] == PROFILES_NOTE["llm"] and "decode" in notes["llm"]
+    assert notes["decode"] == PROFILES_NOTE["decode"] and "prefill" in notes["decode"]
+    assert "one profile" in notes["vision"]
+
+
+def test_only_graph_inputs_get_shapes():
+    (profile,) = stage_profiles(LLM, DIMS, inputs=["suffix_ids"])
+    assert list(profile) == ["suffix_ids"]
+
+
+def test_expression_dim_on_an_input_is_an_artifact_error():
+    bad = StageSpec("decode", "decode", (TensorSpec("past", "float16", (1, "past_llm_0 + 1"), "host.x"),), ())
+    with pytest.raises(ArtifactError, match=r"stage 'decode' input 'past' has an expression dim \('past_llm_0 \+ 1'\)"):
+        stage_profiles(bad, DIMS)
+
+
+def test_json_round_trip():
+    profiles = stage_profiles(LLM, DIMS)
+    data = profiles_to_json(profiles)
+    assert data[0]["suffix_ids"] == {"min": [1], "opt": [28], "max": [256]}
+    assert profiles_from_json(data) == profiles
+
+
+# --- --shapes ---------------------------------------------------------------------------------------
+
+def test_parse_shapes_narrows_dims():
+    overrides = parse_shapes(["suffix_len=1:64:128", " num_seg = 1:2:4"], DIMS)
+    assert overrides == {"suffix_len": DimRange(1, 64, 128), "num_seg": DimRange(1, 2, 4)}
+    dims = apply_overrides(DIMS, overrides)
+    assert dims["suffix_len"] == DimRange(1, 64, 128) and dims["prefix_len"] == DIMS["prefix_len"]
+    (profile,) = stage_profiles(LLM, dims)
+    assert profile["suffix_ids"] == InputShapes((1,), (64,), (128,))
+
+
+def test_parse_shapes_none_or_empty():
+    assert parse_shapes(None, DIMS) == {} and parse_shapes([], DIMS) == {}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("suffix_len=1:64:512", r"^--shapes suffix_len=1:64:512: max 512 is above the exported max 256 of 'suffix_len' "
+                            r"\(exported range \[1, 256\]\); re-export with a larger --max-text-len$"),
+    ("num_seg=1:1:9", r"max 9 is above the exported max 8 of 'num_seg' .*re-export with a larger --max-seg"),
+    ("past_llm_0=1:8:999", r"re-export with a larger --max-text-len or --max-new-tokens"),
+    ("suffix_len=0:1:8", r"^--shapes suffix_len=0:1:8: min 0 is below the exported min 1 of 'suffix_len'"),
+    ("suffix_len=8:4:16", r"^--shapes suffix_len=8:4:16: needs 0 <= min <= opt <= max, got min 8, opt 4, max 16$"),
+    ("suffix_len=1:64", r"^--shapes suffix_len=1:64: expected three integers min:opt:max, got '1:64'$"),
+    ("suffix_len=1:x:8", r"expected three integers min:opt:max, got '1:x:8'"),
+    ("suffix_len", r"^--shapes suffix_len: expected NAME=min:opt:max, e\.g\. suffix_len=1:32:128$"),
+    ("=1:2:3", r"expected NAME=min:opt:max"),
+    ("text_len=1:2:3", r"^--shapes text_len=1:2:3: 'text_len' is not a named dim of this artifact; it has: "
+                       r"prefix_len, suffix_len, num_seg, past_llm_0$"),
+], ids=["above-max", "num_seg-above-max", "past-above-max", "below-min", "unordered", "two-numbers", "not-int",
+        "no-equals", "no-name", "unknown-dim"])
+def test_parse_shapes_errors(item, message):
+    with pytest.raises(ToolchainError, match=message):
+        parse_shapes([item], DIMS)
+
+
+def test_parse_shapes_twice_is_an_error():
+    with pytest.raises(ToolchainError, match=r"^--shapes suffix_len=1:2:3: 'suffix_len' is given twice$"):
+        parse_shapes(["suffix_len=1:2:4", "suffix_len=1:2:3"], DIMS)

@@ -1,0 +1,141 @@
+"""engines.trt_runner: the buffer plan, engine dims and profile selection on CPU; execution on a GPU (`gpu`, `trt`)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from engines.profiles import InputShapes
+from engines.trt_runner import BufferSpec, buffer_plan, engine_dims, eval_dim, select_profile
+from exporter.tiny import tiny_shape
+from graphs.errors import InputError
+from graphs.schedule import resolve
+from graphs.stages import DimRange, LayoutOptions, build_layout
+
+
+def _layout(schedule="csp", mode="both"):
+    shape = tiny_shape()
+    return build_layout(resolve(schedule, shape.llm.layers, shape.num_image_tokens), shape, LayoutOptions(mode=mode),
+                        seg_token_id=0, stop_token_ids=(1,))
+
+
+@pytest.mark.parametrize("dim, want", [(7, 7), ("prefix_len", 3), ("prefix_len + 16 + suffix_len", 24),
+                                       ("past_llm_0 + step_len", 11), ("2 * prefix_len", 6)])
+def test_eval_dim(dim, want):
+    assert eval_dim(dim, {"prefix_len": 3, "suffix_len": 5, "past_llm_0": 10, "step_len": 1}) == want
+
+
+@pytest.mark.parametrize("dim", ["prefix_len - 1", "max(prefix_len, 2)", "unknown + 1", "prefix_len +"])
+def test_eval_dim_rejects_what_has_no_max(dim):
+    with pytest.raises(AssertionError, match="csprt internal error"):
+        eval_dim(dim, {"prefix_len": 3})
+
+
+def test_buffer_plan_sizes_every_tensor_at_the_maxima():
+    layout = _layout()
+    dims = layout.dims
+    h, kv, hd = 64, 2, 16  # tiny LLM: hidden 64, 2 kv heads, head_dim 64 / 4 heads
+    plan = buffer_plan(layout.stage("llm_0"), dims)
+    assert plan["prefix_ids"] == BufferSpec("prefix_ids", "input", "int64", (dims["prefix_len"].max,),
+                                            8 * dims["prefix_len"].max)
+    t_max = dims["prefix_len"].max + 16 + dims["suffix_len"].max  # csp's first stage keeps 16 image rows
+    assert plan["present_key_0"] == BufferSpec("present_key_0", "output", "float32", (1, kv, t_max, hd),
+                                               4 * kv * t_max * hd)
+    assert plan["prefix_hidden_out"].max_shape == (1, dims["prefix_len"].max, h)
+    decode = buffer_plan(layout.stage("decode"), dims)
+    past = dims["past_llm_2"].max
+    assert decode["past_key_3"].max_shape == (1, kv, past, hd)
+    assert decode["present_key_3"].max_shape == (1, kv, past + dims["step_len"].max, hd)
+    assert [b.io for b in plan.values()] == sorted(b.io for b in plan.values())  # inputs first
+
+
+def test_buffer_plan_follows_narrowed_engine_dims():
+    layout = _layout()
+    sidecar = {"dims": {"num_seg": {"min": 1, "opt": 1, "max": 2}}}
+    dims = engine_dims(layout.dims, sidecar)
+    assert dims["num_seg"] == DimRange(1, 1, 2) and dims["prefix_len"] == layout.dims["prefix_len"]
+    plan = buffer_plan(layout.stage("sam_decoder"), dims)
+    assert plan["masks"].max_shape == (2, 128, 128) and plan["masks"].nbytes == 2 * 128 * 128 * 4
+
+
+def test_select_profile():
+    profiles = [{"x": InputShapes((1, 4), (8, 4), (16, 4))}, {"x": InputShapes((17, 4), (32, 4), (64, 4))}]
+    assert select_profile(profiles, {"x": (3, 4)}) == 0
+    assert select_profile(profiles, {"x": (40, 4)}) == 1
+    with pytest.raises(InputError, match=r"^no optimization profile fits the feed \(profile 0: input 'x' shape "
+                                         r"\(65, 4\) is outside \[\(1, 4\), \(16, 4\)\]; profile 1: "):
+        select_profile(profiles, {"x": (65, 4)})
+
+
+@pytest.mark.trt
+def test_request_outside_the_engine_profile_is_caught_before_execution(export_tiny, tmp_path, monkeypatch):
+    from engines.build import build_engines
+    from engines.trt_runner import TrtRunner
+
+    art = tmp_path / "art"
+    shutil.copytree(export_tiny("csp", "both"), art)
+    build_engines(art, stages="seg_head", shapes=["num_seg=1:1:2"])
+    stage = _layout().stage("seg_head")
+    runner = TrtRunner(stage, art)  # checks the engine against graph and TensorRT; loads nothing yet
+    assert runner.dims["num_seg"] == DimRange(1, 1, 2) and runner.buffers_plan["seg_hidden"].max_shape == (2, 64)
+    ran = []
+    monkeypatch.setattr(runner, "_activate", lambda: None)  # no GPU here: stop short of deserializing
+    monkeypatch.setattr(runner, "_infer", lambda feed: ran.append(feed))
+    with runner, pytest.raises(InputError, match=r"^stage 'seg_head' input 'seg_hidden': dim 'num_seg' is 3, outside "
+                                                 r"the exported range \[1, 2\]; re-export with a larger --max-seg$"):
+        runner.infer({"seg_hidden": np.zeros((3, 64), np.float32)})
+    assert ran == []
+
+
+@pytest.mark.trt
+def test_activation_without_a_gpu_says_so(export_tiny, tmp_path):
+    from engines.build import build_engines
+    from engines.trt_runner import TrtRunner
+    from graphs.errors import ToolchainError
+
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    art = tmp_path / "art"
+    shutil.copytree(export_tiny("csp", "both"), art)
+    build_engines(art, stages="seg_head")
+    with pytest.raises(ToolchainError, match=r"^stage 'seg_head': running a TensorRT engine needs a CUDA GPU"):
+        with TrtRunner(_layout().stage("seg_head"), art):
+            pass
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@pytest.mark.parametrize("stage", ["seg_head", "sam_decoder", "sam_encoder", "vision", "llm_0"])
+def test_engine_matches_onnxruntime(export_tiny, tmp_path, stage):
+    """TensorRT vs ONNX Runtime on one stage, where this GPU is one TensorRT-RTX can target."""
+    import torch
+
+    from engines.build import build_engines, targetable
+    from engines.ort_runner import OrtRunner
+    from engines.trt import load_trt
+    from engines.trt_runner import TrtRunner
+    from graphs.manifest import load_artifact
+
+    trt, flavor, _ = load_trt()
+    major, minor = torch.cuda.get_device_capability()
+    if flavor == "tensorrt-rtx" and f"SM{major}{minor}" not in targetable(trt):
+        pytest.skip(f"TensorRT-RTX {trt.__version__} cannot target SM{major}{minor}")
+    art = tmp_path / "art"
+    shutil.copytree(export_tiny("csp", "both"), art)
+    build_engines(art, stages=stage, compute_capabilities=["current"] if flavor == "tensorrt-rtx" else None)
+    artifact = load_artifact(art)
+    spec = artifact.layout.stage(stage)
+    rng = np.random.default_rng(0)
+    feed = {}
+    for t in spec.inputs:
+        shape = tuple(d if isinstance(d, int) else artifact.layout.dims[d].opt for d in t.shape)
+        feed[t.name] = (rng.integers(0, 16, shape) if t.dtype == "int64" else rng.standard_normal(shape)).astype(t.dtype)
+    with OrtRunner(spec, artifact.layout.dims, artifact.graph_path(stage)) as ort, TrtRunner(spec, art) as rt:
+        want, got = ort.infer(feed), rt.infer(feed)
+    for name, ref in want.items():
+        assert got[name].shape == ref.shape, name
+        np.testing.assert_allclose(got[name].astype(np.float64), ref.astype(np.float64), atol=2e-2, rtol=2e-2,
+                                   err_msg=name)

@@ -1,0 +1,75 @@
+"""`csprt build`: one TensorRT engine per stage graph of an exported artifact.
+
+    csprt build ART [--precision fp16|bf16|fp32] [--flavor auto|tensorrt|tensorrt-rtx]
+                    [--compute-capability SM86 ...] [--shapes NAME=min:opt:max ...]
+                    [--timing-cache PATH] [--workspace GB] [--stages a,b]
+
+Engines go to ART/engines/<flavor>/<stage>.plan, each with a <stage>.json sidecar (flavour, version,
+targets, graph hash, profiles, settings), and the manifest lists them. TensorRT-RTX builds on a
+machine without a GPU; an unchanged rebuild is a cache hit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engines.build import PRECISIONS, EngineBuildError, build_engines
+from engines.trt import CHOICES
+
+
+def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help="build TensorRT engines for an artifact's stages",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("artifact", type=Path, help="artifact directory (from csprt export)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="must equal the artifact's precision: strongly typed engines compute in the graph's "
+                        "dtypes. Defaults to the artifact's")
+    p.add_argument("--flavor", choices=CHOICES,
+                   help="tensorrt (data-center GPUs) or tensorrt-rtx (RTX GPUs; builds without a GPU). "
+                        "Defaults to auto: tensorrt if installed, else tensorrt-rtx")
+    p.add_argument("--compute-capability", nargs="+", metavar="SM",
+                   help="TensorRT-RTX targets, e.g. SM86 SM89 SM120 (or 'current'). Defaults to every one from "
+                        "SM80 on that the installed TensorRT-RTX supports")
+    p.add_argument("--shapes", nargs="+", metavar="NAME=MIN:OPT:MAX",
+                   help="narrow a named dim's profile within its exported range, e.g. suffix_len=1:32:128. "
+                        "Defaults to the manifest's dims")
+    p.add_argument("--timing-cache", type=Path, metavar="PATH", help="timing cache file to read and update (TensorRT only: "
+                                                                         "TensorRT-RTX has none)")
+    p.add_argument("--workspace", type=float, metavar="GB", help="builder workspace limit in GiB. Defaults to "
+                                                                 "TensorRT's")
+    p.add_argument("--stages", metavar="A,B", help="only these stages (comma-separated). Defaults to all")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    given = {k: getattr(args, k) for k in ("precision", "flavor", "shapes", "timing_cache", "stages")
+             if getattr(args, k) is not None}
+    if args.compute_capability is not None:
+        given["compute_capabilities"] = args.compute_capability
+    if args.workspace is not None:
+        given["workspace_gb"] = args.workspace
+    progress = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        report = build_engines(args.artifact, progress=progress, **given)
+    except EngineBuildError as exc:
+        _print_report(exc.report)
+        raise
+    _print_report(report)
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    stages = report["stages"]
+    built = sum(1 for s in stages.values() if s["status"] == "built")
+    print(f"engines: {report['engines_dir']} ({report['flavor']} {report['trt_version']}, "
+          f"{', '.join(report['compute_capabilities'])}, {report['precision']}; {built} built, "
+          f"{len(stages) - built} cached)")
+    for name, s in stages.items():
+        print(f"  {name}: {s['plan']} ({s['status']}, {_size(s['plan_bytes'])})")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
