@@ -18,9 +18,8 @@ import torch
 from exporter import keys
 from exporter.model import LisaModel
 from graphs.atomic import atomic_path, write_json
-from graphs.checkpoint_config import read_checkpoint_config, read_json
+from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config, read_json
 from graphs.errors import CheckpointError
-from graphs.preprocessing import default_clip_processor_config
 from graphs.shapes import ModelShape
 
 FORMATS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
@@ -250,8 +249,6 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike
     model.load_state_dict(found, strict=False)  # strictness checked above; CLIP comes next
     model.vision_tower = _load_clip(clip_dir, dtype, device)
 
-    processor_path = clip_dir / "preprocessor_config.json"
-    processor = (read_json(processor_path, "CLIP image processor config") if processor_path.is_file()
-                 else default_clip_processor_config(shape.vision.image_size))
+    processor = read_clip_processor_config(clip_dir, shape)
     return LoadedCheckpoint(model=model.eval(), shape=shape, tokenizer=load_tokenizer(ckpt), clip_dir=clip_dir,
                             ckpt_dir=ckpt, image_processor_config=processor)

@@ -36,9 +36,9 @@ from exporter.wrappers import make_wrapper
 from graphs import manifest as mf
 from graphs import onnx_checks, onnx_passes
 from graphs.atomic import atomic_path
-from graphs.checkpoint_config import read_checkpoint_config
+from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config
 from graphs.errors import ArtifactError, ParityError, ToolchainError
-from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, default_clip_processor_config
+from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from graphs.prompt import SEG_TOKEN, token_id, tokenize_prompt
 from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
@@ -300,12 +300,10 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
 
     parity: dict[str, dict] = {name: entry.get("export_parity", {}) for name, entry in reuse.items()}
     files: dict[str, dict[str, str]] = {name: entry["files"] for name, entry in reuse.items()}
-    processor = default_clip_processor_config(shape.vision.image_size)
     if todo:
         mf.invalidate(art)  # from here until the manifest is rewritten, the directory is not an artifact
         t0 = time.perf_counter()
         loaded = load_checkpoint(cfg.ckpt_dir, vision_tower, attn="eager", dtype=TORCH_DTYPES[options.precision])
-        processor = loaded.image_processor_config
         say(f"export: loaded {cfg.ckpt_dir} ({options.precision}) in {time.perf_counter() - t0:.1f}s")
         chain = _SampleChain(loaded.model, schedule, layout, seg_id,
                              _host_sample(loaded, sample_image(), ids, TORCH_DTYPES[options.precision], layout))
@@ -339,8 +337,6 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
             say(f"export: [{done}/{len(todo)}] {spec.name}: {time.perf_counter() - t0:.1f}s, {how}")
         del chain, loaded
         gc.collect()
-    else:
-        processor = _read_processor(cfg.clip_dir, shape)
 
     _copy_tokenizer(cfg.ckpt_dir, art / "tokenizer")
     manifest = mf.new_manifest(
@@ -350,7 +346,7 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
                 "mode": options.mode, "options": dataclasses.asdict(options), "versions": versions},
         tokenizer={"dir": "tokenizer", "seg_token_id": seg_id, "eos_token_id": tokenizer.eos_token_id,
                    "prompt": {"template": "llava_v1", "sample_query": SAMPLE_QUERY}},
-        preprocessing={"clip": processor, "sam": {"image_size": shape.sam.image_size, "mean": list(SAM_PIXEL_MEAN),
+        preprocessing={"clip": read_clip_processor_config(cfg.clip_dir, shape), "sam": {"image_size": shape.sam.image_size, "mean": list(SAM_PIXEL_MEAN),
                                                   "std": list(SAM_PIXEL_STD), "resize": "longest_side",
                                                   "pad": "bottom_right"}},
         postprocessing={"masks": {"crop": "to the resized (unpadded) image", "resize": "bilinear, half-pixel",
@@ -391,11 +387,6 @@ def _reusable(art: Path, keys: dict[str, str]) -> dict[str, dict]:
         if mf.reusable_files(previous, art, entry["name"], keys.get(entry["name"], "")) is not None:
             out[entry["name"]] = entry
     return out
-
-
-def _read_processor(clip_dir: Path, shape: ModelShape) -> dict:
-    path = clip_dir / "preprocessor_config.json"
-    return json.loads(path.read_text()) if path.is_file() else default_clip_processor_config(shape.vision.image_size)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -84,12 +84,12 @@ class LlmStage(nn.Module):
             img, idx = img[:, keep], idx[keep]
         return x["prefix_hidden"], img, idx, x["suffix_hidden"]
 
-    def _query_rows(self, t, s, suffix_ids):
+    def _query_rows(self, t, s, suffix_ids, device):
         """Rows whose attention ranks image tokens for the next stage's pruning (reference `_query_rows`)."""
         query = self.schedule.prune_query
         if query == "mean":
-            return torch.arange(t, device=suffix_ids.device if suffix_ids is not None else None)
-        last = torch.full((1,), t - 1, dtype=torch.long)
+            return torch.arange(t, device=device)
+        last = torch.full((1,), t - 1, dtype=torch.long, device=device)
         if query == "last":
             return last
         # "seg": the row before the first [SEG] of the suffix (single-pass prompt); with none (generate
@@ -114,7 +114,7 @@ class LlmStage(nn.Module):
         for layer_idx in self.stage.layers:
             layer = m.decoder_layers[layer_idx]
             if self.next_prunes and layer_idx == self.stage.end - 1:
-                rows = self._query_rows(t, s, x.get("suffix_ids"))
+                rows = self._query_rows(t, s, x.get("suffix_ids"), dev)
                 scores = selection.query_attention(layer, h, cos, sin, mask, rows)[p:p + img.shape[1]]
             h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=kv, position_embeddings=(cos, sin))
         out = {"prefix_hidden_out": h[:, :p], "image_hidden_out": h[:, p:t - s], "suffix_hidden_out": h[:, t - s:],

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graphs.errors import CheckpointError
+from graphs.preprocessing import default_clip_processor_config
 from graphs.shapes import ModelShape
 
 
@@ -71,3 +72,11 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike, vision_tower: str | os.P
     clip_dir = resolve_clip_dir(ckpt, config, vision_tower)
     shape = ModelShape.from_hf_configs(config, read_json(clip_dir / "config.json", "CLIP config"))
     return CheckpointConfig(ckpt_dir=ckpt, config=config, clip_dir=clip_dir, shape=shape)
+
+
+def read_clip_processor_config(clip_dir: Path, shape: ModelShape) -> dict:
+    """The CLIP directory's `preprocessor_config.json`, or CLIP's defaults at the model's image size."""
+    path = clip_dir / "preprocessor_config.json"
+    if path.is_file():
+        return read_json(path, "CLIP image processor config")
+    return default_clip_processor_config(shape.vision.image_size)
