@@ -7,11 +7,15 @@
              loop stage -> the greedy decode loop (graphs.stages.Loop), collecting "loop.generated_ids", "loop.seg_hidden"
       -> PipelineResult(outputs = layout.outputs resolved, tensors, feeds, timings)
 
-This is the validation-side chain (host round trips between stages); it mirrors `exporter.reference`.
+Where tensors live between stages is the chain's business (`HostChain` here: numpy arrays, ONNX Runtime;
+`engines.cuda_chain.CudaChain`: torch CUDA tensors that stay on the GPU, TensorRT). The Pipeline only
+asks the chain to run a stage, to keep a decode row, to stack rows, to read a token for the stop check
+and to bring the outputs to the host; both chains follow `exporter.reference`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,10 +29,41 @@ from graphs.stages import Layout, StageSpec, TensorSpec
 @dataclass
 class PipelineResult:
     outputs: dict[str, np.ndarray]                        # layout.outputs present in this mode
-    tensors: dict[str, np.ndarray]                        # every "host.x", "<stage>.<out>", "loop.x"
+    tensors: dict[str, np.ndarray]                        # every "host.x", "<stage>.<out>", "loop.x" (CudaChain:
+                                                          # device views, valid until the next run)
     feeds: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # record=True: stage -> its feed
     timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms; "decode" summed, plus "decode_steps"
     generated_ids: list[int] = field(default_factory=list)     # generate mode; empty in single-pass
+
+
+class HostChain:
+    """Stages exchange numpy arrays through the host (ONNX Runtime, validation). The default chain."""
+
+    def begin(self, mode: str):
+        return contextlib.nullcontext()
+
+    def infer(self, stage: StageSpec, runner: BaseRunner, feed: dict, timings: dict[str, float]) -> dict:
+        out = runner.infer(feed)
+        timings[stage.name] = timings.get(stage.name, 0.0) + runner.last_ms
+        return out
+
+    def recorded(self, feed: dict) -> dict:
+        return feed
+
+    def keep(self, row):
+        return row  # runners return fresh arrays: nothing overwrites it
+
+    def stack(self, rows: list, like):
+        return np.stack(rows) if rows else np.zeros((0, like.shape[-1]), like.dtype)
+
+    def token(self, source: str, value) -> int:
+        return int(value.reshape(-1)[0])
+
+    def to_host(self, source: str, value):
+        return value
+
+    def finish(self, timings: dict[str, float]) -> None:
+        pass
 
 
 class Pipeline:
@@ -38,11 +73,14 @@ class Pipeline:
         layout (Layout): the artifact's stages, wiring and named dims.
         runner_for (Callable[[StageSpec], BaseRunner]): makes the runner of a stage; called once per stage,
             the first time the stage runs. Runners are activated then and deactivated by `close()`.
+        chain (HostChain | CudaChain | None): where tensors live between stages. Defaults to None
+            (`HostChain`: numpy arrays through the host).
     """
 
-    def __init__(self, layout: Layout, runner_for: Callable[[StageSpec], BaseRunner]):
+    def __init__(self, layout: Layout, runner_for: Callable[[StageSpec], BaseRunner], chain=None):
         self.layout = layout
         self.runner_for = runner_for
+        self.chain = chain if chain is not None else HostChain()
         self.runners: dict[str, BaseRunner] = {}
 
     def runner(self, stage: StageSpec) -> BaseRunner:
@@ -84,24 +122,25 @@ class Pipeline:
         sequence = self.layout.sequence(mode)
         self._check_host(host, sequence, mode)
         res = PipelineResult(outputs={}, tensors={f"host.{k}": v for k, v in host.items()})
-        for stage in sequence:
-            if stage.loop:
-                self._run_loop(stage, mode, res, record, max_new_tokens)
-                continue
-            feed = {t.name: self._source(res.tensors, stage, t, mode) for t in stage.inputs}
-            if record:
-                res.feeds[stage.name] = feed
-            if stage.skip_if_empty and 0 in feed[stage.skip_if_empty].shape:
-                outs = _empty_outputs(stage, feed)
-            else:
-                r = self.runner(stage)
-                outs = r.infer(feed)
-                res.timings_ms[stage.name] = r.last_ms
-            res.tensors.update({f"{stage.name}.{k}": v for k, v in outs.items()})
-        for name, src in self.layout.outputs.items():
-            src = src.get(mode) if isinstance(src, dict) else src
-            if src is not None and src in res.tensors:
-                res.outputs[name] = res.tensors[src]
+        chain = self.chain
+        with chain.begin(mode):
+            for stage in sequence:
+                if stage.loop:
+                    self._run_loop(stage, mode, res, record, max_new_tokens)
+                    continue
+                feed = {t.name: self._source(res.tensors, stage, t, mode) for t in stage.inputs}
+                if record:
+                    res.feeds[stage.name] = chain.recorded(feed)
+                if stage.skip_if_empty and 0 in feed[stage.skip_if_empty].shape:
+                    outs = _empty_outputs(stage, feed)
+                else:
+                    outs = chain.infer(stage, self.runner(stage), feed, res.timings_ms)
+                res.tensors.update({f"{stage.name}.{k}": v for k, v in outs.items()})
+            for name, src in self.layout.outputs.items():
+                src = src.get(mode) if isinstance(src, dict) else src
+                if src is not None and src in res.tensors:
+                    res.outputs[name] = chain.to_host(src, res.tensors[src])
+            chain.finish(res.timings_ms)
         return res
 
     def _check_host(self, host: dict, sequence: list[StageSpec], mode: str) -> None:
@@ -137,31 +176,31 @@ class Pipeline:
         if not 1 <= limit <= loop.max_new_tokens:
             raise InputError(f"max_new_tokens is {limit}; this artifact was exported for 1 to {loop.max_new_tokens} "
                              "(re-export with a larger --max-new-tokens)")
-        t = res.tensors
+        t, chain = res.tensors, self.chain
         tok, hid = t[loop.token], t[loop.hidden]  # [1] int64, [1, H]
+        tok_src = loop.token
         feed = {s.name: self._source(t, stage, s, mode) for s in stage.inputs}
         generated: list[int] = []
-        seg_rows: list[np.ndarray] = []
-        steps, ms = 0, 0.0
+        seg_rows: list = []
+        steps = 0
         while True:
-            generated.append(int(tok.reshape(-1)[0]))
+            generated.append(chain.token(tok_src, tok))  # the one host read per step: the stop check
             if generated[-1] == loop.seg_token_id:
-                seg_rows.append(hid[0])
+                seg_rows.append(chain.keep(hid[0]))  # a device row lives in a buffer the next step overwrites
             if generated[-1] in loop.stop_token_ids or len(generated) == limit:
                 break
             if record and steps == 0:
-                res.feeds[stage.name] = feed
-            r = self.runner(stage)
-            out = r.infer(feed)
-            ms, steps = ms + r.last_ms, steps + 1
+                res.feeds[stage.name] = chain.recorded(feed)
+            out = chain.infer(stage, self.runner(stage), feed, res.timings_ms)
+            steps += 1
             tok, hid = out[loop.token_output], out[loop.hidden_output]
+            tok_src = f"{stage.name}.{loop.token_output}"
             feed = {name: out[src] for name, src in loop.carry.items()}
         if steps:
             t.update({f"{stage.name}.{k}": v for k, v in out.items()})  # the last step's outputs
-            res.timings_ms[stage.name] = ms
         res.timings_ms["decode_steps"] = steps
         t["loop.generated_ids"] = np.asarray(generated, dtype=np.int64)
-        t["loop.seg_hidden"] = np.stack(seg_rows) if seg_rows else np.zeros((0, hid.shape[-1]), hid.dtype)  # [K, H]
+        t["loop.seg_hidden"] = chain.stack(seg_rows, hid)  # [K, H]
         res.generated_ids = generated
 
 

@@ -1,9 +1,12 @@
 """TensorRT backend for one stage: its plan deserialized once, device buffers sized for the profile maxima.
 
     with TrtRunner(stage, art_dir) as r:   # engines/<flavor>/<stage>.plan, refused by `check_engine` if stale
-        out = r.infer(feed)                # numpy in, numpy out (validation)
+        out = r.infer(feed)                # numpy (or torch CUDA) in, numpy out: validation
+        views = r.enqueue(feed, stream)    # numpy or torch CUDA in, device views out, no sync: the Pipeline
 
-    feed --bind_dims (engine dims)--> set_input_shape --copy H2D--> execute_async_v3 (own stream) --D2H--> outputs
+    feed --bind_dims (engine dims)--> select_profile --> set_input_shape, copy into the input buffers
+         --> execute_async_v3 on the stream (decode: CUDA graph replay, see engines.gpu_plan.graph_mode)
+         --> output views [:shape] of the preallocated output buffers (valid until the next call)
 
 `buffer_plan` is a pure function (no TensorRT, no torch): the max shape and bytes of every I/O tensor
 at the engine's dims. `engine_dims` are the manifest's dims narrowed by the sidecar's (`csprt build
@@ -15,20 +18,23 @@ from __future__ import annotations
 
 import ast
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from engines.build import CaptureLogger, check_engine
+from engines.gpu_plan import CAPTURE, REPLAY, GraphCache, graph_key, graph_mode, unknown_dims
 from engines.profiles import InputShapes, Profile, profiles_from_json
 from engines.trt import load_trt
 from graphs.errors import ArtifactError, InputError, ToolchainError, internal_error
 from graphs.manifest import load_artifact
-from graphs.runner import BaseRunner
+from graphs.runner import BaseRunner, bind_dims
 from graphs.stages import DimRange, StageSpec
 
 ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8}
+_NUMPY_OF_TORCH = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.int64": np.int64}
 
 
 def eval_dim(dim: int | str, sizes: dict[str, int]) -> int:
@@ -114,6 +120,21 @@ def _fits(shape, p: InputShapes) -> bool:
     return len(shape) == len(p.min) and all(lo <= s <= hi for s, lo, hi in zip(shape, p.min, p.max))
 
 
+def checkable(value, where: str = "feed"):
+    """`value` as `bind_dims` can check it: numpy as is; a torch tensor as a zero-stride numpy stand-in with its
+    shape and dtype (no copy, no device read).
+
+    Raises:
+        InputError: a torch dtype csprt graphs never take (names it and the valid ones).
+    """
+    if isinstance(value, np.ndarray) or not type(value).__module__.startswith("torch"):
+        return value  # bind_dims names anything else ("expected a numpy array, got ...")
+    dtype = _NUMPY_OF_TORCH.get(str(value.dtype))
+    if dtype is None:
+        raise InputError(f"{where}: dtype is {value.dtype}, expected one of {', '.join(_NUMPY_OF_TORCH)}")
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=tuple(value.shape), strides=(0,) * value.dim())
+
+
 class TrtRunner(BaseRunner):
     """Runs one stage's TensorRT engine.
 
@@ -121,47 +142,72 @@ class TrtRunner(BaseRunner):
         stage (StageSpec): the stage.
         art_dir (path): the artifact whose engines/<flavor>/<stage>.plan to run.
         flavor (str): "auto", "tensorrt" or "tensorrt-rtx". Defaults to "auto".
+        device (str): "cuda" or "cuda:N". Defaults to "cuda".
+        cuda_graphs (bool): run decode steps under CUDA graphs (`engines.gpu_plan.graph_mode`). Defaults to True.
 
     Raises:
         ToolchainError: TensorRT is not installed.
         ArtifactError: no engine, or one built from another graph or TensorRT (see `check_engine`).
     """
 
-    def __init__(self, stage: StageSpec, art_dir, flavor: str = "auto"):
+    def __init__(self, stage: StageSpec, art_dir, flavor: str = "auto", device: str = "cuda",
+                 cuda_graphs: bool = True):
         artifact = load_artifact(art_dir, verify=False)
         self.trt, self.flavor, self.version = load_trt(flavor)
         self.plan_path, self.sidecar = check_engine(art_dir, stage.name, self.flavor, self.version)
         super().__init__(stage, engine_dims(artifact.layout.dims, self.sidecar))
+        self.device = device
         self.profiles = profiles_from_json(self.sidecar["profiles"])
         self.buffers_plan = buffer_plan(stage, self.dims)
-        self._engine = self._context = self._stream = None
+        self.graph_mode = graph_mode(stage, self.flavor, cuda_graphs)
+        self.graphs = GraphCache()
+        self.stream = None             # infer()'s stream; enqueue() takes the caller's
+        self.last_events: tuple = ()   # (start, end) CUDA events of the last enqueue
+        self._engine = self._context = None
         self._buffers: dict = {}
         self._inputs: list[str] = []
 
+    # -- lifecycle ------------------------------------------------------------------------------
     def _activate(self) -> None:
         import torch  # lazily: engines/ imports without torch
 
         if not torch.cuda.is_available():
             raise ToolchainError(f"stage {self.name!r}: running a TensorRT engine needs a CUDA GPU, and torch sees "
                                  "none; use the onnxruntime backend here")
-        trt, logger = self.trt, CaptureLogger(self.trt)
-        engine = trt.Runtime(logger).deserialize_cuda_engine(Path(self.plan_path).read_bytes())
+        with torch.cuda.device(self.device):
+            engine = self._deserialize()
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            self._inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+            self._check_io(names)
+            context = self._create_context(engine)
+            dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+            self._buffers = {n: torch.empty(max(1, math.prod(b.max_shape)), dtype=dtypes[b.dtype], device=self.device)
+                             for n, b in self.buffers_plan.items() if n in names}
+            for n, buf in self._buffers.items():
+                context.set_tensor_address(n, buf.data_ptr())
+            self._engine, self._context, self.stream = engine, context, torch.cuda.Stream(self.device)
+
+    def _deserialize(self):
+        logger = CaptureLogger(self.trt)
+        engine = self.trt.Runtime(logger).deserialize_cuda_engine(Path(self.plan_path).read_bytes())
         if engine is None:
             errors = logger.errors()
             targets = ", ".join(self.sidecar.get("compute_capabilities", []))
             raise ArtifactError(f"stage {self.name!r}: TensorRT cannot load {self.plan_path} on this GPU (built for "
                                 f"{targets}): {errors[-1] if errors else 'no error logged'}; rebuild for it with: "
                                 f"csprt build ART --compute-capability current")
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._check_io(names)
-        context = engine.create_execution_context()
-        dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
-        self._buffers = {n: torch.empty(max(1, math.prod(b.max_shape)), dtype=dtypes[b.dtype], device="cuda")
-                         for n, b in self.buffers_plan.items() if n in names}
-        for n, buf in self._buffers.items():
-            context.set_tensor_address(n, buf.data_ptr())
-        self._engine, self._context, self._stream = engine, context, torch.cuda.Stream()
+        return engine
+
+    def _create_context(self, engine):
+        """An execution context; under "builtin" graphs, with TensorRT-RTX's own CUDA graph capture on."""
+        if self.graph_mode == "builtin":
+            try:
+                config = engine.create_runtime_config()
+                config.cuda_graph_strategy = self.trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+                return engine.create_execution_context(config)
+            except (AttributeError, TypeError) as exc:  # an older TensorRT-RTX: run without graphs
+                self.graph_mode, self.graphs.disabled = "off", f"no runtime CUDA graph strategy ({exc})"
+        return engine.create_execution_context()
 
     def _check_io(self, names: list[str]) -> None:
         unknown = [n for n in self._inputs if n not in {t.name for t in self.stage.inputs}]
@@ -171,28 +217,123 @@ class TrtRunner(BaseRunner):
                                 f"not in the spec: {unknown or 'none'}; spec outputs it lacks: {missing or 'none'}); "
                                 "rebuild with: csprt build ART")
 
-    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+    def _deactivate(self) -> None:
+        self.graphs = GraphCache()  # graphs first: they point into the context's memory
+        self._context = self._engine = self.stream = None
+        self._buffers = {}
 
-        select_profile(self.profiles, {n: feed[n].shape for n in self._inputs})  # one profile: index 0
-        ctx = self._context
-        with torch.cuda.stream(self._stream):
-            for n in self._inputs:
-                arr = np.ascontiguousarray(feed[n])
-                ctx.set_input_shape(n, arr.shape)
-                self._buffers[n][:arr.size].copy_(torch.from_numpy(arr).reshape(-1), non_blocking=False)
-            if not ctx.execute_async_v3(self._stream.cuda_stream):
-                raise ToolchainError(f"stage {self.name!r}: TensorRT execution failed ({self.plan_path})")
-        self._stream.synchronize()  # output shapes are final (data-dependent ones too) once the stream is done
-        out = {}
-        for t in self.stage.outputs:
-            shape = tuple(ctx.get_tensor_shape(t.name))
-            if math.prod(shape) * ITEMSIZE[t.dtype] > self.buffers_plan[t.name].nbytes:
-                raise internal_error(f"stage {self.name!r} output {t.name!r} shape {shape} exceeds its buffer "
-                                     f"{self.buffers_plan[t.name].max_shape}")
-            out[t.name] = self._buffers[t.name][:math.prod(shape)].view(shape).cpu().numpy()
+    # -- running --------------------------------------------------------------------------------
+    def infer(self, feed: dict) -> dict[str, np.ndarray]:
+        """Run on this runner's stream and return host arrays (validation). Takes numpy or torch CUDA inputs."""
+        self._check_feed(feed)
+        t0 = time.perf_counter()
+        out = self._infer(feed)
+        self.last_ms = 1e3 * (time.perf_counter() - t0)
         return out
 
-    def _deactivate(self) -> None:
-        self._context = self._engine = self._stream = None
-        self._buffers = {}
+    def _infer(self, feed: dict) -> dict[str, np.ndarray]:
+        views = self._run(feed, self.stream)
+        self.stream.synchronize()
+        return {name: v.cpu().numpy() for name, v in views.items()}
+
+    def enqueue(self, feed: dict, stream) -> dict:
+        """Enqueue the stage on `stream` without synchronising (the Pipeline's device path).
+
+        Args:
+            feed (dict): input name -> numpy array (copied H2D) or torch CUDA tensor (copied D2D on `stream`).
+            stream (torch.cuda.Stream): where the copies and the engine run.
+
+        Returns:
+            dict[str, torch.Tensor]: output name -> view of this runner's output buffer, valid until its next
+            call. `last_events` holds the (start, end) events around it, for timing once the stream is done.
+        """
+        import torch
+
+        self._check_feed(feed)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        views = self._run(feed, stream)
+        end.record(stream)
+        self.last_events = (start, end)
+        return views
+
+    def _check_feed(self, feed: dict) -> None:
+        if not self.is_active:
+            raise RuntimeError(f"runner for stage {self.name!r} is not active; use it in a `with` block "
+                               "or call activate() first")
+        self.last_dims = bind_dims(self.stage, {n: checkable(v, f"stage {self.name!r} input {n!r}")
+                                                for n, v in feed.items()}, self.dims)
+
+    def _run(self, feed: dict, stream) -> dict:
+        import torch
+
+        shapes = {n: tuple(feed[n].shape) for n in self._inputs}
+        profile = select_profile(self.profiles, shapes)
+        ctx = self._context
+        with torch.cuda.stream(stream):
+            if ctx.active_optimization_profile != profile:
+                ctx.set_optimization_profile_async(profile, stream.cuda_stream)
+            for n in self._inputs:
+                ctx.set_input_shape(n, shapes[n])
+                self._load(n, feed[n])
+            out_shapes = {t.name: tuple(ctx.get_tensor_shape(t.name)) for t in self.stage.outputs}
+            self._check_output_shapes(out_shapes)
+            self._execute(graph_key(profile, shapes), stream)
+        return {n: self._buffers[n][:math.prod(s)].view(s) for n, s in out_shapes.items()}
+
+    def _load(self, name: str, value) -> None:
+        """Copy one input into its buffer: H2D from numpy, D2D (stream-ordered) from a CUDA tensor."""
+        import torch
+
+        buf = self._buffers[name]
+        if isinstance(value, np.ndarray):
+            src = torch.from_numpy(np.ascontiguousarray(value)).reshape(-1)
+            buf[:src.numel()].copy_(src)  # pageable host memory: torch waits for the copy, the array may go
+        elif value.data_ptr() != buf.data_ptr():
+            buf[:value.numel()].copy_(value.reshape(-1), non_blocking=True)
+
+    def _check_output_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        unknown = unknown_dims(shapes)
+        if unknown:
+            raise internal_error(f"stage {self.name!r}: TensorRT cannot tell the shape of outputs {unknown} before "
+                                 "running (data-dependent); csprt graphs must not have such outputs")
+        for name, shape in shapes.items():
+            if math.prod(shape) * ITEMSIZE[self.buffers_plan[name].dtype] > self.buffers_plan[name].nbytes:
+                raise internal_error(f"stage {self.name!r} output {name!r} shape {shape} exceeds its buffer "
+                                     f"{self.buffers_plan[name].max_shape}")
+
+    def _execute(self, key: tuple, stream) -> None:
+        """execute_async_v3, or (manual graphs) capture once per key and replay; plain when capture fails."""
+        if self.graph_mode == "manual":
+            action = self.graphs.decide(key)
+            if action == REPLAY:
+                self.graphs.graphs[key].replay()
+                return
+            if action == CAPTURE:
+                graph = self._capture(stream)
+                if graph is not None:
+                    self.graphs.store(key, graph)
+                    graph.replay()
+                    return
+        if not self._context.execute_async_v3(stream.cuda_stream):
+            raise ToolchainError(f"stage {self.name!r}: TensorRT execution failed ({self.plan_path})")
+
+    def _capture(self, stream):
+        """A torch CUDAGraph of one execute_async_v3 on `stream`, or None (capture turned off, reason kept)."""
+        import torch
+
+        ctx = self._context
+        capturable = getattr(ctx, "is_stream_capturable", None)  # TensorRT-RTX 1.2+, recent TensorRT 10
+        if capturable is not None and not capturable(stream.cuda_stream):
+            self.graphs.disable("the execution context says it is not stream capturable")
+            return None
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                ok = ctx.execute_async_v3(stream.cuda_stream)
+            if not ok:
+                raise RuntimeError("execute_async_v3 returned False while capturing")
+        except Exception as exc:  # noqa: BLE001  capture is an optimisation: any failure falls back to plain runs
+            self.graphs.disable(f"{type(exc).__name__}: {exc}")
+            return None
+        return graph

@@ -1,16 +1,12 @@
-"""Torch-eager latency of the reference under each schedule, at any model shape with random weights.
+"""Torch side of `csprt bench`: the eager reference's latency per stage, and the LLM-part floor on a GPU.
 
-Speed does not depend on weight values, so real shapes (`lisa-7b`) are measured without real
-weights. The prompt is synthetic ids of the requested text length with one [SEG] answer token.
-Timings use CUDA events per stage when on a GPU (host clock otherwise); ratios are taken within
-one run.
+Speed does not depend on weight values, so real shapes (`lisa-7b`) are measured with random weights.
+Stage spans synchronise the device (CUDA) before reading the host clock; ratios are taken within one run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -20,84 +16,61 @@ from exporter.checkpoint import build_random
 from exporter.reference import Reference
 from graphs.flops import flops_report
 from graphs.preprocessing import default_clip_processor_config
-from graphs.prompt import PromptIds
+from graphs.prompt import query_of_length
 from graphs.schedule import resolve
 from graphs.shapes import ModelShape
 
 
-def synthetic_prompt(shape: ModelShape, text_tokens: int, mode: str) -> PromptIds:
-    """Ids in the vocab's lower range; [SEG] is the last vocab id, answered as `[SEG] .` in single-pass."""
-    seg, eos = shape.llm.vocab - 1, 2
-    prefix_len = max(2, text_tokens // 3)
-    suffix = list(range(100, 100 + text_tokens - prefix_len))
-    if mode == "single-pass":
-        suffix = suffix[:-2] + [seg, 29]  # "[SEG]" then any ordinary token
-    return PromptIds(prefix=[1] + list(range(10, 9 + prefix_len)), suffix=suffix, seg_token_id=seg, eos_token_id=eos)
+def random_model(shape: ModelShape, dtype=torch.float32, device: str = "cpu"):
+    """Random weights of `shape` plus an offline tokenizer of its vocab: what `--shape` benchmarks run."""
+    from exporter.tokenizer import build_tokenizer
+
+    return build_random(shape, dtype=dtype, device=device), build_tokenizer(shape.llm.vocab)
 
 
-def _sync(device):
+def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def bench_schedules(shape: ModelShape, schedules: list[str], device: str = "cpu", dtype=torch.float32,
-                    text_tokens: int = 40, repeat: int = 10, warmup: int = 3, mode: str = "single-pass",
-                    max_new_tokens: int = 16, progress=None) -> dict:
-    """Median and p90 per stage and end to end for each schedule, from one model and one run.
+@torch.no_grad()
+def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "single-pass", repeat: int = 10,
+                warmup: int = 2, max_new_tokens: int = 16, image: np.ndarray | None = None) -> dict:
+    """Time the PyTorch reference (eager, stage by stage) under `schedule`.
 
-    Returns:
-        dict: {"shape", "device", "dtype", "text_tokens", "mode", "results": {schedule: {...}}}.
+    Returns the same raw dict as `engines.bench.bench_session` (runs, e2e_ms, image_tokens_per_layer,
+    text_tokens, peak_memory_mib, decode_steps; pipeline_ms None: the reference has no pipeline).
     """
-    say = progress or (lambda msg: print(f"[csprt bench] {msg}", file=sys.stderr, flush=True))
-    say(f"building random weights ({shape.llm.layers} layers, H={shape.llm.hidden}) on {device}")
-    model = build_random(shape, dtype=dtype, device=device)
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)  # random pixels, never zeros
-    ids = synthetic_prompt(shape, text_tokens, mode)
-    results = {}
-    for name in schedules:
-        sched = resolve(name, shape.llm.layers, shape.num_image_tokens)
-        ref = Reference(model, None, default_clip_processor_config(shape.vision.image_size), sched)
-        say(f"{name}: warm-up x{warmup}, timed x{repeat}")
-        for _ in range(warmup):
-            ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
-        if torch.device(device).type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        per_stage: dict[str, list[float]] = {}
-        totals = []
+    from engines.bench import PeakRss, bench_image
+
+    image = bench_image() if image is None else image
+    shape = model.shape
+    ref = Reference(model, tokenizer, default_clip_processor_config(shape.vision.image_size), schedule)
+    device = ref.device
+    query = query_of_length(tokenizer, text_tokens, mode, shape.num_image_tokens, shape.llm.max_positions)
+    ids = ref.prompt(query, mode)
+    for _ in range(warmup):
+        ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    runs, e2e = [], []
+    with PeakRss() as rss:
         for _ in range(repeat):
             _sync(device)
             t0 = time.perf_counter()
             out = ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
             _sync(device)
-            totals.append(1e3 * (time.perf_counter() - t0))
-            for k, v in out.timings_ms.items():
-                per_stage.setdefault(k, []).append(v)
-        rep = flops_report(shape, sched, text_tokens=text_tokens)
-        results[name] = {
-            "avg_image_tokens_per_layer": sched.avg_image_tokens(),
-            "image_tokens_per_layer": out.image_tokens_per_layer,
-            "llm_flops_fastv": rep["flops"]["llm"]["fastv"],
-            "image_token_flops_reduction_pct": rep["image_token_flops_reduction_pct"],
-            "stages_ms": {k: _stats(v) for k, v in per_stage.items()},
-            "end_to_end_ms": _stats(totals),
-            "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if torch.device(device).type == "cuda" else None,
-        }
-        say(f"{name}: llm {results[name]['stages_ms']['llm']['median']:.2f} ms, "
-            f"end-to-end {results[name]['end_to_end_ms']['median']:.2f} ms")
-    base = results.get("full")
-    if base:
-        for r in results.values():
-            r["llm_speedup_vs_full"] = base["stages_ms"]["llm"]["median"] / r["stages_ms"]["llm"]["median"]
-            r["end_to_end_speedup_vs_full"] = base["end_to_end_ms"]["median"] / r["end_to_end_ms"]["median"]
-    return {"shape": dataclasses.asdict(shape), "device": str(device), "dtype": str(dtype), "text_tokens": text_tokens,
-            "mode": mode, "repeat": repeat, "results": results}
-
-
-def _stats(values: list[float]) -> dict:
-    vals = sorted(values)
-    return {"median": statistics.median(vals), "p90": vals[min(len(vals) - 1, int(0.9 * len(vals)))],
-            "min": vals[0]}
+            e2e.append(1e3 * (time.perf_counter() - t0))
+            runs.append(dict(out.timings_ms))
+    return {
+        "runs": runs, "e2e_ms": e2e, "pipeline_ms": None,
+        "image_tokens_per_layer": out.image_tokens_per_layer,
+        "text_tokens": len(ids.prefix) + len(ids.suffix),
+        "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.peak_mib,
+        "decode_steps": max(0, len(out.generated_ids) - 1) if mode == "generate" else None,
+        "device_name": torch.cuda.get_device_name(device) if cuda else None,
+    }
 
 
 @torch.no_grad()

@@ -87,6 +87,18 @@ def build_random(shape: ModelShape, attn: str = "sdpa", dtype: torch.dtype = tor
     return model.eval()
 
 
+def build_meta(shape: ModelShape, attn: str = "sdpa", dtype: torch.dtype = torch.float32) -> LisaModel:
+    """A `LisaModel` entirely on the `meta` device: names, shapes and dtypes, no memory (LISA-7B in seconds).
+
+    Args:
+        shape (ModelShape): dimensions.
+        attn (str): LLaMA attention implementation. Defaults to "sdpa".
+        dtype (torch.dtype): parameter dtype. Defaults to float32.
+    """
+    with _empty_construction(dtype, "meta"):
+        return LisaModel(shape, attn=attn).eval()
+
+
 def save_checkpoint(model: LisaModel, out_dir: str | os.PathLike, fmt: str = "safetensors",
                     max_shard_size: int | str = "5GB") -> list[Path]:
     """Write the model's LISA-layout weights (CLIP excluded) exactly as HF `save_pretrained` lays them out.

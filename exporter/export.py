@@ -1,11 +1,16 @@
 """`csprt export`: a checkpoint and a schedule -> the artifact of DESIGN.md §5.
 
-Stage by stage: run the stage's wrapper eagerly on a real sample (so every graph is checked
+Stage by stage: read just the weights the stage's wrapper touches (`exporter.streaming`: the model
+lives on `meta` otherwise), run the wrapper eagerly on a real sample (so every graph is checked
 against torch on real data), trace it with `torch.onnx.export(dynamo=True)`, run the ONNX passes
-and checks, save it atomically, run it on ONNX Runtime and compare. Only one stage's trace is alive
-at a time. Stages whose export key (inputs, settings, code and versions hashed) matches the
-existing artifact are reused without loading the checkpoint. The manifest is removed before
-anything is rewritten and written last, so an interrupted export never leaves an artifact that loads.
+and checks, save it atomically (weights streamed to external data over 2 GB), run it on ONNX Runtime
+and compare, then put the weights back on `meta`. Only one stage's weights and trace are alive at a
+time. With `trace_only` (models too big to run on the export host) the feed is built from the
+layout instead, nothing runs eagerly or on ONNX Runtime, and the manifest marks the stages
+unchecked for `csprt validate` to check later. Stages whose export key (inputs, settings, code and
+versions hashed) matches the existing artifact are reused without reading the checkpoint. The
+manifest is removed before anything is rewritten and written last, so an interrupted export never
+leaves an artifact that loads.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,15 +35,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from exporter.checkpoint import find_weight_files, load_checkpoint, load_tokenizer
+from exporter.checkpoint import find_weight_files, load_tokenizer
 from exporter.graph_cache import GraphCache
 from exporter.preprocess import clip_pixels, sam_pixels
+from exporter.streaming import StagedWeights
 from exporter.wrappers import make_wrapper
 from graphs import manifest as mf
 from graphs import onnx_checks, onnx_passes
 from graphs.atomic import atomic_path
 from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config
-from graphs.errors import ArtifactError, ParityError, ToolchainError
+from graphs.errors import ArtifactError, ParityError, ToolchainError, internal_error
 from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from graphs.prompt import SEG_TOKEN, token_id, tokenize_prompt
 from graphs.schedule import Schedule
@@ -57,7 +64,7 @@ STAGE_RTOL = {"fp32": 1e-4, "fp16": 1e-2}
 E2E_TOLERANCES = {"fp32": {"mask_logits_atol": 1e-3, "mask_iou_min": 1.0},
                   "fp16": {"mask_logits_atol": 0.05, "mask_iou_min": 0.98}}
 _CODE = ("exporter/wrappers.py", "exporter/selection.py", "exporter/model.py", "exporter/export.py", "graphs/stages.py",
-         "graphs/onnx_passes.py")
+         "graphs/onnx_passes.py", "exporter/streaming.py")
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,9 @@ class ExportOptions:
     max_seg: int = 8
     external_data_threshold: int = onnx_passes.EXTERNAL_DATA_THRESHOLD
     cache_dir: str | None = None  # a GraphCache shared between exports; None: no cross-artifact reuse
+    # Trace each stage on inputs built from the layout instead of running the model, and skip the ONNX
+    # Runtime parity check (for models too big to run on the export host; `csprt validate` checks later).
+    trace_only: bool = False
 
 
 def sample_image(h: int = 96, w: int = 128) -> np.ndarray:
@@ -127,8 +137,10 @@ def stage_key(spec: StageSpec, schedule: Schedule, shape: ModelShape, opts: Expo
 
 
 # -- tracing ----------------------------------------------------------------------------------
-def trace_stage(wrapper: torch.nn.Module, spec: StageSpec, args: tuple, opset: int):
-    """torch.onnx.export (dynamo) with the spec's names and its named dims dynamic. Returns a ModelProto."""
+def trace_program(wrapper: torch.nn.Module, spec: StageSpec, args: tuple, opset: int):
+    """torch.onnx.export (dynamo) with the spec's names and its named dims dynamic; optimised (constants
+    folded). Returns the `torch.onnx.ONNXProgram`: its initializers still share the wrapper's weights, so
+    nothing is copied until it is saved (`_write_stage`)."""
     dims: dict[str, torch.export.Dim] = {}
     dynamic = []
     for t in spec.inputs:
@@ -151,9 +163,8 @@ def trace_stage(wrapper: torch.nn.Module, spec: StageSpec, args: tuple, opset: i
             wrapper, args, dynamo=True, input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs], dynamic_shapes=tuple(dynamic), opset_version=opset,
             optimize=True, verbose=False)
-    model = program.model_proto
-    del program
-    return model
+    return program
+
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -194,10 +205,10 @@ class _SampleChain:
         return result
 
 
-def _host_sample(loaded, image: np.ndarray, ids, dtype: torch.dtype, layout: Layout) -> dict[str, torch.Tensor]:
-    shape = loaded.shape
+def _host_sample(shape: ModelShape, clip_processor: dict, image: np.ndarray, ids, dtype: torch.dtype,
+                 layout: Layout) -> dict[str, torch.Tensor]:
     host = {
-        "clip_pixels": clip_pixels(image, loaded.image_processor_config).to(dtype),
+        "clip_pixels": clip_pixels(image, clip_processor).to(dtype),
         "sam_pixels": sam_pixels(image, shape.sam.image_size)[0].to(dtype),
         "prefix_ids": torch.tensor(ids.prefix, dtype=torch.long),
         "suffix_ids": torch.tensor(ids.suffix, dtype=torch.long),
@@ -211,6 +222,65 @@ def _host_sample(loaded, image: np.ndarray, ids, dtype: torch.dtype, layout: Lay
         masks[1, g // 2:, g // 3:] = 1
         host["instance_masks"] = masks
     return host
+
+
+def spec_feed(spec: StageSpec, layout: Layout, host: dict[str, torch.Tensor], seg_token_id: int,
+              seed: int = 0) -> tuple:
+    """A stage's feed built from the layout alone, for tracing without running the model (trace_only).
+
+    Named dims take their profile `opt`, at least 2 (torch.export specialises sizes 0 and 1); host
+    inputs are the real sample's (rows repeated to the dim's size); other floats are seeded normal
+    values, and integer inputs get valid indices for what they index (rows, tokens, positions).
+
+    Args:
+        spec (StageSpec): the stage.
+        layout (Layout): its layout (dim profiles, host inputs).
+        host (dict[str, Tensor]): the host sample (`_host_sample`), e.g. prefix_ids, clip_pixels.
+        seg_token_id (int): token id fed to a decode step.
+        seed (int): generator seed for the float inputs. Defaults to 0.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dims = {name: max(2, r.opt) for name, r in layout.dims.items()}  # prefix/suffix_len opt: the sample's
+    sizes = {t.name: tuple(_dim_size(d, dims) for d in t.shape) for t in spec.inputs}
+    n_image = layout.stage("vision").outputs[0].shape[0]  # image_embeds [N, H]
+    args = []
+    for t in spec.inputs:
+        size = sizes[t.name]
+        src = t.source_for(layout.modes[0])
+        if src.startswith("host.") and src[5:] in host:
+            x = host[src[5:]]
+            for axis, n in enumerate(size):  # repeat rows to the dim's size, as _SampleChain does for num_seg
+                x = x.index_select(axis, torch.arange(n) % x.shape[axis]) if x.shape[axis] != n else x
+        elif t.dtype != "int64":
+            x = torch.randn(size, generator=gen).to(getattr(torch, t.dtype))
+        else:
+            x = _index_input(t.name, size, sizes, n_image, dims, seg_token_id)
+        args.append(x)
+    return tuple(args)
+
+
+def _dim_size(d, dims: dict[str, int]) -> int:
+    if isinstance(d, int):
+        return d
+    if d in dims:
+        return dims[d]
+    # An expression of named dims, e.g. "prefix_len + 64 + suffix_len" (generate-mode KV lengths).
+    return sum(int(term) if term.strip().isdigit() else dims[term.strip()] for term in d.split("+"))
+
+
+def _index_input(name: str, size: tuple[int, ...], sizes: dict[str, tuple], n_image: int, dims: dict[str, int],
+                 seg_token_id: int) -> torch.Tensor:
+    """Valid values for an integer stage input that no host sample provides."""
+    (n,) = size
+    if name in ("image_indices", "image_indices_out"):  # distinct image-token indices, ascending
+        return torch.arange(n) * (n_image // n)
+    if name == "assign":  # each image token's representative: a position in this stage's image_indices
+        return torch.arange(n) % sizes["image_indices"][0]
+    if name == "token_ids":
+        return torch.full((n,), seg_token_id, dtype=torch.long)
+    if name == "position":  # the next position after the prompt
+        return torch.tensor([dims["prefix_len"] + n_image + dims["suffix_len"]])
+    raise internal_error(f"spec_feed: no rule for integer input {name!r}; add one to exporter.export._index_input")
 
 
 def _ort_check(path: Path, spec: StageSpec, args: tuple, expected: dict[str, torch.Tensor], precision: str) -> dict:
@@ -243,17 +313,94 @@ def _ort_check(path: Path, spec: StageSpec, args: tuple, expected: dict[str, tor
     return {"max_abs": worst, "outputs": report}
 
 
-def _write_stage(model_proto, spec: StageSpec, art: Path, threshold: int) -> dict[str, str]:
-    """Passes, checks, atomic save. Returns {relpath: sha256} of the graph and its data file."""
+def _write_stage(program, spec: StageSpec, art: Path, threshold: int, release: Callable[[], None] = lambda: None,
+                 ) -> dict[str, str]:
+    """Passes, checks, atomic save of a traced stage. Returns {relpath: sha256} of the graph and its data file.
+
+    The graph never exists as one protobuf with its weights until the end (the in-memory ONNX APIs copy
+    a model several times, and cannot take one over 2 GB): the weights stream to a data file one tensor
+    at a time, the passes and checks run on the graph alone, and a graph under `threshold` is then
+    inlined into one .onnx; over it, it keeps `<stage>.onnx.data` beside it.
+
+        ONNXProgram --save(external data)--> tmp/<stage>.onnx + tmp/<stage>.onnx.data   (then `release()`)
+            --load graph only--> passes + checks --> graphs/<stage>.onnx(.data), data renamed first, graph last
+
+    Args:
+        program (torch.onnx.ONNXProgram): from `trace_program`.
+        spec (StageSpec): the stage.
+        art (Path): artifact directory.
+        threshold (int): serialized size above which weights stay external.
+        release (callable): called once the weights are written (the caller may drop them). Defaults to a no-op.
+    """
+    (art / "graphs").mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(dir=art / "graphs", prefix=f".{spec.name}."))  # same filesystem: renames
+    graph = tmpdir / f"{spec.name}.onnx"
+    try:
+        _contiguous_on_save(program.model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program.save(graph, external_data=True)
+        del program
+        _forget_rewriter_matches()
+        release()
+        model_proto = _graph_passes(onnx_passes.load_graph(graph), spec)
+        graph.write_bytes(model_proto.SerializeToString())
+        onnx_checks.check_model(graph)  # path based, beside its data: what is installed next, byte for byte
+        written = onnx_passes.save_with_external_data(model_proto, art / f"graphs/{spec.name}.onnx",
+                                                      graph.with_name(graph.name + ".data"),
+                                                      inline_threshold_bytes=threshold)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    written.sort(key=lambda p: p.suffix != ".onnx")  # the graph first, as mf.graph_files lists it
+    return {p.relative_to(art).as_posix(): mf.file_sha256(p) for p in written}
+
+
+def _forget_rewriter_matches() -> None:
+    """Drop what onnxscript's rewrite rules remember of the last graph they matched.
+
+    The rules are module-level objects whose matchers keep their last graph, node and bindings; through
+    them a traced graph, and every weight it ever referenced, outlives its export: each stage's weights
+    would stay in memory until the next stage's optimiser overwrote them. Skipped if onnxscript moves them.
+    """
+    try:
+        from onnxscript.rewriter._basics import MatchResult
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if issubclass(type(obj), PatternMatcher):  # type(), not isinstance: no __class__ lookups (some warn)
+            for attr in ("_graph", "_current_node", "_tracer"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
+            if hasattr(obj, "_match"):
+                obj._match = MatchResult()
+
+
+def _contiguous_on_save(model) -> None:
+    """Make folded weights contiguous as they are written, one at a time.
+
+    The optimizer folds `Transpose(W)` into a strided numpy view of W, which numpy's `tofile` (what the
+    external-data writer calls) writes one element at a time: about 20 MB/s here, most of an LLM
+    stage's export. A lazy tensor copies each to C order only when it is written.
+    """
+    import onnx_ir as ir
+
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if isinstance(t, ir.Tensor) and isinstance(t.raw, np.ndarray) and not t.raw.flags.c_contiguous:
+            value.const_value = ir.LazyTensor(
+                lambda a=t.raw, dtype=t.dtype, name=t.name: ir.Tensor(np.ascontiguousarray(a), dtype=dtype, name=name),
+                dtype=t.dtype, shape=t.shape, name=t.name)
+
+
+def _graph_passes(model_proto, spec: StageSpec):
+    """Dim names, shape inference, fp16 upcasts and the in-memory checks (weights need not be loaded)."""
     model_proto = onnx_passes.rename_dims(model_proto, spec)
     model_proto = onnx_passes.infer_shapes(model_proto)
     if any(t.dtype == "float16" for t in spec.outputs):
         model_proto = onnx_passes.infer_shapes(onnx_passes.upcast_sensitive_ops(model_proto))
     onnx_checks.check_model_proto(model_proto, spec)
-    rel = f"graphs/{spec.name}.onnx"
-    onnx_passes.save_model(model_proto, art / rel, external_data_threshold_bytes=threshold)
-    onnx_checks.check_model(art / rel)
-    return mf.graph_files(art, rel)
+    return model_proto
 
 
 # -- the export -------------------------------------------------------------------------------
@@ -262,11 +409,14 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
                     command: str = "", progress: Callable[[str], None] | None = None) -> Path:
     """Export every stage graph of `schedule` and write the manifest. Returns the artifact dir.
 
+    Weights stream: the model is built on `meta` and each stage reads only the checkpoint tensors its
+    wrapper touches (`exporter.streaming`), so memory holds one stage's weights, not the model's.
+
     Args:
         checkpoint (path): LISA checkpoint directory.
         schedule (Schedule): resolved against the checkpoint's model.
         out (path): artifact directory (created; an existing artifact is updated incrementally).
-        options (ExportOptions): precision, mode, opset and bounds. Defaults to ExportOptions().
+        options (ExportOptions): precision, mode, opset, bounds, trace_only. Defaults to ExportOptions().
         vision_tower (path | None): CLIP directory. Defaults to the checkpoint config's.
         command (str): the command line that regenerates this artifact (recorded in the manifest).
         progress (callable | None): called with one line per stage. Defaults to silent.
@@ -293,50 +443,21 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
                            + [p for p in cfg.clip_dir.iterdir() if p.is_file()])
     versions, code = mf.package_versions(), _code_hash()
     keys = {s.name: stage_key(s, schedule, shape, options, weights, versions, code, seg_id) for s in layout.stages}
-    reuse = _reusable(art, keys)
+    reuse = _reusable(art, keys, need_parity=not options.trace_only)
     todo = [s for s in layout.stages if s.name not in reuse]
     say(f"export: {len(layout.stages)} stages ({', '.join(s.name for s in layout.stages)}); "
-        f"{len(reuse)} unchanged, {len(todo)} to export")
+        f"{len(reuse)} unchanged, {len(todo)} to export" + (" (trace only: no parity check)" if options.trace_only else ""))
 
     parity: dict[str, dict] = {name: entry.get("export_parity", {}) for name, entry in reuse.items()}
     files: dict[str, dict[str, str]] = {name: entry["files"] for name, entry in reuse.items()}
     if todo:
         mf.invalidate(art)  # from here until the manifest is rewritten, the directory is not an artifact
-        t0 = time.perf_counter()
-        loaded = load_checkpoint(cfg.ckpt_dir, vision_tower, attn="eager", dtype=TORCH_DTYPES[options.precision])
-        say(f"export: loaded {cfg.ckpt_dir} ({options.precision}) in {time.perf_counter() - t0:.1f}s")
-        chain = _SampleChain(loaded.model, schedule, layout, seg_id,
-                             _host_sample(loaded, sample_image(), ids, TORCH_DTYPES[options.precision], layout))
-        cache = GraphCache(options.cache_dir) if options.cache_dir else None
-        todo_names = {s.name for s in todo}
-        needed = _needed_stages(layout, todo_names)
-        done = 0
-        for spec in (s for s in layout.stages if s.name in needed):
-            wrapper = make_wrapper(loaded.model, schedule, spec, seg_id)
-            args = chain.feed(spec)
-            expected = chain.run(spec, wrapper, args)
-            if spec.name not in todo_names:
-                continue
-            t0 = time.perf_counter()
-            hit = cache.get(keys[spec.name], art) if cache else None
-            if hit:
-                files[spec.name] = {rel: mf.file_sha256(art / rel) for rel in hit[0]}
-                parity[spec.name] = hit[1]
-                how = "from the graph cache"
-            else:
-                proto = trace_stage(wrapper, spec, args, options.opset)
-                files[spec.name] = _write_stage(proto, spec, art, options.external_data_threshold)
-                del proto
-                gc.collect()
-                parity[spec.name] = _ort_check(art / f"graphs/{spec.name}.onnx", spec, args, expected,
-                                               options.precision)
-                if cache:
-                    cache.put(keys[spec.name], art, list(files[spec.name]), parity[spec.name])
-                how = f"ONNX Runtime vs torch max abs {parity[spec.name]['max_abs']:.2e}"
-            done += 1
-            say(f"export: [{done}/{len(todo)}] {spec.name}: {time.perf_counter() - t0:.1f}s, {how}")
-        del chain, loaded
-        gc.collect()
+        processor = read_clip_processor_config(cfg.clip_dir, shape)
+        host = _host_sample(shape, processor, sample_image(), ids, TORCH_DTYPES[options.precision], layout)
+        run = _StageRun(art=art, schedule=schedule, layout=layout, options=options, seg_id=seg_id, keys=keys,
+                        host=host, files=files, parity=parity, say=say,
+                        cache=GraphCache(options.cache_dir) if options.cache_dir else None)
+        run.export(cfg, [s.name for s in todo])
 
     _copy_tokenizer(cfg.ckpt_dir, art / "tokenizer")
     manifest = mf.new_manifest(
@@ -360,8 +481,98 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
         if parity.get(entry["name"]):
             entry["export_parity"] = parity[entry["name"]]
     mf.write_manifest(art, manifest)
+    unchecked = [name for name, p in parity.items() if not parity_checked(p)]
+    if unchecked:
+        say(f"export: parity NOT checked for {', '.join(unchecked)} (trace only); check it with: csprt validate {art}")
     say(f"export: wrote {art / mf.MANIFEST_NAME}")
     return art
+
+
+def parity_checked(record: dict) -> bool:
+    """False for the `export_parity` record of a stage exported with `trace_only` (not compared with torch)."""
+    return record.get("checked") is not False
+
+
+def _unchecked_parity(art: Path) -> dict:
+    return {"checked": False,
+            "reason": "trace-only export: traced on inputs synthesised from the layout; ONNX Runtime was not "
+                      "compared with torch",
+            "check_with": f"csprt validate {art}"}
+
+
+@dataclass
+class _StageRun:
+    """The per-stage loop of `export_artifact`: hold the stage's weights, feed, trace, save, check."""
+
+    art: Path
+    schedule: Schedule
+    layout: Layout
+    options: ExportOptions
+    seg_id: int
+    keys: dict[str, str]
+    host: dict[str, torch.Tensor]
+    files: dict[str, dict[str, str]]
+    parity: dict[str, dict]
+    say: Callable[[str], None]
+    cache: GraphCache | None = None
+
+    def export(self, cfg, todo: list[str]) -> None:
+        """Export the stages named in `todo` (in layout order) from the checkpoint of `cfg`."""
+        t0 = time.perf_counter()
+        staged = StagedWeights(cfg.shape, cfg.ckpt_dir, cfg.clip_dir, TORCH_DTYPES[self.options.precision])
+        self.say(f"export: opened {cfg.ckpt_dir} ({self.options.precision}; {staged.total_tensors} tensors, read "
+                 f"per stage) in {time.perf_counter() - t0:.1f}s")
+        chain = None if self.options.trace_only else _SampleChain(
+            staged.model, self.schedule, self.layout, self.seg_id, self.host)
+        # Trace-only stages are independent; checked ones need the eager outputs of the stages feeding them.
+        needed = set(todo) if chain is None else _needed_stages(self.layout, set(todo))
+        done = 0
+        for spec in (s for s in self.layout.stages if s.name in needed):
+            t0 = time.perf_counter()
+            how = self._stage(spec, staged, chain, spec.name in todo)
+            if how:
+                done += 1
+                self.say(f"export: [{done}/{len(todo)}] {spec.name}: {time.perf_counter() - t0:.1f}s, {how}")
+        staged.hold((), "done")
+        del chain, staged
+        gc.collect()
+
+    def _stage(self, spec: StageSpec, staged: StagedWeights, chain: _SampleChain | None, todo: bool) -> str:
+        """One stage; returns the progress note, or "" when it only ran to feed later stages."""
+        name = spec.name
+        hit = self.cache.get(self.keys[name], self.art) if self.cache and todo else None
+        if hit and chain is None:
+            self.files[name] = {rel: mf.file_sha256(self.art / rel) for rel in hit[0]}
+            self.parity[name] = hit[1] if parity_checked(hit[1]) else _unchecked_parity(self.art)
+            return "from the graph cache"
+        make = lambda model: make_wrapper(model, self.schedule, spec, self.seg_id)  # noqa: E731
+        args = chain.feed(spec) if chain else spec_feed(spec, self.layout, self.host, self.seg_id)
+        staged.hold(staged.used_by(make, args), name)
+        wrapper = make(staged.model)
+        expected = chain.run(spec, wrapper, args) if chain else None
+        if not todo:
+            return ""
+        if hit:
+            self.files[name] = {rel: mf.file_sha256(self.art / rel) for rel in hit[0]}
+            # A cache entry from a trace-only export is checked now: the feed and torch outputs are at hand.
+            self.parity[name] = hit[1] if parity_checked(hit[1]) else self._check(spec, args, expected)
+            return "from the graph cache"
+        program = trace_program(wrapper, spec, args, self.options.opset)
+        del wrapper
+        self.files[name] = _write_stage(program, spec, self.art, self.options.external_data_threshold,
+                                        release=lambda: staged.hold((), f"{name} written"))
+        del program
+        gc.collect()
+        self.parity[name] = self._check(spec, args, expected) if chain else _unchecked_parity(self.art)
+        if self.cache:
+            self.cache.put(self.keys[name], self.art, list(self.files[name]), self.parity[name])
+        if chain is None:
+            return "traced only (parity not checked)"
+        return f"ONNX Runtime vs torch max abs {self.parity[name]['max_abs']:.2e}"
+
+    def _check(self, spec: StageSpec, args: tuple, expected: dict) -> dict:
+        return {"checked": True, **_ort_check(self.art / f"graphs/{spec.name}.onnx", spec, args, expected,
+                                              self.options.precision)}
 
 
 def _needed_stages(layout: Layout, todo: set[str]) -> set[str]:
@@ -379,11 +590,14 @@ def _needed_stages(layout: Layout, todo: set[str]) -> set[str]:
     return need
 
 
-def _reusable(art: Path, keys: dict[str, str]) -> dict[str, dict]:
-    """Manifest entries of stages whose key matches and whose files are intact."""
+def _reusable(art: Path, keys: dict[str, str], need_parity: bool) -> dict[str, dict]:
+    """Manifest entries of stages whose key matches and whose files are intact (and, with `need_parity`,
+    whose parity was checked: a checked export re-exports what a trace-only one left unchecked)."""
     previous = mf.read_manifest(art)
     out = {}
     for entry in (previous or {}).get("stages", []):
+        if need_parity and not parity_checked(entry.get("export_parity", {})):
+            continue
         if mf.reusable_files(previous, art, entry["name"], keys.get(entry["name"], "")) is not None:
             out[entry["name"]] = entry
     return out

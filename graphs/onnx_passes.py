@@ -1,10 +1,18 @@
 """Passes on exported stage graphs: shape inference, optimisation, dim names, atomic save (external data
 over 2 GB), and the fp16 report. No torch here.
 
-The exporter runs, per stage:
+The exporter runs, per stage (torch.onnx.export optimises the graph itself):
 
-    torch.onnx.export(dynamo=True).model_proto -> optimize -> rename_dims(stage_dim_names(spec))
-        -> save_model(graphs/<stage>.onnx) -> onnx_checks.check_all
+    torch.onnx.export(dynamo=True) -> rename_dims(stage_dim_names(spec)) -> infer_shapes
+        -> upcast_sensitive_ops (fp16) -> onnx_checks.check_model_proto -> save -> onnx_checks.check_model
+
+with the weights kept out of the passes (they copy a model several times, and a ModelProto over 2 GB
+cannot be serialised at all): the exporter writes the weights to a data file first, and the passes
+run on the graph alone:
+
+    ONNXProgram.save(external data) -> load_graph -> rename_dims ... check_model_proto
+        -> save_with_external_data (inline .onnx up to the threshold, else .onnx + .onnx.data)
+        -> onnx_checks.check_model (path based)
 
 Functions that take a ModelProto whose tensors live in external files expect them loaded
 (`onnx.load(path)`), except where the docstring says otherwise.
@@ -27,6 +35,7 @@ from graphs.errors import internal_error
 from graphs.stages import StageSpec
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20  # protobuf's 2 GiB limit, less 1 MiB of headroom for the graph itself
+PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF  # the largest ModelProto the in-memory ONNX APIs take (tests lower it)
 MIN_EXTERNAL_TENSOR_BYTES = 1024  # smaller tensors (shape constants) stay inline, as onnx.save does
 FP16_SENSITIVE_OPS = ("Softmax", "ReduceMean", "LayerNormalization", "Pow")
 
@@ -94,15 +103,21 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference (non-strict, with data propagation); returns a new model.
 
     Models over 2 GB go through a temp file (`infer_shapes_path`), as the in-memory API cannot serialise them.
+    A graph loaded without its external data (`load_graph`) is small and stays in memory: inference needs
+    only the initializers' dims, which the graph keeps.
     """
     kw = {"check_type": False, "strict_mode": False, "data_prop": True}
-    if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
+    if model.ByteSize() < PROTOBUF_LIMIT:
         return onnx.shape_inference.infer_shapes(model, **kw)
+    graph_only = any(ext.uses_external_data(t) for t in iter_tensors(model))
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp, "model.onnx"), Path(tmp, "inferred.onnx")
-        save_model(model, src, external_data_threshold_bytes=0)
+        if graph_only:  # its weights are elsewhere already; the graph alone is small enough to write
+            src.write_bytes(model.SerializeToString())
+        else:
+            save_model(model, src, external_data_threshold_bytes=0)
         onnx.shape_inference.infer_shapes_path(str(src), str(dst), **kw)
-        return onnx.load(str(dst))  # loads the external data while the temp dir exists
+        return onnx.load(str(dst), load_external_data=not graph_only)  # data loaded while the temp dir exists
 
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -212,6 +227,186 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return [data, path]
+
+
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """A saved graph without its external data: nodes, I/O, value_info and initializer dims (cheap for any size)."""
+    return onnx.load(str(path), load_external_data=False)
+
+
+def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike, data_file: str | os.PathLike,
+                            inline_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+    """Install a graph whose weights are already written to `data_file` (its tensors refer to
+    `<path.name>.data`, relative, as `ONNXProgram.save(external_data=True)` writes them).
+
+    Up to `inline_threshold_bytes` (the inline file's size) one .onnx is written with the weights inline,
+    streamed a tensor at a time (`_Inliner`: byte for byte what `model.SerializeToString()` gives once the
+    data is loaded, without holding it); over it, `data_file` is renamed to `<path>.data` and then the
+    graph is written, both atomically and in that order (as `save_model`), so an interrupted save never
+    leaves a .onnx that points at missing data.
+
+    Args:
+        model (onnx.ModelProto): the graph, loaded without its external data (`load_graph`).
+        path (str or PathLike): e.g. out/graphs/llm_0.onnx.
+        data_file (str or PathLike): the written weights, named `<path.name>.data`, on the same filesystem:
+            renamed into place when kept external, left for the caller to delete when inlined.
+        inline_threshold_bytes (int): largest graph kept as one file. Defaults to 2 GiB - 1 MiB (protobuf's limit).
+
+    Returns:
+        list[Path]: the files written, as `save_model`.
+    """
+    path, data_file = Path(path), Path(data_file)
+    data = path.with_name(path.name + ".data")
+    wrong = sorted({loc for loc in external_data_locations(model) if loc != data.name})
+    if wrong:
+        raise internal_error(f"save_with_external_data({path}): tensors refer to {wrong}, not {data.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data_file.name != data.name:
+        raise internal_error(f"save_with_external_data({path}): data file {data_file.name!r} is not {data.name!r}")
+    inline = _Inliner(model, data_file.parent)
+    if inline.size <= inline_threshold_bytes:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            inline.write(f)
+        data.unlink(missing_ok=True)  # left by an earlier, larger export; nothing references it now
+        return [path]
+    with open(data_file, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(data_file, data)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(model.SerializeToString())
+    return [data, path]
+
+
+# Protobuf wire format: a field is a varint key (number << 3 | wire type) and its payload; ONNX's
+# ModelProto.graph is field 7 and GraphProto.initializer field 5, both length-delimited (wire type 2).
+_LEN = 2
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        byte = buf[pos]
+        n |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return n, pos
+
+
+def _split_before(buf: bytes, number: int) -> int:
+    """Offset of the first field numbered above `number` in a serialized message (protobuf writes fields
+    in number order, so a field `number` spliced in here lands where serialising it with the rest would)."""
+    pos = 0
+    while pos < len(buf):
+        key, p = _read_varint(buf, pos)
+        if key >> 3 > number:
+            return pos
+        wire = key & 7
+        if wire == 0:
+            p = _read_varint(buf, p)[1]
+        elif wire == 1:
+            p += 8
+        elif wire == _LEN:
+            n, p = _read_varint(buf, p)
+            p += n
+        elif wire == 5:
+            p += 4
+        else:
+            raise internal_error(f"protobuf wire type {wire} in an ONNX message")
+        pos = p
+    return len(buf)
+
+
+def _tensors_outside_initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for g in iter_graphs(model.graph):
+        if g is not model.graph:
+            yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+
+
+class _Inliner:
+    """Writes a graph whose initializers live in an external file as one inline ModelProto, streaming the
+    initializers one at a time, so a 2 GB graph never sits in memory (nor its ~5x serialisation buffers).
+
+        model (graph field 7 cleared) = M_head | M_tail        split at field 7
+        graph (initializers cleared)  = G_head | G_tail        split at field 5
+        file = M_head, key 7, len, G_head, (key 5, len, tensor with raw_data) per initializer, G_tail, M_tail
+
+    Args:
+        model (onnx.ModelProto): loaded without external data; initializers may refer to files in `data_dir`.
+        data_dir (Path): directory the external locations are relative to.
+    """
+
+    def __init__(self, model: onnx.ModelProto, data_dir: Path):
+        self.data_dir = data_dir
+        self.inits = list(model.graph.initializer)
+        for t in _tensors_outside_initializers(model):  # Constant values, subgraphs: rare and small, load them
+            if ext.uses_external_data(t):
+                ext.load_external_data_for_tensor(t, str(data_dir))
+                t.ClearField("data_location")
+        shell, graph = onnx.ModelProto(), onnx.GraphProto()
+        shell.CopyFrom(model)
+        shell.ClearField("graph")
+        graph.CopyFrom(model.graph)
+        graph.ClearField("initializer")
+        m, g = shell.SerializeToString(), graph.SerializeToString()
+        self.m_split, self.g_split = _split_before(m, _MODEL_GRAPH), _split_before(g, _GRAPH_INITIALIZER)
+        self.m, self.g = m, g
+        self.sizes = [self._size(t) for t in self.inits]
+        self.graph_size = len(g) + sum(1 + len(_varint(n)) + n for n in self.sizes)
+        self.size = len(m) + 1 + len(_varint(self.graph_size)) + self.graph_size
+
+    @staticmethod
+    def _shell(t: onnx.TensorProto) -> onnx.TensorProto:
+        out = onnx.TensorProto()
+        out.CopyFrom(t)
+        out.ClearField("external_data")
+        out.ClearField("data_location")
+        return out
+
+    def _size(self, t: onnx.TensorProto) -> int:
+        if not ext.uses_external_data(t):
+            return t.ByteSize()
+        n = ext.ExternalDataInfo(t).length
+        if n is None:
+            raise internal_error(f"external tensor {t.name!r} has no length")
+        return self._shell(t).ByteSize() + len(_varint(_TENSOR_RAW_DATA << 3 | _LEN)) + len(_varint(n)) + n
+
+    def _tensor_bytes(self, t: onnx.TensorProto) -> bytes:
+        if not ext.uses_external_data(t):
+            return t.SerializeToString()
+        info = ext.ExternalDataInfo(t)
+        shell = self._shell(t)
+        with open(self.data_dir / info.location, "rb") as f:
+            f.seek(info.offset or 0)
+            shell.raw_data = f.read(info.length)
+        return shell.SerializeToString()
+
+    def write(self, f) -> None:
+        m, g = self.m, self.g
+        f.write(m[:self.m_split] + _varint(_MODEL_GRAPH << 3 | _LEN) + _varint(self.graph_size) + g[:self.g_split])
+        key = _varint(_GRAPH_INITIALIZER << 3 | _LEN)
+        for t, n in zip(self.inits, self.sizes):
+            data = self._tensor_bytes(t)
+            if len(data) != n:
+                raise internal_error(f"inlining {t.name!r}: {len(data)} bytes, expected {n}")
+            f.write(key + _varint(n))
+            f.write(data)
+            del data
+        f.write(g[self.g_split:] + m[self.m_split:])
 
 
 UPCAST_OPS = ("Softmax", "ReduceMean")  # reductions whose fp16 accumulation loses masks and attention ranks

@@ -69,3 +69,23 @@ def tokenize_prompt(tokenizer, query: str, mode: str, n_image_tokens: int, max_p
     if mode == "single-pass" and not ids.seg_suffix_positions():
         raise InputError("the single-pass prompt lost its [SEG] token in tokenisation; check the tokenizer")
     return ids
+
+
+def query_of_length(tokenizer, text_tokens: int, mode: str, n_image_tokens: int, max_positions: int) -> str:
+    """A benchmark query whose prompt has about `text_tokens` text tokens (prefix + suffix; at least the template's).
+
+    Pads "Where is the cat?" with words until the tokenised prompt reaches the length, so a benchmark
+    drives every backend through the same tokenizer with the same ids.
+    """
+    base = "Where is the cat?"
+    words, query = 0, base
+    step = 16
+    while True:
+        ids = tokenize_prompt(tokenizer, query, mode, n_image_tokens, max_positions)
+        have = len(ids.prefix) + len(ids.suffix)
+        if have >= text_tokens:
+            if step == 1 or words == 0:
+                return query
+            words, step = words - step, max(1, step // 4)  # overshot: back off and go finer
+        words += step
+        query = base + " cat" * words

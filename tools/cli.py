@@ -21,6 +21,9 @@ COMMANDS = {
     "build": "tools.build",
     "run": "tools.run",
     "validate": "tools.validate",
+    "bench": "tools.bench",
+    "serve": "tools.serve",
+    "triton-repo": "tools.triton_repo",
 }
 
 

@@ -27,6 +27,10 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--max-seg", type=int, default=None, help="most [SEG] tokens per request. Defaults to 8.")
     p.add_argument("--cache", type=Path, default=None,
                    help="graph cache directory shared between exports (same graphs are copied, not re-traced)")
+    p.add_argument("--trace-only", action="store_true", default=None,
+                   help="do not run the model: trace each stage on inputs built from the layout and skip the "
+                        "ONNX Runtime parity check, for models too big to run on this host (e.g. LISA-7B on a "
+                        "CPU). The manifest records the stages as unchecked; check them later with csprt validate.")
     add_schedule_args(p)
     p.set_defaults(func=run)
 
@@ -39,6 +43,8 @@ def _command(args: argparse.Namespace) -> str:
         value = getattr(args, flag, None)
         if value is not None:
             words += [f"--{flag.replace('_', '-')}", str(value)]
+    if getattr(args, "trace_only", None):
+        words.append("--trace-only")
     return shlex.join(words)
 
 
@@ -49,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
     schedule = schedule_from_args(args, shape.llm.layers, shape.num_image_tokens)
     given = {k: getattr(args, k) for k in ("opset", "max_text_len", "max_new_tokens", "max_seg")
              if getattr(args, k) is not None}
-    options = ExportOptions(precision=args.precision, mode=args.mode,
+    options = ExportOptions(precision=args.precision, mode=args.mode, trace_only=bool(args.trace_only),
                             cache_dir=str(args.cache) if args.cache else None, **given)
     art = export_artifact(args.checkpoint, schedule, args.out, options, vision_tower=args.vision_tower,
                           command=_command(args), progress=lambda msg: print(f"[csprt] {msg}", file=sys.stderr,
                                                                              flush=True))
-    print(f"artifact: {art} (schedule {schedule.name}, {args.precision}, mode {args.mode})")
+    print(f"artifact: {art} (schedule {schedule.name}, {args.precision}, mode {args.mode}"
+          + (", trace only: parity not checked; run csprt validate" if args.trace_only else "") + ")")
     return 0

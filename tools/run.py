@@ -1,7 +1,7 @@
 """`csprt run`: segment one image for one query and write mask.png, overlay.png, result.json.
 
-TARGET is an exported artifact (runs on ONNX Runtime by default) or a checkpoint directory (runs
-the PyTorch reference).
+TARGET is an exported artifact (runs on ONNX Runtime by default; --backend tensorrt runs its
+`csprt build` engines on an NVIDIA GPU) or a checkpoint directory (runs the PyTorch reference).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from graphs.imageio import load_image, write_mask_png, write_overlay_png
 from graphs.prompt import MODES, prompt_text
 from tools.schedule_args import add_schedule_args, schedule_from_args
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -27,12 +27,15 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--image", type=Path, required=True, help="JPEG/PNG/WebP image, any size")
     p.add_argument("--query", required=True, help="what to segment, e.g. 'Where is the cat?'")
     p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="Defaults to onnxruntime for an artifact, torch for a checkpoint.")
+                   help="tensorrt needs an NVIDIA GPU and engines from csprt build. Defaults to onnxruntime for an "
+                        "artifact, torch for a checkpoint.")
     p.add_argument("--mode", choices=MODES, default="single-pass", help="Defaults to single-pass.")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generate mode only. Defaults to 32 (an artifact: its exported limit, at most 32).")
     p.add_argument("--vision-tower", type=Path, default=None, help="CLIP directory, if config.json does not name a local one")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (torch device or ONNX Runtime provider). Defaults to cpu.")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (torch device, ONNX Runtime provider, TensorRT GPU). Defaults to cpu "
+                        "(cuda for --backend tensorrt).")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="torch backend only. Defaults to fp32.")
     p.add_argument("--instance-masks", type=Path, default=None,
                    help=".npy [M, grid, grid] instance masks for --cluster-method seg_first")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if is_artifact_dir(args.target):
         if args.backend == "torch":
             raise InputError(f"{args.target} is an exported artifact; --backend torch runs a checkpoint directory "
-                             "(pass the checkpoint instead, or choose --backend onnxruntime)")
+                             "(pass the checkpoint instead, or choose --backend onnxruntime or tensorrt)")
         result, masks = _run_artifact(args, image)
     else:
         if args.backend not in (None, "torch"):
@@ -87,7 +90,7 @@ def _run_artifact(args: argparse.Namespace, image):
     limit = session.artifact.layout.loop.max_new_tokens if session.artifact.layout.loop else 0
     max_new = args.max_new_tokens if args.max_new_tokens is not None else min(32, limit)
     _progress(f"artifact {args.target}: schedule {sched.name}, {session.artifact.precision}, "
-              f"{args.mode} on {session.backend}/{args.device}")
+              f"{args.mode} on {session.backend}/{session.device}")
     with session:
         out = session.segment(image, args.query, mode=args.mode, max_new_tokens=max_new if args.mode == "generate" else None,
                               instance_masks=_instance_masks(args.instance_masks))
@@ -104,17 +107,18 @@ def _run_checkpoint(args: argparse.Namespace, image):
     from exporter.reference import Reference
 
     shape = read_checkpoint_config(args.target, args.vision_tower).shape
+    device = args.device or "cpu"
     if args.schedule is None:
         args.schedule = "csp"
     schedule = schedule_from_args(args, shape.llm.layers, shape.num_image_tokens)
     masks_in = _instance_masks(args.instance_masks)
     _progress(f"loading {args.target}")
     loaded = load_checkpoint(args.target, vision_tower=args.vision_tower, dtype=getattr(torch, DTYPES[args.dtype]),
-                             device=args.device)
+                             device=device)
     _progress(f"schedule {schedule.name}: {schedule.avg_image_tokens():.1f} image tokens/layer "
               f"({schedule.reduction_pct():.1f}% saved)")
     ref = Reference(loaded.model, loaded.tokenizer, loaded.image_processor_config, schedule)
-    _progress(f"running {args.mode} on torch/{args.device}")
+    _progress(f"running {args.mode} on torch/{device}")
     max_new = args.max_new_tokens if args.max_new_tokens is not None else 32
     out = ref(image, args.query, mode=args.mode, max_new_tokens=max_new, instance_masks=masks_in)
     result = {"answer": out.answer, "generated_ids": out.generated_ids,

@@ -1,21 +1,30 @@
-"""`csprt validate`: parity of an artifact's backend against the PyTorch reference, per stage and end to end.
+"""`csprt validate`: parity of an artifact's backends against the PyTorch reference and each other.
 
-Per stage: every stage gets the exact feed it received in a pipeline run, on the backend and on the
-stage's torch wrapper, and outputs are compared with Polygraphy's comparator at the manifest's
-tolerances. End to end: the pipeline's masks and generated ids against `exporter.reference`.
-Exits 1 when anything fails.
+Per backend: every stage gets the exact feed it received in that backend's pipeline run, on the backend
+and on the stage's torch wrapper, and outputs are compared with Polygraphy's comparator; end to end,
+the pipeline's masks and generated ids against `exporter.reference`. With several backends
+(--backends onnxruntime,tensorrt), each later one is also compared with the first: per stage on the
+first's recorded feeds, and end to end (mask IoU, mask logits, ids). Tolerances follow the precision
+the backend computes in (`tolerances`). A backend that cannot run here fails before anything loads
+(exit 2); a failed comparison exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from graphs.errors import InputError
+from graphs.errors import InputError, ToolchainError
 
 DEFAULT_QUERY = "Where is the red disc in this picture?"
+# TensorRT builds fp32 engines with TF32 on (the builder default, which csprt build keeps), so their matmuls and
+# convolutions round to fp16's 10-bit mantissa: an fp32 artifact on TensorRT is held to the fp16 tolerances that
+# exporter.export measured for fp16 graphs. Assumed, not yet measured on a GPU. Every other pair: the manifest's.
+_MATH_PRECISION = {("tensorrt", "fp32"): "fp16"}
 
 
 def add_parser(sub, name: str) -> None:
@@ -24,7 +33,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the checkpoint it was exported from. Defaults to the one the manifest records.")
     p.add_argument("--vision-tower", type=Path, default=None, help="CLIP directory, if the checkpoint config does not name one")
-    p.add_argument("--backends", default="onnxruntime", help="comma-separated backends to check. Defaults to onnxruntime.")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends to check, the first is the baseline the others are compared with "
+                        "(onnxruntime, tensorrt; tensorrt needs an NVIDIA GPU and csprt build). Defaults to onnxruntime.")
     p.add_argument("--image", type=Path, default=None, help="image to run. Defaults to a built-in synthetic picture.")
     p.add_argument("--query", default=DEFAULT_QUERY, help=f"Defaults to {DEFAULT_QUERY!r}.")
     p.add_argument("--mode", default=None, help="single-pass or generate. Defaults to every mode the artifact has.")
@@ -39,101 +50,244 @@ def _progress(msg: str) -> None:
     print(f"[csprt validate] {msg}", file=sys.stderr, flush=True)
 
 
-def validate_artifact(art_dir: Path, checkpoint: Path | None = None, vision_tower: Path | None = None,
-                      backend: str = "onnxruntime", image=None, query: str = DEFAULT_QUERY, modes=None,
-                      max_new_tokens: int = 8, stages=None, progress=_progress) -> dict:
-    """The parity report of one backend (see `format_report` for its fields)."""
-    import numpy as np
-    import torch
+def parse_backends(text: str | None) -> list[str]:
+    """"onnxruntime,tensorrt" -> ["onnxruntime", "tensorrt"]; each known, none twice. None: ["onnxruntime"]."""
+    from engines.session import BACKENDS
 
-    from engines.compare import compare, mask_iou
-    from engines.session import ArtifactSession
-    from exporter.checkpoint import load_checkpoint
-    from exporter.export import TORCH_DTYPES, sample_image
-    from exporter.reference import Reference
-    from exporter.torch_runner import TorchStageRunner
+    names = [b.strip() for b in (text or "onnxruntime").split(",") if b.strip()]
+    if not names:
+        raise ToolchainError(f"--backends {text!r}: name at least one of: {', '.join(BACKENDS)}")
+    for b in names:
+        if b not in BACKENDS:
+            raise ToolchainError(f"--backends: unknown backend {b!r}; choose from: {', '.join(BACKENDS)}")
+    twice = sorted({b for b in names if names.count(b) > 1})
+    if twice:
+        raise ToolchainError(f"--backends: {', '.join(twice)} given twice")
+    return names
 
-    from graphs.manifest import check_stage_names
 
-    session = ArtifactSession(art_dir, backend=backend)
-    art = session.artifact
-    if stages is not None:
-        check_stage_names(art, stages)
-    ckpt = checkpoint or Path(art.manifest["export"]["checkpoint"])
-    tower = vision_tower or art.manifest["export"].get("vision_tower")
-    modes = list(modes or art.modes)
-    for mode in modes:
-        session.check_mode(mode)
-    image = sample_image() if image is None else image
-    progress(f"loading reference {ckpt}")
-    ref_ckpt = load_checkpoint(ckpt, tower, attn="eager")
-    if ref_ckpt.shape != art.shape:
-        raise InputError(f"checkpoint {ckpt} does not match artifact {art_dir} (other model dimensions); "
-                         f"pass the checkpoint it was exported from with --checkpoint")
-    stage_model = ref_ckpt.model if art.precision == "fp32" else load_checkpoint(
-        ckpt, tower, attn="eager", dtype=TORCH_DTYPES[art.precision]).model
-    seg_id = art.manifest["tokenizer"]["seg_token_id"]
-    reference = Reference(ref_ckpt.model, ref_ckpt.tokenizer, ref_ckpt.image_processor_config, art.schedule)
-    e2e_tol = art.manifest["tolerances"]["end_to_end"]
-    report = {"artifact": str(art_dir), "checkpoint": str(ckpt), "backend": backend, "precision": art.precision,
-              "schedule": art.schedule.name, "stages": [], "end_to_end": []}
-    with session:
-        for mode in modes:
-            progress(f"{mode}: running the {backend} pipeline")
-            seg = session.segment(image, query, mode=mode, max_new_tokens=max_new_tokens, record=True)
-            for name, feed in seg.pipeline.feeds.items():
-                if stages is not None and name not in stages:
-                    continue
-                stage = art.layout.stage(name)
-                if stage.skip_if_empty and feed[stage.skip_if_empty].size == 0:
-                    continue  # skipped in the run (no [SEG]): nothing ran, nothing to compare
-                entry = art.stage_entry(name)
-                got = session.pipeline.runner(stage).infer(feed)
-                with TorchStageRunner(stage, art.layout.dims, stage_model, art.schedule, seg_id) as torch_runner:
-                    want = torch_runner.infer(feed)
-                cmp = compare(got, want, atol=entry["tolerance"]["atol"], rtol=entry["tolerance"]["rtol"])
-                stats = [s for s in cmp.outputs.values()]
-                report["stages"].append({
-                    "name": name, "mode": mode, "passed": bool(cmp), "max_abs": cmp.max_abs,
-                    "mean_abs": max((s.mean_abs for s in stats), default=0.0),
-                    "p99_abs": max((s.p99_abs for s in stats), default=0.0),
-                    "passing_atol": max((s.passing_atol for s in stats), default=0.0),
-                    "atol": entry["tolerance"]["atol"].get("", 0.0), "outputs": cmp.to_dict()["outputs"]})
-                progress(f"{mode}: {name}: max abs {cmp.max_abs:.2e} {'ok' if cmp else 'FAILED'}")
+def tolerances(art, backend: str) -> dict:
+    """The tolerances `backend` is held to on `art`: {"basis", "end_to_end", "stage": {name: {"atol", "rtol"}}}."""
+    math = _MATH_PRECISION.get((backend, art.precision))
+    if math is None:
+        return {"basis": f"manifest, {art.precision}", "end_to_end": dict(art.manifest["tolerances"]["end_to_end"]),
+                "stage": {s.name: art.stage_entry(s.name)["tolerance"] for s in art.layout.stages}}
+    from exporter.export import E2E_TOLERANCES, STAGE_ATOL, STAGE_RTOL
+
+    return {"basis": f"{math}: {backend} computes a {art.precision} artifact in TF32",
+            "end_to_end": dict(E2E_TOLERANCES[math]),
+            "stage": {s.name: {"atol": {"": STAGE_ATOL[math]}, "rtol": {"": STAGE_RTOL[math]}}
+                      for s in art.layout.stages}}
+
+
+def _looser(art, a: str, b: str) -> dict:
+    ta, tb = tolerances(art, a), tolerances(art, b)
+    return tb if tb["end_to_end"]["mask_logits_atol"] > ta["end_to_end"]["mask_logits_atol"] else ta
+
+
+@dataclass
+class _Reference:
+    """The torch side, loaded once for every backend; its end-to-end outputs cached per mode."""
+
+    checkpoint: Path
+    reference: object          # exporter.reference.Reference (fp32)
+    stage_model: object        # the model at the artifact's precision, for per-stage wrappers
+    seg_id: int
+    outputs: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, art, checkpoint, vision_tower, progress) -> "_Reference":
+        from exporter.checkpoint import load_checkpoint
+        from exporter.export import TORCH_DTYPES
+        from exporter.reference import Reference
+
+        ckpt = checkpoint or Path(art.manifest["export"]["checkpoint"])
+        tower = vision_tower or art.manifest["export"].get("vision_tower")
+        progress(f"loading reference {ckpt}")
+        ref_ckpt = load_checkpoint(ckpt, tower, attn="eager")
+        if ref_ckpt.shape != art.shape:
+            raise InputError(f"checkpoint {ckpt} does not match artifact {art.dir} (other model dimensions); "
+                             f"pass the checkpoint it was exported from with --checkpoint")
+        stage_model = ref_ckpt.model if art.precision == "fp32" else load_checkpoint(
+            ckpt, tower, attn="eager", dtype=TORCH_DTYPES[art.precision]).model
+        reference = Reference(ref_ckpt.model, ref_ckpt.tokenizer, ref_ckpt.image_processor_config, art.schedule)
+        return cls(ckpt, reference, stage_model, art.manifest["tokenizer"]["seg_token_id"])
+
+    def run(self, image, query: str, mode: str, max_new_tokens: int, progress):
+        if mode not in self.outputs:
+            import torch
+
             progress(f"{mode}: running the torch reference")
             with torch.no_grad():
-                ref = reference(image, query, mode=mode, max_new_tokens=max_new_tokens)
-            report["end_to_end"].append(_end_to_end(mode, seg, ref, e2e_tol, mask_iou, np))
-    report["mask_iou"] = min((e["mask_iou"] for e in report["end_to_end"]), default=1.0)
-    report["passed"] = all(s["passed"] for s in report["stages"]) and all(e["passed"] for e in report["end_to_end"])
+                self.outputs[mode] = self.reference(image, query, mode=mode, max_new_tokens=max_new_tokens)
+        return self.outputs[mode]
+
+
+def validate_backends(art_dir: Path, backends=("onnxruntime",), checkpoint: Path | None = None,
+                      vision_tower: Path | None = None, image=None, query: str = DEFAULT_QUERY, modes=None,
+                      max_new_tokens: int = 8, stages=None, progress=_progress) -> dict:
+    """The parity report of `backends` on one artifact (see `format_report` for its fields).
+
+    Every backend is checked (`engines.session.check_backend`) before the reference loads. The report keeps
+    the single-backend keys (artifact, checkpoint, backend = the first, precision, schedule, stages,
+    end_to_end, mask_iou, passed; stage and end-to-end entries gain "backend"), and adds "backends"
+    (name -> that backend's report) and "cross" (each later backend against the first).
+    """
+    from engines.session import ArtifactSession
+    from exporter.export import sample_image
+    from graphs.manifest import check_stage_names
+
+    backends = list(backends)
+    with contextlib.ExitStack() as stack:
+        sessions = {b: stack.enter_context(ArtifactSession(art_dir, backend=b, verify=i == 0))
+                    for i, b in enumerate(backends)}
+        base = sessions[backends[0]]
+        art = base.artifact
+        if stages is not None:
+            check_stage_names(art, stages)
+        modes = list(modes or art.modes)
+        for mode in modes:
+            base.check_mode(mode)
+        image = sample_image() if image is None else image
+        ref = _Reference.load(art, checkpoint, vision_tower, progress)
+        reports, runs = {}, {}
+        for b in backends:
+            reports[b], runs[b] = _check_backend(sessions[b], ref, image, query, modes, max_new_tokens, stages,
+                                                 progress)
+        cross = [_cross(sessions[b], base, runs[b], runs[backends[0]], stages, progress) for b in backends[1:]]
+    first = reports[backends[0]]
+    report = {"artifact": str(art_dir), "checkpoint": str(ref.checkpoint), "backend": backends[0],
+              "precision": art.precision, "schedule": art.schedule.name,
+              "stages": [s for b in backends for s in reports[b]["stages"]],
+              "end_to_end": [e for b in backends for e in reports[b]["end_to_end"]],
+              "tolerance_basis": first["tolerance_basis"], "backends": reports, "cross": cross}
+    report["mask_iou"] = min([e["mask_iou"] for e in report["end_to_end"]]
+                             + [e["mask_iou"] for c in cross for e in c["end_to_end"]], default=1.0)
+    report["passed"] = all(r["passed"] for r in reports.values()) and all(c["passed"] for c in cross)
     return report
 
 
-def _end_to_end(mode: str, seg, ref, tol: dict, mask_iou, np) -> dict:
-    ref_logits = ref.mask_logits.float().cpu().numpy()
+def validate_artifact(art_dir: Path, checkpoint: Path | None = None, vision_tower: Path | None = None,
+                      backend: str = "onnxruntime", image=None, query: str = DEFAULT_QUERY, modes=None,
+                      max_new_tokens: int = 8, stages=None, progress=_progress) -> dict:
+    """The parity report of one backend (`validate_backends` with one backend)."""
+    return validate_backends(art_dir, [backend], checkpoint, vision_tower, image, query, modes, max_new_tokens,
+                             stages, progress)
+
+
+def _compared_feeds(art, seg, stages):
+    """(stage, feed) of every stage that ran in `seg`'s pipeline run, limited to `stages` when given."""
+    for name, feed in seg.pipeline.feeds.items():
+        if stages is not None and name not in stages:
+            continue
+        stage = art.layout.stage(name)
+        if stage.skip_if_empty and feed[stage.skip_if_empty].size == 0:
+            continue  # skipped in the run (no [SEG]): nothing ran, nothing to compare
+        yield stage, feed
+
+
+def _stage_entry(name: str, mode: str, backend: str, cmp, atol: dict) -> dict:
+    stats = list(cmp.outputs.values())
+    return {"name": name, "mode": mode, "backend": backend, "passed": bool(cmp), "max_abs": cmp.max_abs,
+            "mean_abs": max((s.mean_abs for s in stats), default=0.0),
+            "p99_abs": max((s.p99_abs for s in stats), default=0.0),
+            "passing_atol": max((s.passing_atol for s in stats), default=0.0),
+            "atol": atol.get("", 0.0), "outputs": cmp.to_dict()["outputs"]}
+
+
+def _check_backend(session, ref: _Reference, image, query, modes, max_new_tokens, stages, progress):
+    """One backend against the reference: (report, {mode: Segmentation})."""
+    from engines.compare import compare
+    from exporter.torch_runner import TorchStageRunner
+
+    art, backend = session.artifact, session.backend
+    tol = tolerances(art, backend)
+    report = {"backend": backend, "tolerance_basis": tol["basis"], "stages": [], "end_to_end": []}
+    segs = {}
+    for mode in modes:
+        progress(f"{mode}: running the {backend} pipeline")
+        seg = segs[mode] = session.segment(image, query, mode=mode, max_new_tokens=max_new_tokens, record=True)
+        for stage, feed in _compared_feeds(art, seg, stages):
+            got = session.pipeline.runner(stage).infer(feed)
+            with TorchStageRunner(stage, art.layout.dims, ref.stage_model, art.schedule, ref.seg_id) as torch_runner:
+                want = torch_runner.infer(feed)
+            cmp = compare(got, want, **tol["stage"][stage.name])
+            report["stages"].append(_stage_entry(stage.name, mode, backend, cmp, tol["stage"][stage.name]["atol"]))
+            progress(f"{mode}: {backend} {stage.name}: max abs {cmp.max_abs:.2e} {'ok' if cmp else 'FAILED'}")
+        out = ref.run(image, query, mode, max_new_tokens, progress)
+        report["end_to_end"].append({"backend": backend, **_end_to_end(
+            mode, seg, out.mask_logits.float().cpu().numpy(), out.masks, out.generated_ids, tol["end_to_end"])})
+    report["mask_iou"] = min((e["mask_iou"] for e in report["end_to_end"]), default=1.0)
+    report["passed"] = all(s["passed"] for s in report["stages"]) and all(e["passed"] for e in report["end_to_end"])
+    return report, segs
+
+
+def _cross(other, base, other_segs: dict, base_segs: dict, stages, progress) -> dict:
+    """Backend `other` against backend `base`: per stage on `base`'s recorded feeds, and end to end."""
+    from engines.compare import compare
+
+    art = base.artifact
+    tol = _looser(art, base.backend, other.backend)
+    entry = {"backend": other.backend, "against": base.backend, "tolerance_basis": tol["basis"], "stages": [],
+             "end_to_end": []}
+    for mode, base_seg in base_segs.items():
+        for stage, feed in _compared_feeds(art, base_seg, stages):
+            want = base.pipeline.runner(stage).infer(feed)
+            got = other.pipeline.runner(stage).infer(feed)
+            cmp = compare(got, want, **tol["stage"][stage.name])
+            entry["stages"].append(_stage_entry(stage.name, mode, other.backend, cmp, tol["stage"][stage.name]["atol"]))
+            progress(f"{mode}: {other.backend} vs {base.backend} {stage.name}: max abs {cmp.max_abs:.2e} "
+                     f"{'ok' if cmp else 'FAILED'}")
+        entry["end_to_end"].append(_end_to_end(mode, other_segs[mode], base_seg.mask_logits, base_seg.masks,
+                                               base_seg.generated_ids, tol["end_to_end"]))
+    entry["mask_iou"] = min((e["mask_iou"] for e in entry["end_to_end"]), default=1.0)
+    entry["passed"] = all(s["passed"] for s in entry["stages"]) and all(e["passed"] for e in entry["end_to_end"])
+    return entry
+
+
+def _end_to_end(mode: str, seg, ref_logits, ref_masks, ref_ids: list[int], tol: dict) -> dict:
+    """`seg` (a backend's Segmentation) against reference logits [K, H, W], masks [K, H, W] and ids."""
+    import numpy as np
+
+    from engines.compare import mask_iou
+
     same_k = seg.mask_logits.shape == ref_logits.shape
     max_abs = float(np.abs(seg.mask_logits - ref_logits).max()) if same_k and ref_logits.size else 0.0
-    iou = mask_iou(seg.masks.any(axis=0), ref.masks.any(axis=0)) if same_k else 0.0
-    ids_equal = seg.generated_ids == ref.generated_ids
+    iou = mask_iou(seg.masks.any(axis=0), ref_masks.any(axis=0)) if same_k else 0.0
+    ids_equal = list(seg.generated_ids) == list(ref_ids)
     passed = same_k and max_abs <= tol["mask_logits_atol"] and iou >= tol["mask_iou_min"] and ids_equal
-    return {"mode": mode, "num_seg": int(seg.masks.shape[0]), "ref_num_seg": int(ref.masks.shape[0]),
+    return {"mode": mode, "num_seg": int(seg.masks.shape[0]), "ref_num_seg": int(ref_masks.shape[0]),
             "mask_logits_max_abs": max_abs, "mask_logits_atol": tol["mask_logits_atol"], "mask_iou": float(iou),
-            "mask_iou_min": tol["mask_iou_min"], "ids_equal": ids_equal, "generated_ids": seg.generated_ids,
+            "mask_iou_min": tol["mask_iou_min"], "ids_equal": ids_equal, "generated_ids": list(seg.generated_ids),
             "passed": bool(passed)}
 
 
-def format_report(report: dict) -> str:
-    lines = [f"artifact {report['artifact']} ({report['schedule']}, {report['precision']}) on {report['backend']} "
-             f"vs torch reference {report['checkpoint']}"]
-    lines.append(f"  {'stage':<12} {'mode':<12} {'max abs':>10} {'p99 abs':>10} {'passing atol':>13} {'atol':>8}  result")
-    for s in report["stages"]:
+def _stage_lines(entries: list[dict]) -> list[str]:
+    lines = [f"  {'stage':<12} {'mode':<12} {'max abs':>10} {'p99 abs':>10} {'passing atol':>13} {'atol':>8}  result"]
+    for s in entries:
         lines.append(f"  {s['name']:<12} {s['mode']:<12} {s['max_abs']:>10.2e} {s['p99_abs']:>10.2e} "
                      f"{s['passing_atol']:>13.2e} {s['atol']:>8.0e}  {'ok' if s['passed'] else 'FAILED'}")
-    for e in report["end_to_end"]:
-        lines.append(f"  end to end {e['mode']}: [SEG] masks {e['num_seg']} (reference {e['ref_num_seg']}), mask logits "
-                     f"max abs {e['mask_logits_max_abs']:.2e} (atol {e['mask_logits_atol']:g}), mask IoU "
-                     f"{e['mask_iou']:.4f} (min {e['mask_iou_min']:g}), ids {'equal' if e['ids_equal'] else 'DIFFER'}: "
-                     f"{'ok' if e['passed'] else 'FAILED'}")
+    return lines
+
+
+def _e2e_line(e: dict, against: str) -> str:
+    return (f"  end to end {e['mode']}: [SEG] masks {e['num_seg']} ({against} {e['ref_num_seg']}), mask logits "
+            f"max abs {e['mask_logits_max_abs']:.2e} (atol {e['mask_logits_atol']:g}), mask IoU "
+            f"{e['mask_iou']:.4f} (min {e['mask_iou_min']:g}), ids {'equal' if e['ids_equal'] else 'DIFFER'}: "
+            f"{'ok' if e['passed'] else 'FAILED'}")
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for name, r in report["backends"].items():
+        lines.append(f"artifact {report['artifact']} ({report['schedule']}, {report['precision']}) on {name} "
+                     f"vs torch reference {report['checkpoint']} (tolerances: {r['tolerance_basis']})")
+        lines += _stage_lines(r["stages"])
+        lines += [_e2e_line(e, "reference") for e in r["end_to_end"]]
+    for c in report["cross"]:
+        lines.append(f"{c['backend']} vs {c['against']} on the same feeds (tolerances: {c['tolerance_basis']})")
+        lines += _stage_lines(c["stages"])
+        lines += [_e2e_line(e, c["against"]) for e in c["end_to_end"]]
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)
 
@@ -141,19 +295,14 @@ def format_report(report: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from graphs.imageio import load_image
 
+    backends = parse_backends(args.backends)
     image = load_image(args.image) if args.image is not None else None
     modes = [args.mode] if args.mode else None
-    reports = []
-    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-        reports.append(validate_artifact(args.artifact, args.checkpoint, args.vision_tower, backend, image, args.query,
-                                         modes, args.max_new_tokens, stages))
-    report = reports[0] if len(reports) == 1 else {
-        "passed": all(r["passed"] for r in reports), "mask_iou": min(r["mask_iou"] for r in reports),
-        "stages": [s for r in reports for s in r["stages"]], "backends": reports}
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    report = validate_backends(args.artifact, backends, args.checkpoint, args.vision_tower, image, args.query, modes,
+                               args.max_new_tokens, stages)
     if args.json:
         print(json.dumps(report, indent=2, default=float))
     else:
-        for r in reports:
-            print(format_report(r))
+        print(format_report(report))
     return 0 if report["passed"] else 1

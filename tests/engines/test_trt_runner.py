@@ -1,4 +1,5 @@
-"""engines.trt_runner: the buffer plan, engine dims and profile selection on CPU; execution on a GPU (`gpu`, `trt`)."""
+"""engines.trt_runner: the buffer plan, engine dims, profile selection and feed checks on CPU; execution, the
+Pipeline on TensorRT and CUDA-graph decode on a GPU (`gpu`, `trt`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from engines.profiles import InputShapes
-from engines.trt_runner import BufferSpec, buffer_plan, engine_dims, eval_dim, select_profile
+from engines.trt_runner import BufferSpec, buffer_plan, checkable, engine_dims, eval_dim, select_profile
 from exporter.tiny import tiny_shape
 from graphs.errors import InputError
 from graphs.schedule import resolve
@@ -69,6 +70,24 @@ def test_select_profile():
         select_profile(profiles, {"x": (65, 4)})
 
 
+def test_torch_tensors_are_checked_through_a_zero_copy_stand_in():
+    from graphs.runner import bind_dims
+
+    torch = pytest.importorskip("torch")
+    t = torch.zeros((3, 64), dtype=torch.float32)
+    c = checkable(t)
+    assert isinstance(c, np.ndarray) and c.shape == (3, 64) and c.dtype == np.float32 and c.strides == (0, 0)
+    arr = np.zeros(3, np.float32)
+    assert checkable(arr) is arr
+    layout = _layout()
+    assert bind_dims(layout.stage("seg_head"), {"seg_hidden": c}, layout.dims) == {"num_seg": 3}
+    with pytest.raises(InputError, match=r"^stage 'seg_head' input 'seg_hidden': dtype is float16, expected float32$"):
+        bind_dims(layout.stage("seg_head"), {"seg_hidden": checkable(t.half())}, layout.dims)
+    with pytest.raises(InputError, match=r"^x: dtype is torch\.bfloat16, expected one of torch\.float32, "
+                                         r"torch\.float16, torch\.int64$"):
+        checkable(t.bfloat16(), "x")
+
+
 @pytest.mark.trt
 def test_request_outside_the_engine_profile_is_caught_before_execution(export_tiny, tmp_path, monkeypatch):
     from engines.build import build_engines
@@ -83,10 +102,18 @@ def test_request_outside_the_engine_profile_is_caught_before_execution(export_ti
     ran = []
     monkeypatch.setattr(runner, "_activate", lambda: None)  # no GPU here: stop short of deserializing
     monkeypatch.setattr(runner, "_infer", lambda feed: ran.append(feed))
-    with runner, pytest.raises(InputError, match=r"^stage 'seg_head' input 'seg_hidden': dim 'num_seg' is 3, outside "
-                                                 r"the exported range \[1, 2\]; re-export with a larger --max-seg$"):
-        runner.infer({"seg_hidden": np.zeros((3, 64), np.float32)})
+    outside = (r"^stage 'seg_head' input 'seg_hidden': dim 'num_seg' is 3, outside the exported range \[1, 2\]; "
+               r"re-export with a larger --max-seg$")
+    with runner:
+        with pytest.raises(InputError, match=outside):
+            runner.infer({"seg_hidden": np.zeros((3, 64), np.float32)})
+        torch = pytest.importorskip("torch")
+        with pytest.raises(InputError, match=outside):  # a device tensor from the previous stage: same check
+            runner.infer({"seg_hidden": torch.zeros((3, 64))})
+        with pytest.raises(InputError, match=outside):  # the Pipeline's device path
+            runner.enqueue({"seg_hidden": torch.zeros((3, 64))}, stream=None)
     assert ran == []
+    assert runner.graph_mode == "off"  # CUDA graphs are for decode steps only
 
 
 @pytest.mark.trt
@@ -108,7 +135,7 @@ def test_activation_without_a_gpu_says_so(export_tiny, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.trt
-@pytest.mark.parametrize("stage", ["seg_head", "sam_decoder", "sam_encoder", "vision", "llm_0"])
+@pytest.mark.parametrize("stage", ["seg_head", "sam_decoder", "sam_encoder", "vision", "llm_0", "decode"])
 def test_engine_matches_onnxruntime(export_tiny, tmp_path, stage):
     """TensorRT vs ONNX Runtime on one stage, where this GPU is one TensorRT-RTX can target."""
     import torch
@@ -139,3 +166,96 @@ def test_engine_matches_onnxruntime(export_tiny, tmp_path, stage):
         assert got[name].shape == ref.shape, name
         np.testing.assert_allclose(got[name].astype(np.float64), ref.astype(np.float64), atol=2e-2, rtol=2e-2,
                                    err_msg=name)
+
+
+# --- GPU: the Pipeline on TensorRT, and CUDA-graph decode -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpu_art(export_tiny, tmp_path_factory):
+    """The tiny csp artifact (both modes) with every stage engine built for this GPU; built once per module."""
+    import torch
+
+    from engines.build import build_engines, targetable
+    from engines.trt import load_trt
+
+    trt, flavor, _ = load_trt()
+    major, minor = torch.cuda.get_device_capability()
+    if flavor == "tensorrt-rtx" and f"SM{major}{minor}" not in targetable(trt):
+        pytest.skip(f"TensorRT-RTX {trt.__version__} cannot target SM{major}{minor}")
+    art = tmp_path_factory.mktemp("gpu_art") / "art"
+    shutil.copytree(export_tiny("csp", "both"), art)
+    build_engines(art, compute_capabilities=["current"] if flavor == "tensorrt-rtx" else None)
+    return art
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@pytest.mark.parametrize("mode", ["single-pass", "generate"])
+def test_pipeline_matches_onnxruntime(gpu_art, mode):
+    """The whole chain on TensorRT (device-resident, SAM encoder on the side stream) against ONNX Runtime."""
+    import torch
+
+    from engines.compare import mask_iou
+    from engines.session import ArtifactSession
+    from exporter.export import sample_image
+    from exporter.tiny import SEG_QUERY
+    from graphs.manifest import load_artifact
+    from tools.validate import tolerances
+
+    image = sample_image()
+    with ArtifactSession(gpu_art) as ort:
+        want = ort.segment(image, SEG_QUERY, mode=mode, max_new_tokens=8)
+    with ArtifactSession(gpu_art, backend="tensorrt") as rt:
+        got = rt.segment(image, SEG_QUERY, mode=mode, max_new_tokens=8)
+        assert rt.pipeline.chain.plan.stream["sam_encoder"] == "side"
+        kept = {k: v for k, v in got.pipeline.tensors.items() if isinstance(v, torch.Tensor)}
+        assert "vision.image_hidden" in kept and all(v.is_cuda for v in kept.values())  # stayed on the GPU
+        again = rt.segment(image, SEG_QUERY, mode=mode, max_new_tokens=8)  # engines, buffers (and graphs) reused
+    tol = tolerances(load_artifact(gpu_art), "tensorrt")["end_to_end"]
+    assert got.generated_ids == want.generated_ids == again.generated_ids and got.answer == want.answer
+    assert got.masks.shape == want.masks.shape and got.masks.shape[0] == 1
+    assert mask_iou(got.masks.any(0), want.masks.any(0)) >= tol["mask_iou_min"]
+    assert float(np.abs(got.mask_logits - want.mask_logits).max()) <= tol["mask_logits_atol"]
+    np.testing.assert_allclose(again.mask_logits, got.mask_logits, atol=tol["mask_logits_atol"])
+    ran = {s.name for s in load_artifact(gpu_art).layout.sequence(mode)}
+    assert ran - {"decode"} <= set(got.timings_ms) and all(v >= 0 for v in got.timings_ms.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+def test_cuda_graph_decode_matches_plain_decode(gpu_art):
+    """Six decode steps, three times over (manual graphs: plain, then captured, then replayed per shape), against
+    the same engine without graphs."""
+    from engines.session import ArtifactSession
+    from engines.trt_runner import TrtRunner
+    from exporter.export import sample_image
+    from exporter.tiny import SEG_QUERY
+    from graphs.manifest import load_artifact
+
+    layout = load_artifact(gpu_art).layout
+    with ArtifactSession(gpu_art) as ort:
+        first = ort.segment(sample_image(), SEG_QUERY, mode="generate", max_new_tokens=2, record=True)
+    feed0 = first.pipeline.feeds["decode"]
+
+    def steps(runner, n=6):
+        feed, outs = dict(feed0), []
+        for _ in range(n):
+            out = runner.infer(feed)
+            outs.append(out)
+            feed = {k: out[v] for k, v in layout.loop.carry.items()}
+        return outs
+
+    with TrtRunner(layout.stage("decode"), gpu_art, cuda_graphs=False) as plain:
+        assert plain.graph_mode == "off"
+        want = steps(plain)
+    with TrtRunner(layout.stage("decode"), gpu_art) as graphed:
+        assert graphed.graph_mode in ("builtin", "manual")
+        runs = [steps(graphed) for _ in range(3)]
+        if graphed.graph_mode == "manual":
+            assert not graphed.graphs.disabled, f"capture fell back to plain runs: {graphed.graphs.disabled}"
+            assert graphed.graphs.replays == 6 and len(graphed.graphs.graphs) == 6
+    for run in runs:
+        for got_step, want_step in zip(run, want):
+            np.testing.assert_array_equal(got_step["next_token"], want_step["next_token"])
+            for name, ref in want_step.items():
+                np.testing.assert_allclose(got_step[name], ref, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -1,0 +1,95 @@
+"""Benchmarking an artifact's pipeline (ONNX Runtime or TensorRT): timings per stage, the runtime's own cost.
+
+One timed repeat = host preprocessing, `Pipeline.run`, host postprocessing, as `ArtifactSession.segment`
+does, with `Pipeline.run`'s wall time kept apart so the cost between stages (wiring, checks, copies)
+is `pipeline - sum(stage runner times)`. Peak memory is the process RSS sampled during the timed
+repeats (CPU) or the device's high-water mark (CUDA, when torch is present).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from engines.session import ArtifactSession
+from graphs.prompt import query_of_length
+
+
+class PeakRss:
+    """Peak resident set size of this process (MiB) while the block runs, sampled every `interval` s."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_mib = interval, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakRss":
+        import psutil
+
+        proc = psutil.Process()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak_mib = max(self.peak_mib, proc.memory_info().rss / 2**20)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_image(h: int = 480, w: int = 640) -> np.ndarray:
+    """A fixed random photo-sized image (random pixels: no stage can short-cut on constant input)."""
+    return np.random.default_rng(0).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def bench_session(session: ArtifactSession, text_tokens: int, mode: str = "single-pass", repeat: int = 10,
+                  warmup: int = 2, max_new_tokens: int | None = None, image: np.ndarray | None = None) -> dict:
+    """Time `repeat` segmentations (after `warmup`) of one artifact session.
+
+    Returns:
+        dict with runs (stage -> ms per repeat), e2e_ms, pipeline_ms, image_tokens_per_layer,
+        text_tokens (as tokenised), peak_memory_mib and decode_steps: `graphs.bench_report.make_record`'s inputs.
+    """
+    image = bench_image() if image is None else image
+    shape = session.host.shape
+    query = query_of_length(session.host.tokenizer, text_tokens, mode, shape.num_image_tokens, shape.llm.max_positions)
+    session.check_mode(mode)
+    if mode == "generate" and max_new_tokens is None:
+        max_new_tokens = min(16, session.artifact.layout.loop.max_new_tokens)
+
+    def once():
+        t0 = time.perf_counter()
+        feed, meta = session.host.inputs(image, query, mode)
+        t1 = time.perf_counter()
+        result = session.pipeline.run(feed, mode, max_new_tokens=max_new_tokens)
+        t2 = time.perf_counter()
+        masks = result.outputs.get("masks")
+        if masks is not None and masks.shape[0]:
+            session.host.masks(masks, meta)
+        t3 = time.perf_counter()
+        timings = {k: float(v) for k, v in result.timings_ms.items() if k != "decode_steps"}
+        timings["preprocess"], timings["postprocess"] = 1e3 * (t1 - t0), 1e3 * (t3 - t2)
+        return result, feed, timings, 1e3 * (t2 - t1), 1e3 * (t3 - t0)
+
+    for _ in range(warmup):
+        once()
+    runs, e2e, pipe = [], [], []
+    with PeakRss() as rss:
+        for _ in range(repeat):
+            result, feed, timings, pipeline_ms, total_ms = once()
+            runs.append(timings)
+            pipe.append(pipeline_ms)
+            e2e.append(total_ms)
+    return {
+        "runs": runs, "e2e_ms": e2e, "pipeline_ms": pipe,
+        "image_tokens_per_layer": session.image_tokens_per_layer(result),
+        "text_tokens": int(len(feed["prefix_ids"]) + len(feed["suffix_ids"])),
+        "peak_memory_mib": rss.peak_mib,
+        "decode_steps": int(result.timings_ms.get("decode_steps", 0)) if mode == "generate" else None,
+    }

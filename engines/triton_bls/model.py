@@ -1,0 +1,231 @@
+"""csprt's BLS orchestrator for Triton's Python backend: one request through an artifact's stage models.
+
+`csprt triton-repo` copies this file to <repo>/<name>/1/model.py, beside artifact/ (the manifest and
+tokenizer) and stages.json (stage -> Triton model, and the inputs that model takes). It needs csprt
+installed in the Python backend's environment: the wiring, decode loop, tokenisation and pre/post-
+processing are csprt's own (`engines.pipeline.Pipeline`, `engines.host.HostIO`), so nothing here
+duplicates them. The only Triton-specific step is `TritonStageRunner._infer`, a BLS request:
+
+    request {image, query[, mode, return_logits, max_new_tokens, instance_masks]}
+      --HostIO.inputs--> host tensors --Pipeline.run--> per stage: pb_utils.InferenceRequest(<name>_<stage>).exec()
+      --HostIO.masks / answer--> response {mask_png, masks_packed, masks_shape, answer, generated_ids, timings
+                                            [, mask_logits]}
+
+The request and response tensors are `csprt serve`'s (graphs.triton_config.BLS_INPUTS / BLS_OUTPUTS), so
+one client (tools/triton_client.py) talks to either.
+
+A bad request (not an image, empty query, unknown mode, prompt too long ...) gets an error response
+naming what to fix; it never raises out of `execute`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+try:
+    from engines.host import HostIO
+    from engines.pipeline import Pipeline
+    from graphs.errors import ArtifactError, InputError, ToolchainError
+    from graphs.imageio import decode_image_bytes
+    from graphs.manifest import load_artifact
+    from graphs.prompt import MODES
+    from graphs.runner import BaseRunner, bind_dims
+    from graphs.stages import StageSpec
+except ImportError as exc:  # the Python backend's own interpreter, not the one that wrote the repository
+    raise ImportError(f"csprt is not importable in Triton's Python backend environment ({exc}); install it there "
+                      "(pip install csprt, the version that wrote this repository, see its csprt_repo.json)") from exc
+
+STAGES_FILE = "stages.json"
+ARTIFACT_DIR = "artifact"
+
+
+class TritonStageRunner(BaseRunner):
+    """Runs one stage on its Triton model by a BLS request (`BaseRunner` checks the feed against the spec).
+
+    Args:
+        stage (StageSpec): the stage.
+        dims (dict[str, DimRange]): the artifact's named dims.
+        model (str): the stage's Triton model name.
+        inputs (list[str]): the inputs that model takes (a graph may drop spec inputs it never reads).
+    """
+
+    def __init__(self, stage: StageSpec, dims, model: str, inputs: list[str]):
+        super().__init__(stage, dims)
+        self.model = model
+        self.inputs = list(inputs)
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [t.name for t in self.stage.outputs]
+        request = pb_utils.InferenceRequest(
+            model_name=self.model, requested_output_names=names,
+            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(feed[n])) for n in self.inputs],
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0))  # as_numpy needs host memory
+        response = request.exec()
+        if response.has_error():
+            raise ToolchainError(f"stage {self.name!r}: Triton model {self.model!r} failed: {response.error().message()}")
+        out = {}
+        for n in names:
+            tensor = pb_utils.get_output_tensor_by_name(response, n)
+            if tensor is None:
+                raise ArtifactError(f"stage {self.name!r}: Triton model {self.model!r} returned no output {n!r}; "
+                                    "its model file does not match the manifest, regenerate the repository")
+            out[n] = tensor.as_numpy()
+        return out
+
+
+class TritonPythonModel:
+    """The Python backend's entry point."""
+
+    def initialize(self, args: dict) -> None:
+        here = Path(args["model_repository"]) / args["model_version"]
+        config = json.loads(args["model_config"])
+        self.batched = int(config.get("max_batch_size", 0)) > 0  # then every tensor has Triton's batch axis
+        self.artifact = load_artifact(here / ARTIFACT_DIR, verify=False)  # graphs live in the stage models
+        self.layout = self.artifact.layout
+        self.host = HostIO(self.artifact.manifest, self.artifact.dir)
+        self._warm_up()
+        models = json.loads((here / STAGES_FILE).read_text(encoding="utf-8"))["stage_models"]
+        missing = [s.name for s in self.layout.stages if s.name not in models]
+        if missing:
+            raise ArtifactError(f"{here / STAGES_FILE} names no Triton model for stages {missing}; regenerate the "
+                                "repository with csprt triton-repo")
+
+        def runner_for(stage: StageSpec) -> BaseRunner:
+            m = models[stage.name]
+            return TritonStageRunner(stage, self.layout.dims, m["model"], m["inputs"])
+
+        self.pipeline = Pipeline(self.layout, runner_for)
+        loop = self.layout.loop
+        self.default_max_new_tokens = min(32, loop.max_new_tokens) if loop else 0  # as csprt run and csprt serve
+
+    def _warm_up(self) -> None:
+        """Preprocess a blank image now: the first call loads the tokenizer and imports transformers' CLIP
+        image processor (seconds), which the first request should not pay for."""
+        grid = self.artifact.shape.vision.grid
+        seg_first = any(t.name == "instance_masks" for t in self.layout.host_inputs)
+        masks = np.ones((1, grid, grid), np.float32) if seg_first else None
+        self.host.inputs(np.zeros((32, 32, 3), np.uint8), "warm up", self.layout.modes[0], instance_masks=masks)
+
+    def finalize(self) -> None:
+        self.pipeline.close()
+
+    def execute(self, requests) -> list:
+        return [self._respond(r) for r in requests]
+
+    # -- one request ----------------------------------------------------------------------------
+    def _respond(self, request):
+        try:
+            return pb_utils.InferenceResponse(output_tensors=self._handle(request))
+        except InputError as exc:  # the client's to fix: HTTP 400 / gRPC INVALID_ARGUMENT
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                str(exc), pb_utils.TritonError.INVALID_ARG))
+        except ToolchainError as exc:  # the deployment's to fix (artifact, stage model)
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
+        except Exception as exc:  # noqa: BLE001  a bug must fail this request, not the whole batch
+            traceback.print_exc(file=sys.stderr)  # into Triton's log
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                f"csprt internal error (please report; traceback in the server log): {type(exc).__name__}: {exc}"))
+
+    def _handle(self, request) -> list:
+        t0 = time.perf_counter()
+        image = decode_image_bytes(self._bytes(request, "image"), name="(request input 'image')")
+        query = self._text(request, "query")
+        mode = self._text(request, "mode", "single-pass")
+        logits_wanted = bool(self._scalar(request, "return_logits", False))
+        max_new = self._scalar(request, "max_new_tokens", self.default_max_new_tokens)
+        masks_in = self._array(request, "instance_masks")
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; this artifact serves: {', '.join(self.layout.modes)}")
+        if mode not in self.layout.modes:
+            raise InputError(f"mode {mode!r} is not in this artifact (exported for {', '.join(self.layout.modes)}); "
+                             f"re-export it with --mode both: {self.artifact.rebuild_command}")
+        t1 = time.perf_counter()
+        feed, meta = self.host.inputs(image, query, mode, instance_masks=masks_in)
+        present = tuple(t for t in self.layout.host_inputs if t.name in feed)  # a too-long text fails here, by name
+        bind_dims(StageSpec("host inputs", "host", present, ()), {t.name: feed[t.name] for t in present},
+                  self.layout.dims)
+        t2 = time.perf_counter()
+        result = self.pipeline.run(feed, mode, max_new_tokens=int(max_new) if mode == "generate" else None)
+        t3 = time.perf_counter()
+        padded = result.outputs.get("masks")
+        if padded is None or padded.shape[0] == 0:
+            h, w = meta.original_hw
+            logits, masks = np.zeros((0, h, w), np.float32), np.zeros((0, h, w), bool)
+        else:
+            logits, masks = self.host.masks(padded, meta)
+        answer = self.host.answer(result.generated_ids, mode)
+        t4 = time.perf_counter()
+        outputs = {"mask_png": np.array([_png(masks)], dtype=np.object_),
+                   "masks_packed": np.packbits(masks.reshape(-1)),  # [ceil(K*H*W / 8)] uint8
+                   "masks_shape": np.asarray(masks.shape, dtype=np.int64),  # [3]: K, H, W
+                   "answer": np.array([answer.encode("utf-8")], dtype=np.object_),
+                   "generated_ids": np.asarray(result.generated_ids, dtype=np.int64).reshape(-1)}
+        if logits_wanted:
+            outputs["mask_logits"] = np.ascontiguousarray(logits, dtype=np.float32)  # [K, H, W]
+        t5 = time.perf_counter()
+        ms = lambda a, b: 1e3 * (b - a)  # noqa: E731
+        timings = {"decode_image": ms(t0, t1), "preprocess": ms(t1, t2), **result.timings_ms,
+                   "postprocess": ms(t3, t4), "segment": ms(t1, t4), "encode": ms(t4, t5), "total": ms(t0, t5)}
+        timings = {k: v if isinstance(v, int) else round(float(v), 3) for k, v in timings.items()}  # decode_steps: int
+        outputs["timings"] = np.array([json.dumps(timings).encode("utf-8")], dtype=np.object_)
+        return [pb_utils.Tensor(k, v[None] if self.batched else v) for k, v in outputs.items()]
+
+    # -- request tensors ------------------------------------------------------------------------
+    def _array(self, request, name: str):
+        """The input as an array without Triton's batch axis, or None when the request lacks it."""
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return None
+        value = tensor.as_numpy()
+        if self.batched:
+            if value.shape[:1] != (1,):
+                raise InputError(f"input {name!r} has batch size {value.shape[0] if value.ndim else 0}; send one "
+                                 "image per request (Triton's dynamic batcher groups requests)")
+            value = value[0]
+        return value
+
+    def _bytes(self, request, name: str) -> bytes:
+        value = self._array(request, name)
+        if value is None:
+            raise InputError(f"the request has no {name!r} input; send it as a BYTES tensor of shape [1]")
+        flat = np.asarray(value, dtype=np.object_).reshape(-1)
+        if flat.size != 1:
+            raise InputError(f"input {name!r} has {flat.size} elements; send exactly one (shape [1])")
+        item = flat[0]
+        return item.encode("utf-8") if isinstance(item, str) else bytes(item)
+
+    def _text(self, request, name: str, default: str | None = None) -> str:
+        if default is not None and pb_utils.get_input_tensor_by_name(request, name) is None:
+            return default
+        data = self._bytes(request, name)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"input {name!r} is not UTF-8 text") from None
+
+    def _scalar(self, request, name: str, default):
+        value = self._array(request, name)
+        if value is None:
+            return default
+        flat = np.asarray(value).reshape(-1)
+        if flat.size != 1:
+            raise InputError(f"input {name!r} has {flat.size} elements; send exactly one (shape [1])")
+        return flat[0].item()
+
+
+def _png(masks: np.ndarray) -> bytes:
+    """The union of bool masks [K, H, W] as an 8-bit grayscale PNG, 0 and 255 (what `csprt run` writes)."""
+    from PIL import Image
+
+    union = masks.any(axis=0) if len(masks) else np.zeros(masks.shape[1:], dtype=bool)
+    buf = io.BytesIO()
+    Image.fromarray(union.astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,321 @@
+"""`csprt triton-repo`: a native Triton model repository for an artifact, one model per stage plus a BLS orchestrator.
+
+    REPO/
+      csprt_repo.json                 # written last: what made the repo (artifact, backend, models); marks it as ours
+      <name>/                         # BLS orchestrator, Python backend (engines/triton_bls/model.py)
+        config.pbtxt                  #   image + query [+ mode ...] -> mask_png, masks_packed, answer, timings ...
+        1/model.py
+        1/stages.json                 #   stage -> Triton model and the inputs it takes
+        1/artifact/manifest.json      #   the artifact's manifest and tokenizer: HostIO + Pipeline need nothing else
+        1/artifact/tokenizer/...
+      <name>_<stage>/                 # one per stage: onnxruntime_onnx (model.onnx [+ external data])
+        config.pbtxt                  #   or tensorrt_plan (model.plan from `csprt build`)
+        1/model.onnx | 1/model.plan
+
+The repository is built in a temp directory beside REPO and renamed into place, so Triton never
+sees half of one. An existing REPO is replaced only when it is empty or a repository csprt wrote.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from engines.trt import PRETTY
+from graphs.errors import ArtifactError, ToolchainError
+from graphs.manifest import MANIFEST_NAME, Artifact, file_sha256, load_artifact, package_versions
+from graphs.stages import DimRange, StageSpec
+from graphs.triton_config import KINDS, bls_config, stage_config
+
+REPO_FORMAT = "csprt.triton_repo"
+REPO_FORMAT_VERSION = 1
+REPO_MARKER = "csprt_repo.json"
+STAGES_FILE = "stages.json"          # in the BLS version directory
+ARTIFACT_DIR = "artifact"            # in the BLS version directory
+VERSION = "1"
+BACKENDS = ("onnxruntime", "tensorrt")
+TRT_FLAVORS = ("tensorrt", "tensorrt-rtx")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def bls_template() -> Path:
+    """engines/triton_bls/model.py, the BLS model copied into every repository (package data)."""
+    return Path(str(importlib.resources.files("engines").joinpath("triton_bls", "model.py")))
+
+
+def _check_options(backend: str, name: str, instances: int, max_batch_size: int, flavor: str | None,
+                   device: str) -> None:
+    if backend not in BACKENDS:
+        raise ToolchainError(f"--backend {backend}: choose one of: {', '.join(BACKENDS)}")
+    if not _NAME.match(name):
+        raise ToolchainError(f"--name {name!r}: a Triton model name here is letters, digits, '_', '.' and '-', "
+                             "starting with a letter or digit (it is also the directory name)")
+    if instances < 1:
+        raise ToolchainError(f"--instances {instances}: expected at least 1")
+    if max_batch_size < 0:
+        raise ToolchainError(f"--max-batch-size {max_batch_size}: expected 0 (no batching) or more")
+    if device not in KINDS:
+        raise ToolchainError(f"--device {device}: choose one of: {', '.join(KINDS)}")
+    if flavor is not None and backend != "tensorrt":
+        raise ToolchainError(f"--flavor {flavor} applies to --backend tensorrt only (this is --backend {backend})")
+    if flavor is not None and flavor not in TRT_FLAVORS:
+        raise ToolchainError(f"--flavor {flavor}: choose one of: {', '.join(TRT_FLAVORS)}")
+    if backend == "tensorrt" and device != "gpu":
+        raise ToolchainError("--device cpu: TensorRT engines run on a GPU only; use --backend onnxruntime for CPU "
+                             "instances")
+
+
+def _check_out(out: Path, art: Path) -> None:
+    """Refuse a --out that is a file, holds the artifact, or is a non-empty directory csprt did not write."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ToolchainError(f"--out {out} exists and is not a directory (or is a symlink); pass a new or empty "
+                             "directory")
+    if out.resolve() == art.resolve() or out.resolve() in art.resolve().parents:
+        raise ToolchainError(f"--out {out} contains the artifact {art}; writing the repository there would replace "
+                             "it; pass a directory outside the artifact")
+    if out.is_dir() and any(out.iterdir()) and not _is_repo(out):
+        raise ToolchainError(f"--out {out} exists and is not a Triton repository csprt wrote (no {REPO_MARKER}); "
+                             "csprt replaces only its own repositories: pass a new or empty directory, or remove it")
+
+
+def _is_repo(path: Path) -> bool:
+    try:
+        marker = json.loads((path / REPO_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == REPO_FORMAT
+
+
+# --- what each stage model holds ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _StageModel:
+    """One stage's Triton model: what goes in its version directory, the inputs it has, its dims."""
+
+    stage: StageSpec
+    model: str                   # Triton model name, <name>_<stage>
+    files: dict[Path, str]       # source file -> path in the version directory
+    inputs: list[str]            # the graph's or engine's inputs (a graph may drop spec inputs it never reads)
+    dims: dict[str, DimRange]    # named-dim ranges: the manifest's, or the engine's
+    backend: str                 # graphs.triton_config.STAGE_BACKENDS key
+    note: str = ""               # an extra config header line
+
+
+def _onnx_models(artifact: Artifact, name: str) -> list[_StageModel]:
+    import onnx
+
+    models = []
+    for stage in artifact.layout.stages:
+        entry = artifact.stage_entry(stage.name)
+        graph = Path(entry["graph"])
+        # model.onnx; external data keeps its path relative to the graph (the graph references it by that path)
+        files = {artifact.dir / rel: ("model.onnx" if Path(rel) == graph else Path(rel).relative_to(graph.parent).as_posix())
+                 for rel in entry["files"]}
+        have = {i.name for i in onnx.load(str(artifact.dir / graph), load_external_data=False).graph.input}
+        inputs = [t.name for t in stage.inputs if t.name in have]  # exporters drop inputs a graph never reads
+        models.append(_StageModel(stage, f"{name}_{stage.name}", files, inputs, artifact.layout.dims, "onnxruntime"))
+    return models
+
+
+def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[list[_StageModel], str, str]:
+    """Stage models from `csprt build` engines -> (models, flavor, TensorRT version)."""
+    from engines.build import check_engine
+
+    fix = f"csprt build {shlex.quote(str(artifact.dir))}"
+    chosen = flavor or "tensorrt"
+    stages = artifact.layout.stages
+    missing = [s.name for s in stages if chosen not in artifact.stage_entry(s.name)["engines"]]
+    if missing:
+        rtx_only = flavor is None and all("tensorrt-rtx" in artifact.stage_entry(s.name)["engines"] for s in stages)
+        if rtx_only:
+            raise ArtifactError(
+                f"{artifact.dir} has TensorRT-RTX engines only; stock Triton's tensorrt backend links data-center "
+                f"TensorRT and cannot load them: build TensorRT engines on the GPU host ({fix} --flavor tensorrt), "
+                "or pass --flavor tensorrt-rtx for a Triton build with a TensorRT-RTX backend (backends/tensorrt_rtx)")
+        raise ArtifactError(f"{len(missing)} of {len(stages)} stages of {artifact.dir} have no {PRETTY[chosen]} engine "
+                            f"({', '.join(missing)}); build them with: {fix} --flavor {chosen}")
+    versions = {artifact.stage_entry(s.name)["engines"][chosen]["trt_version"] for s in stages}
+    if len(versions) != 1:
+        raise ArtifactError(f"the {PRETTY[chosen]} engines of {artifact.dir} come from several versions "
+                            f"({', '.join(sorted(versions))}); one Triton loads one version: rebuild with: {fix}")
+    version = versions.pop()
+    models = []
+    for stage in stages:
+        plan, sidecar = check_engine(artifact.dir, stage.name, chosen, version)  # refuses stale or changed plans
+        inputs = list(sidecar["profiles"][0])  # the engine's inputs: those it has a profile for
+        dims = {**artifact.layout.dims, **{k: DimRange(**v) for k, v in sidecar.get("dims", {}).items()}}
+        note = (f"{PRETTY[chosen]} {version} engine for {', '.join(sidecar['compute_capabilities'])}; Triton's "
+                f"{'TensorRT-RTX' if chosen == 'tensorrt-rtx' else 'TensorRT'} must be exactly this version")
+        models.append(_StageModel(stage, f"{name}_{stage.name}", {plan: "model.plan"}, inputs, dims, chosen, note))
+    return models, chosen, version
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+def _place(src: Path, dest: Path, link: bool) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dest)
+            return
+        except OSError:  # another filesystem, or links not allowed: copy
+            pass
+    shutil.copyfile(src, dest)
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    """Plain write: the whole temp tree is renamed into place at once, and, unlike graphs.atomic's temp files
+    (mode 0600), the file gets the umask's mode, so a Triton running as another user can read it."""
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _header(artifact: Artifact, what: str, command: str) -> str:
+    sched = artifact.schedule.name
+    return (f"{what} of the csprt artifact {artifact.dir.resolve()} (schedule {sched}, {artifact.precision}, "
+            f"modes {', '.join(artifact.modes)}).\nGenerated by csprt triton-repo; regenerate rather than edit: {command}")
+
+
+def _write_bls(tmp: Path, artifact: Artifact, name: str, models: list[_StageModel], instances: int,
+               max_batch_size: int, command: str) -> None:
+    version_dir = tmp / name / VERSION
+    version_dir.mkdir(parents=True)
+    shutil.copyfile(bls_template(), version_dir / "model.py")
+    art_copy = version_dir / ARTIFACT_DIR
+    art_copy.mkdir()
+    shutil.copyfile(artifact.dir / MANIFEST_NAME, art_copy / MANIFEST_NAME)
+    tok = artifact.manifest["tokenizer"]["dir"]
+    shutil.copytree(artifact.dir / tok, art_copy / tok, copy_function=shutil.copyfile)
+    _write_json({"format": "csprt.triton_bls", "format_version": REPO_FORMAT_VERSION,
+                 "stage_models": {m.stage.name: {"model": m.model, "inputs": m.inputs} for m in models}},
+                version_dir / STAGES_FILE)
+    params = {"csprt_version": package_versions(("csprt",))["csprt"], "csprt_modes": ",".join(artifact.modes)}
+    header = (_header(artifact, "BLS orchestrator", command) + "\nNeeds csprt installed in the Python backend's "
+              "environment (pip install csprt): model.py runs csprt's HostIO and Pipeline, each stage a BLS request.")
+    text = bls_config(artifact.layout, name=name, instances=instances, max_batch_size=max_batch_size,
+                      parameters=params, header=header)
+    (tmp / name / "config.pbtxt").write_text(text, encoding="utf-8")
+
+
+def _write_stage(tmp: Path, artifact: Artifact, m: _StageModel, instances: int, device: str, link: bool,
+                 command: str) -> None:
+    for src, rel in m.files.items():
+        _place(src, tmp / m.model / VERSION / rel, link)
+    header = _header(artifact, f"Stage {m.stage.name!r} ({m.stage.kind})", command)
+    header += f"\n{m.note}" if m.note else ""
+    text = stage_config(m.stage, m.dims, name=m.model, backend=m.backend, instances=instances, kind=device,
+                        inputs=m.inputs, header=header)
+    (tmp / m.model / "config.pbtxt").write_text(text, encoding="utf-8")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`, replacing an existing `out` (moved aside first, deleted after)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.replace(out, aside / "repo")
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(aside / "repo", out)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+DEFAULT_MAX_BATCH_SIZE = 8  # as csprt serve: the same client (tools/triton_client.py, [1, 1] inputs) works with both
+_DEFAULTS = {"backend": "onnxruntime", "name": "csprt", "instances": 1, "max_batch_size": DEFAULT_MAX_BATCH_SIZE,
+             "flavor": None,
+             "device": "gpu", "link": False}
+
+
+def _command(art: Path, out: Path, options: dict) -> str:
+    """The `csprt triton-repo` line that rewrites this repository (options left at their defaults omitted)."""
+    words = ["csprt", "triton-repo", str(art), "--out", str(out)]
+    for key, value in options.items():
+        if value is None or value is False or value == _DEFAULTS[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
+
+
+def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "csprt", instances: int = 1,
+                      max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, flavor: str | None = None, device: str = "gpu", link: bool = False,
+                      progress: Callable[[str], None] | None = None) -> dict:
+    """Write a Triton model repository for an artifact: one model per stage and a BLS orchestrator.
+
+    Args:
+        art_dir (path): an exported artifact (with `csprt build` engines for backend "tensorrt").
+        out (path): the repository directory: new, empty, or one this function wrote (it is replaced).
+        backend (str): "onnxruntime" (stage graphs as model.onnx) or "tensorrt" (engines as model.plan).
+            Defaults to "onnxruntime".
+        name (str): the BLS model's name; stage models are `<name>_<stage>`. Defaults to "csprt".
+        instances (int): instances of every model. Each stage instance holds its own weights (GPU memory);
+            each BLS instance is one request in flight. Defaults to 1.
+        max_batch_size (int): the BLS model's: how many one-image requests Triton's dynamic batcher hands one
+            execute() call, or 0 for no batch axis (clients then send [1], not [1, 1]). Stage models always have
+            0 (their graphs carry batch 1). Defaults to 8, as `csprt serve`.
+        flavor (str | None): backend "tensorrt": "tensorrt" (stock Triton) or "tensorrt-rtx" (a Triton whose
+            backends/tensorrt_rtx links TensorRT-RTX). Defaults to None ("tensorrt").
+        device (str): "gpu" or "cpu" stage instances (cpu: onnxruntime only). Defaults to "gpu".
+        link (bool): hard-link model files from the artifact where the filesystem allows, else copy.
+            Defaults to False (copy).
+        progress (callable | None): called with one line per step. Defaults to None (silent).
+
+    Returns:
+        dict: the repository's csprt_repo.json contents ("repo", "bls_model", "stage_models", ...).
+
+    Raises:
+        ToolchainError: bad options or --out; ArtifactError for an unusable artifact or missing/stale engines.
+    """
+    say = progress or (lambda _msg: None)
+    art, out = Path(art_dir), Path(out)
+    _check_options(backend, name, instances, max_batch_size, flavor, device)
+    _check_out(out, art)
+    artifact = load_artifact(art)  # verifies every graph file's sha256 before anything is copied
+    command = _command(art, out, {"backend": backend, "name": name, "instances": instances,
+                                  "max_batch_size": max_batch_size, "flavor": flavor, "device": device, "link": link})
+    trt_version = None
+    if backend == "onnxruntime":
+        models = _onnx_models(artifact, name)
+    else:
+        models, flavor, trt_version = _engine_models(artifact, name, flavor)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        for i, m in enumerate(models, 1):
+            say(f"[{i}/{len(models)}] {m.model}: {m.backend} ({', '.join(sorted(m.files.values()))})")
+            _write_stage(tmp, artifact, m, instances, device, link, command)
+        say(f"{name}: BLS orchestrator (python backend) with the manifest and tokenizer")
+        _write_bls(tmp, artifact, name, models, instances, max_batch_size, command)
+        marker = {
+            "format": REPO_FORMAT, "format_version": REPO_FORMAT_VERSION,
+            "csprt_version": package_versions(("csprt",))["csprt"], "command": command,
+            "artifact": str(artifact.dir.resolve()), "manifest_sha256": file_sha256(artifact.dir / MANIFEST_NAME),
+            "backend": backend, "flavor": flavor, "trt_version": trt_version, "device": device,
+            "instances": instances, "max_batch_size": max_batch_size, "bls_model": name,
+            "stage_models": {m.stage.name: m.model for m in models},
+        }
+        _write_json(marker, tmp / REPO_MARKER)  # last: a directory without it is never taken for a repository
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; Triton may run as another user
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out}")
+    return {**marker, "repo": str(out)}

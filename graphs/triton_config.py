@@ -1,0 +1,224 @@
+"""Triton `config.pbtxt` text for an artifact's stages and its BLS orchestrator. Pure: Layout in, text out.
+
+    StageSpec llm_0 --stage_config(backend="onnxruntime")--> name: "csprt_llm_0"
+                                                              platform: "onnxruntime_onnx"  (or tensorrt_plan)
+                                                              max_batch_size: 0             (graphs carry batch 1)
+                                                              input  { name, TYPE_INT64, dims: [ -1 ] }  # prefix_len
+                                                              parameters { key: "csprt_dims" ... "prefix_len=1:109:256" }
+    Layout --bls_config()--> the Python-backend model taking image/query/mode, returning mask_png/answer/...
+
+Named dims ("prefix_len") and expression dims ("past_llm_0 + step_len") become -1. Their exported
+min/opt/max ranges go into a comment beside each dims line and into the `csprt_dims` parameter (in
+`csprt build --shapes` syntax), which Triton passes through and reports in the model's config
+endpoint. Text is written by hand, so generating a repository needs no tritonclient or protobuf;
+the tests parse it with Triton's own ModelConfig proto.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from graphs.errors import internal_error
+from graphs.stages import DimRange, Layout, StageSpec, TensorSpec
+
+# manifest dtype -> Triton data type
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
+
+# csprt stage backend -> (Triton platform, Triton backend, model file in the version directory).
+# tensorrt-rtx: stock Triton's `tensorrt` backend links data-center TensorRT (libnvinfer), which cannot
+# deserialize TensorRT-RTX plans; such plans need a Triton build whose backend links TensorRT-RTX,
+# installed as backends/tensorrt_rtx/. No platform string exists for it, so only `backend` is set.
+STAGE_BACKENDS = {
+    "onnxruntime": ("onnxruntime_onnx", "onnxruntime", "model.onnx"),
+    "tensorrt": ("tensorrt_plan", "tensorrt", "model.plan"),
+    "tensorrt-rtx": ("", "tensorrt_rtx", "model.plan"),
+}
+KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+DIMS_PARAMETER = "csprt_dims"
+
+_BATCH_NOTE = (
+    "# max_batch_size 0: Triton adds no batch axis. The stage graphs carry their own batch dim of 1 where they\n"
+    "# have one (e.g. [1, 3, H, W] pixels) and most tensors have none (token ids, [SEG] rows), so the dims below\n"
+    "# are the full tensor shapes. Requests reach these models one at a time through the BLS model.\n")
+
+
+@dataclass(frozen=True)
+class BlsTensor:
+    """One request or response tensor of the BLS orchestrator (names shared with `csprt serve`)."""
+
+    name: str
+    data_type: str            # Triton TYPE_*; TYPE_STRING is Triton's BYTES
+    dims: tuple[int, ...]     # without the batch axis Triton adds when max_batch_size > 0
+    optional: bool = False
+    doc: str = ""
+
+
+BLS_INPUTS = (
+    BlsTensor("image", "TYPE_STRING", (1,), doc="the encoded image file (JPEG, PNG, WebP ...)"),
+    BlsTensor("query", "TYPE_STRING", (1,), doc="the question, UTF-8"),
+    BlsTensor("mode", "TYPE_STRING", (1,), True, "single-pass (default) or generate"),
+    BlsTensor("return_logits", "TYPE_BOOL", (1,), True, "also return mask_logits. Defaults to false"),
+    BlsTensor("max_new_tokens", "TYPE_INT64", (1,), True,
+              "generate mode: token limit. Defaults to 32 or the exported limit if lower (as csprt run and serve)"),
+)
+BLS_OUTPUTS = (
+    BlsTensor("mask_png", "TYPE_STRING", (1,), doc="union of the masks at the image size, 8-bit PNG 0/255 (csprt run's mask.png)"),
+    BlsTensor("masks_packed", "TYPE_UINT8", (-1,),
+              doc="np.packbits of the bool masks [K, H, W] (C order, big bit order)"),
+    BlsTensor("masks_shape", "TYPE_INT64", (3,), doc="[K, H, W] of masks_packed; K = 0 when no [SEG] was produced"),
+    BlsTensor("mask_logits", "TYPE_FP32", (-1, -1, -1), doc="[K, H, W] float32 logits; only with return_logits"),
+    BlsTensor("answer", "TYPE_STRING", (1,), doc="the text answer, UTF-8"),
+    BlsTensor("generated_ids", "TYPE_INT64", (-1,), doc="generated token ids (empty in single-pass mode)"),
+    BlsTensor("timings", "TYPE_STRING", (1,), doc="JSON {step: ms}: decode_image, preprocess, each stage, postprocess, "
+                                                  "segment, encode, total; decode_steps (a count)"),
+)
+def _quote(text: str) -> str:
+    if any(not c.isprintable() for c in text):
+        raise internal_error(f"config string {text!r} has non-printable characters")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(text: str) -> str:
+    return "".join(f"# {line}\n" for line in text.replace("\r", "").split("\n"))
+
+
+def triton_dims(shape: tuple[int | str, ...]) -> list[int]:
+    """Manifest shape -> Triton dims: static ints kept, named and expression dims -1."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def _range(name: str, r: DimRange) -> str:
+    return f"{name}={r.min}:{r.opt}:{r.max}"
+
+
+def _dims_note(t: TensorSpec, dims: dict[str, DimRange]) -> str:
+    """"[1, prefix_len, 64]; prefix_len=1:109:256" for a tensor with dynamic dims, "" for a static one."""
+    if all(isinstance(d, int) for d in t.shape):
+        return ""
+    named = [d for d in t.shape if isinstance(d, str) and d in dims]
+    ranges = "; ".join(_range(d, dims[d]) for d in dict.fromkeys(named))
+    return "  # [" + ", ".join(map(str, t.shape)) + "]" + (f"; {ranges}" if ranges else "")
+
+
+def _tensor(t: TensorSpec, dims: dict[str, DimRange]) -> str:
+    if t.dtype not in TRITON_DTYPES:
+        raise internal_error(f"tensor {t.name!r} has dtype {t.dtype!r}, not one of {tuple(TRITON_DTYPES)}")
+    shown = ", ".join(map(str, triton_dims(t.shape)))
+    return (f"  {{\n    name: {_quote(t.name)}\n    data_type: {TRITON_DTYPES[t.dtype]}\n"
+            f"    dims: [ {shown} ]{_dims_note(t, dims)}\n  }}")
+
+
+def _block(key: str, items: list[str]) -> str:
+    return f"{key} [\n" + ",\n".join(items) + "\n]\n"
+
+
+def _parameters(values: dict[str, str]) -> str:
+    return "".join(f"parameters {{\n  key: {_quote(k)}\n  value {{ string_value: {_quote(v)} }}\n}}\n"
+                   for k, v in values.items())
+
+
+def _instances(count: int, kind: str) -> str:
+    if kind not in KINDS:
+        raise internal_error(f"instance kind {kind!r} not in {tuple(KINDS)}")
+    if count < 1:
+        raise internal_error(f"instance count {count} < 1")
+    return f"instance_group [\n  {{\n    count: {count}\n    kind: {KINDS[kind]}\n  }}\n]\n"
+
+
+def stage_dims_used(stage: StageSpec, dims: dict[str, DimRange], inputs: Iterable[str] | None = None) -> dict[str, DimRange]:
+    """The named dims the stage's inputs use (only `inputs` when given), first-use order, ranges from `dims`."""
+    keep = None if inputs is None else set(inputs)
+    out: dict[str, DimRange] = {}
+    for t in stage.inputs:
+        if keep is None or t.name in keep:
+            for d in t.shape:
+                if isinstance(d, str) and d in dims:
+                    out.setdefault(d, dims[d])
+    return out
+
+
+def stage_config(stage: StageSpec, dims: dict[str, DimRange], *, name: str, backend: str = "onnxruntime",
+                 instances: int = 1, kind: str = "gpu", inputs: Iterable[str] | None = None, header: str = "") -> str:
+    """config.pbtxt of one stage model.
+
+    Args:
+        stage (StageSpec): the stage (its I/O names, dtypes and shapes).
+        dims (dict[str, DimRange]): named-dim ranges: the manifest's, or the engine's when `csprt build
+            --shapes` narrowed them.
+        name (str): the Triton model name (its directory name).
+        backend (str): "onnxruntime", "tensorrt" or "tensorrt-rtx" (see `STAGE_BACKENDS`). Defaults to "onnxruntime".
+        instances (int): instance count. Defaults to 1.
+        kind (str): "gpu" or "cpu" instances. Defaults to "gpu".
+        inputs (Iterable[str] | None): the inputs the graph or engine really has, when it dropped spec inputs
+            it never reads (Triton rejects a config input the model lacks). Defaults to None (every spec input).
+        header (str): comment lines to put first. Defaults to "".
+    """
+    if backend not in STAGE_BACKENDS:
+        raise internal_error(f"stage backend {backend!r} not in {tuple(STAGE_BACKENDS)}")
+    platform, triton_backend, filename = STAGE_BACKENDS[backend]
+    keep = None if inputs is None else list(inputs)
+    ins = [t for t in stage.inputs if keep is None or t.name in keep]
+    if keep is not None and len(ins) != len(keep):
+        raise internal_error(f"stage {stage.name!r}: inputs {keep} are not all in the spec")
+    used = stage_dims_used(stage, dims, keep)
+    text = _comment(header) if header else ""
+    text += f"name: {_quote(name)}\n"
+    text += f"platform: {_quote(platform)}\n" if platform else ""
+    text += f"backend: {_quote(triton_backend)}\n"
+    text += f"default_model_filename: {_quote(filename)}\n"
+    text += _BATCH_NOTE + "max_batch_size: 0\n"
+    text += _block("input", [_tensor(t, dims) for t in ins])
+    text += _block("output", [_tensor(t, dims) for t in stage.outputs])
+    text += _instances(instances, kind)
+    params = {"csprt_stage": stage.name, "csprt_kind": stage.kind}
+    if used:
+        text += "# Exported min:opt:max of each named dim (-1 above), in csprt build --shapes syntax.\n"
+        params[DIMS_PARAMETER] = " ".join(_range(k, r) for k, r in used.items())
+    return text + _parameters(params)
+
+
+def bls_inputs(layout: Layout) -> tuple[BlsTensor, ...]:
+    """The BLS model's request tensors for `layout`: BLS_INPUTS, plus instance_masks for seg_first artifacts."""
+    host = {t.name: t for t in layout.host_inputs}
+    if "instance_masks" not in host:
+        return BLS_INPUTS
+    grid = tuple(host["instance_masks"].shape[1:])  # (g, g): the CLIP token grid
+    masks = BlsTensor("instance_masks", "TYPE_FP32", (-1, *grid), True,
+                      "[M, grid, grid] instance masks on the CLIP token grid (schedules clustering with seg_first)")
+    return (*BLS_INPUTS, masks)
+
+
+def _bls_tensor(t: BlsTensor) -> str:
+    opt = "\n    optional: true" if t.optional else ""
+    return (f"  {{\n    # {t.doc}\n    name: {_quote(t.name)}\n    data_type: {t.data_type}\n"
+            f"    dims: [ {', '.join(map(str, t.dims))} ]{opt}\n  }}")
+
+
+def bls_config(layout: Layout, *, name: str, instances: int = 1, max_batch_size: int = 0,
+               parameters: dict[str, str] | None = None, header: str = "") -> str:
+    """config.pbtxt of the BLS orchestrator (Python backend, KIND_CPU: it tokenizes and resizes on the host).
+
+    Args:
+        layout (Layout): the artifact's layout (for its seg_first instance_masks input).
+        name (str): the Triton model name.
+        instances (int): instance count: requests in flight at once. Defaults to 1.
+        max_batch_size (int): 0, or the most requests Triton's dynamic batcher hands one `execute` call;
+            each request still carries one image (batch dim 1). Defaults to 0.
+        parameters (dict[str, str] | None): extra `parameters` entries. Defaults to None.
+        header (str): comment lines to put first. Defaults to "".
+    """
+    if max_batch_size < 0:
+        raise internal_error(f"max_batch_size {max_batch_size} < 0")
+    text = _comment(header) if header else ""
+    text += f"name: {_quote(name)}\nbackend: \"python\"\n"
+    if max_batch_size:
+        text += ("# Each request carries one image: dims below get Triton's batch axis, of size 1 per request;\n"
+                 "# the dynamic batcher hands up to max_batch_size requests to one execute() call.\n"
+                 f"max_batch_size: {max_batch_size}\ndynamic_batching {{ }}\n")
+    else:
+        text += "# max_batch_size 0: one image per request, dims as written (no batch axis).\nmax_batch_size: 0\n"
+    text += _block("input", [_bls_tensor(t) for t in bls_inputs(layout)])
+    text += _block("output", [_bls_tensor(t) for t in BLS_OUTPUTS])
+    text += _instances(instances, "cpu")
+    return text + _parameters(dict(parameters or {}))

@@ -1,0 +1,197 @@
+"""`csprt serve`: serve an artifact's pipeline as a Triton model (KServe v2 HTTP and gRPC) through PyTriton.
+
+Every stage is loaded and one warm-up request per mode runs before Triton starts, so /v2/health/ready
+is true only when the whole pipeline works. Binds to 127.0.0.1 unless --host says otherwise.
+
+The stage graphs have a static batch of 1: Triton's dynamic batcher (--max-batch-size) groups queued
+requests, for the same image or different ones, into one call that runs them one after another;
+identical image bytes in a group are decoded once, and no stage is shared or batched. A group's
+responses return together when its last request finishes, so grouping adds latency and no
+throughput with these graphs: --max-batch-size 1 gives the lowest latency. --instances runs N
+independent copies of the pipeline, each on its own thread.
+
+SIGTERM or SIGINT: Triton stops taking requests, finishes those in flight (up to 30 s), and every
+child process exits before csprt serve does (exit 0). Triton's own logs go to --log-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import importlib
+import logging
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from graphs.errors import InputError, ToolchainError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+EXIT_TIMEOUT_S = 30  # in-flight requests get this long to finish after SIGTERM
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="serve an artifact through Triton (PyTriton): HTTP/gRPC, dynamic batching",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", type=Path, help="artifact directory (from csprt export)")
+    p.add_argument("--backend", choices=BACKENDS, default=None, help="Defaults to onnxruntime.")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N. Defaults to cpu (cuda for --backend tensorrt).")
+    p.add_argument("--host", default=None, help="address to bind. Defaults to 127.0.0.1 (loopback only).")
+    p.add_argument("--http-port", type=int, default=None, help="Defaults to 8000.")
+    p.add_argument("--grpc-port", type=int, default=None, help="Defaults to 8001.")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics. Defaults to 8002.")
+    p.add_argument("--instances", type=int, default=None,
+                   help="model instances, each with its own pipeline and thread. Defaults to 1.")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="requests Triton groups into one call (run one by one: the graphs are batch 1); "
+                        "1 turns grouping off. Defaults to 8.")
+    p.add_argument("--max-image-bytes", type=int, default=None, help="per-request encoded image limit. Defaults to 32 MiB.")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="per-request width x height limit. Defaults to 64 Mi (8192 x 8192).")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generate mode only. Defaults to the artifact's exported limit, at most 32.")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="where tritonserver.log and pytriton.log go. Defaults to a new temporary directory.")
+    p.set_defaults(func=run)
+
+
+def _progress(msg: str) -> None:
+    print(f"[csprt serve] {msg}", file=sys.stderr, flush=True)
+
+
+def _positive(name: str, value: int | None, default: int, low: int = 1, high: int | None = None) -> int:
+    value = default if value is None else value
+    if value < low or (high is not None and value > high):
+        rng = f"{low}..{high}" if high is not None else f">= {low}"
+        raise InputError(f"--{name} {value}: expected {rng}")
+    return value
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Fail early, with the flag to change, when a port is taken (tritonserver would exit with a log line)."""
+    seen: dict[int, str] = {}
+    for name, port in ports.items():
+        if port in seen:
+            raise InputError(f"--{name} {port} is also --{seen[port]}; give each endpoint its own port")
+        seen[port] = name
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+                raise InputError(f"port {port} on {host} {why}; pass another --{name}"
+                                 + (" or another --host" if e.errno != errno.EADDRINUSE else "")) from None
+
+
+@contextlib.contextmanager
+def _quiet_stdout(path: Path):
+    """PyTriton echoes tritonserver's console (NVML/CUDA warnings on CPU hosts) to stdout; send it to a file."""
+    with open(path, "a", buffering=1) as f:
+        saved, sys.stdout = sys.stdout, f
+        try:
+            yield
+        finally:
+            sys.stdout = saved
+
+
+def _log_to(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("pytriton", "csprt.serve"):
+        log = logging.getLogger(name)
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def run(args: argparse.Namespace) -> int:
+    from engines.serving import DEFAULT_MAX_IMAGE_BYTES, Limits, fix_libpython_env
+    from graphs.imageio import MAX_IMAGE_PIXELS
+    from graphs.manifest import is_artifact_dir
+
+    if not is_artifact_dir(args.artifact):
+        raise InputError(f"{args.artifact} is not an artifact (no manifest.json); export one first: "
+                         f"csprt export CHECKPOINT --schedule NAME --out {args.artifact}")
+    host = args.host or "127.0.0.1"
+    ports = {"http-port": _positive("http-port", args.http_port, 8000, 1, 65535),
+             "grpc-port": _positive("grpc-port", args.grpc_port, 8001, 1, 65535),
+             "metrics-port": _positive("metrics-port", args.metrics_port, 8002, 1, 65535)}
+    instances = _positive("instances", args.instances, 1)
+    max_batch = _positive("max-batch-size", args.max_batch_size, 8)
+    limits = Limits(_positive("max-image-bytes", args.max_image_bytes, DEFAULT_MAX_IMAGE_BYTES),
+                    _positive("max-image-pixels", args.max_image_pixels, MAX_IMAGE_PIXELS))
+    if args.max_new_tokens is not None:
+        _positive("max-new-tokens", args.max_new_tokens, 1)
+    backend = args.backend or "onnxruntime"
+    try:
+        importlib.import_module("pytriton.triton")
+    except ImportError as e:
+        raise ToolchainError(f"csprt serve needs PyTriton ({e}); install it: pip install -e '.[serve]'") from None
+    warning = fix_libpython_env()
+    if warning:
+        _progress(f"warning: {warning}")
+    check_ports(host, ports)
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="csprt-serve-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _log_to(log_dir / "pytriton.log")
+
+    from engines.serving import SegmentModel, load_session
+
+    sessions = []
+    try:
+        for i in range(instances):
+            label = f"instance {i + 1}/{instances}: " if instances > 1 else ""
+            sessions.append(load_session(args.artifact, backend, args.device, _progress, label))
+        models = [SegmentModel(s, limits, args.max_new_tokens) for s in sessions]
+        return _serve(models, host, ports, max_batch, log_dir)
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Path) -> int:
+    from pytriton.triton import Triton, TritonConfig
+
+    from engines.serving import MODEL_NAME, bind
+
+    config = TritonConfig(http_address=host, http_port=ports["http-port"], grpc_address=host,
+                          grpc_port=ports["grpc-port"], metrics_address=host, metrics_port=ports["metrics-port"],
+                          allow_gpu_metrics=False, strict_readiness=True, exit_timeout_secs=EXIT_TIMEOUT_S,
+                          log_verbose=0, log_file=log_dir / "tritonserver.log")
+    stop, why = threading.Event(), []
+
+    def on_signal(signum, _frame):
+        why.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    _progress(f"starting Triton (logs: {log_dir})")
+    try:
+        with _quiet_stdout(log_dir / "pytriton.log"):
+            triton = Triton(config=config)
+            try:
+                bind(triton, models, max_batch)
+                try:
+                    triton.run()
+                except Exception as e:  # noqa: BLE001 - PyTriton raises several kinds; all mean "did not start"
+                    raise ToolchainError(f"Triton did not start ({type(e).__name__}: {e}); "
+                                         f"see {log_dir / 'tritonserver.log'}") from None
+                _progress(f"ready on http://{host}:{ports['http-port']} grpc {host}:{ports['grpc-port']} "
+                          f"metrics http://{host}:{ports['metrics-port']}/metrics: model {MODEL_NAME!r}, "
+                          f"{len(models)} instance(s), max batch size {max_batch}")
+                while not stop.wait(0.5):
+                    if not triton.is_alive():
+                        raise ToolchainError(f"Triton stopped unexpectedly; see {log_dir / 'tritonserver.log'}")
+                _progress(f"{why[0]}: stopping; requests in flight get up to {EXIT_TIMEOUT_S} s")
+            finally:
+                triton.stop()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    _progress("stopped")
+    return 0
