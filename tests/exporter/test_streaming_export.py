@@ -248,3 +248,45 @@ def test_save_with_external_data_checks_locations(tmp_path):
     with pytest.raises(Exception, match="other.data"):
         onnx_passes.save_with_external_data(model, tmp_path / "g.onnx", data)
     assert not (tmp_path / "g.onnx").exists() and data.exists()
+
+
+# --- checkpoint formats and errors --------------------------------------------------------------------
+
+def _ckpt_copy(tiny_ckpt: Path, dst: Path) -> Path:
+    """The checkpoint without its LISA weights (CLIP's stay)."""
+    shutil.copytree(tiny_ckpt, dst, ignore=lambda d, names: [n for n in names if Path(d) == tiny_ckpt
+                                                             and n.startswith("model")])
+    return dst
+
+
+def test_bin_checkpoint_is_read_whole_and_streams_the_same(tiny_ckpt, whole, staged, tmp_path):
+    """A sharded .bin checkpoint (pickles: loaded whole, once) gives every parameter bit-identical to the
+    safetensors one, held per stage the same way."""
+    from exporter.checkpoint import save_checkpoint
+
+    ckpt = _ckpt_copy(tiny_ckpt, tmp_path / "bin")
+    save_checkpoint(whole.model, ckpt, fmt="bin-sharded", max_shard_size="100KB")
+    cfg = read_checkpoint_config(ckpt)
+    from_bin = StagedWeights(cfg.shape, cfg.ckpt_dir, cfg.clip_dir, torch.float32)
+    assert len(from_bin.source._whole) > 1  # every .bin shard read whole
+    names = set(from_bin._slots)
+    from_bin.hold(names)
+    staged.hold(names)
+    for name in names:
+        assert torch.equal(from_bin._param(name), staged._param(name)), name
+    staged.hold(())
+
+
+def test_missing_tensor_fails_before_any_stage(tiny_ckpt, tmp_path):
+    """Keys and shapes are checked from the file headers up front, with load_checkpoint's message."""
+    from safetensors.torch import load_file, save_file
+
+    from graphs.errors import CheckpointError
+
+    ckpt = _ckpt_copy(tiny_ckpt, tmp_path / "ckpt")
+    state = load_file(str(tiny_ckpt / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    cfg = read_checkpoint_config(ckpt)
+    with pytest.raises(CheckpointError, match=r"missing: model\.layers\.1\.mlp\.up_proj\.weight"):
+        StagedWeights(cfg.shape, cfg.ckpt_dir, cfg.clip_dir, torch.float32)
