@@ -69,9 +69,7 @@ def bench_session(session: ArtifactSession, text_tokens: int, mode: str = "singl
         t1 = time.perf_counter()
         result = session.pipeline.run(feed, mode, max_new_tokens=max_new_tokens)
         t2 = time.perf_counter()
-        masks = result.outputs.get("masks")
-        if masks is not None and masks.shape[0]:
-            session.host.masks(masks, meta)
+        session.host.masks(result.outputs.get("masks"), meta)
         t3 = time.perf_counter()
         timings = {k: float(v) for k, v in result.timings_ms.items() if k != "decode_steps"}
         timings["preprocess"], timings["postprocess"] = 1e3 * (t1 - t0), 1e3 * (t3 - t2)

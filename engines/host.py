@@ -19,7 +19,9 @@ import numpy as np
 from graphs.errors import ArtifactError, InputError
 from graphs.preprocessing import clip_pixels_np, resize_bilinear_np, sam_pixels_np
 from graphs.prompt import SINGLE_PASS_ANSWER, PromptIds, tokenize_prompt
+from graphs.runner import bind_dims
 from graphs.shapes import ModelShape
+from graphs.stages import Layout, StageSpec
 
 
 @dataclass(frozen=True)
@@ -122,17 +124,20 @@ class HostIO:
         return masks.astype(np.float32)
 
     # -- outputs -> masks and text --------------------------------------------------------------
-    def masks(self, padded_mask_logits: np.ndarray, meta: HostMeta) -> tuple[np.ndarray, np.ndarray]:
+    def masks(self, padded_mask_logits: np.ndarray | None, meta: HostMeta) -> tuple[np.ndarray, np.ndarray]:
         """Mask logits and masks at the original image size (LISA `postprocess_masks` after its first upsample).
 
         Args:
-            padded_mask_logits (np.ndarray): float logits over the padded SAM input, shape [K, S, S]
-                (`sam_decoder.masks`).
+            padded_mask_logits (np.ndarray | None): float logits over the padded SAM input, shape [K, S, S]
+                (`sam_decoder.masks`); None when the pipeline produced no masks (no [SEG] generated).
             meta (HostMeta): from `inputs`.
 
         Returns:
             tuple[np.ndarray, np.ndarray]: float32 logits [K, H, W] and bool masks [K, H, W] (logits > 0).
         """
+        if padded_mask_logits is None:
+            empty = np.zeros((0, *meta.original_hw), dtype=np.float32)
+            return empty, empty > 0
         x = np.asarray(padded_mask_logits)
         if x.ndim != 3:
             raise InputError(f"mask logits must be [K, S, S], got shape {list(x.shape)}")
@@ -150,3 +155,10 @@ class HostIO:
         if mode == "single-pass":
             return SINGLE_PASS_ANSWER
         return self.tokenizer.decode(list(generated_ids), skip_special_tokens=False).strip()
+
+
+def check_host_feed(layout: Layout, feed: dict[str, np.ndarray]) -> None:
+    """Check a request's host inputs against the layout's dim ranges before any stage runs, so a text over
+    the exported range fails naming the dim and its range (`bind_dims`' message)."""
+    present = tuple(t for t in layout.host_inputs if t.name in feed)
+    bind_dims(StageSpec("host inputs", "host", present, ()), {t.name: feed[t.name] for t in present}, layout.dims)

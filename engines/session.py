@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.host import HostIO, HostMeta
+from engines.host import HostIO, HostMeta, check_host_feed
 from engines.pipeline import Pipeline, PipelineResult
 from graphs.errors import ArtifactError, InputError, ToolchainError
 from graphs.manifest import Artifact, load_artifact
-from graphs.runner import BaseRunner, bind_dims
+from graphs.runner import BaseRunner
 from graphs.stages import StageSpec
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -183,16 +183,9 @@ class ArtifactSession:
         self.check_mode(mode)
         feed, meta = self.host.inputs(image, query, mode, instance_masks=instance_masks)
         # Before any stage runs: a text over the exported range fails here, naming the dim and the range.
-        present = tuple(t for t in self.artifact.layout.host_inputs if t.name in feed)
-        bind_dims(StageSpec("host inputs", "host", present, ()), {t.name: feed[t.name] for t in present},
-                  self.artifact.layout.dims)
+        check_host_feed(self.artifact.layout, feed)
         result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens)
-        padded = result.outputs.get("masks")
-        if padded is None or padded.shape[0] == 0:
-            h, w = meta.original_hw
-            logits, masks = np.zeros((0, h, w), np.float32), np.zeros((0, h, w), bool)
-        else:
-            logits, masks = self.host.masks(padded, meta)
+        logits, masks = self.host.masks(result.outputs.get("masks"), meta)
         return Segmentation(
             mask_logits=logits, masks=masks, answer=self.host.answer(result.generated_ids, mode),
             generated_ids=result.generated_ids, image_tokens_per_layer=self.image_tokens_per_layer(result),

@@ -59,10 +59,15 @@ def iter_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
         yield from g.node
 
 
-def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every initializer and attribute tensor (Constant values), subgraphs included."""
+def iter_tensors(model: onnx.ModelProto, main_initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    """Every initializer and attribute tensor (Constant values), subgraphs included.
+
+    Args:
+        main_initializers (bool): include the main graph's initializers. Defaults to True.
+    """
     for g in iter_graphs(model.graph):
-        yield from g.initializer
+        if main_initializers or g is not model.graph:
+            yield from g.initializer
         for node in g.node:
             for attr in node.attribute:
                 if attr.HasField("t"):
@@ -326,17 +331,6 @@ def _split_before(buf: bytes, number: int) -> int:
     return len(buf)
 
 
-def _tensors_outside_initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    for g in iter_graphs(model.graph):
-        if g is not model.graph:
-            yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-
-
 class _Inliner:
     """Writes a graph whose initializers live in an external file as one inline ModelProto, streaming the
     initializers one at a time, so a 2 GB graph never sits in memory (nor its ~5x serialisation buffers).
@@ -353,7 +347,7 @@ class _Inliner:
     def __init__(self, model: onnx.ModelProto, data_dir: Path):
         self.data_dir = data_dir
         self.inits = list(model.graph.initializer)
-        for t in _tensors_outside_initializers(model):  # Constant values, subgraphs: rare and small, load them
+        for t in iter_tensors(model, main_initializers=False):  # Constant values, subgraphs: rare and small, load them
             if ext.uses_external_data(t):
                 ext.load_external_data_for_tensor(t, str(data_dir))
                 t.ClearField("data_location")

@@ -31,13 +31,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
-    from engines.host import HostIO
+    from engines.host import HostIO, check_host_feed
     from engines.pipeline import Pipeline
     from graphs.errors import ArtifactError, InputError, ToolchainError
     from graphs.imageio import decode_image_bytes
     from graphs.manifest import load_artifact
     from graphs.prompt import MODES
-    from graphs.runner import BaseRunner, bind_dims
+    from graphs.runner import BaseRunner
     from graphs.stages import StageSpec
 except ImportError as exc:  # the Python backend's own interpreter, not the one that wrote the repository
     raise ImportError(f"csprt is not importable in Triton's Python backend environment ({exc}); install it there "
@@ -149,18 +149,11 @@ class TritonPythonModel:
                              f"re-export it with --mode both: {self.artifact.rebuild_command}")
         t1 = time.perf_counter()
         feed, meta = self.host.inputs(image, query, mode, instance_masks=masks_in)
-        present = tuple(t for t in self.layout.host_inputs if t.name in feed)  # a too-long text fails here, by name
-        bind_dims(StageSpec("host inputs", "host", present, ()), {t.name: feed[t.name] for t in present},
-                  self.layout.dims)
+        check_host_feed(self.layout, feed)  # before any stage runs: a too-long text fails here, naming the dim
         t2 = time.perf_counter()
         result = self.pipeline.run(feed, mode, max_new_tokens=int(max_new) if mode == "generate" else None)
         t3 = time.perf_counter()
-        padded = result.outputs.get("masks")
-        if padded is None or padded.shape[0] == 0:
-            h, w = meta.original_hw
-            logits, masks = np.zeros((0, h, w), np.float32), np.zeros((0, h, w), bool)
-        else:
-            logits, masks = self.host.masks(padded, meta)
+        logits, masks = self.host.masks(result.outputs.get("masks"), meta)
         answer = self.host.answer(result.generated_ids, mode)
         t4 = time.perf_counter()
         outputs = {"mask_png": np.array([_png(masks)], dtype=np.object_),
