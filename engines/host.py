@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from graphs.errors import ArtifactError, InputError
+from graphs.image_encoding import IMAGE_HOST_INPUTS
 from graphs.preprocessing import clip_pixels_np, resize_bilinear_np, sam_pixels_np
 from graphs.prompt import SINGLE_PASS_ANSWER, PromptIds, tokenize_prompt
 from graphs.runner import bind_dims
@@ -83,35 +84,50 @@ class HostIO:
             tuple[dict[str, np.ndarray], HostMeta]: host input name -> array (dtypes as the manifest
             lists them), and what `masks` needs.
         """
+        query_feed, ids = self.query_inputs(query, mode)
+        image_feed, original_hw, resized_hw = self.image_inputs(image, instance_masks)
+        values = {**query_feed, **image_feed}
+        feed = {name: values[name] for name in self.host_inputs if name in values}  # manifest order
+        meta = HostMeta(original_hw=original_hw, resized_hw=resized_hw, mode=mode, prompt=ids)
+        return feed, meta
+
+    def query_inputs(self, query: str, mode: str) -> tuple[dict[str, np.ndarray], PromptIds]:
+        """The host inputs computed from the query alone (token ids, [SEG] rows), and the prompt's ids."""
         ids = tokenize_prompt(self.tokenizer, query, mode, self.shape.num_image_tokens, self.shape.llm.max_positions)
         want_seg = self.tok_cfg.get("seg_token_id")
         if want_seg is not None and ids.seg_token_id != want_seg:
             raise ArtifactError(f"the tokenizer's [SEG] id is {ids.seg_token_id} but the manifest says {want_seg}; "
                                 "the tokenizer directory was modified, re-run csprt export")
-        sam, resized_hw = sam_pixels_np(image, self.sam_size)
-        values = {
-            "prefix_ids": np.asarray(ids.prefix, dtype=np.int64),
-            "suffix_ids": np.asarray(ids.suffix, dtype=np.int64),
-            "clip_pixels": clip_pixels_np(image, self.clip_cfg),
-            "sam_pixels": sam,
-        }
+        values = {"prefix_ids": np.asarray(ids.prefix, dtype=np.int64),
+                  "suffix_ids": np.asarray(ids.suffix, dtype=np.int64)}
         if mode == "single-pass":  # the suffix row predicting each [SEG] (the position just before it)
             values["seg_rows"] = np.asarray([j - 1 for j in ids.seg_suffix_positions()], dtype=np.int64)
+        return self._cast(values, IMAGE_HOST_INPUTS, mode), ids
+
+    def image_inputs(self, image: np.ndarray, instance_masks: np.ndarray | None = None
+                     ) -> tuple[dict[str, np.ndarray], tuple[int, int], tuple[int, int]]:
+        """The host inputs computed from the image alone (graphs.image_encoding.IMAGE_HOST_INPUTS), the image's
+        (H, W) and the unpadded (h', w') of its SAM input."""
+        sam, resized_hw = sam_pixels_np(image, self.sam_size)
+        values = {"clip_pixels": clip_pixels_np(image, self.clip_cfg), "sam_pixels": sam}
         if "instance_masks" in self.host_inputs:
             values["instance_masks"] = self._instance_masks(instance_masks)
         elif instance_masks is not None:
             raise InputError("this artifact takes no instance masks (its schedule does not cluster with seg_first)")
+        feed = self._cast(values, set(self.host_inputs) - IMAGE_HOST_INPUTS, None)
+        return feed, (int(image.shape[0]), int(image.shape[1])), resized_hw
+
+    def _cast(self, values: dict, others, mode: str | None) -> dict[str, np.ndarray]:
+        """`values` in the manifest's dtypes, for every manifest host input not in `others`."""
         feed = {}
         for name, spec in self.host_inputs.items():
-            if name == "seg_rows" and mode != "single-pass":
-                continue  # read only by single-pass stages
+            if name in others or (name == "seg_rows" and mode != "single-pass"):
+                continue  # the other half's, or read only by single-pass stages
             if name not in values:
                 raise ArtifactError(f"manifest host input {name!r} is unknown to this csprt; "
-                                    f"it knows {', '.join(values)}")
+                                    f"it knows {', '.join([*values, *sorted(others)])}")
             feed[name] = np.ascontiguousarray(values[name], dtype=spec["dtype"])
-        meta = HostMeta(original_hw=(int(image.shape[0]), int(image.shape[1])), resized_hw=resized_hw,
-                        mode=mode, prompt=ids)
-        return feed, meta
+        return feed
 
     def _instance_masks(self, masks) -> np.ndarray:
         grid = self.shape.vision.grid

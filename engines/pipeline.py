@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -103,7 +103,8 @@ class Pipeline:
 
     # -- run ------------------------------------------------------------------------------------
     def run(self, host: dict[str, np.ndarray], mode: str, record: bool = False,
-            max_new_tokens: int | None = None) -> PipelineResult:
+            max_new_tokens: int | None = None, given: dict | None = None,
+            stages: Collection[str] | None = None) -> PipelineResult:
         """Run every stage of `mode` on the host inputs.
 
         Args:
@@ -113,6 +114,10 @@ class Pipeline:
                 Defaults to False.
             max_new_tokens (int | None): generate-mode limit, at most the exported one. Defaults to None
                 (the exported `loop.max_new_tokens`).
+            given (dict | None): tensors by source ("<stage>.<output>", "host.<input>") known before the first
+                stage, e.g. an image encoding (engines.session.ImageEncoding). Defaults to None.
+            stages (Collection[str] | None): run only these stages of the mode's sequence; the others' outputs
+                must be in `given`. Defaults to None (every stage).
 
         Returns:
             PipelineResult: the outputs, every intermediate tensor, feeds and timings.
@@ -120,8 +125,10 @@ class Pipeline:
         if mode not in self.layout.modes:
             raise InputError(f"mode {mode!r} is not in this artifact; it has: {', '.join(self.layout.modes)}")
         sequence = self.layout.sequence(mode)
-        self._check_host(host, sequence, mode)
-        res = PipelineResult(outputs={}, tensors={f"host.{k}": v for k, v in host.items()})
+        if stages is not None:
+            sequence = [s for s in sequence if s.name in stages]
+        self._check_host(host, sequence, mode, given or {})
+        res = PipelineResult(outputs={}, tensors={**(given or {}), **{f"host.{k}": v for k, v in host.items()}})
         chain = self.chain
         with chain.begin(mode):
             for stage in sequence:
@@ -143,9 +150,10 @@ class Pipeline:
             chain.finish(res.timings_ms)
         return res
 
-    def _check_host(self, host: dict, sequence: list[StageSpec], mode: str) -> None:
+    def _check_host(self, host: dict, sequence: list[StageSpec], mode: str, given: dict) -> None:
         known = {t.name: t for t in self.layout.host_inputs}
-        needed = {t.source_for(mode)[5:] for s in sequence for t in s.inputs if t.source_for(mode).startswith("host.")}
+        needed = {t.source_for(mode)[5:] for s in sequence for t in s.inputs
+                  if t.source_for(mode).startswith("host.") and t.source_for(mode) not in given}
         missing = sorted(needed - set(host))
         extra = sorted(set(host) - set(known))
         if missing or extra:

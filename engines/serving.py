@@ -1,7 +1,10 @@
 """The artifact's pipeline as a Triton model (PyTriton): request tensors in, masks and text out.
 
     request  image BYTES [1] (encoded JPEG/PNG/WebP), query BYTES [1], mode BYTES [1]?, return_logits BOOL [1]?
-      -> decode_request (checks) -> ArtifactSession.segment (every stage, batch 1) -> encode_response
+      -> decode_request (checks) -> image cache (sha256 of the bytes + image settings; engines.image_cache)
+           hit:  ArtifactSession.segment(encoding, query)    the stages that read the query
+           miss: decode, ArtifactSession.segment(image, query, keep_encoding=True) (every stage, batch 1), cache it
+      -> encode_response
     response mask_png BYTES [1], masks_packed UINT8 [-1], masks_shape INT64 [3], mask_logits FP32 [-1, -1, -1]?,
              answer BYTES [1], generated_ids INT64 [-1], timings BYTES [1] (JSON)
 
@@ -55,7 +58,7 @@ OUTPUTS = {
     "mask_logits": ("FP32", (-1, -1, -1), "[K, H, W] float32 logits; only with return_logits, absent if K = 0"),
     "answer": ("BYTES", (1,), "UTF-8 text answer"),
     "generated_ids": ("INT64", (-1,), "generated token ids; absent in single-pass mode (none generated)"),
-    "timings": ("BYTES", (1,), "JSON: ms per stage, decode_image, segment, encode"),
+    "timings": ("BYTES", (1,), "JSON: ms per stage, decode_image, segment, encode; image_cache_hit 1 or 0"),
 }
 _NP = {"BYTES": bytes, "BOOL": np.bool_, "UINT8": np.uint8, "INT64": np.int64, "FP32": np.float32}
 
@@ -236,7 +239,7 @@ def encode_response(seg, hw: tuple[int, int], return_logits: bool, timings_ms: d
         out["mask_logits"] = np.asarray(seg.mask_logits, dtype=np.float32)[None]
     out["answer"] = np.array([[seg.answer.encode("utf-8")]], dtype=object)
     out["generated_ids"] = np.asarray([list(seg.generated_ids)], dtype=np.int64).reshape(1, -1)
-    timings = {k: round(float(v), 3) for k, v in timings_ms.items()}
+    timings = {k: v if isinstance(v, int) else round(float(v), 3) for k, v in timings_ms.items()}  # counts stay ints
     timings["encode"] = round((time.perf_counter() - t0) * 1000, 3)
     out["timings"] = np.array([[json.dumps(timings).encode()]], dtype=object)
     # PyTriton 0.7.0 copies outputs into shared memory: they must be C-contiguous (resized logits are not)
@@ -255,14 +258,24 @@ class SegmentModel:
     """PyTriton inference callable over one ArtifactSession (one per Triton model instance; an instance's
     requests run on its own thread, so a session is never used by two threads).
 
+    With an image cache (shared by every instance): the image bytes' hash and the session's image settings are
+    looked up first; a hit skips decoding the image and its image-only stages (`segment(encoding, query)`), a
+    miss runs every stage and caches the encoding that run made. Bytes that fail to decode never enter it.
+
     Args:
         session (ArtifactSession): loaded and warmed up.
         limits (Limits): per-request limits. Defaults to Limits().
         max_new_tokens (int | None): generate-mode limit. Defaults to None (as csprt run: min(32, exported)).
+        cache (ImageCache | None): shared image cache. Defaults to None (off).
     """
 
-    def __init__(self, session, limits: Limits = Limits(), max_new_tokens: int | None = None):
+    LOG_EVERY = 100  # lookups between two cache summaries in the log
+
+    def __init__(self, session, limits: Limits = Limits(), max_new_tokens: int | None = None, cache=None):
+        from engines.image_cache import ImageCache
+
         self.session, self.limits = session, limits
+        self.cache = cache if cache is not None else ImageCache(0)
         loop = session.artifact.layout.loop
         self.max_new_tokens = max_new_tokens if max_new_tokens is not None else min(32, loop.max_new_tokens if loop else 0)
         self.modes = tuple(session.artifact.modes)
@@ -275,22 +288,43 @@ class SegmentModel:
         try:
             req = decode_request(request, self.limits, self.modes)
             t0 = time.perf_counter()
-            if req.image not in images:
-                images[req.image] = decode_image(req.image, self.limits)
-            image = images[req.image]
+            encoding, key = self._lookup(req.image)
+            if encoding is None:
+                if req.image not in images:
+                    images[req.image] = decode_image(req.image, self.limits)
+                source, hw = images[req.image], images[req.image].shape[:2]
+            else:
+                source, hw = encoding, encoding.original_hw
             t1 = time.perf_counter()
-            seg = self.session.segment(image, req.query, mode=req.mode,
-                                       max_new_tokens=self.max_new_tokens if req.mode == "generate" else None)
+            keep = {"keep_encoding": True} if key is not None and encoding is None else {}
+            seg = self.session.segment(source, req.query, mode=req.mode,
+                                       max_new_tokens=self.max_new_tokens if req.mode == "generate" else None, **keep)
+            if encoding is None and key is not None:
+                self.cache.put(key, seg.encoding)
             t2 = time.perf_counter()
-            timings = {**seg.timings_ms, "decode_image": (t1 - t0) * 1000, "segment": (t2 - t1) * 1000}
+            timings = {**seg.timings_ms, "decode_image": (t1 - t0) * 1000, "segment": (t2 - t1) * 1000,
+                       "image_cache_hit": int(encoding is not None)}
             wanted = getattr(request, "requested_output_names", None)
-            return encode_response(seg, image.shape[:2], req.return_logits, timings, wanted)
+            return encode_response(seg, hw, req.return_logits, timings, wanted)
         except ToolchainError as exc:
             return error_response(str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug must not fail the other requests of the batch
             LOGGER.error("request failed:\n%s", traceback.format_exc())
             return error_response(f"csprt internal error (please report; traceback in the server log): "
                                   f"{type(exc).__name__}: {exc}", internal=True)
+
+    def _lookup(self, data: bytes):
+        """(cached encoding or None, key or None when the cache is off)."""
+        if not self.cache.enabled:
+            return None, None
+        from engines.image_cache import image_key
+
+        key = image_key(data, self.session.image_settings)
+        encoding = self.cache.get(key)
+        stats = self.cache.stats()
+        if (stats["hits"] + stats["misses"]) % self.LOG_EVERY == 0:
+            LOGGER.info(self.cache.summary())
+        return encoding, key
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -10,11 +10,23 @@ manifest); the stages in between are only wired.
 
 `--backend tensorrt` is checked before anything loads (`check_backend`): a visible CUDA GPU, built
 engines, TensorRT installed, and every stage's engine matching its graph and this TensorRT.
+
+Many questions about one image (as SAM's predictor: `set_image` once, prompt many times):
+
+    enc = session.encode_image(image)              # the image-only stages (graphs.image_encoding), once
+    session.segment(enc, "the cup")                # the other stages, with enc's tensors given
+    session.segment(image, q, keep_encoding=True)  # one full run (SAM encoder concurrent with the LLM) + enc
+
+An encoding's tensors stay where the chain keeps them: numpy on the host (onnxruntime), torch CUDA
+tensors on the GPU (tensorrt; cloned out of the engines' reused output buffers).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +35,42 @@ import numpy as np
 from engines.host import HostIO, HostMeta, check_host_feed
 from engines.pipeline import Pipeline, PipelineResult
 from graphs.errors import ArtifactError, InputError, ToolchainError
+from graphs.image_encoding import image_plan
 from graphs.manifest import Artifact, load_artifact
 from graphs.runner import BaseRunner
 from graphs.stages import StageSpec
 
 BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_DEVICE = {"onnxruntime": "cpu", "tensorrt": "cuda"}
+
+
+def tensor_nbytes(value) -> int:
+    """Bytes a numpy array or torch tensor holds (host or device), without importing torch."""
+    if hasattr(value, "nbytes") and not hasattr(value, "element_size"):
+        return int(value.nbytes)
+    return int(value.numel() * value.element_size())
+
+
+@dataclass
+class ImageEncoding:
+    """One image, encoded: what a question about it needs from the stages that read only the image.
+
+    tensors: source ("<stage>.<output>", "host.<input>") -> tensor (numpy; torch CUDA on the TensorRT chain).
+    original_hw / resized_hw: the image's (H, W) and the unpadded (h', w') of its SAM input (postprocessing).
+    settings: the fingerprint of the artifact's image stages and preprocessing it was made with
+        (`ArtifactSession.image_settings`); a session refuses an encoding with other settings.
+    timings_ms: the image-only stages' times when it was made.
+    """
+
+    tensors: dict
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    settings: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_nbytes(v) for v in self.tensors.values())
 
 
 @dataclass
@@ -41,6 +83,7 @@ class Segmentation:
     timings_ms: dict[str, float]
     pipeline: PipelineResult = field(repr=False)
     meta: HostMeta | None = field(default=None, repr=False)
+    encoding: ImageEncoding | None = field(default=None, repr=False)  # keep_encoding=True, or the one given
 
 
 def cuda_problem() -> str:
@@ -162,6 +205,8 @@ class ArtifactSession:
         runner_for = runner_factory(self.artifact, backend, self.device, threads=threads)  # tensorrt: checked before anything loads
         self.host = HostIO(self.artifact.manifest, self.artifact.dir)
         self.pipeline = Pipeline(self.artifact.layout, runner_for, chain=chain_for(self.artifact, backend, self.device))
+        self._image_plan = None
+        self._image_settings: str | None = None
 
     def close(self) -> None:
         self.pipeline.close()
@@ -177,19 +222,108 @@ class ArtifactSession:
             raise InputError(f"mode {mode!r} is not in this artifact (exported for {', '.join(self.artifact.modes)}); "
                              f"re-export it with --mode both (or --mode {mode}): {self.artifact.rebuild_command}")
 
-    def segment(self, image: np.ndarray, query: str, mode: str = "single-pass", max_new_tokens: int | None = None,
-                instance_masks=None, record: bool = False) -> Segmentation:
-        """Segment `image` ([H, W, 3] uint8 RGB) for `query`."""
+    @property
+    def image_plan(self):
+        """The image-only stages and what an encoding keeps (graphs.image_encoding.image_plan)."""
+        if self._image_plan is None:
+            self._image_plan = image_plan(self.artifact.layout)
+        return self._image_plan
+
+    @property
+    def image_settings(self) -> str:
+        """A fingerprint of everything an encoding depends on besides the image: the preprocessing config, the
+        image host inputs, the image-only stages' files, backend and device (a cache key part)."""
+        if self._image_settings is None:
+            m, plan = self.artifact.manifest, self.image_plan
+            entries = {e["name"]: e.get("files", {}) for e in m["stages"]}
+            facts = {"preprocessing": m.get("preprocessing"), "precision": self.artifact.precision,
+                     "host_inputs": [t for t in m["host_inputs"] if t["name"] in plan.image_inputs],
+                     "stages": {name: entries.get(name) for name in plan.stages},
+                     "backend": self.backend, "device": self.device}
+            self._image_settings = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+        return self._image_settings
+
+    def encode_image(self, image: np.ndarray, instance_masks=None) -> ImageEncoding:
+        """Run the stages that read only the image (SAM's `set_image`); `segment(encoding, query)` runs the rest.
+
+        Args:
+            image (np.ndarray): uint8 RGB, shape [H, W, 3].
+            instance_masks (np.ndarray | None): [M, grid, grid], for seg_first artifacts. Defaults to None.
+
+        Returns:
+            ImageEncoding: the tensors a question needs, where the chain keeps them (host or GPU).
+        """
+        plan, layout = self.image_plan, self.artifact.layout
+        feed, original_hw, resized_hw = self.host.image_inputs(image, instance_masks)
+        tensors = {f"host.{k}": v for k, v in feed.items()}
+        timings: dict[str, float] = {}
+        done: set[str] = set()
+        for mode in self.artifact.modes:  # an image-only stage of one mode only still gets encoded
+            todo = [s.name for s in layout.sequence(mode) if s.name in plan.stages and s.name not in done]
+            if todo:
+                result = self.pipeline.run({}, mode, given=tensors, stages=todo)
+                tensors.update(result.tensors)
+                timings.update(result.timings_ms)
+                done |= set(todo)
+        return self._encoding(tensors, original_hw, resized_hw, timings)
+
+    def _encoding(self, tensors: dict, original_hw, resized_hw, timings: dict) -> ImageEncoding:
+        chain = self.pipeline.chain  # keep(): a device tensor is cloned out of the engine's reused buffer
+        kept = {src: chain.keep(tensors[src]) for src in self.image_plan.keep}
+        _settle(kept)
+        stage_ms = {k: v for k, v in timings.items() if k in self.image_plan.stages}
+        return ImageEncoding(kept, original_hw, resized_hw, self.image_settings, stage_ms)
+
+    def segment(self, image, query: str, mode: str = "single-pass", max_new_tokens: int | None = None,
+                instance_masks=None, record: bool = False, keep_encoding: bool = False) -> Segmentation:
+        """Segment an image for `query`.
+
+        Args:
+            image (np.ndarray | ImageEncoding): uint8 RGB [H, W, 3] (every stage runs), or what `encode_image`
+                returned for it (only the stages that read the query run).
+            query (str): the question.
+            mode (str): "single-pass" or "generate". Defaults to "single-pass".
+            max_new_tokens (int | None): generate mode's limit. Defaults to None (the exported one).
+            instance_masks (np.ndarray | None): seg_first artifacts, with an image (an encoding has them).
+            record (bool): keep each stage's feed (validation). Defaults to False.
+            keep_encoding (bool): with an image: also return its encoding (`Segmentation.encoding`), taken from
+                this run's tensors. Defaults to False.
+        """
         self.check_mode(mode)
+        if isinstance(image, ImageEncoding):
+            return self._segment_encoded(image, query, mode, max_new_tokens, instance_masks, record)
+        t0 = time.perf_counter()
         feed, meta = self.host.inputs(image, query, mode, instance_masks=instance_masks)
         # Before any stage runs: a text over the exported range fails here, naming the dim and the range.
         check_host_feed(self.artifact.layout, feed)
         result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens)
+        encoding = None
+        if keep_encoding:
+            tensors = {**result.tensors, **{f"host.{k}": v for k, v in feed.items()}}
+            encoding = self._encoding(tensors, meta.original_hw, meta.resized_hw, result.timings_ms)
+        return self._segmentation(result, meta, mode, encoding)
+
+    def _segment_encoded(self, enc: ImageEncoding, query: str, mode: str, max_new_tokens, instance_masks,
+                         record: bool) -> Segmentation:
+        if enc.settings != self.image_settings:
+            raise InputError("this image encoding was made by another artifact, backend, device or preprocessing "
+                             "setting; encode the image with this session (encode_image)")
+        if instance_masks is not None:
+            raise InputError("instance masks belong to the image: pass them to encode_image, not with an encoding")
+        feed, ids = self.host.query_inputs(query, mode)
+        check_host_feed(self.artifact.layout, feed)
+        rest = [s.name for s in self.artifact.layout.stages if s.name not in self.image_plan.stages]
+        result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens, given=enc.tensors,
+                                   stages=rest)
+        meta = HostMeta(original_hw=enc.original_hw, resized_hw=enc.resized_hw, mode=mode, prompt=ids)
+        return self._segmentation(result, meta, mode, enc)
+
+    def _segmentation(self, result: PipelineResult, meta: HostMeta, mode: str, encoding) -> Segmentation:
         logits, masks = self.host.masks(result.outputs.get("masks"), meta)
         return Segmentation(
             mask_logits=logits, masks=masks, answer=self.host.answer(result.generated_ids, mode),
             generated_ids=result.generated_ids, image_tokens_per_layer=self.image_tokens_per_layer(result),
-            timings_ms=result.timings_ms, pipeline=result, meta=meta)
+            timings_ms=result.timings_ms, pipeline=result, meta=meta, encoding=encoding)
 
     def image_tokens_per_layer(self, result: PipelineResult) -> list[int]:
         counts = []
@@ -198,3 +332,14 @@ class ArtifactSession:
                 rows = result.tensors[f"{stage.name}.image_hidden_out"].shape[1]
                 counts += [int(rows)] * len(stage.layers)
         return counts
+
+
+def _settle(tensors: dict) -> None:
+    """Wait until device copies (CudaChain.keep's clones, on the current stream) are done, so the encoding can
+    be read from any stream or thread; host arrays need nothing."""
+    for value in tensors.values():
+        if hasattr(value, "is_cuda") and value.is_cuda:
+            import torch
+
+            torch.cuda.current_stream(value.device).synchronize()
+            return

@@ -5,7 +5,13 @@ is true only when the whole pipeline works. Binds to 127.0.0.1 unless --host say
 
 The stage graphs have a static batch of 1: Triton's dynamic batcher (--max-batch-size) groups queued
 requests, for the same image or different ones, into one call that runs them one after another;
-identical image bytes in a group are decoded once, and no stage is shared or batched. A group's
+identical image bytes in a group are decoded once, and no stage is batched.
+
+--image-cache-mb: the image-only stages' outputs (CLIP side, SAM image embedding) are kept per image
+(key: sha256 of the bytes and the preprocessing settings), so a further question about the same
+image runs only the stages that read the query. One cache serves every instance; least recently
+used entries are evicted past the bound; each response's timings carry image_cache_hit (1 or 0),
+and hits, misses and evictions go to the log (every 100 lookups) and to stderr at shutdown. A group's
 responses return together when its last request finishes, so grouping adds latency and no
 throughput with these graphs: --max-batch-size 1 gives the lowest latency. --instances runs N
 independent copies of the pipeline, each on its own thread.
@@ -32,6 +38,7 @@ from graphs.errors import InputError, ToolchainError
 
 BACKENDS = ("onnxruntime", "tensorrt")
 EXIT_TIMEOUT_S = 30  # in-flight requests get this long to finish after SIGTERM
+DEFAULT_IMAGE_CACHE_MB = 512  # LISA-7B fp16 keeps ~4.7 MB per image (CLIP side + SAM embedding): ~100 images
 
 
 def add_parser(sub, name: str) -> None:
@@ -54,6 +61,10 @@ def add_parser(sub, name: str) -> None:
                    help="per-request width x height limit. Defaults to 64 Mi (8192 x 8192).")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generate mode only. Defaults to the artifact's exported limit, at most 32.")
+    p.add_argument("--image-cache-mb", type=int, default=None,
+                   help="image encodings kept for further questions about the same image (key: the image bytes' "
+                        "sha256 and the preprocessing settings; shared by the instances; least recently used "
+                        f"evicted; GPU memory with --backend tensorrt); 0 turns it off. Defaults to {DEFAULT_IMAGE_CACHE_MB}.")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="where tritonserver.log and pytriton.log go. Defaults to a new temporary directory.")
     p.set_defaults(func=run)
@@ -127,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
                     _positive("max-image-pixels", args.max_image_pixels, MAX_IMAGE_PIXELS))
     if args.max_new_tokens is not None:
         _positive("max-new-tokens", args.max_new_tokens, 1)
+    cache_mb = _positive("image-cache-mb", args.image_cache_mb, DEFAULT_IMAGE_CACHE_MB, 0)
     backend = args.backend or "onnxruntime"
     try:
         importlib.import_module("pytriton.triton")
@@ -140,18 +152,22 @@ def run(args: argparse.Namespace) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     _log_to(log_dir / "pytriton.log")
 
+    from engines.image_cache import MIB, ImageCache
     from engines.serving import SegmentModel, load_session
 
-    sessions = []
+    sessions, cache = [], ImageCache(cache_mb * MIB)
     try:
         for i in range(instances):
             label = f"instance {i + 1}/{instances}: " if instances > 1 else ""
             sessions.append(load_session(args.artifact, backend, args.device, _progress, label))
-        models = [SegmentModel(s, limits, args.max_new_tokens) for s in sessions]
+        models = [SegmentModel(s, limits, args.max_new_tokens, cache=cache) for s in sessions]
         return _serve(models, host, ports, max_batch, log_dir)
     finally:
         for s in sessions:
             s.close()
+        if cache.enabled:
+            _progress(cache.summary())
+            logging.getLogger("csprt.serve").info(cache.summary())
 
 
 def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Path) -> int:
@@ -183,7 +199,8 @@ def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Pa
                                          f"see {log_dir / 'tritonserver.log'}") from None
                 _progress(f"ready on http://{host}:{ports['http-port']} grpc {host}:{ports['grpc-port']} "
                           f"metrics http://{host}:{ports['metrics-port']}/metrics: model {MODEL_NAME!r}, "
-                          f"{len(models)} instance(s), max batch size {max_batch}")
+                          f"{len(models)} instance(s), max batch size {max_batch}, image cache "
+                          + (f"{models[0].cache.max_bytes // 2**20} MiB" if models[0].cache.enabled else "off"))
                 while not stop.wait(0.5):
                     if not triton.is_alive():
                         raise ToolchainError(f"Triton stopped unexpectedly; see {log_dir / 'tritonserver.log'}")
