@@ -196,13 +196,16 @@ class ArtifactSession:
             tensorrt).
         verify (bool): check every file's hash on load. Defaults to True.
         threads (int | None): onnxruntime intra-op threads per stage. Defaults to None (onnxruntime's choice).
+        runner_for (Callable[[StageSpec], BaseRunner] | None): makes each stage's runner instead of `backend`
+            (Triton's BLS orchestrator: a BLS request per stage). Defaults to None (`runner_factory`).
     """
 
     def __init__(self, art_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
-                 verify: bool = True, threads: int | None = None):
+                 verify: bool = True, threads: int | None = None, runner_for=None):
         self.artifact = load_artifact(art_dir, verify=verify)
         self.backend, self.device = backend, resolve_device(backend, device)
-        runner_for = runner_factory(self.artifact, backend, self.device, threads=threads)  # tensorrt: checked before anything loads
+        if runner_for is None:  # tensorrt: checked before anything loads
+            runner_for = runner_factory(self.artifact, backend, self.device, threads=threads)
         self.host = HostIO(self.artifact.manifest, self.artifact.dir)
         self.pipeline = Pipeline(self.artifact.layout, runner_for, chain=chain_for(self.artifact, backend, self.device))
         self._image_plan = None

@@ -41,6 +41,8 @@ REPO_MARKER = "csprt_repo.json"
 STAGES_FILE = "stages.json"          # in the BLS version directory
 ARTIFACT_DIR = "artifact"            # in the BLS version directory
 VERSION = "1"
+CACHE_PARAMETER = "csprt_image_cache_mb"  # the BLS config parameter engines/triton_bls/model.py reads
+DEFAULT_IMAGE_CACHE_MB = 512                # as csprt serve
 BACKENDS = ("onnxruntime", "tensorrt")
 TRT_FLAVORS = ("tensorrt", "tensorrt-rtx")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -52,7 +54,9 @@ def bls_template() -> Path:
 
 
 def _check_options(backend: str, name: str, instances: int, max_batch_size: int, flavor: str | None,
-                   device: str) -> None:
+                   device: str, image_cache_mb: int = 0) -> None:
+    if image_cache_mb < 0:
+        raise ToolchainError(f"--image-cache-mb {image_cache_mb}: expected 0 (off) or more")
     if backend not in BACKENDS:
         raise ToolchainError(f"--backend {backend}: choose one of: {', '.join(BACKENDS)}")
     if not _NAME.match(name):
@@ -184,7 +188,7 @@ def _header(artifact: Artifact, what: str, command: str) -> str:
 
 
 def _write_bls(tmp: Path, artifact: Artifact, name: str, models: list[_StageModel], instances: int,
-               max_batch_size: int, command: str) -> None:
+               max_batch_size: int, command: str, image_cache_mb: int = DEFAULT_IMAGE_CACHE_MB) -> None:
     version_dir = tmp / name / VERSION
     version_dir.mkdir(parents=True)
     shutil.copyfile(bls_template(), version_dir / "model.py")
@@ -196,7 +200,8 @@ def _write_bls(tmp: Path, artifact: Artifact, name: str, models: list[_StageMode
     _write_json({"format": "csprt.triton_bls", "format_version": REPO_FORMAT_VERSION,
                  "stage_models": {m.stage.name: {"model": m.model, "inputs": m.inputs} for m in models}},
                 version_dir / STAGES_FILE)
-    params = {"csprt_version": package_versions(("csprt",))["csprt"], "csprt_modes": ",".join(artifact.modes)}
+    params = {"csprt_version": package_versions(("csprt",))["csprt"], "csprt_modes": ",".join(artifact.modes),
+              CACHE_PARAMETER: str(image_cache_mb)}  # read by model.py: its image cache, per instance process
     header = (_header(artifact, "BLS orchestrator", command) + "\nNeeds csprt installed in the Python backend's "
               "environment (pip install csprt): model.py runs csprt's HostIO and Pipeline, each stage a BLS request.")
     text = bls_config(artifact.layout, name=name, instances=instances, max_batch_size=max_batch_size,
@@ -239,7 +244,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 DEFAULT_MAX_BATCH_SIZE = 8  # as csprt serve: the same client (tools/triton_client.py, [1, 1] inputs) works with both
 _DEFAULTS = {"backend": "onnxruntime", "name": "csprt", "instances": 1, "max_batch_size": DEFAULT_MAX_BATCH_SIZE,
-             "flavor": None,
+             "flavor": None, "image_cache_mb": DEFAULT_IMAGE_CACHE_MB,
              "device": "gpu", "link": False}
 
 
@@ -256,7 +261,8 @@ def _command(art: Path, out: Path, options: dict) -> str:
 
 def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "csprt", instances: int = 1,
                       max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, flavor: str | None = None, device: str = "gpu", link: bool = False,
-                      progress: Callable[[str], None] | None = None) -> dict:
+                      progress: Callable[[str], None] | None = None,
+                      image_cache_mb: int = DEFAULT_IMAGE_CACHE_MB) -> dict:
     """Write a Triton model repository for an artifact: one model per stage and a BLS orchestrator.
 
     Args:
@@ -276,6 +282,9 @@ def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "c
         link (bool): hard-link model files from the artifact where the filesystem allows, else copy.
             Defaults to False (copy).
         progress (callable | None): called with one line per step. Defaults to None (silent).
+        image_cache_mb (int): the BLS model's image cache (encodings kept per image for further questions),
+            per instance: Triton runs each Python-backend instance in its own process. 0 turns it off.
+            Defaults to 512, as `csprt serve`.
 
     Returns:
         dict: the repository's csprt_repo.json contents ("repo", "bls_model", "stage_models", ...).
@@ -285,11 +294,12 @@ def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "c
     """
     say = progress or (lambda _msg: None)
     art, out = Path(art_dir), Path(out)
-    _check_options(backend, name, instances, max_batch_size, flavor, device)
+    _check_options(backend, name, instances, max_batch_size, flavor, device, image_cache_mb)
     _check_out(out, art)
     artifact = load_artifact(art)  # verifies every graph file's sha256 before anything is copied
     command = _command(art, out, {"backend": backend, "name": name, "instances": instances,
-                                  "max_batch_size": max_batch_size, "flavor": flavor, "device": device, "link": link})
+                                  "max_batch_size": max_batch_size, "flavor": flavor, "device": device, "link": link,
+                                  "image_cache_mb": image_cache_mb})
     trt_version = None
     if backend == "onnxruntime":
         models = _onnx_models(artifact, name)
@@ -302,13 +312,14 @@ def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "c
             say(f"[{i}/{len(models)}] {m.model}: {m.backend} ({', '.join(sorted(m.files.values()))})")
             _write_stage(tmp, artifact, m, instances, device, link, command)
         say(f"{name}: BLS orchestrator (python backend) with the manifest and tokenizer")
-        _write_bls(tmp, artifact, name, models, instances, max_batch_size, command)
+        _write_bls(tmp, artifact, name, models, instances, max_batch_size, command, image_cache_mb)
         marker = {
             "format": REPO_FORMAT, "format_version": REPO_FORMAT_VERSION,
             "csprt_version": package_versions(("csprt",))["csprt"], "command": command,
             "artifact": str(artifact.dir.resolve()), "manifest_sha256": file_sha256(artifact.dir / MANIFEST_NAME),
             "backend": backend, "flavor": flavor, "trt_version": trt_version, "device": device,
-            "instances": instances, "max_batch_size": max_batch_size, "bls_model": name,
+            "instances": instances, "max_batch_size": max_batch_size, "image_cache_mb": image_cache_mb,
+            "bls_model": name,
             "stage_models": {m.stage.name: m.model for m in models},
         }
         _write_json(marker, tmp / REPO_MARKER)  # last: a directory without it is never taken for a repository

@@ -2,6 +2,7 @@
 
     csprt triton-repo ART --out REPO [--backend onnxruntime|tensorrt] [--flavor tensorrt|tensorrt-rtx]
                       [--name csprt] [--instances N] [--max-batch-size N] [--device gpu|cpu] [--link]
+                      [--image-cache-mb MB]
 
 Stage models run the artifact's ONNX graphs (onnxruntime_onnx) or its `csprt build` engines
 (tensorrt_plan); the BLS model (Python backend, csprt installed there) takes `image` + `query` and
@@ -41,6 +42,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                         "models always have 0. Defaults to 8, as csprt serve")
     p.add_argument("--device", choices=tuple(KINDS),
                    help="stage model instances on gpu or cpu (cpu: onnxruntime only). Defaults to gpu")
+    p.add_argument("--image-cache-mb", type=int, metavar="MB",
+                   help="the BLS model's image cache per instance (each Python-backend instance is a process): "
+                        "encodings kept for further questions about the same image; 0 turns it off. Defaults to 512")
     p.add_argument("--link", action="store_true", default=None,
                    help="hard-link model files from the artifact instead of copying (same filesystem only)")
     p.set_defaults(func=run)
@@ -49,7 +53,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("backend", "flavor", "name", "instances", "max_batch_size", "device",
-                                           "link") if getattr(args, k) is not None}
+                                           "link", "image_cache_mb") if getattr(args, k) is not None}
     progress = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     report = write_triton_repo(args.artifact, args.out, progress=progress, **given)
     trt = f" ({report['flavor']} {report['trt_version']})" if report["trt_version"] else ""

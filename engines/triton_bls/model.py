@@ -7,9 +7,15 @@ processing are csprt's own (`engines.pipeline.Pipeline`, `engines.host.HostIO`),
 duplicates them. The only Triton-specific step is `TritonStageRunner._infer`, a BLS request:
 
     request {image, query[, mode, return_logits, max_new_tokens, instance_masks]}
-      --HostIO.inputs--> host tensors --Pipeline.run--> per stage: pb_utils.InferenceRequest(<name>_<stage>).exec()
-      --HostIO.masks / answer--> response {mask_png, masks_packed, masks_shape, answer, generated_ids, timings
-                                            [, mask_logits]}
+      --image cache (sha256 of the bytes + settings)--> hit: ArtifactSession.segment(encoding, query)
+                                                        miss: decode, segment(image, query, keep_encoding=True)
+      (HostIO + Pipeline; per stage: pb_utils.InferenceRequest(<name>_<stage>).exec())
+      --> response {mask_png, masks_packed, masks_shape, answer, generated_ids, timings [, mask_logits]}
+
+The image cache (engines.image_cache, `csprt triton-repo --image-cache-mb`, config parameter
+csprt_image_cache_mb) keeps each image's encoding for further questions about it. Triton's Python backend
+runs every instance in its own process, so each instance has its own cache of that size. Hits, misses and
+evictions are Triton metrics (csprt_image_cache_*, where this Triton has custom metrics) and log lines.
 
 The request and response tensors are `csprt serve`'s (graphs.triton_config.BLS_INPUTS / BLS_OUTPUTS), so
 one client (tools/triton_client.py) talks to either.
@@ -31,8 +37,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
-    from engines.host import HostIO, check_host_feed
-    from engines.pipeline import Pipeline
+    from engines.image_cache import MIB, ImageCache, image_key
+    from engines.session import ArtifactSession
     from graphs.errors import ArtifactError, InputError, ToolchainError
     from graphs.imageio import decode_image_bytes
     from graphs.manifest import load_artifact
@@ -45,6 +51,8 @@ except ImportError as exc:  # the Python backend's own interpreter, not the one 
 
 STAGES_FILE = "stages.json"
 ARTIFACT_DIR = "artifact"
+CACHE_PARAMETER = "csprt_image_cache_mb"
+DEFAULT_IMAGE_CACHE_MB = 512
 
 
 class TritonStageRunner(BaseRunner):
@@ -90,8 +98,6 @@ class TritonPythonModel:
         self.batched = int(config.get("max_batch_size", 0)) > 0  # then every tensor has Triton's batch axis
         self.artifact = load_artifact(here / ARTIFACT_DIR, verify=False)  # graphs live in the stage models
         self.layout = self.artifact.layout
-        self.host = HostIO(self.artifact.manifest, self.artifact.dir)
-        self._warm_up()
         models = json.loads((here / STAGES_FILE).read_text(encoding="utf-8"))["stage_models"]
         missing = [s.name for s in self.layout.stages if s.name not in models]
         if missing:
@@ -102,9 +108,14 @@ class TritonPythonModel:
             m = models[stage.name]
             return TritonStageRunner(stage, self.layout.dims, m["model"], m["inputs"])
 
-        self.pipeline = Pipeline(self.layout, runner_for)
+        self.session = ArtifactSession(here / ARTIFACT_DIR, verify=False, runner_for=runner_for)
+        self.host, self.pipeline = self.session.host, self.session.pipeline
+        self._warm_up()
         loop = self.layout.loop
         self.default_max_new_tokens = min(32, loop.max_new_tokens) if loop else 0  # as csprt run and csprt serve
+        mb = config.get("parameters", {}).get(CACHE_PARAMETER, {}).get("string_value", str(DEFAULT_IMAGE_CACHE_MB))
+        self.cache = ImageCache(int(mb) * MIB)
+        self.metrics = _cache_metrics(args.get("model_name", "csprt")) if self.cache.enabled else None
 
     def _warm_up(self) -> None:
         """Preprocess a blank image now: the first call loads the tokenizer and imports transformers' CLIP
@@ -115,7 +126,9 @@ class TritonPythonModel:
         self.host.inputs(np.zeros((32, 32, 3), np.uint8), "warm up", self.layout.modes[0], instance_masks=masks)
 
     def finalize(self) -> None:
-        self.pipeline.close()
+        if self.cache.enabled:
+            print(f"[csprt] {self.cache.summary()}", file=sys.stderr, flush=True)
+        self.session.close()
 
     def execute(self, requests) -> list:
         return [self._respond(r) for r in requests]
@@ -136,7 +149,7 @@ class TritonPythonModel:
 
     def _handle(self, request) -> list:
         t0 = time.perf_counter()
-        image = decode_image_bytes(self._bytes(request, "image"), name="(request input 'image')")
+        data = self._bytes(request, "image")
         query = self._text(request, "query")
         mode = self._text(request, "mode", "single-pass")
         logits_wanted = bool(self._scalar(request, "return_logits", False))
@@ -147,29 +160,51 @@ class TritonPythonModel:
         if mode not in self.layout.modes:
             raise InputError(f"mode {mode!r} is not in this artifact (exported for {', '.join(self.layout.modes)}); "
                              f"re-export it with --mode both: {self.artifact.rebuild_command}")
+        key = image_key(data, self.session.image_settings, masks_in) if self.cache.enabled else None
+        encoding = self._lookup(key)
+        if encoding is None:  # bytes that do not decode fail here, before anything could be cached
+            source = decode_image_bytes(data, name="(request input 'image')")
+        else:
+            source, masks_in = encoding, None  # the instance masks are part of the encoding (and of its key)
         t1 = time.perf_counter()
-        feed, meta = self.host.inputs(image, query, mode, instance_masks=masks_in)
-        check_host_feed(self.layout, feed)  # before any stage runs: a too-long text fails here, naming the dim
+        seg = self.session.segment(source, query, mode, max_new_tokens=int(max_new) if mode == "generate" else None,
+                                   instance_masks=masks_in, keep_encoding=key is not None and encoding is None)
+        if key is not None and encoding is None:
+            self._store(key, seg.encoding)
         t2 = time.perf_counter()
-        result = self.pipeline.run(feed, mode, max_new_tokens=int(max_new) if mode == "generate" else None)
-        t3 = time.perf_counter()
-        logits, masks = self.host.masks(result.outputs.get("masks"), meta)
-        answer = self.host.answer(result.generated_ids, mode)
-        t4 = time.perf_counter()
+        masks = seg.masks
         outputs = {"mask_png": np.array([_png(masks)], dtype=np.object_),
                    "masks_packed": np.packbits(masks.reshape(-1)),  # [ceil(K*H*W / 8)] uint8
                    "masks_shape": np.asarray(masks.shape, dtype=np.int64),  # [3]: K, H, W
-                   "answer": np.array([answer.encode("utf-8")], dtype=np.object_),
-                   "generated_ids": np.asarray(result.generated_ids, dtype=np.int64).reshape(-1)}
+                   "answer": np.array([seg.answer.encode("utf-8")], dtype=np.object_),
+                   "generated_ids": np.asarray(seg.generated_ids, dtype=np.int64).reshape(-1)}
         if logits_wanted:
-            outputs["mask_logits"] = np.ascontiguousarray(logits, dtype=np.float32)  # [K, H, W]
-        t5 = time.perf_counter()
+            outputs["mask_logits"] = np.ascontiguousarray(seg.mask_logits, dtype=np.float32)  # [K, H, W]
+        t3 = time.perf_counter()
         ms = lambda a, b: 1e3 * (b - a)  # noqa: E731
-        timings = {"decode_image": ms(t0, t1), "preprocess": ms(t1, t2), **result.timings_ms,
-                   "postprocess": ms(t3, t4), "segment": ms(t1, t4), "encode": ms(t4, t5), "total": ms(t0, t5)}
-        timings = {k: v if isinstance(v, int) else round(float(v), 3) for k, v in timings.items()}  # decode_steps: int
+        timings = {"decode_image": ms(t0, t1), **seg.timings_ms, "segment": ms(t1, t2), "encode": ms(t2, t3),
+                   "total": ms(t0, t3), "image_cache_hit": int(encoding is not None)}
+        timings = {k: v if isinstance(v, int) else round(float(v), 3) for k, v in timings.items()}  # counts: int
         outputs["timings"] = np.array([json.dumps(timings).encode("utf-8")], dtype=np.object_)
         return [pb_utils.Tensor(k, v[None] if self.batched else v) for k, v in outputs.items()]
+
+    # -- image cache ------------------------------------------------------------------------------
+    def _lookup(self, key):
+        if key is None:
+            return None
+        encoding = self.cache.get(key)
+        if self.metrics:
+            self.metrics["hit" if encoding is not None else "miss"].increment(1)
+        stats = self.cache.stats()
+        if (stats["hits"] + stats["misses"]) % 100 == 0:
+            print(f"[csprt] {self.cache.summary()}", file=sys.stderr, flush=True)  # into Triton's log
+        return encoding
+
+    def _store(self, key, encoding) -> None:
+        before = self.cache.stats()["evictions"]
+        self.cache.put(key, encoding)
+        if self.metrics:
+            self.metrics["eviction"].increment(self.cache.stats()["evictions"] - before)
 
     # -- request tensors ------------------------------------------------------------------------
     def _array(self, request, name: str):
@@ -222,3 +257,17 @@ def _png(masks: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(union.astype(np.uint8) * 255).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _cache_metrics(model: str) -> dict | None:
+    """Triton custom metrics for the image cache (Triton >= 23.04), or None where this Triton has none."""
+    family = getattr(pb_utils, "MetricFamily", None)
+    if family is None:
+        return None
+    lookups = family(name="csprt_image_cache_lookups_total", description="csprt image cache lookups, by result",
+                     kind=family.COUNTER)
+    evictions = family(name="csprt_image_cache_evictions_total", description="csprt image cache evictions",
+                       kind=family.COUNTER)
+    return {"hit": lookups.Metric(labels={"model": model, "result": "hit"}),
+            "miss": lookups.Metric(labels={"model": model, "result": "miss"}),
+            "eviction": evictions.Metric(labels={"model": model})}

@@ -287,6 +287,7 @@ def test_bls_config(repo):
     assert (cfg.backend, cfg.max_batch_size) == ("python", 8) and cfg.HasField("dynamic_batching")
     assert [(t.name, t.optional) for t in cfg.input] == [(t.name, t.optional) for t in BLS_INPUTS]
     assert [t.name for t in cfg.output] == [t.name for t in BLS_OUTPUTS]
+    assert cfg.parameters["csprt_image_cache_mb"].string_value == "512"  # model.py's image cache, per instance
 
 
 def test_tensor_names_match_csprt_serve():
@@ -305,26 +306,33 @@ def test_tensor_names_match_csprt_serve():
 
 @pytest.mark.parametrize("mode", ["single-pass", "generate"])
 def test_bls_equals_artifact_session(bls, session, mode):
+    """Twice per mode: the second request (and generate's first, after single-pass's) reuses the cached image
+    encoding, bit for bit the same answer."""
     from skimage import data
 
     model, config, pb = bls
     extra = {"mode": mode} if mode == "generate" else {}
-    [response] = model.execute([request(pb, image=chelsea_png(), query=QUERY, return_logits=np.array([True]), **extra)])
-    got = outputs(response)
-    _check_against_config("bls", {t.name(): t.as_numpy() for t in response.output_tensors()}, config.output,
-                          batched=True)
     ref = session.segment(data.chelsea(), QUERY, mode=mode, max_new_tokens=32 if mode == "generate" else None)
-    k, h, w = got["masks_shape"]
-    masks = np.unpackbits(got["masks_packed"], count=k * h * w).reshape(k, h, w).astype(bool)
     assert ref.masks.shape[0] >= 1
-    assert np.array_equal(masks, ref.masks)
-    assert np.array_equal(got["mask_logits"], ref.mask_logits)
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(got["mask_png"][0]))) > 0, ref.masks.any(axis=0))
-    assert got["answer"][0].decode() == ref.answer
-    assert got["generated_ids"].tolist() == ref.generated_ids
-    timings = json.loads(got["timings"][0])
-    assert {"decode_image", "preprocess", "vision", "sam_decoder", "postprocess", "total"} <= set(timings)
-    assert ("decode" in timings) == (mode == "generate")
+    for attempt in range(2):
+        [response] = model.execute([request(pb, image=chelsea_png(), query=QUERY, return_logits=np.array([True]),
+                                            **extra)])
+        got = outputs(response)
+        _check_against_config("bls", {t.name(): t.as_numpy() for t in response.output_tensors()}, config.output,
+                              batched=True)
+        k, h, w = got["masks_shape"]
+        masks = np.unpackbits(got["masks_packed"], count=k * h * w).reshape(k, h, w).astype(bool)
+        assert np.array_equal(masks, ref.masks)
+        assert np.array_equal(got["mask_logits"], ref.mask_logits)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(got["mask_png"][0]))) > 0, ref.masks.any(axis=0))
+        assert got["answer"][0].decode() == ref.answer
+        assert got["generated_ids"].tolist() == ref.generated_ids
+        timings = json.loads(got["timings"][0])
+        assert {"decode_image", "segment", "sam_decoder", "total", "image_cache_hit"} <= set(timings)
+        assert ("decode" in timings) == (mode == "generate")
+        assert timings["image_cache_hit"] == int("vision" not in timings)
+        if attempt == 1:
+            assert timings["image_cache_hit"] == 1
 
 
 def test_bls_bad_requests_get_error_responses(bls):
@@ -344,6 +352,9 @@ def test_bls_bad_requests_get_error_responses(bls):
     for response, (_, match) in zip(responses, bad):
         assert response.has_error() and match in response.error().message()
         assert response.error().code() == TritonError.INVALID_ARG
+    from engines.image_cache import image_key
+
+    assert model.cache.get(image_key(b"not an image", model.session.image_settings)) is None  # never cached
 
 
 def test_bls_stage_failure_is_an_internal_error(bls, monkeypatch):
