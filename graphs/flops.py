@@ -37,6 +37,9 @@ DEFAULT_TEXT_TOKENS = 40
 _SAM_DECODER_TOKENS = 1 + 4 + 1
 _SAM_MASK_TOKENS = 4
 _COMPONENTS = ("vision", "projector", "llm", "llm_image_tokens", "sam_encoder", "sam_decoder", "total")
+# The FLOPs components each stage kind computes (the entry ops and heads are negligible and not counted).
+STAGE_KIND_COMPONENTS = {"vision": ("vision", "projector"), "sam_encoder": ("sam_encoder",),
+                         "llm": ("llm",), "sam_decoder": ("sam_decoder",)}
 
 
 def llm_layer_flops(n: int, d: int, m: int, convention: str = "fastv") -> int:
@@ -202,6 +205,9 @@ def flops_report(shape: ModelShape, schedule: Schedule, text_tokens: int = DEFAU
     flops["llm"], flops["llm_image_tokens"] = llm, image
     flops["total"] = {c: sum(same.values()) + llm[c] for c in CONVENTIONS}
     total_full = sum(same.values()) + llm_full["fastv"]
+    image_only = _image_only_kinds(shape, schedule)
+    skipped = {c: sum(flops[comp][c] for kind in image_only.values() for comp in STAGE_KIND_COMPONENTS.get(kind, ()))
+               for c in CONVENTIONS}
     return {
         "schedule": schedule.name,
         "shape": shape.to_dict(),
@@ -220,4 +226,17 @@ def flops_report(shape: ModelShape, schedule: Schedule, text_tokens: int = DEFAU
             "swiglu": "4nd^2 + 2n^2d + 3ndm per LLM layer (LLaMA's 3-matrix FFN)",
         },
         "flops": {name: flops[name] for name in _COMPONENTS},
+        # A further question about an image already encoded (ArtifactSession.encode_image, the serve cache)
+        # skips the image-only stages, derived from the layout's wiring (graphs.image_encoding).
+        "cached_question": {"image_only_stages": list(image_only), "skipped_flops": skipped,
+                            "skipped_pct": 100.0 * skipped["fastv"] / flops["total"]["fastv"]},
     }
+
+
+def _image_only_kinds(shape: ModelShape, schedule: Schedule) -> dict[str, str]:
+    """Image-only stage name -> kind, from the single-pass layout of `schedule` at `shape`."""
+    from graphs.image_encoding import image_only_stages
+    from graphs.stages import LayoutOptions, build_layout
+
+    layout = build_layout(schedule, shape, LayoutOptions(), seg_token_id=0, stop_token_ids=())
+    return {name: layout.stage(name).kind for name in image_only_stages(layout)}

@@ -79,4 +79,8 @@ def format_report(report: dict, source: str) -> str:
         f"saved vs full       image-token FLOPs {report['image_token_flops_reduction_pct']:.1f}%, "
         f"LLM {report['llm_flops_reduction_pct']:.1f}%, total {report['total_flops_reduction_pct']:.1f}%",
     ]
+    cached = report["cached_question"]
+    lines.append(f"cached question     skips {', '.join(cached['image_only_stages'])}: "
+                 f"{cached['skipped_flops']['fastv'] / 1e9:.2f} GFLOPs ({cached['skipped_pct']:.1f}% of total; "
+                 "a further question about an already encoded image)")
     return "\n".join(lines)

@@ -86,3 +86,15 @@ def test_mismatched_schedule_and_bad_text_tokens():
 def test_imports_without_torch():
     code = "import sys; sys.modules['torch'] = None; import graphs.flops, tools.flops"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+@pytest.mark.parametrize("schedule", ["full", "csp", "evtp"])
+def test_cached_question_skips_the_image_only_stages(schedule):
+    """A further question about an encoded image skips CLIP + projector + the SAM encoder (from the wiring)."""
+    r = flops_report(SHAPES["lisa-7b"], resolve(schedule, 32, 256))
+    f, cached = r["flops"], r["cached_question"]
+    assert cached["image_only_stages"] == ["vision", "sam_encoder"]
+    for c in CONVENTIONS:
+        assert cached["skipped_flops"][c] == f["vision"][c] + f["projector"][c] + f["sam_encoder"][c]
+    assert cached["skipped_pct"] == pytest.approx(100 * cached["skipped_flops"]["fastv"] / f["total"]["fastv"])
+    assert 60 < cached["skipped_pct"] < 90  # the SAM ViT-H encoder outweighs the whole 7B prefill

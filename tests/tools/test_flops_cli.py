@@ -45,6 +45,7 @@ def test_human_table(capsys):
     assert cli.main(["flops", "--shape", "small", "--schedule", "evtp"]) == 0
     out = capsys.readouterr().out
     assert "image tokens / layer" in out and "sam_encoder" in out and "swiglu" in out
+    assert "cached question     skips vision, sam_encoder: " in out
 
 
 def test_schedule_json_file(capsys, tmp_path):
