@@ -1,7 +1,12 @@
-"""`csprt run`: segment one image for one query and write mask.png, overlay.png, result.json.
+"""`csprt run`: segment one image for one or more queries and write mask.png, overlay.png, result.json.
 
 TARGET is an exported artifact (runs on ONNX Runtime by default; --backend tensorrt runs its
 `csprt build` engines on an NVIDIA GPU) or a checkpoint directory (runs the PyTorch reference).
+
+One --query writes OUT/{mask.png,overlay.png,result.json}. Several (--query Q1 --query Q2 ...) write
+OUT/result_<n>/ for the n-th query (1-based), each with the same three files; an artifact encodes the
+image once (its image-only stages run for the first query only) and answers the others from that
+encoding; result.json's "image_cache" says "miss" or "hit".
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="segment an image for a query", description=__doc__)
     p.add_argument("target", type=Path, help="artifact directory (from csprt export) or LISA checkpoint directory")
     p.add_argument("--image", type=Path, required=True, help="JPEG/PNG/WebP image, any size")
-    p.add_argument("--query", required=True, help="what to segment, e.g. 'Where is the cat?'")
+    p.add_argument("--query", required=True, action="append",
+                   help="what to segment, e.g. 'Where is the cat?'; repeat for several questions about the image "
+                        "(encoded once; results in OUT/result_<n>/)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="tensorrt needs an NVIDIA GPU and engines from csprt build. Defaults to onnxruntime for an "
                         "artifact, torch for a checkpoint.")
@@ -40,7 +47,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--instance-masks", type=Path, default=None,
                    help=".npy [M, grid, grid] instance masks for --cluster-method seg_first")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory. Defaults to ./out.")
-    p.add_argument("--json", action="store_true", help="print result.json to stdout")
+    p.add_argument("--json", action="store_true", help="print result.json to stdout (several queries: a list)")
     add_schedule_args(p, default=None)
     p.set_defaults(func=run)
 
@@ -64,22 +71,29 @@ def run(args: argparse.Namespace) -> int:
     from graphs.manifest import is_artifact_dir
 
     image = load_image(args.image)  # bad input fails before anything slow
-    prompt_text(args.query, args.mode)
+    for query in args.query:
+        prompt_text(query, args.mode)
     if is_artifact_dir(args.target):
         if args.backend == "torch":
             raise InputError(f"{args.target} is an exported artifact; --backend torch runs a checkpoint directory "
                              "(pass the checkpoint instead, or choose --backend onnxruntime or tensorrt)")
-        result, masks = _run_artifact(args, image)
+        answers = _run_artifact(args, image)
     else:
         if args.backend not in (None, "torch"):
             raise InputError(f"--backend {args.backend} runs an exported artifact, and {args.target} is not one "
                              f"(no manifest.json); export it first: csprt export {args.target} --out ART")
-        result, masks = _run_checkpoint(args, image)
-    _write_outputs(args, image, masks, result)
+        answers = _run_checkpoint(args, image)
+    several = len(answers) > 1
+    written = [_write_outputs(args, image, masks, result, args.out / f"result_{n}" if several else args.out)
+               for n, (result, masks) in enumerate(answers, 1)]
+    if args.json:
+        import json
+
+        print(json.dumps(written if several else written[0], indent=2))
     return 0
 
 
-def _run_artifact(args: argparse.Namespace, image):
+def _run_artifact(args: argparse.Namespace, image) -> list:
     from engines.session import ArtifactSession
 
     session = ArtifactSession(args.target, backend=args.backend or "onnxruntime", device=args.device)
@@ -89,15 +103,25 @@ def _run_artifact(args: argparse.Namespace, image):
                          f"re-export with --schedule {args.schedule}, or drop --schedule")
     limit = session.artifact.layout.loop.max_new_tokens if session.artifact.layout.loop else 0
     max_new = args.max_new_tokens if args.max_new_tokens is not None else min(32, limit)
+    several = len(args.query) > 1
     _progress(f"artifact {args.target}: schedule {sched.name}, {session.artifact.precision}, "
-              f"{args.mode} on {session.backend}/{session.device}")
+              f"{args.mode} on {session.backend}/{session.device}"
+              + (f", {len(args.query)} queries (image encoded once)" if several else ""))
+    answers, source = [], image
     with session:
-        out = session.segment(image, args.query, mode=args.mode, max_new_tokens=max_new if args.mode == "generate" else None,
-                              instance_masks=_instance_masks(args.instance_masks))
-    result = {"answer": out.answer, "generated_ids": out.generated_ids,
-              "image_tokens_per_layer": out.image_tokens_per_layer, "timings_ms": out.timings_ms,
-              "schedule": sched.to_dict(), "backend": session.backend}
-    return result, out.masks
+        for query in args.query:  # the first runs every stage and keeps the image encoding; the others reuse it
+            first = source is image
+            out = session.segment(source, query, mode=args.mode,
+                                  max_new_tokens=max_new if args.mode == "generate" else None,
+                                  instance_masks=_instance_masks(args.instance_masks) if first else None,
+                                  keep_encoding=several and first)
+            source = out.encoding if several else image
+            result = {"query": query, "answer": out.answer, "generated_ids": out.generated_ids,
+                      "image_tokens_per_layer": out.image_tokens_per_layer, "timings_ms": out.timings_ms,
+                      "schedule": sched.to_dict(), "backend": session.backend,
+                      "image_cache": "miss" if first else "hit"}
+            answers.append((result, out.masks))
+    return answers
 
 
 def _run_checkpoint(args: argparse.Namespace, image):
@@ -118,25 +142,27 @@ def _run_checkpoint(args: argparse.Namespace, image):
     _progress(f"schedule {schedule.name}: {schedule.avg_image_tokens():.1f} image tokens/layer "
               f"({schedule.reduction_pct():.1f}% saved)")
     ref = Reference(loaded.model, loaded.tokenizer, loaded.image_processor_config, schedule)
-    _progress(f"running {args.mode} on torch/{device}")
     max_new = args.max_new_tokens if args.max_new_tokens is not None else 32
-    out = ref(image, args.query, mode=args.mode, max_new_tokens=max_new, instance_masks=masks_in)
-    result = {"answer": out.answer, "generated_ids": out.generated_ids,
-              "image_tokens_per_layer": out.image_tokens_per_layer, "timings_ms": out.timings_ms,
-              "schedule": schedule.to_dict(), "backend": "torch"}
-    return result, out.masks
+    answers = []
+    for query in args.query:  # the reference runs every stage per query (no image encoding is kept)
+        _progress(f"running {args.mode} on torch/{device}")
+        out = ref(image, query, mode=args.mode, max_new_tokens=max_new, instance_masks=masks_in)
+        result = {"query": query, "answer": out.answer, "generated_ids": out.generated_ids,
+                  "image_tokens_per_layer": out.image_tokens_per_layer, "timings_ms": out.timings_ms,
+                  "schedule": schedule.to_dict(), "backend": "torch"}
+        answers.append((result, out.masks))
+    return answers
 
 
-def _write_outputs(args: argparse.Namespace, image, masks, partial: dict) -> None:
-    import json
-
+def _write_outputs(args: argparse.Namespace, image, masks, partial: dict, out_dir: Path) -> dict:
     import numpy as np
 
     union = masks.any(axis=0) if len(masks) else np.zeros(image.shape[:2], dtype=bool)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_mask_png(union, args.out / "mask.png")
-    write_overlay_png(image, union, args.out / "overlay.png")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_mask_png(union, out_dir / "mask.png")
+    write_overlay_png(image, union, out_dir / "overlay.png")
     result = {
+        "query": partial["query"],
         "answer": partial["answer"],
         "num_seg": int(len(masks)),
         "mask_area": int(union.sum()),
@@ -149,10 +175,11 @@ def _write_outputs(args: argparse.Namespace, image, masks, partial: dict) -> Non
         "timings_ms": {k: round(float(v), 3) for k, v in partial["timings_ms"].items()},
         "schedule": partial["schedule"],
     }
-    write_json(result, args.out / "result.json")
-    _progress(f"wrote {args.out / 'mask.png'}, {args.out / 'overlay.png'}, {args.out / 'result.json'}")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+    if "image_cache" in partial:
+        result["image_cache"] = partial["image_cache"]
+    write_json(result, out_dir / "result.json")
+    _progress(f"wrote {out_dir / 'mask.png'}, {out_dir / 'overlay.png'}, {out_dir / 'result.json'}")
+    if not args.json:
         print(f"answer: {result['answer']!r}  [SEG] masks: {result['num_seg']}  mask area: {result['mask_area']} px  "
-              f"-> {args.out}")
+              f"-> {out_dir}")
+    return result

@@ -153,6 +153,33 @@ def test_human_output(tiny_ckpt, tmp_path, capsys):
     assert out.startswith("answer: ") and "mask area:" in out and str(tmp_path / "o") in out
 
 
+def test_several_queries_encode_the_image_once(export_tiny, tmp_path):
+    """--query x3 on an artifact: OUT/result_<n>/, the image-only stages run for the first only, and every answer
+    equals a run of that query alone, bit for bit (mask.png, ids, mask area)."""
+    art, image = export_tiny("csp", "both"), _jpeg(tmp_path / "cat")
+    queries = [QUERY, "What would you drink from?", QUERY]
+    for mode in ("single-pass", "generate"):
+        out = tmp_path / mode
+        rc, stdout, stderr = call(["run", str(art), "--image", str(image), *sum((["--query", q] for q in queries), []),
+                                   "--mode", mode, "--max-new-tokens", "4", "--out", str(out), "--json"])
+        assert rc == 0, stderr
+        results = json.loads(stdout)
+        assert [r["query"] for r in results] == queries and sorted(p.name for p in out.iterdir()) == [
+            "result_1", "result_2", "result_3"]
+        assert [r["image_cache"] for r in results] == ["miss", "hit", "hit"]
+        assert ["vision" in r["timings_ms"] for r in results] == [True, False, False]
+        alone = tmp_path / f"{mode}-alone"
+        rc, stdout, stderr = call(["run", str(art), "--image", str(image), "--query", queries[1], "--mode", mode,
+                                   "--max-new-tokens", "4", "--out", str(alone), "--json"])
+        assert rc == 0, stderr
+        single = json.loads(stdout)
+        assert (out / "result_2" / "mask.png").read_bytes() == (alone / "mask.png").read_bytes()
+        assert {k: results[1][k] for k in ("answer", "generated_ids", "mask_areas")} == {
+            k: single[k] for k in ("answer", "generated_ids", "mask_areas")}
+        assert (out / "result_3" / "mask.png").read_bytes() == (out / "result_1" / "mask.png").read_bytes()
+        assert results[0]["num_seg"] >= 1 or mode == "generate"
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 
 
