@@ -1,12 +1,18 @@
-"""Benchmark `csprt serve` with Triton's dynamic batching off and on: throughput and latency under load.
+"""Benchmark `csprt serve`: dynamic batching off and on, the image cache off and on; throughput and latency.
 
-    python -m tools.serve_bench ART [--clients 8] [--requests 25] [--max-batch-sizes 1,8] [--instances 1]
-        [--protocol http|grpc]
+    python -m tools.serve_bench ART [--clients 8] [--requests 25 | --total N] [--max-batch-sizes 1,8]
+        [--image-cache-mb 512] [--images 2] [--instances 1] [--protocol http|grpc]
 
-Starts one `csprt serve` per max batch size (1 = no grouping) on free loopback ports, sends
-clients x requests requests (two photos, single-pass and generate, alternating), checks every
-answer against the first one for the same input, and prints requests/s, p50/p99 latency and the
-mean number of requests Triton grouped per model call (from its metrics).
+Starts one `csprt serve` per (max batch size, image cache size) on free loopback ports (max batch size
+1 = no grouping, cache 0 = off), sends clients x requests requests (or --total, spread over the
+clients), checks every answer against the first one for the same input, and prints requests/s,
+p50/p99 latency, the mean number of requests Triton grouped per model call (from its metrics) and
+how many requests were image cache hits (from each response's timings).
+
+Inputs: --images 2 (default) is two photos, single-pass and generate, alternating. --images N > 2 is N
+photos from scikit-image with 4 single-pass questions each, interleaved so that consecutive requests
+are about different images (many questions about a few images: what the image cache is for). The
+warm-up uses an image of its own, so the cache starts empty.
 """
 
 from __future__ import annotations
@@ -94,8 +100,9 @@ def _metric(url: str, name: str) -> float:
 
 def load(server, cases: Sequence[tuple[bytes, str, str]], clients: int = 8, per_client: int = 25,
          protocol: str | None = None, check: Callable[[int, dict], None] | None = None,
-         timeout_s: float = 60, deadline_s: float = 1200) -> types.SimpleNamespace:
-    """clients threads x per_client requests; client i's request j is cases[(i + j) % len(cases)].
+         timeout_s: float = 60, deadline_s: float = 1200, total: int | None = None) -> types.SimpleNamespace:
+    """clients threads x per_client requests; client i's request j is cases[(i + j) % len(cases)] (with `total`:
+    cases[(i + j * clients) % len(cases)], so every case is sent equally often).
 
     Args:
         server: what `serving` yields.
@@ -106,12 +113,15 @@ def load(server, cases: Sequence[tuple[bytes, str, str]], clients: int = 8, per_
         check (Callable[[int, dict], None] | None): called with (case index, result); raise to fail. Defaults to None.
         timeout_s (float): per request. Defaults to 60.
         deadline_s (float): for the whole run. Defaults to 1200.
+        total (int | None): requests in all, spread over the clients (overrides per_client). Defaults to None.
 
     Returns:
-        SimpleNamespace: wall_s, latencies_s (list), failures (list of str), mean_batch (requests per model call).
+        SimpleNamespace: wall_s, latencies_s (list), failures (list of str), mean_batch (requests per model call),
+        cache_hits (responses whose timings say image_cache_hit).
     """
-    latencies, failures = [], []
+    latencies, failures, hits = [], [], []
     requests0, calls0 = _metric(server.metrics, "nv_inference_request_success"), _metric(server.metrics, "nv_inference_exec_count")
+    counts = [per_client] * clients if total is None else [total // clients + (i < total % clients) for i in range(clients)]
 
     def work(i: int):
         proto = protocol or ("http", "grpc")[i % 2]
@@ -120,12 +130,13 @@ def load(server, cases: Sequence[tuple[bytes, str, str]], clients: int = 8, per_
         client = (mod.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
                   if proto == "http" else mod.InferenceServerClient(url))
         try:
-            for j in range(per_client):
-                k = (i + j) % len(cases)
+            for j in range(counts[i]):
+                k = (i + j if total is None else i + j * clients) % len(cases)
                 t0 = time.perf_counter()
                 try:
                     r = segment(client, mod, *cases[k], timeout_s=timeout_s)
                     latencies.append(time.perf_counter() - t0)
+                    hits.append(int(r["timings_ms"].get("image_cache_hit", 0)))
                     if check is not None:
                         check(k, r)
                 except Exception as e:  # noqa: BLE001 - collected for the caller
@@ -145,28 +156,55 @@ def load(server, cases: Sequence[tuple[bytes, str, str]], clients: int = 8, per_
     requests = _metric(server.metrics, "nv_inference_request_success") - requests0
     calls = _metric(server.metrics, "nv_inference_exec_count") - calls0
     return types.SimpleNamespace(wall_s=wall, latencies_s=list(latencies), failures=failures,
-                                 mean_batch=requests / calls if calls else float("nan"))
+                                 mean_batch=requests / calls if calls else float("nan"), cache_hits=sum(hits))
 
 
 def summary(stats) -> str:
     ms = np.percentile(np.asarray(stats.latencies_s) * 1000, [50, 99]) if stats.latencies_s else (np.nan, np.nan)
     n = len(stats.latencies_s)
     return (f"{n} requests in {stats.wall_s:.1f} s: {n / stats.wall_s:.2f} req/s, p50 {ms[0]:.0f} ms, "
-            f"p99 {ms[1]:.0f} ms, mean Triton batch {stats.mean_batch:.2f}")
+            f"p99 {ms[1]:.0f} ms, mean Triton batch {stats.mean_batch:.2f}, image cache hits {stats.cache_hits}")
+
+
+def _enc(image, fmt, **kw) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **kw)
+    return buf.getvalue()
 
 
 def default_cases() -> list[tuple[bytes, str, str]]:
     """scikit-image's chelsea (PNG, single-pass) and astronaut (128 x 128 JPEG, generate)."""
-    from PIL import Image
     from skimage import data
 
-    def enc(image, fmt, **kw):
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format=fmt, **kw)
-        return buf.getvalue()
+    return [(_enc(data.chelsea(), "PNG"), "Where is the cat?", "single-pass"),
+            (_enc(data.astronaut()[::4, ::4], "JPEG", quality=90), "Segment the person.", "generate")]
 
-    return [(enc(data.chelsea(), "PNG"), "Where is the cat?", "single-pass"),
-            (enc(data.astronaut()[::4, ::4], "JPEG", quality=90), "Segment the person.", "generate")]
+
+QUESTIONS = ("What is the main object?", "Segment the thing on the left.", "What would you pick up first?",
+             "Where is the brightest part?")
+_PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "immunohistochemistry", "camera", "coins")  # bundled
+
+
+def image_cases(n: int) -> list[tuple[bytes, str, str]]:
+    """n distinct photos (JPEG, longest side <= 512) x the 4 QUESTIONS, single-pass, interleaved by image."""
+    from skimage import data
+
+    if not 1 <= n <= len(_PHOTOS):
+        raise SystemExit(f"--images {n}: choose 1..{len(_PHOTOS)}")
+    photos = []
+    for name in _PHOTOS[:n]:
+        image = getattr(data, name)()
+        image = np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., :3]
+        step = max(1, -(-max(image.shape[:2]) // 512))
+        photos.append(_enc(np.ascontiguousarray(image[::step, ::step]), "JPEG", quality=90))
+    return [(photo, q, "single-pass") for q in QUESTIONS for photo in photos]
+
+
+def _warmup_case() -> tuple[bytes, str, str]:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    return (_enc(noise, "PNG"), "warm up", "single-pass")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,12 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("artifact", type=Path)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=25, help="per client")
+    p.add_argument("--total", type=int, default=None, help="requests in all, spread over the clients (instead of --requests)")
     p.add_argument("--max-batch-sizes", default="1,8", help="comma-separated; 1 = no dynamic batching")
+    p.add_argument("--image-cache-mb", default=None, help="comma-separated csprt serve --image-cache-mb values; 0 = off. "
+                                                          "Defaults to csprt serve's default")
+    p.add_argument("--images", type=int, default=2, help="distinct images (see the module doc)")
     p.add_argument("--instances", type=int, default=1)
     p.add_argument("--protocol", choices=("http", "grpc"), default=None, help="Defaults to alternating by client.")
     args = p.parse_args(argv)
 
-    cases, first = default_cases(), {}
+    cases, first = (default_cases() if args.images == 2 else image_cases(args.images)), {}
 
     def same_as_first(k: int, r: dict) -> None:
         key = (r["mask_png"], r["answer"], tuple(r["generated_ids"]))
@@ -187,16 +229,21 @@ def main(argv: list[str] | None = None) -> int:
             raise AssertionError(f"case {k}: result differs from the first one")
 
     failed = False
+    caches = [None] if args.image_cache_mb is None else [int(v) for v in args.image_cache_mb.split(",")]
     for mbs in (int(v) for v in args.max_batch_sizes.split(",")):
-        print(f"[serve-bench] max batch size {mbs}, {args.instances} instance(s): starting csprt serve",
-              file=sys.stderr, flush=True)
-        with serving(args.artifact, ["--max-batch-size", str(mbs), "--instances", str(args.instances)]) as server:
-            load(server, cases, clients=2, per_client=2, protocol=args.protocol)  # connections and caches warm
-            stats = load(server, cases, args.clients, args.requests, args.protocol, check=same_as_first)
-        print(f"max batch size {mbs}: {summary(stats)}", flush=True)
-        for f in stats.failures[:5]:
-            print(f"  failed: {f}", flush=True)
-        failed |= bool(stats.failures)
+        for mb in caches:
+            what = f"max batch size {mbs}" + ("" if mb is None else f", image cache {mb} MiB" if mb else ", image cache off")
+            print(f"[serve-bench] {what}, {args.instances} instance(s): starting csprt serve", file=sys.stderr, flush=True)
+            flags = ["--max-batch-size", str(mbs), "--instances", str(args.instances)]
+            flags += [] if mb is None else ["--image-cache-mb", str(mb)]
+            with serving(args.artifact, flags) as server:
+                load(server, [_warmup_case()], clients=2, per_client=2, protocol=args.protocol)  # connections warm
+                stats = load(server, cases, args.clients, args.requests, args.protocol, check=same_as_first,
+                             total=args.total)
+            print(f"{what}: {summary(stats)}", flush=True)
+            for f in stats.failures[:5]:
+                print(f"  failed: {f}", flush=True)
+            failed |= bool(stats.failures)
     return 1 if failed else 0
 
 

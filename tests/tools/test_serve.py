@@ -145,7 +145,27 @@ def test_masks_match_in_process(server, expected, protocol, case):
     result = _request(server, protocol, want.image, case[1], case[2], logits=True)
     _check(result, want)
     np.testing.assert_allclose(result["mask_logits"], want.seg.mask_logits, rtol=0, atol=1e-5)
-    assert set(want.seg.timings_ms) <= set(result["timings_ms"]) and "segment" in result["timings_ms"]
+    timings = result["timings_ms"]
+    skipped = set(want.seg.timings_ms) - set(timings)  # an image cache hit skips the image-only stages
+    assert skipped == ({"vision", "sam_encoder"} if timings["image_cache_hit"] else set()) and "segment" in timings
+
+
+def test_image_cache_second_question_is_a_hit(server, expected):
+    """New image bytes: the first question misses, the next ones hit (shared by the 2 instances) with the same
+    answer bit for bit; bytes that do not decode are never cached (each such request fails on its own)."""
+    (name, query, mode), = [c for c in CASES if c[2] == "single-pass"]
+    image = _encode(decode_image_bytes(expected[name, query, mode].image)[:, ::-1].copy(), "PNG")  # unseen bytes
+    got = [_request(server, protocol, image, q, logits=True) for protocol, q in
+           (("http", query), ("grpc", query), ("http", "Segment the ears."), ("http", query))]
+    assert [g["timings_ms"]["image_cache_hit"] for g in got] == [0, 1, 1, 1]
+    for g in got[1::2]:
+        assert g["mask_png"] == got[0]["mask_png"] and np.array_equal(g["mask_logits"], got[0]["mask_logits"])
+    assert "vision" in got[0]["timings_ms"] and "vision" not in got[1]["timings_ms"]
+    from tritonclient.utils import InferenceServerException
+
+    for _ in range(2):
+        with pytest.raises(InferenceServerException, match="not an image format"):
+            _request(server, "http", b"GIF89a cached? never", query)
 
 
 def test_mask_png_is_csprt_runs(server, expected, tmp_path):
@@ -312,3 +332,5 @@ def test_sigterm_stops_cleanly(server, expected):
         alive = [c for c in alive if running(c)]
     assert not alive, [" ".join(c.cmdline())[:120] for c in alive]
     assert "SIGTERM: stopping" in server.stderr.read_text() and "] stopped" in server.stderr.read_text()
+    summary = re.search(r"image cache: (\d+) hits, (\d+) misses, (\d+) evictions", server.stderr.read_text())
+    assert summary and int(summary[1]) > 0 and int(summary[2]) > 0, server.stderr.read_text()
