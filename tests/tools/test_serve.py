@@ -114,6 +114,7 @@ def test_flag_errors_are_one_line_exit_2(export_tiny, tmp_path):
         for argv, message in [
             ([str(tmp_path)], "is not an artifact (no manifest.json)"),
             ([art, "--instances", "0"], "--instances 0: expected >= 1"),
+            ([art, "--image-cache-mb", "-1"], "--image-cache-mb -1: expected >= 0"),
             ([art, "--http-port", "70000"], "--http-port 70000: expected 1..65535"),
             ([art, "--http-port", str(free), "--grpc-port", str(free)], f"--grpc-port {free} is also --http-port"),
             ([art, "--http-port", str(port)], f"port {port} on 127.0.0.1 is in use; pass another --http-port"),
