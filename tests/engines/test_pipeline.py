@@ -147,3 +147,20 @@ def test_decode_cache_outgrows_its_profile(make_toy_layout, toy_graphs):
     with _pipeline(layout, toy_graphs) as pipe:
         with pytest.raises(InputError, match=r"stage 'decode' input 'past': dim 'past' is 6, outside .*\[1, 5\]"):
             pipe.run(_host(), "generate")
+
+
+def test_given_tensors_and_a_stage_subset(make_toy_layout, toy_graphs):
+    """`stages` runs part of a mode's sequence; `given` supplies what the skipped stages made (an image encoding):
+    host inputs only the skipped stages read are then not required, and the outputs equal one full run."""
+    host = _host(seg_rows=[[1, 2]])
+    with _pipeline(make_toy_layout(), toy_graphs) as pipe:
+        full = pipe.run(host, "generate")
+        first = pipe.run({"a": host["a"], "b": host["b"]}, "generate", stages={"s1"})
+        assert set(first.timings_ms) == {"s1"} and "s1.sum" in first.tensors
+        rest = pipe.run({"ids": host["ids"], "a": host["a"]}, "generate", given={"s1.sum": first.tensors["s1.sum"]},
+                        stages={"s2", "prefill", "decode", "head", "dec2"})
+        assert "s1" not in rest.timings_ms and rest.generated_ids == full.generated_ids
+        for name, value in full.outputs.items():
+            np.testing.assert_array_equal(rest.outputs[name], value)
+        with pytest.raises(InputError, match="missing b"):
+            pipe.run({"a": host["a"], "ids": host["ids"]}, "generate", stages={"s1"})
