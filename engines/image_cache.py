@@ -53,7 +53,7 @@ class ImageCache:
         self._entries: OrderedDict[ImageKey, tuple[object, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
-        self.hits = self.misses = self.evictions = self.too_large = 0
+        self.hits = self.misses = self.evictions = self.too_large = self.replaced = 0
 
     @property
     def enabled(self) -> bool:
@@ -88,6 +88,7 @@ class ImageCache:
             old = self._entries.pop(key, None)  # two instances missed the same image: keep the newer copy
             if old is not None:
                 self.bytes -= old[1]
+                self.replaced += 1
             while self.bytes + size > self.max_bytes:
                 _, (_, freed) = self._entries.popitem(last=False)
                 self.bytes -= freed
@@ -104,7 +105,7 @@ class ImageCache:
         """Counters and occupancy, read under the lock (one consistent snapshot)."""
         with self._lock:
             return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                    "too_large": self.too_large, "entries": len(self._entries), "bytes": self.bytes,
+                    "too_large": self.too_large, "replaced": self.replaced, "entries": len(self._entries), "bytes": self.bytes,
                     "max_bytes": self.max_bytes}
 
     def summary(self) -> str:

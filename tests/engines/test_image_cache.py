@@ -204,12 +204,7 @@ def test_byte_bound_holds_under_8_clients_with_20_images():
     s = cache.stats()
     assert cache.peak <= 8000 and s["bytes"] <= 8000
     assert s["hits"] + s["misses"] == len(lookups) == 4000
-    assert s["evictions"] > 0 and s["misses"] == s["entries"] + s["evictions"] + _replaced(s)
-
-
-def _replaced(s: dict) -> int:
-    """Misses whose put replaced an entry another client had just put (two misses on one image)."""
-    return s["misses"] - s["entries"] - s["evictions"]
+    assert s["evictions"] > 0 and s["misses"] == s["entries"] + s["evictions"] + s["replaced"]
 
 
 def test_lru_order_too_large_and_off():
@@ -231,3 +226,39 @@ def test_key_covers_bytes_settings_and_instance_masks():
     assert image_key(b"x", "s") == image_key(b"x", "s") != image_key(b"y", "s")
     assert image_key(b"x", "s") != image_key(b"x", "t")
     assert image_key(b"x", "s", m) != image_key(b"x", "s") and image_key(b"x", "s", m) != image_key(b"x", "s", m + 1)
+
+
+def test_served_byte_bound_with_two_instances_8_clients_20_images(art, session, image):
+    """Two instances (own sessions, one cache), 8 client threads, 20 distinct images, a bound of 3 encodings: the
+    bound holds after every put, evictions are counted, and every hit answers as its image's miss did."""
+    from engines.session import ArtifactSession
+
+    images = [_png(np.roll(image, 7 * i, axis=1)) for i in range(20)]
+    size = session.encode_image(image).nbytes
+    cache = _WatchedCache(3 * size)
+    with ArtifactSession(art) as second:
+        models = [SegmentModel(session, cache=cache), SegmentModel(second, cache=cache)]
+        locks = [threading.Lock(), threading.Lock()]  # Triton runs each instance on its own thread
+        seen, failures, start = {}, [], threading.Barrier(8)
+
+        def client(c: int):
+            start.wait(timeout=30)
+            for j in range(5):
+                k = (c * 5 + j) % 20 if j < 3 else (c * 5 + j - 3) % 20  # each client asks twice about 2 images
+                with locks[c % 2]:
+                    out = models[c % 2]([_req(images[k])])[0]
+                if ERROR_OUTPUT in out:
+                    failures.append(bytes(out[ERROR_OUTPUT][1, 0]))
+                    continue
+                if seen.setdefault(k, _outputs(out)) != _outputs(out):
+                    failures.append(f"image {k}: hit {_hit(out)} differs")
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    s = cache.stats()
+    assert not failures, failures[:3]
+    assert cache.peak <= 3 * size and s["entries"] <= 3 and s["hits"] + s["misses"] == 40
+    assert s["evictions"] >= 20 - 3 and s["misses"] == s["entries"] + s["evictions"] + s["replaced"]
