@@ -262,3 +262,17 @@ def test_served_byte_bound_with_two_instances_8_clients_20_images(art, session, 
     assert not failures, failures[:3]
     assert cache.peak <= 3 * size and s["entries"] <= 3 and s["hits"] + s["misses"] == 40
     assert s["evictions"] >= 20 - 3 and s["misses"] == s["entries"] + s["evictions"] + s["replaced"]
+
+
+def test_encode_bench_and_serve_bench_cases(art):
+    """The benchmark tools behind docs/benchmarks.md: first vs second question, and 5 photos x 4 questions."""
+    from tools.encode_bench import run
+    from tools.serve_bench import QUESTIONS, image_cases
+
+    r = run(art, repeat=2, warmup=1, threads=1)
+    assert r["image_only_stages"] == ["vision", "sam_encoder"] and r["encoding_mib"] > 0
+    assert r["first_ms"] > 0 and r["second_ms"] > 0 and r["ratio"] == pytest.approx(r["first_ms"] / r["second_ms"], rel=0.05)
+    assert r["stages_first_ms"]["vision"] > 0 and r["stages_second_ms"]["vision"] is None
+    cases = image_cases(5)
+    assert len(cases) == 20 and len({c[0] for c in cases}) == 5 and {c[1] for c in cases} == set(QUESTIONS)
+    assert len({c[0] for c in cases[:5]}) == 5  # consecutive requests are about different photos
