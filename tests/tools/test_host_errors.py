@@ -29,3 +29,16 @@ def test_make_tiny_into_a_refusing_disk(tmp_path, monkeypatch, code, fix):
 def test_other_oserrors_are_not_disguised():
     assert host_error_line(OSError(errno.EIO, "Input/output error")) is None
     assert host_error_line(FileNotFoundError(errno.ENOENT, "No such file")) is None
+
+
+@pytest.mark.parametrize("flag, value", [("--opset", "5"), ("--opset", "99"), ("--max-new-tokens", "0"),
+                                         ("--max-seg", "0"), ("--max-text-len", "100000"), ("--max-text-len", "-3")])
+def test_export_bounds_refused_before_any_work(tiny_ckpt, tmp_path, flag, value):
+    """These used to fail after a whole export, deep in torch or the manifest schema, with half an artifact left."""
+    out = tmp_path / "art"
+    rc, _, err = call(["export", str(tiny_ckpt), "--schedule", "full", "--mode", "both", "--out", str(out),
+                       flag, value])
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1, err
+    assert f"{flag} {value} is out of range: choose " in lines[0]
+    assert not out.exists() and "[csprt] export" not in err  # nothing traced, nothing written
