@@ -16,12 +16,49 @@ import torch.nn.functional as F
 from graphs.errors import InputError
 
 
-# TensorRT's TopK and ArgMax need rank >= 2, so 1-D vectors get a leading axis of 1 first.
+# Ties. ONNX breaks TopK/ArgMax ties by lower index, torch.topk documents no order, and TensorRT documents none
+# for either. So no selection here leans on a backend's tie order: argmax is "the first index holding the
+# maximum" (ReduceMax, Equal, Where, ReduceMin: exact on every backend), and TopK only ever sees distinct keys
+# (each score's rank in a total order, lower index first on equal scores). Scores are float32 (fp16 graphs too).
+# TensorRT's TopK and reductions want rank >= 2, so 1-D vectors get a leading axis of 1 first.
+
+
+_NOT_MAX = float(2**24)  # above any index; float32 represents every integer up to it exactly
+
+
+def first_argmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Index of the largest element along `dim`, the lowest index on ties, on every backend alike.
+
+    Args:
+        x (Tensor): scores of any rank >= 2 (float; compared in float32).
+        dim (int): the axis to reduce. Defaults to -1.
+
+    Returns:
+        Tensor: int64 indices, `x`'s shape without `dim`.
+    """
+    # NaN ranks lowest, so an all-NaN row still gives a valid index (0) rather than none.
+    x = torch.nan_to_num(x.float(), nan=float("-inf"))
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    idx = torch.arange(x.shape[dim], dtype=torch.float32, device=x.device).reshape(shape)  # exact below 2**24
+    at_max = x == x.amax(dim=dim, keepdim=True)
+    # A constant, not the (possibly dynamic) length, for "not here": no symbolic size becomes a value in the graph.
+    return torch.where(at_max, idx, _NOT_MAX).amin(dim=dim).to(torch.int64)
 
 
 def argmax_1d(x: torch.Tensor) -> torch.Tensor:
-    """Index of the largest element of a vector [N], as a 0-d tensor."""
-    return torch.argmax(x[None], dim=-1)[0]
+    """Index of the largest element of a vector [N] (the lowest on ties), as a 0-d tensor."""
+    return first_argmax(x[None], dim=-1)[0]
+
+
+def rank_desc(scores: torch.Tensor) -> torch.Tensor:
+    """[N] float32 rank of each score in descending order, lower index first on equal scores: a permutation of
+    0..N-1, so a TopK over -rank has no ties to break. N x N comparisons: 65k at N = 256."""
+    s = scores.float()
+    pos = torch.arange(s.shape[0], dtype=torch.float32, device=s.device)
+    # ahead[a, b]: b comes before a.
+    ahead = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (pos[None, :] < pos[:, None]))
+    return ahead.to(torch.float32).sum(dim=1)
 
 
 def sort_indices(idx: torch.Tensor) -> torch.Tensor:
@@ -30,8 +67,8 @@ def sort_indices(idx: torch.Tensor) -> torch.Tensor:
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[N] scores -> [k] indices of the k largest, ascending."""
-    return sort_indices(torch.topk(scores[None], k, dim=-1).indices[0])
+    """[N] scores -> [k] indices of the k largest (lower index first on ties), ascending."""
+    return sort_indices(torch.topk(-rank_desc(scores)[None], k, dim=-1).indices[0])
 
 
 def uniform_indices(n: int, k: int, device=None) -> torch.Tensor:
@@ -58,7 +95,7 @@ def kmeans_indices(feats: torch.Tensor, k: int, iters: int) -> torch.Tensor:
     n = f.shape[0]
     centroids = f[uniform_indices(n, k, f.device)]  # [k, D]
     for _ in range(iters):
-        assign = torch.argmax(f @ centroids.T, dim=-1)  # [N]
+        assign = first_argmax(f @ centroids.T, dim=-1)  # [N]
         onehot = F.one_hot(assign, k).to(f.dtype)  # [N, k]
         counts = onehot.sum(dim=0)[:, None]  # [k, 1]
         means = F.normalize(onehot.T @ f, dim=-1)
@@ -97,7 +134,7 @@ def seg_first_indices(instance_masks: torch.Tensor, k: int) -> torch.Tensor:
     m = instance_masks.to(torch.float32)
     n = m.shape[1]
     in_any = m.amax(dim=0) > 0  # [N]
-    owner = torch.argmax(m, dim=0)  # [N]: first instance containing the token
+    owner = first_argmax(m, dim=0)  # [N]: first instance containing the token
     own = F.one_hot(owner, m.shape[0]).to(torch.float32) * in_any[:, None].to(torch.float32)  # [N, M]
     counts = own.sum(dim=0)  # [M]
     quota = torch.clamp(torch.floor(k * counts / counts.sum().clamp(min=1.0)), min=1.0) * (counts > 0)
@@ -113,7 +150,8 @@ def seg_first_indices(instance_masks: torch.Tensor, k: int) -> torch.Tensor:
     # Total order by cross-multiplication (no float ties), lower index first on equal priority.
     mine, theirs = num[:, None] * den[None, :], num[None, :] * den[:, None]  # [N, N]: a's and b's side of pa < pb
     ahead = (theirs < mine) | ((theirs == mine) & (pos[None, :] < pos[:, None]))  # [a, b]: b goes before a
-    return topk_sorted(-ahead.to(torch.float32).sum(dim=1), k)
+    # Ranks are distinct already: TopK has no ties to break.
+    return sort_indices(torch.topk(-ahead.to(torch.float32).sum(dim=1)[None], k, dim=-1).indices[0])
 
 
 def kcenter_indices(feats: torch.Tensor, grid: int, k: int, lam: float) -> torch.Tensor:
@@ -132,7 +170,10 @@ def kcenter_indices(feats: torch.Tensor, grid: int, k: int, lam: float) -> torch
     n = f.shape[0]
     ids = torch.arange(n, device=f.device)
     p = torch.stack([ids // grid, ids % grid], dim=-1).to(f.dtype) / max(grid - 1, 1)  # [N, 2]
-    dist = (1.0 - lam) * torch.cdist(f, f) + lam * torch.cdist(p, p)  # [N, N]
+    # The spatial term elementwise, not through cdist's |a|^2 + |b|^2 - 2ab: the grid's many equal distances then
+    # round identically on every backend (two-term sums and sqrt are exactly rounded), so its ties stay exact ties.
+    dp = p[:, None, :] - p[None, :, :]  # [N, N, 2]
+    dist = (1.0 - lam) * torch.cdist(f, f) + lam * torch.sqrt(dp[..., 0] * dp[..., 0] + dp[..., 1] * dp[..., 1])
     seed = argmax_1d(-torch.linalg.vector_norm(f - f.mean(dim=0, keepdim=True), dim=-1))
     min_d = dist[seed]
     picks = [seed]
@@ -146,7 +187,7 @@ def kcenter_indices(feats: torch.Tensor, grid: int, k: int, lam: float) -> torch
 def assign_to_representatives(feats: torch.Tensor, rep_idx: torch.Tensor) -> torch.Tensor:
     """[N] position (0..k-1) of each token's nearest representative by cosine; reps map to themselves."""
     f = F.normalize(feats.float(), dim=-1)
-    assign = torch.argmax(f @ f[rep_idx].T, dim=-1)  # [N]
+    assign = first_argmax(f @ f[rep_idx].T, dim=-1)  # [N]
     return assign.scatter(0, rep_idx, torch.arange(rep_idx.shape[0], device=rep_idx.device))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -25,9 +26,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from graphs.atomic import atomic_path
 from graphs.errors import InputError
+from graphs.preprocessing import check_aspect_ratio
 
 # 64 MP (8192 x 8192): far above anything SAM (1024) or CLIP (224/336) can use, and ~200 MB as RGB.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# Encoded bytes read from a file at most: a 64 MP image is under ~200 MB even as an uncompressed PNG or BMP.
+MAX_IMAGE_FILE_BYTES = 256 * 2**20
 
 _FIX = "pass a readable JPEG, PNG or WebP image"
 # What PIL raises on corrupt or truncated data during open() or load(); it is not consistent.
@@ -44,19 +48,34 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         np.ndarray: uint8, shape [H, W, 3], RGB, EXIF orientation applied.
 
     Raises:
-        InputError: missing path, a directory, empty or unreadable file, truncated data, or more than
-            `MAX_IMAGE_PIXELS` pixels.
+        InputError: missing path, a directory or other non-regular file (device, FIFO, socket), empty,
+            unreadable or over `MAX_IMAGE_FILE_BYTES` file, truncated data, more than `MAX_IMAGE_PIXELS`
+            pixels, or an aspect ratio over `graphs.preprocessing.MAX_ASPECT_RATIO`.
     """
     p = Path(path)
     name = str(p)
-    if not p.exists():
-        raise InputError(f"image {name}: no such file; check the path")
-    if p.is_dir():
-        raise InputError(f"image {name}: is a directory; {_FIX} file")
     try:
-        data = p.read_bytes()
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever. The checks run on
+        # the opened descriptor (fstat), so the file cannot be swapped between the check and the read.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InputError(f"image {name}: no such file; check the path") from None
     except OSError as e:
-        raise InputError(f"image {name}: cannot read ({e.strerror or e}); check its permissions") from e
+        raise InputError(f"image {name}: cannot open ({e.strerror or e}); check the path and its permissions") from None
+    st = os.fstat(fd)
+    problem = ("is a directory" if stat.S_ISDIR(st.st_mode)
+               # /dev/zero never ends and /dev/stdin may block: only regular files are read.
+               else "not a regular file (a device, pipe or socket)" if not stat.S_ISREG(st.st_mode) else "")
+    if problem or st.st_size > MAX_IMAGE_FILE_BYTES:
+        os.close(fd)
+        raise (InputError(f"image {name}: {problem}; {_FIX} file") if problem else _file_too_large(name, st.st_size))
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(MAX_IMAGE_FILE_BYTES + 1)  # bounded even if the file grows while we read
+        except OSError as e:
+            raise InputError(f"image {name}: cannot read ({e.strerror or e}); check its permissions") from None
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise _file_too_large(name, len(data))
     return decode_image_bytes(data, name=name)
 
 
@@ -80,6 +99,9 @@ def decode_image_bytes(data: bytes, name: str = "request") -> np.ndarray:
             w, h = img.size  # header only, nothing decoded yet
             if w * h > MAX_IMAGE_PIXELS:
                 raise _too_large(name, w, h)
+            if w < 1 or h < 1:
+                raise InputError(f"image {name}: header says {w}x{h}, an empty image; {_FIX}")
+            check_aspect_ratio(h, w, f"image {name}")  # EXIF rotation keeps the ratio
             img.load()  # force a full decode now so truncated files fail here, not later
             img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as e:
@@ -90,6 +112,11 @@ def decode_image_bytes(data: bytes, name: str = "request") -> np.ndarray:
     except _DECODE_ERRORS as e:
         raise InputError(f"image {name}: corrupt or truncated image data ({e}); re-export or re-download it") from e
     return _to_rgb(img, name)
+
+
+def _file_too_large(name: str, size: int) -> InputError:
+    return InputError(f"image {name}: {size} bytes or more, over the limit of {MAX_IMAGE_FILE_BYTES} bytes; "
+                      "re-encode it (JPEG, PNG or WebP) or downscale it")
 
 
 def _too_large(name: str, w: int, h: int) -> InputError:

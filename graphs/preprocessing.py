@@ -60,6 +60,20 @@ def check_rgb_uint8(image: np.ndarray, what: str = "image") -> None:
                          "load it with graphs.imageio.load_image")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise InputError(f"{what}: image is empty ({image.shape[0]}x{image.shape[1]})")
+    check_aspect_ratio(int(image.shape[0]), int(image.shape[1]), what)
+
+
+# CLIP resizes the *shortest* side to 224, so a 1 x 10^6 strip would become a 224 x 2.2*10^8 image (150 GB) before
+# its crop, and SAM's longest-side resize rounds the short side of anything past 2048:1 to 0 rows. 1000:1 leaves
+# SAM one row and CLIP a 50 MP (150 MB) intermediate, far beyond any panorama a segmentation prompt is about.
+MAX_ASPECT_RATIO = 1000
+
+
+def check_aspect_ratio(h: int, w: int, what: str = "image") -> None:
+    """Raise InputError when the longer side is over MAX_ASPECT_RATIO times the shorter (before any resize)."""
+    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+        raise InputError(f"{what}: {w}x{h} has an aspect ratio of {max(h, w) / min(h, w):.0f}:1, over the "
+                         f"{MAX_ASPECT_RATIO}:1 limit; crop it to the region of interest first")
 
 
 def clip_pixels_np(image: np.ndarray, processor_config: dict) -> np.ndarray:

@@ -21,6 +21,12 @@ IM_START, IM_END = "<im_start>", "<im_end>"
 SINGLE_PASS_ANSWER = "[SEG]."
 INSTRUCTION = "Please output segmentation mask."
 MODES = ("single-pass", "generate")
+# The model's own control tokens: in a query they would add an image slot, a mask request or an end of text the
+# user never asked for (and `<image>` would split the prompt in three), so a query may not contain them.
+CONTROL_TOKENS = (SEG_TOKEN, IMAGE_TOKEN, IM_START, IM_END, "<s>", "</s>", "<unk>")
+# No tokenizer here packs more than this many characters into one token (LLaMA's longest piece is 16), so a query
+# longer than this many characters per model position is too long without tokenising it.
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclass(frozen=True)
@@ -35,12 +41,32 @@ class PromptIds:
         return [i for i, t in enumerate(self.suffix) if t == self.seg_token_id]
 
 
-def prompt_text(query: str, mode: str) -> str:
-    if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+def check_query(query: str, max_positions: int | None = None) -> str:
+    """The query, stripped; InputError if it is not text, empty, not UTF-8, holds a control token, or is
+    longer than `max_positions` could hold (checked before any tokenisation, so its cost is bounded)."""
+    if not isinstance(query, str):
+        raise InputError(f"the query must be text, got {type(query).__name__}")
+    if max_positions is not None and len(query) > MAX_CHARS_PER_TOKEN * max_positions:
+        raise InputError(f"the query is {len(query)} characters, far more than the model's {max_positions} "
+                         "positions can hold; shorten it")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise InputError("the query is not valid UTF-8 text; pass it UTF-8 encoded") from None
     query = query.strip()
     if not query:
         raise InputError("the query is empty; pass a question such as 'Where is the cat?'")
+    found = [t for t in CONTROL_TOKENS if t in query]
+    if found:
+        raise InputError(f"the query contains the model's control token(s) {', '.join(found)}; "
+                         "remove them (the prompt adds the image and [SEG] itself)")
+    return query
+
+
+def prompt_text(query: str, mode: str) -> str:
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    query = check_query(query)
     text = f"{SYSTEM} USER: {IM_START}{IMAGE_TOKEN}{IM_END}\n{query} {INSTRUCTION} ASSISTANT:"
     return text + (f" {SINGLE_PASS_ANSWER}" if mode == "single-pass" else "")
 
@@ -55,6 +81,7 @@ def token_id(tokenizer, token: str) -> int:
 
 def tokenize_prompt(tokenizer, query: str, mode: str, n_image_tokens: int, max_positions: int) -> PromptIds:
     """Token ids either side of the image, checked against the model's position limit."""
+    check_query(query, max_positions)
     before, after = prompt_text(query, mode).split(IMAGE_TOKEN)
     prefix = tokenizer(before, add_special_tokens=True)["input_ids"]
     suffix = tokenizer(after, add_special_tokens=False)["input_ids"]

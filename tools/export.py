@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 from graphs.checkpoint_config import read_checkpoint_config
+from graphs.errors import InputError
+from graphs.shapes import ModelShape
 from graphs.stages import EXPORT_MODES, PRECISIONS
+from graphs.trt_ops import TRT_OPSET_RANGE
 from tools.schedule_args import KNOB_FLAGS, add_schedule_args, schedule_from_args
 
 
@@ -48,10 +51,34 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
+# The dynamo exporter emits opset 18 natively (17 and below fail inside torch.onnx); TensorRT parses up to its max.
+OPSET_RANGE = (18, TRT_OPSET_RANGE[1])
+MAX_SEG = 256  # far above any answer's [SEG] count; keeps the seg_head/sam_decoder profiles sane
+
+
+def check_bounds(args: argparse.Namespace, shape: ModelShape) -> None:
+    """Refuse out-of-range export bounds before any work (they used to fail after a whole export)."""
+    room = shape.llm.max_positions - shape.num_image_tokens  # text and generated tokens share the rest
+    limits = {
+        "opset": OPSET_RANGE,
+        "max_text_len": (1, room),
+        "max_new_tokens": (1, room),
+        "max_seg": (1, MAX_SEG),
+    }
+    for flag, (lo, hi) in limits.items():
+        value = getattr(args, flag, None)
+        if value is not None and not lo <= value <= hi:
+            why = (f"the model has {shape.llm.max_positions} positions, {shape.num_image_tokens} of them image tokens"
+                   if flag in ("max_text_len", "max_new_tokens") else "")
+            raise InputError(f"--{flag.replace('_', '-')} {value} is out of range: choose {lo} to {hi}"
+                             + (f" ({why})" if why else ""))
+
+
 def run(args: argparse.Namespace) -> int:
     from exporter.export import ExportOptions, export_artifact
 
     shape = read_checkpoint_config(args.checkpoint, args.vision_tower).shape
+    check_bounds(args, shape)
     schedule = schedule_from_args(args, shape.llm.layers, shape.num_image_tokens)
     given = {k: getattr(args, k) for k in ("opset", "max_text_len", "max_new_tokens", "max_seg")
              if getattr(args, k) is not None}

@@ -256,3 +256,37 @@ def test_imports_without_torch():
             "graphs.preprocessing.sam_pixels_np(np.zeros((5, 7, 3), np.uint8))\n")
     repo_root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)
+
+
+# --- bounded reads (issue 15) ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("special", ["/dev/zero", "/dev/null", "fifo"])
+def test_non_regular_files_refused_without_reading(tmp_path, special):
+    """A device never ends and a FIFO blocks its reader: both are refused at once (the test would hang otherwise)."""
+    import os
+    path = special
+    if special == "fifo":
+        path = str(tmp_path / "pipe.png")
+        os.mkfifo(path)
+    with pytest.raises(InputError, match="not a regular file") as err:
+        load_image(path)
+    assert path in str(err.value)
+
+
+def test_oversized_file_refused_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(imageio, "MAX_IMAGE_FILE_BYTES", 1000)
+    path = _save(tmp_path, Image.fromarray(_rgb(40, 40)), "big.bmp")  # ~4.9 kB
+    with pytest.raises(InputError, match="over the limit of 1000 bytes") as err:
+        load_image(path)
+    assert path in str(err.value) and "bytes" in str(err.value)
+
+
+def test_aspect_ratio_over_limit_refused_from_the_header(tmp_path):
+    from graphs.preprocessing import MAX_ASPECT_RATIO, sam_pixels_np
+    path = _save(tmp_path, Image.fromarray(_rgb(1, MAX_ASPECT_RATIO + 1)), "strip.png")
+    with pytest.raises(InputError, match="aspect ratio"):
+        load_image(path)
+    with pytest.raises(InputError, match="aspect ratio"):  # arrays that bypass the file loader too
+        sam_pixels_np(_rgb(MAX_ASPECT_RATIO + 1, 1))
+    img, hw = sam_pixels_np(_rgb(1, MAX_ASPECT_RATIO))  # the limit itself still gives SAM a row
+    assert hw[0] >= 1 and img.shape == (1, 3, 1024, 1024)

@@ -1,0 +1,44 @@
+"""A full disk or a read-only output is one line and exit 2 from every command, never an OSError traceback."""
+
+from __future__ import annotations
+
+import errno
+import tempfile
+
+import pytest
+
+from tests.cli_io import call, error_lines
+from tools.cli import host_error_line
+
+
+@pytest.mark.parametrize("code, fix", [(errno.ENOSPC, "free some space"), (errno.EROFS, "writable location"),
+                                       (errno.EACCES, "permissions")], ids=["disk-full", "read-only", "forbidden"])
+def test_make_tiny_into_a_refusing_disk(tmp_path, monkeypatch, code, fix):
+    out = tmp_path / "ckpt"
+
+    def refuse(*a, dir=None, **k):  # every atomic write starts with a temp file beside its destination
+        raise OSError(code, __import__("os").strerror(code), str(dir))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    rc, _, err = call(["make-tiny", str(out)])
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("csprt make-tiny: error: ") and fix in lines[0] and str(tmp_path) in lines[0]
+
+
+def test_other_oserrors_are_not_disguised():
+    assert host_error_line(OSError(errno.EIO, "Input/output error")) is None
+    assert host_error_line(FileNotFoundError(errno.ENOENT, "No such file")) is None
+
+
+@pytest.mark.parametrize("flag, value", [("--opset", "5"), ("--opset", "99"), ("--max-new-tokens", "0"),
+                                         ("--max-seg", "0"), ("--max-text-len", "100000"), ("--max-text-len", "-3")])
+def test_export_bounds_refused_before_any_work(tiny_ckpt, tmp_path, flag, value):
+    """These used to fail after a whole export, deep in torch or the manifest schema, with half an artifact left."""
+    out = tmp_path / "art"
+    rc, _, err = call(["export", str(tiny_ckpt), "--schedule", "full", "--mode", "both", "--out", str(out),
+                       flag, value])
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1, err
+    assert f"{flag} {value} is out of range: choose " in lines[0]
+    assert not out.exists() and "[csprt] export" not in err  # nothing traced, nothing written
