@@ -105,7 +105,7 @@ def run_check(args: argparse.Namespace) -> dict:
             continue
         left = clock.left()
         reason = ctx.no_gpu() if needs_gpu and ctx.gpu is None else (
-            f"{left:.0f} s left of the {args.budget:.0f} s budget; it needs at least {min_s:.0f} s" if left < min_s
+            f"{max(left, 0):.0f} s left of the {args.budget:g} s budget; it needs at least {min_s:g} s" if left < min_s
             else None)
         if reason:
             part = {"name": name, "status": "skipped", "reason": reason, "budget_s": 0.0, "wall_s": 0.0,

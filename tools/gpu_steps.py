@@ -101,8 +101,8 @@ def run_step(name: str, command: list[str], part: PartClock, log: Log, work: Pat
     """Run `command` within what is left of `part`; skip it when less than `min_s` is left."""
     left = part.left()
     if left < min_s:
-        step = Step(name, command, "skipped", reason=f"{left:.0f} s left in part {part.name!r}, needs at least "
-                                                     f"{min_s:.0f} s")
+        step = Step(name, command, "skipped", reason=f"{max(left, 0):.0f} s left in part {part.name!r}, needs at "
+                                                     f"least {min_s:g} s")
         log.say(f"{part.name}/{name}: skipped: {step.reason}")
         return step
     log.say(f"{part.name}/{name}: {' '.join(command)} (at most {left:.0f} s)")
