@@ -138,3 +138,18 @@ def test_junit_outcomes(tmp_path):
         {"id": "t.a::sk", "outcome": "skipped", "message": "needs a CUDA GPU"},
         {"id": "t.b::bad", "outcome": "failed", "message": "assert 1 == 2"}]
     assert gpu_parts.junit_outcomes(tmp_path / "absent.xml") == []
+
+
+def test_bench_runs_tensorrt_on_cuda_beside_onnxruntime_on_the_cpu(export_tiny):
+    """gpu_check benches `--backends onnxruntime,tensorrt` without --device: tensorrt goes to cuda, not to --device cpu."""
+    from tests.cli_io import call, error_lines
+    from tools.bench import backend_device
+
+    assert [backend_device(b, "cpu") for b in ("torch", "onnxruntime", "tensorrt")] == ["cpu", "cpu", "cuda"]
+    assert backend_device("tensorrt", "cuda:1") == "cuda:1" and backend_device("onnxruntime", "cuda") == "cuda"
+    if has_cuda():
+        pytest.skip("a GPU is present")
+    rc, _, err = call(["bench", str(export_tiny()), "--backends", "tensorrt", "--repeat", "1", "--warmup", "0"])
+    assert rc == 2 and error_lines(err) == [error_lines(err)[0]]
+    assert error_lines(err)[0].startswith("csprt bench: error: --backend tensorrt runs engines on an NVIDIA GPU; "
+                                          "none is visible")
