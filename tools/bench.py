@@ -262,7 +262,8 @@ def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: i
         raw = bench_session(plan.sessions[key], text_len, mode=args.mode, repeat=args.repeat, warmup=args.warmup,
                             max_new_tokens=args.max_new_tokens)
         raw["device_name"] = _gpu_name() if backend_device(backend, args.device).startswith("cuda") else None
-    record = make_record(schedule=sched, shape=plan.shape, backend=backend, device=backend_device(backend, args.device),
+    record = make_record(schedule=sched, shape=plan.shape, backend=backend,
+                         device=backend_device(backend, args.device),
                          text_tokens=raw["text_tokens"], image_tokens_per_layer=raw["image_tokens_per_layer"],
                          runs=raw["runs"], e2e_ms=raw["e2e_ms"], pipeline_ms=raw["pipeline_ms"],
                          peak_memory_mib=raw["peak_memory_mib"], device_name=raw.get("device_name"),

@@ -58,8 +58,9 @@ def _problem(args: argparse.Namespace) -> str | None:
         return f"--budget must be > 0 and --repeat >= 1 (got {args.budget}, {args.repeat})"
     if args.tiny is not None and not ((args.tiny / "checkpoint" / "config.json").is_file()
                                       and (args.tiny / "artifact" / "manifest.json").is_file()):
-        return (f"--tiny {args.tiny}: expected checkpoint/config.json and artifact/manifest.json in it (csprt make-tiny "
-                f"DIR/checkpoint, then csprt export DIR/checkpoint --schedule csp --mode both --out DIR/artifact)")
+        return (f"--tiny {args.tiny}: expected checkpoint/config.json and artifact/manifest.json in it (csprt "
+                "make-tiny DIR/checkpoint, then csprt export DIR/checkpoint --schedule csp --mode both --out "
+                "DIR/artifact)")
     bad = [p for p in (args.parts or "").split(",") if p and p not in part_names()]
     if bad:
         return f"--parts: unknown {', '.join(bad)}; choose from {', '.join(part_names())}"

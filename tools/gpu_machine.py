@@ -134,7 +134,7 @@ def torch_record() -> tuple[dict, dict | None]:
 
 
 def tensorrt_record(gpu: dict | None) -> dict:
-    """{"flavor", "version", "targets", "gpu_listed", "problem"}: what TensorRT imports and whether it lists this GPU."""
+    """{"flavor", "version", "targets", "gpu_listed", "problem"}: the TensorRT here and whether it lists this GPU."""
     from engines.trt import load_trt
     from graphs.errors import ToolchainError
 

@@ -36,9 +36,10 @@ from tools.gpu_machine import ROOT, pinned_packages
 
 MiB = 1 << 20
 # On the device image already (torch 2.11+cu130, onnx 1.23.1, onnxruntime 1.30 CPU, onnxscript 0.7.2,
-# transformers 5.17 and what they bring): never shipped, their dependencies not followed.
+# transformers 5.17 and what they bring): never shipped, their dependencies not followed. typing-extensions is
+# shipped (installed only where missing): jsonschema's `referencing` needs a recent one on Python 3.12.
 DEVICE_IMAGE = frozenset({"torch", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers", "tokenizers",
-                          "safetensors", "huggingface-hub", "packaging", "typing-extensions", "filelock", "pyyaml",
+                          "safetensors", "huggingface-hub", "packaging", "filelock", "pyyaml",
                           "protobuf", "sympy", "networkx", "jinja2", "fsspec", "setuptools"})
 # Pinned, but no part of gpu_check uses them: serving (gpu_check does not serve), plots, and test-only packages of
 # tests that are not gpu-marked.

@@ -141,7 +141,7 @@ def test_junit_outcomes(tmp_path):
 
 
 def test_bench_runs_tensorrt_on_cuda_beside_onnxruntime_on_the_cpu(export_tiny):
-    """gpu_check benches `--backends onnxruntime,tensorrt` without --device: tensorrt goes to cuda, not to --device cpu."""
+    """gpu_check benches `--backends onnxruntime,tensorrt` without --device: tensorrt goes to cuda, not to cpu."""
     from tests.cli_io import call, error_lines
     from tools.bench import backend_device
 

@@ -18,7 +18,7 @@ REQUIRES = {
     "pytest": ['colorama>=0.4; sys_platform == "win32"', 'exceptiongroup>=1; python_version < "3.11"', "packaging>=22",
                "pluggy<2,>=1.5", 'tomli>=1; python_version < "3.11"'],
 }
-VERSIONS = {"attrs": "26.1.0", "referencing": "0.37.0", "pluggy": "1.7.0"}
+VERSIONS = {"attrs": "26.1.0", "referencing": "0.37.0", "pluggy": "1.7.0", "typing-extensions": "4.15.0"}
 
 
 def test_device_wheels_are_the_pins_the_image_lacks_and_their_runtime_dependencies():
@@ -26,9 +26,9 @@ def test_device_wheels_are_the_pins_the_image_lacks_and_their_runtime_dependenci
             "tensorrt-rtx-cu13-libs": "1.7.1.116"}
     got = gpu_prep.device_wheels(pins, REQUIRES.get, VERSIONS.__getitem__)
     # not torch/numpy (the image has them), not matplotlib (unused there), no extras, no Windows or Python < 3.12
-    # markers, not packaging / typing-extensions (the image's transformers brings them)
+    # markers, not packaging (the image's transformers brings it); typing-extensions for referencing on Python 3.12
     assert got == {"attrs": "26.1.0", "jsonschema": "4.26.0", "pluggy": "1.7.0", "pytest": "9.0.3",
-                   "referencing": "0.37.0", "tensorrt-rtx-cu13-libs": "1.7.1.116"}
+                   "referencing": "0.37.0", "tensorrt-rtx-cu13-libs": "1.7.1.116", "typing-extensions": "4.15.0"}
 
 
 @pytest.mark.parametrize("payload_mib, calls", [(10, 1), (61, 1), (75, 2), (130, 3)])
