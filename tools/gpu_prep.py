@@ -173,8 +173,17 @@ def stored(wheel: Path, cache: Path) -> Path:
 
 
 def tiny(folder: Path, say) -> Path:
-    """DIR/tiny/{checkpoint,artifact}: `csprt make-tiny` and its csp export (both modes), made once."""
-    if not (folder / "artifact" / "manifest.json").is_file():
+    """DIR/tiny/{checkpoint,artifact}: `csprt make-tiny` and its csp export (both modes), made again when this
+    csprt no longer loads the artifact (e.g. a newer manifest schema)."""
+    from graphs.errors import ArtifactError
+    from graphs.manifest import load_artifact
+
+    try:
+        load_artifact(folder / "artifact")
+        fresh = (folder / "checkpoint" / "config.json").is_file()
+    except ArtifactError:
+        fresh = False
+    if not fresh:
         say(f"making the tiny checkpoint and artifact in {folder}")
         shutil.rmtree(folder, ignore_errors=True)
         csprt = [sys.executable, "-m", "tools"]
