@@ -232,6 +232,10 @@ class TrtRunner(BaseRunner):
         return out
 
     def _infer(self, feed: dict) -> dict[str, np.ndarray]:
+        import torch
+
+        # Torch CUDA inputs were produced on the caller's current stream: copy them only after that work is done.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         views = self._run(feed, self.stream)
         self.stream.synchronize()
         return {name: v.cpu().numpy() for name, v in views.items()}

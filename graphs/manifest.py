@@ -20,6 +20,7 @@ import importlib.resources
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -218,12 +219,27 @@ def new_manifest(*, layout: Layout, shape: ModelShape, schedule: Schedule, preci
     return json.loads(json.dumps(manifest))  # plain JSON types (to_dict() keeps tuples): what is written is what is read
 
 
+# Digests computed in this process, by file version (path, size, mtime, ctime, inode): loading an artifact verifies
+# its graphs, then `check_backend` and each TrtRunner check the same plans; each file is read once, not per check
+# (at LISA-7B that was ~40 GB read before the first request).
+_DIGESTS: dict[tuple, str] = {}
+# A file changed less than this long before it was hashed is not remembered: a same-size rewrite within the file
+# system's clock tick keeps its mtime (git's "racily clean" rule).
+_RACY_NS = 2_000_000_000
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (graphs can be many GB)."""
+    """Hex sha256 of a file, read in 1 MiB chunks (graphs can be many GB); each file version once per process."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+        _DIGESTS[key] = h.hexdigest()
     return h.hexdigest()
 
 

@@ -44,7 +44,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--repeat", type=int, default=10, help="timed repeats. Defaults to 10.")
     p.add_argument("--warmup", type=int, default=2, help="untimed repeats first. Defaults to 2.")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generate mode. Defaults to 16.")
-    p.add_argument("--device", default="cpu", help="cpu or cuda. Defaults to cpu.")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda, for torch and onnxruntime; tensorrt always runs on CUDA (cuda when this is "
+                        "cpu), as csprt validate pairs them. Defaults to cpu.")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and onnxruntime (same for both, so their ratio is fair). "
                         "Defaults to each library's own choice.")
@@ -255,17 +257,23 @@ def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: i
 
         key = (sched_name, backend)
         if key not in plan.sessions:
-            plan.sessions[key] = ArtifactSession(_artifact_for(plan, sched_name), backend=backend, device=args.device,
-                                                 threads=args.threads)
+            plan.sessions[key] = ArtifactSession(_artifact_for(plan, sched_name), backend=backend,
+                                                 device=backend_device(backend, args.device), threads=args.threads)
         raw = bench_session(plan.sessions[key], text_len, mode=args.mode, repeat=args.repeat, warmup=args.warmup,
                             max_new_tokens=args.max_new_tokens)
-        raw["device_name"] = _gpu_name() if args.device.startswith("cuda") else None
-    record = make_record(schedule=sched, shape=plan.shape, backend=backend, device=args.device,
+        raw["device_name"] = _gpu_name() if backend_device(backend, args.device).startswith("cuda") else None
+    record = make_record(schedule=sched, shape=plan.shape, backend=backend,
+                         device=backend_device(backend, args.device),
                          text_tokens=raw["text_tokens"], image_tokens_per_layer=raw["image_tokens_per_layer"],
                          runs=raw["runs"], e2e_ms=raw["e2e_ms"], pipeline_ms=raw["pipeline_ms"],
                          peak_memory_mib=raw["peak_memory_mib"], device_name=raw.get("device_name"),
                          decode_steps=raw["decode_steps"])
     return record, raw
+
+
+def backend_device(backend: str, device: str) -> str:
+    """Where `backend` runs under `--device`: the device itself, except tensorrt on "cpu", which runs on "cuda"."""
+    return "cuda" if backend == "tensorrt" and not device.startswith("cuda") else device
 
 
 def _scaling_point(axis: str, value: int, record: dict, image_tokens: int) -> dict:
@@ -330,7 +338,7 @@ def _machine(plan: Plan) -> dict:
                 break
     except OSError:
         pass
-    gpu = _gpu_name() if plan.args.device.startswith("cuda") else None
+    gpu = _gpu_name() if any(backend_device(b, plan.args.device).startswith("cuda") for b in plan.backends) else None
     return {"cpu": cpu, "cpu_cores": os.cpu_count() or 1, "gpu": gpu, "versions": versions,
             "python": platform.python_version()}
 
