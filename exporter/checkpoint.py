@@ -19,7 +19,7 @@ from exporter import keys
 from exporter.model import LisaModel
 from graphs.atomic import atomic_path, write_json
 from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config, read_json
-from graphs.errors import CheckpointError
+from graphs.errors import CheckpointError, ToolchainError
 from graphs.shapes import ModelShape
 
 FORMATS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
@@ -36,7 +36,7 @@ class LoadedCheckpoint:
 
     model: LisaModel
     shape: ModelShape
-    tokenizer: object  # a transformers tokenizer
+    tokenizer: object  # SlowLlamaTokenizer (tokenizer.model) or JsonTokenizer (tokenizer.json)
     clip_dir: Path
     ckpt_dir: Path
     image_processor_config: dict = field(default_factory=dict)
@@ -220,13 +220,40 @@ def _load_clip(clip_dir: Path, dtype: torch.dtype, device):
     return tower.to(device).eval()
 
 
-def load_tokenizer(ckpt_dir: Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(ckpt_dir: Path, vocab_size: int | None = None):
+    """The checkpoint's tokenizer as LISA loads it: the slow SentencePiece `LlamaTokenizer` when tokenizer.model is
+    there (`exporter.tokenizer.SlowLlamaTokenizer`), else its tokenizer.json (`graphs.tokenizer.JsonTokenizer`).
 
-    try:
-        return AutoTokenizer.from_pretrained(ckpt_dir, local_files_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot load the tokenizer from {ckpt_dir}: {exc}") from None
+    Args:
+        ckpt_dir (Path): the checkpoint directory.
+        vocab_size (int | None): config.json's vocab_size; when given, every token id must be below it.
+    """
+    from exporter.tokenizer import FAST_FILE, SP_FILE, TOKENIZER_FILES, SlowLlamaTokenizer
+    from graphs.tokenizer import JsonTokenizer
+
+    ckpt_dir = Path(ckpt_dir)
+    has_fast = (ckpt_dir / FAST_FILE).is_file()
+    if (ckpt_dir / SP_FILE).is_file() or not has_fast and any((ckpt_dir / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer = SlowLlamaTokenizer(ckpt_dir)  # names a missing tokenizer.model itself
+    elif has_fast:
+        try:
+            tokenizer = JsonTokenizer.from_dir(ckpt_dir)
+        except ToolchainError as exc:
+            raise CheckpointError(f"cannot load the tokenizer from {ckpt_dir}: {exc}") from None
+    else:
+        raise CheckpointError(f"no tokenizer in {ckpt_dir}: expected LLaMA's {SP_FILE} with tokenizer_config.json, "
+                              f"special_tokens_map.json and added_tokens.json (as LISA ships them), or a {FAST_FILE}")
+    if vocab_size is not None:
+        _check_tokenizer_vocab(tokenizer, vocab_size, ckpt_dir / "config.json")
+    return tokenizer
+
+
+def _check_tokenizer_vocab(tokenizer, vocab_size: int, config_path: Path) -> None:
+    if hasattr(tokenizer, "check_vocab"):
+        tokenizer.check_vocab(vocab_size, config_path)
+    elif len(tokenizer) > vocab_size:
+        raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but {config_path} has vocab_size "
+                              f"{vocab_size}; use the tokenizer and config.json of the same checkpoint")
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
@@ -262,5 +289,5 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike
     model.vision_tower = _load_clip(clip_dir, dtype, device)
 
     processor = read_clip_processor_config(clip_dir, shape)
-    return LoadedCheckpoint(model=model.eval(), shape=shape, tokenizer=load_tokenizer(ckpt), clip_dir=clip_dir,
+    return LoadedCheckpoint(model=model.eval(), shape=shape, tokenizer=load_tokenizer(ckpt, shape.llm.vocab), clip_dir=clip_dir,
                             ckpt_dir=ckpt, image_processor_config=processor)
