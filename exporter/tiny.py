@@ -13,6 +13,7 @@ with the CLIP tower embedded in the weights (`model.vision_tower.vision_tower.vi
 it), so it runs without --vision-tower. Options: `layout="v0"` (a LLaVA base checkpoint plus
 pytorch_model-visual_model.bin and pytorch_model-text_hidden_fcs.bin, as LISA v0's chat.py loads them),
 `clip="separate"` (no CLIP weights: the tower goes to its own directory, `<out>-clip`, for --vision-tower),
+`clip="local"` (the tower in `<out>/vision_tower/`, named by a relative mm_vision_tower: csprt's earlier layout),
 `tokenizer="bpe"` (the older byte-level BPE tokenizer.json), `format` (safetensors and unsharded layouts).
 """
 
@@ -28,7 +29,8 @@ CLIP_SUBDIR = "vision_tower"
 CLIP_HUB_ID = "openai/clip-vit-large-patch14"  # what LISA's configs name as mm_vision_tower
 TOKENIZERS = ("sentencepiece", "bpe")
 LAYOUTS = ("v1", "v0")
-CLIPS = ("embedded", "separate")
+CLIPS = ("embedded", "separate", "local")
+WEIGHT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class TinyOptions:
     tokenizer: str = "sentencepiece"
     layout: str = "v1"
     clip: str = "embedded"
+    weights: str = "bf16"  # LISA ships bfloat16; "fp32" for csprt's earlier tiny layout
 
 
 def tiny_shape(opts: TinyOptions = TinyOptions()) -> ModelShape:
@@ -66,7 +69,8 @@ def tiny_shape(opts: TinyOptions = TinyOptions()) -> ModelShape:
     )
 
 
-def lisa_config(shape: ModelShape, clip_path: str = CLIP_HUB_ID, layout: str = "v1") -> dict:
+def lisa_config(shape: ModelShape, clip_path: str = CLIP_HUB_ID, layout: str = "v1",
+                torch_dtype: str = "bfloat16") -> dict:
     """config.json as LISA's releases have it (v1: LISAForCausalLM; v0: the LLaVA base's LlavaLlamaForCausalLM,
     without out_dim), plus `csprt_sam` and `csprt_clip` (the tiny SAM and CLIP geometry; real ones need neither).
 
@@ -74,6 +78,7 @@ def lisa_config(shape: ModelShape, clip_path: str = CLIP_HUB_ID, layout: str = "
         shape (ModelShape): the model's dimensions.
         clip_path (str): the `mm_vision_tower` value (a Hub id, or a directory relative to the checkpoint).
         layout (str): "v1" or "v0". Defaults to "v1".
+        torch_dtype (str): the weights' dtype. Defaults to "bfloat16", as LISA's releases.
     """
     llm = shape.llm
     sam = dataclasses.asdict(shape.sam)
@@ -98,7 +103,7 @@ def lisa_config(shape: ModelShape, clip_path: str = CLIP_HUB_ID, layout: str = "
         "rms_norm_eps": llm.rms_norm_eps,
         "rope_scaling": None,
         "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
+        "torch_dtype": torch_dtype,
         "transformers_version": "4.31.0",
         "use_cache": False,
         "vocab_size": llm.vocab,
@@ -151,6 +156,8 @@ def make_tiny(out_dir: str | Path, opts: TinyOptions = TinyOptions()) -> Path:
     _choose("layout", opts.layout, LAYOUTS)
     _choose("CLIP placement", opts.clip, CLIPS)
     _choose("weight format", opts.format, FORMATS)
+    _choose("weight dtype", opts.weights, tuple(WEIGHT_DTYPES))
+    dtype = getattr(torch, WEIGHT_DTYPES[opts.weights])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = tiny_shape(opts)
@@ -164,17 +171,19 @@ def make_tiny(out_dir: str | Path, opts: TinyOptions = TinyOptions()) -> Path:
     tokenizer = load_tokenizer(out, shape.llm.vocab)
     torch.manual_seed(opts.seed)
     model = LisaModel(shape)
-    with torch.no_grad():  # as LISA ships them: bfloat16 values (the teaching below then works on those)
+    with torch.no_grad():  # the values the file will hold (bfloat16 as LISA ships them), taught below on those
         for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
+            p.copy_(p.to(dtype).float())
 
     _teach_seg_answer(model, tokenizer)
     embedded = opts.clip == "embedded"
     save_checkpoint(model, out, fmt=opts.format, max_shard_size="100KB", include_clip=embedded, layout=opts.layout,
-                    dtype=torch.bfloat16)
-    write_json(lisa_config(shape, CLIP_HUB_ID, opts.layout), out / "config.json")
+                    dtype=dtype)
+    local = opts.clip == "local"
+    write_json(lisa_config(shape, CLIP_SUBDIR if local else CLIP_HUB_ID, opts.layout, WEIGHT_DTYPES[opts.weights]),
+               out / "config.json")
     if not embedded:
-        clip_dir = separate_clip_dir(out)
+        clip_dir = out / CLIP_SUBDIR if local else separate_clip_dir(out)
         model.vision_tower.save_pretrained(clip_dir)
         write_json(default_clip_processor_config(shape.vision.image_size), clip_dir / "preprocessor_config.json")
     return out

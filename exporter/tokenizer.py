@@ -107,13 +107,15 @@ def _train_sentencepiece(base_size: int) -> bytes:
             add_dummy_prefix=True, allow_whitespace_only_pieces=True, character_coverage=1.0, max_sentencepiece_length=16,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, hard_vocab_limit=True)
     except RuntimeError as exc:  # "Vocabulary size is too high/small": the corpus bounds the piece count
-        raise ValueError(f"a SentencePiece BPE tokenizer of {base_size} pieces (+{base_size and 4} added) cannot be "
-                         f"trained on the built-in corpus ({exc}); pick --vocab between {SP_VOCAB_RANGE[0]} and "
-                         f"{SP_VOCAB_RANGE[1]}, or --tokenizer bpe") from None
+        raise ValueError(f"a SentencePiece BPE model of {base_size} pieces cannot be trained on the built-in corpus "
+                         f"({exc}); pick --vocab between {SP_VOCAB_RANGE[0]} and {SP_VOCAB_RANGE[1]}, or --tokenizer bpe"
+                         ) from None
     return buf.getvalue()
 
 
-SP_VOCAB_RANGE = (384, 720)  # --vocab bounds for the SentencePiece tiny tokenizer (bytes + corpus characters .. merges)
+# --vocab bounds for the SentencePiece tiny tokenizer: 3 specials + 256 bytes + the corpus' characters at least, the
+# merges the corpus offers at most (measured: 314..1260 pieces trainable), plus the 4 added tokens, with margin.
+SP_VOCAB_RANGE = (320, 1200)
 
 
 def _added_token(content: str) -> dict:
@@ -259,7 +261,10 @@ class SlowLlamaTokenizer:
             tokens += [chunk] if i % 2 else self.sp.encode(chunk, out_type=str)
         return tokens
 
-    def convert_tokens_to_ids(self, token: str | None) -> int | None:
+    def convert_tokens_to_ids(self, token):
+        """A token's id (unknown pieces give the unk id, as transformers 4.31), or the ids of a list of tokens."""
+        if isinstance(token, (list, tuple)):
+            return [self.convert_tokens_to_ids(t) for t in token]
         if token is None:
             return None
         return self.added[token] if token in self.added else self.sp.piece_to_id(token)

@@ -140,7 +140,10 @@ class JsonTokenizer:
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def convert_tokens_to_ids(self, token: str | None) -> int | None:
+    def convert_tokens_to_ids(self, token):
+        """A token's id (None when unknown), or the ids of a list of tokens."""
+        if isinstance(token, (list, tuple)):
+            return [self.convert_tokens_to_ids(t) for t in token]
         return None if token is None else self._tok.token_to_id(token)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

@@ -277,14 +277,14 @@ def test_bin_checkpoint_is_read_whole_and_streams_the_same(tiny_ckpt, whole, sta
     staged.hold(())
 
 
-def test_missing_tensor_fails_before_any_stage(tiny_ckpt, tmp_path):
+def test_missing_tensor_fails_before_any_stage(tiny_ckpt_st, tmp_path):
     """Keys and shapes are checked from the file headers up front, with load_checkpoint's message."""
     from safetensors.torch import load_file, save_file
 
     from graphs.errors import CheckpointError
 
-    ckpt = _ckpt_copy(tiny_ckpt, tmp_path / "ckpt")
-    state = load_file(str(tiny_ckpt / "model.safetensors"))
+    ckpt = _ckpt_copy(tiny_ckpt_st, tmp_path / "ckpt")
+    state = load_file(str(tiny_ckpt_st / "model.safetensors"))
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     cfg = read_checkpoint_config(ckpt)
