@@ -191,8 +191,10 @@ class SlowLlamaTokenizer:
                                   "truncated: copy it again from the checkpoint's release") from None
         config = _read_optional_json(self.dir / "tokenizer_config.json")
         if config.get("legacy") is False:
-            raise CheckpointError(f"{self.dir / 'tokenizer_config.json'} sets legacy=false; csprt reproduces LISA's "
-                                  "legacy LlamaTokenizer only: remove the key (LISA's checkpoints do not set it)")
+            # transformers 4.31's non-legacy mode strips the "▁" of the first piece after an added token and maps the
+            # rest to <unk> when it is no piece (measured with 4.31.0): no tokenizers pipeline reproduces that.
+            raise CheckpointError(f"{self.dir / 'tokenizer_config.json'} sets legacy=false: csprt reproduces the "
+                                  "legacy LlamaTokenizer only (non-legacy is not supported yet)")
         self.add_bos_token = bool(config.get("add_bos_token", True))
         self.add_eos_token = bool(config.get("add_eos_token", False))
         special_map = {**config, **_read_optional_json(self.dir / "special_tokens_map.json")}
