@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """Path of a `csprt make-tiny` checkpoint (default options: LISA v1's published format, SentencePiece tokenizer,
-    bf16 `.bin` shards, CLIP embedded), written once per session. Treat as read-only."""
+    `.bin` shards, CLIP embedded), written once per session. Treat as read-only."""
     from exporter.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_ckpt") / "tiny")

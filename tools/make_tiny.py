@@ -1,8 +1,8 @@
 """`csprt make-tiny OUT_DIR`: write a tiny, seeded checkpoint in LISA's published format (weights, config, tokenizer).
 
 By default a LISA v1 release in miniature: LLaMA's SentencePiece tokenizer set (tokenizer.model, tokenizer_config.json,
-special_tokens_map.json, added_tokens.json), bfloat16 `.bin` shards with pytorch_model.bin.index.json, LISA's
-config.json fields, and the CLIP tower embedded in the weights. `--layout v0` writes LISA v0's split layout,
+special_tokens_map.json, added_tokens.json), `.bin` shards with pytorch_model.bin.index.json, LISA's
+config.json fields, and the CLIP tower embedded in the weights (fp32 unless --weights bf16, LISA's own dtype). `--layout v0` writes LISA v0's split layout,
 `--clip separate` leaves CLIP out (written to OUT_DIR-clip, for --vision-tower), `--tokenizer bpe` the byte-level BPE.
 
 With `--shape NAME` (lisa-7b, lisa-13b, small) it writes a random-weight checkpoint of that named shape in the

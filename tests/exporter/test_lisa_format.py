@@ -77,7 +77,7 @@ def test_make_tiny_writes_lisas_published_format(tiny_ckpt):
     config = json.loads((tiny_ckpt / "config.json").read_text())
     assert config["model_type"] == "llava" and config["architectures"] == ["LISAForCausalLM"]
     assert config["mm_vision_tower"] == config["vision_tower"] == CLIP_HUB_ID
-    assert config["torch_dtype"] == "bfloat16" and config["vocab_size"] == 512 and config["out_dim"] == 32
+    assert config["torch_dtype"] == "float32" and config["vocab_size"] == 512 and config["out_dim"] == 32
     assert config["mm_use_im_start_end"] is True and config["mm_vision_select_layer"] == -2
     tok_config = json.loads((tiny_ckpt / "tokenizer_config.json").read_text())
     assert tok_config["tokenizer_class"] == "LlamaTokenizer" and tok_config["model_max_length"] == 512
@@ -86,16 +86,15 @@ def test_make_tiny_writes_lisas_published_format(tiny_ckpt):
     assert len(shards) > 1 and all(s.startswith("pytorch_model-0000") for s in shards)
     clip = [k for k in index["weight_map"] if k.startswith("model.vision_tower.")]
     assert "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight" in clip
-    first = torch.load(tiny_ckpt / shards[0], weights_only=True)
-    assert {t.dtype for t in first.values() if t.is_floating_point()} == {torch.bfloat16}
     cfg = read_checkpoint_config(tiny_ckpt)  # CLIP geometry from the .bin headers, no CLIP directory
     assert cfg.clip_in_weights and cfg.clip_dir == tiny_ckpt and cfg.shape == tiny_shape()
 
 
 @pytest.fixture(scope="module")
 def v0_separate(tmp_path_factory):
-    """LISA v0's layout without CLIP weights: the CLIP directory is beside it."""
-    return make_tiny(tmp_path_factory.mktemp("v0") / "lisa-v0", TinyOptions(layout="v0", clip="separate"))
+    """LISA v0's layout without CLIP weights (the CLIP directory is beside it), in LISA's bfloat16."""
+    return make_tiny(tmp_path_factory.mktemp("v0") / "lisa-v0", TinyOptions(layout="v0", clip="separate",
+                                                                            weights="bf16"))
 
 
 def test_v0_layout_and_separate_clip(v0_separate, tiny_ckpt, capsys):
@@ -109,6 +108,9 @@ def test_v0_layout_and_separate_clip(v0_separate, tiny_ckpt, capsys):
     assert not any(k.startswith(("model.visual_model.", "model.text_hidden_fcs.", "model.vision_tower.")) for k in base)
     config = json.loads((v0_separate / "config.json").read_text())
     assert config["architectures"] == ["LlavaLlamaForCausalLM"] and "out_dim" not in config
+    assert config["torch_dtype"] == "bfloat16"
+    shard = torch.load(v0_separate / sorted(set(base.values()))[0], weights_only=True)
+    assert {t.dtype for t in shard.values() if t.is_floating_point()} == {torch.bfloat16}
     assert json.loads((v0_separate / "added_tokens.json").read_text())["[SEG]"] == 508  # v0: chat.py adds it first
 
     # A Hub id and no CLIP weights: one line naming the flag.
@@ -119,10 +121,10 @@ def test_v0_layout_and_separate_clip(v0_separate, tiny_ckpt, capsys):
     v0 = load_checkpoint(v0_separate, vision_tower=separate_clip_dir(v0_separate))
     v1 = load_checkpoint(tiny_ckpt)
     assert v0.tokenizer.convert_tokens_to_ids("[SEG]") == 508
-    # Same seed, same weights: only the LM head's taught rows differ ([SEG] has another id in v0).
+    # Same seed, same weights (rounded to bf16): only the LM head's taught rows differ ([SEG] has another id in v0).
     a, b = v0.model.state_dict(), v1.model.state_dict()
     assert a.keys() == b.keys()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == ["llm.lm_head.weight"]
+    assert [k for k in a if not torch.equal(a[k], b[k].to(torch.bfloat16).float())] == ["llm.lm_head.weight"]
 
 
 # ---- errors: one line each ------------------------------------------------------------------------------------

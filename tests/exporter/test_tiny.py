@@ -105,12 +105,12 @@ def test_weights_are_not_degenerate(loaded):
 def test_cli_make_tiny(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["make-tiny", str(out), "--layers", "2", "--vocab", "400", "--format", "safetensors-sharded",
-                 "--weights", "fp32"]) == 0
+                 "--weights", "bf16"]) == 0
     assert str(out) in capsys.readouterr().out
     assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.model").is_file()
     got = load_checkpoint(out)
     assert got.shape.llm.layers == 2 and len(got.tokenizer) == 400
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def test_cli_rejects_a_vocab_too_small(tmp_path, capsys):
