@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def test_make_tiny_writes_lisas_published_format(tiny_ckpt):
     assert tok_config["tokenizer_class"] == "LlamaTokenizer" and tok_config["model_max_length"] == 512
     index = json.loads((tiny_ckpt / "pytorch_model.bin.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 1 and all(s.startswith("pytorch_model-0000") for s in shards)
+    assert len(shards) > 1 and all(re.fullmatch(r"pytorch_model-\d{5}-of-\d{5}\.bin", s) for s in shards)
     clip = [k for k in index["weight_map"] if k.startswith("model.vision_tower.")]
     assert "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight" in clip
     cfg = read_checkpoint_config(tiny_ckpt)  # CLIP geometry from the .bin headers, no CLIP directory

@@ -168,8 +168,9 @@ def case_no_ckpt(tiny_ckpt, tmp_path):
 
 def case_corrupt_weights(tiny_ckpt, tmp_path):
     ckpt = _copy_ckpt(tiny_ckpt, tmp_path)
-    (ckpt / "pytorch_model-00001-of-00009.bin").write_bytes(os.urandom(64) + b"\x00garbage" * 100)
-    return ckpt, {}, ["pytorch_model-00001-of-00009.bin", "corrupt"]
+    shard = sorted(ckpt.glob("pytorch_model-*-of-*.bin"))[0]  # LISA's .bin shards
+    shard.write_bytes(os.urandom(64) + b"\x00garbage" * 100)
+    return ckpt, {}, [shard.name, "corrupt"]
 
 
 def case_no_config(tiny_ckpt, tmp_path):
