@@ -322,8 +322,13 @@ def fast_tokenizer(slow: SlowLlamaTokenizer):
     in_vocab = sorted((t for t in slow.all_special_tokens if t not in slow.added), key=slow.convert_tokens_to_ids)
     tok.add_special_tokens([added_token(t) for t in in_vocab])
     for text in sorted(slow.added, key=slow.added.get):  # one at a time: ids follow added_tokens.json's order
-        tok.add_tokens([added_token(text)]) if text not in slow.all_special_tokens else tok.add_special_tokens(
-            [added_token(text)])
+        if text in slow.all_special_tokens:
+            tok.add_special_tokens([added_token(text)])
+        else:
+            tok.add_tokens([added_token(text)])
+    wrong = {t: (tok.token_to_id(t), i) for t, i in slow.added.items() if tok.token_to_id(t) != i}
+    if wrong:
+        raise AssertionError(f"converted added-token ids differ from added_tokens.json: {wrong}")
     if slow.add_bos_token:
         bos = slow.bos_token
         tok.post_processor = processors.TemplateProcessing(
