@@ -10,7 +10,6 @@ SAM preprocessing config, the precision and the host inputs' dtypes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from graphs.prompt import SINGLE_PASS_ANSWER, PromptIds, tokenize_prompt
 from graphs.runner import bind_dims
 from graphs.shapes import ModelShape
 from graphs.stages import Layout, StageSpec
+from graphs.tokenizer import JsonTokenizer
 
 
 @dataclass(frozen=True)
@@ -57,15 +57,12 @@ class HostIO:
 
     @property
     def tokenizer(self):
-        """The artifact's tokenizer, loaded on first use (transformers' tokenizers need no torch)."""
+        """The artifact's tokenizer.json on `tokenizers` alone, loaded on first use (the ids `csprt export` checked)."""
         if self._tokenizer is None:
             path = self.art_dir / self.tok_cfg.get("dir", "tokenizer")
             if not path.is_dir():
                 raise ArtifactError(f"the artifact's tokenizer directory {path} is missing; re-run csprt export")
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never reach for the Hub
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self._tokenizer = JsonTokenizer.from_dir(path)
         return self._tokenizer
 
     # -- request -> host inputs -----------------------------------------------------------------

@@ -18,16 +18,13 @@ import torch
 from exporter import keys
 from exporter.model import LisaModel
 from graphs.atomic import atomic_path, write_json
-from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config, read_json
-from graphs.errors import CheckpointError
+from graphs.checkpoint_config import (V0_EXTRA_FILES, WEIGHT_LAYOUTS, find_weight_files, read_checkpoint_config,  # noqa: F401
+                                     read_clip_config, read_clip_processor_config, read_json)
+from graphs.errors import CheckpointError, ToolchainError
 from graphs.shapes import ModelShape
 
 FORMATS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
-# (index file, single file) per weight format, in load preference order.
-_LAYOUTS = (
-    ("model.safetensors.index.json", "model.safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-)
+_LAYOUTS = WEIGHT_LAYOUTS
 _MAX_LISTED = 20
 
 @dataclass
@@ -36,7 +33,7 @@ class LoadedCheckpoint:
 
     model: LisaModel
     shape: ModelShape
-    tokenizer: object  # a transformers tokenizer
+    tokenizer: object  # SlowLlamaTokenizer (tokenizer.model) or JsonTokenizer (tokenizer.json)
     clip_dir: Path
     ckpt_dir: Path
     image_processor_config: dict = field(default_factory=dict)
@@ -100,14 +97,23 @@ def build_meta(shape: ModelShape, attn: str = "sdpa", dtype: torch.dtype = torch
 
 
 def save_checkpoint(model: LisaModel, out_dir: str | os.PathLike, fmt: str = "safetensors",
-                    max_shard_size: int | str = "5GB") -> list[Path]:
-    """Write the model's LISA-layout weights (CLIP excluded) exactly as HF `save_pretrained` lays them out.
+                    max_shard_size: int | str = "5GB", include_clip: bool = False, layout: str = "v1",
+                    dtype: torch.dtype | None = None) -> list[Path]:
+    """Write the model's LISA-layout weights exactly as HF `save_pretrained` lays them out.
+
+    Layout v1 is one merged checkpoint (LISA's merge_lora_weights_and_save_hf_model.py); v0 is a LLaVA base
+    checkpoint plus `pytorch_model-visual_model.bin` (`visual_model.*`) and `pytorch_model-text_hidden_fcs.bin`
+    (`text_hidden_fcs.*`), as LISA v0's chat.py loads them. `include_clip` embeds CLIP as LLaVA v1
+    (`model.vision_tower.vision_tower.vision_model.*`) or, in v0, as the first LLaVA (`model.vision_tower.vision_model.*`).
 
     Args:
         model (LisaModel): the model to save.
         out_dir (path): target directory (created).
         fmt (str): "safetensors", "safetensors-sharded", "bin" or "bin-sharded". Defaults to "safetensors".
         max_shard_size (int | str): shard size limit for the sharded formats. Defaults to "5GB".
+        include_clip (bool): embed the CLIP tower's weights. Defaults to False.
+        layout (str): "v1" or "v0". Defaults to "v1".
+        dtype (torch.dtype | None): cast floating tensors to this dtype (LISA ships bfloat16). Defaults to None.
 
     Returns:
         list[Path]: files written (weights, then the index if sharded).
@@ -120,7 +126,18 @@ def save_checkpoint(model: LisaModel, out_dir: str | os.PathLike, fmt: str = "sa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # contiguous clones: safetensors rejects views and shared storage, torch.save would keep both.
-    state = {k: v.detach().contiguous().clone().cpu() for k, v in keys.module_state_to_lisa(model.state_dict()).items()}
+    state = {k: v.detach().contiguous().clone().cpu() for k, v in
+             keys.module_state_to_lisa(model.state_dict(), include_clip=include_clip).items()
+             if not k.endswith("position_ids")}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    extras: dict[str, dict[str, torch.Tensor]] = {}
+    if layout == "v0":
+        state = {k.replace("model.vision_tower.vision_tower.", "model.vision_tower.", 1): v for k, v in state.items()}
+        for name, prefix in zip(V0_EXTRA_FILES, ("model.visual_model.", "model.text_hidden_fcs.")):
+            extras[name] = {k[len("model."):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+    elif layout != "v1":
+        raise CheckpointError(f"unknown checkpoint layout {layout!r}; choose v1 or v0")
     use_safetensors = fmt.startswith("safetensors")
     index_name, single_name = _LAYOUTS[0] if use_safetensors else _LAYOUTS[1]
     pattern = "model{suffix}.safetensors" if use_safetensors else "pytorch_model{suffix}.bin"
@@ -144,27 +161,11 @@ def save_checkpoint(model: LisaModel, out_dir: str | os.PathLike, fmt: str = "sa
                  "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         write_json(index, out / index_name)
         written.append(out / index_name)
+    for name, part in extras.items():
+        with atomic_path(out / name) as tmp:
+            torch.save(part, tmp)
+        written.append(out / name)
     return written
-
-
-def find_weight_files(ckpt_dir: Path) -> list[Path]:
-    """The weight files of a checkpoint: safetensors index > model.safetensors > bin index > pytorch_model.bin."""
-    looked_for = []
-    for index_name, single_name in _LAYOUTS:
-        index_path = ckpt_dir / index_name
-        looked_for += [index_name, single_name]
-        if index_path.is_file():
-            weight_map = read_json(index_path, "weight index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"weight index {index_path} has no 'weight_map'")
-            files = [ckpt_dir / f for f in sorted(set(weight_map.values()))]
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise CheckpointError(f"weight index {index_path} names missing shard(s): {', '.join(absent)}")
-            return files
-        if (ckpt_dir / single_name).is_file():
-            return [ckpt_dir / single_name]
-    raise CheckpointError(f"no weights in {ckpt_dir}: looked for {', '.join(looked_for)}")
 
 
 def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
@@ -204,29 +205,68 @@ def _check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor],
         + "\n  ".join(listed))
 
 
-def _load_clip(clip_dir: Path, dtype: torch.dtype, device):
-    from transformers import CLIPVisionModel
+def _load_clip(clip_dir: Path, dtype: torch.dtype, device, embedded: dict[str, torch.Tensor] | None = None):
+    """CLIP from its directory, or from the checkpoint's embedded tensors (`vision_tower.*` module names)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    try:
-        tower, info = CLIPVisionModel.from_pretrained(
-            clip_dir, local_files_only=True, attn_implementation="eager", dtype=dtype, output_loading_info=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot load CLIP vision tower from {clip_dir}: {exc}") from None
-    bad = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
-    if bad:
-        raise CheckpointError(f"CLIP directory {clip_dir} lacks or mis-shapes weights: {', '.join(bad[:_MAX_LISTED])}")
+    if embedded is not None:
+        with _empty_construction(dtype, device):
+            tower = CLIPVisionModel(CLIPVisionConfig(**read_clip_config(clip_dir)))
+        state = {k[len(keys.CLIP_MODULE_PREFIX):]: v for k, v in embedded.items()}
+        expected = {k: v.shape for k, v in tower.state_dict().items() if not k.endswith("position_ids")}
+        bad = [k for k, shp in expected.items() if k not in state or state[k].shape != shp]
+        if bad:
+            raise CheckpointError(f"the CLIP tower embedded in {clip_dir} lacks or mis-shapes "
+                                  f"model.vision_tower...: {', '.join(bad[:_MAX_LISTED])}")
+        tower.load_state_dict(state, strict=False)
+    else:
+        try:
+            tower, info = CLIPVisionModel.from_pretrained(
+                clip_dir, local_files_only=True, attn_implementation="eager", dtype=dtype, output_loading_info=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot load CLIP vision tower from {clip_dir}: {exc}") from None
+        bad = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+        if bad:
+            raise CheckpointError(f"CLIP directory {clip_dir} lacks or mis-shapes weights: {', '.join(bad[:_MAX_LISTED])}")
     # LisaModel reads CLS attention probabilities, which only eager attention returns.
     tower.config._attn_implementation = "eager"
     return tower.to(device).eval()
 
 
-def load_tokenizer(ckpt_dir: Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(ckpt_dir: Path, vocab_size: int | None = None):
+    """The checkpoint's tokenizer as LISA loads it: the slow SentencePiece `LlamaTokenizer` when tokenizer.model is
+    there (`exporter.tokenizer.SlowLlamaTokenizer`), else its tokenizer.json (`graphs.tokenizer.JsonTokenizer`).
 
-    try:
-        return AutoTokenizer.from_pretrained(ckpt_dir, local_files_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot load the tokenizer from {ckpt_dir}: {exc}") from None
+    Args:
+        ckpt_dir (Path): the checkpoint directory.
+        vocab_size (int | None): config.json's vocab_size; when given, every token id must be below it.
+    """
+    from exporter.tokenizer import FAST_FILE, SP_FILE, TOKENIZER_FILES, SlowLlamaTokenizer
+    from graphs.tokenizer import JsonTokenizer
+
+    ckpt_dir = Path(ckpt_dir)
+    has_fast = (ckpt_dir / FAST_FILE).is_file()
+    if (ckpt_dir / SP_FILE).is_file() or not has_fast and any((ckpt_dir / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer = SlowLlamaTokenizer(ckpt_dir)  # names a missing tokenizer.model itself
+    elif has_fast:
+        try:
+            tokenizer = JsonTokenizer.from_dir(ckpt_dir)
+        except ToolchainError as exc:
+            raise CheckpointError(f"cannot load the tokenizer from {ckpt_dir}: {exc}") from None
+    else:
+        raise CheckpointError(f"no tokenizer in {ckpt_dir}: expected LLaMA's {SP_FILE} with tokenizer_config.json, "
+                              f"special_tokens_map.json and added_tokens.json (as LISA ships them), or a {FAST_FILE}")
+    if vocab_size is not None:
+        _check_tokenizer_vocab(tokenizer, vocab_size, ckpt_dir / "config.json")
+    return tokenizer
+
+
+def _check_tokenizer_vocab(tokenizer, vocab_size: int, config_path: Path) -> None:
+    if hasattr(tokenizer, "check_vocab"):
+        tokenizer.check_vocab(vocab_size, config_path)
+    elif len(tokenizer) > vocab_size:
+        raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but {config_path} has vocab_size "
+                              f"{vocab_size}; use the tokenizer and config.json of the same checkpoint")
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike | None = None,
@@ -253,14 +293,15 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike
     for path in find_weight_files(ckpt):
         state.update(read_weight_file(path))
     found, unknown = keys.lisa_state_to_module(state)
+    clip = {k: found.pop(k) for k in [k for k in found if k.startswith(keys.CLIP_MODULE_PREFIX)]}
 
     with _empty_construction(dtype, device):
         model = LisaModel(shape, attn=attn)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("vision_tower.")}
     _check_keys(expected, found, unknown, ckpt)
     model.load_state_dict(found, strict=False)  # strictness checked above; CLIP comes next
-    model.vision_tower = _load_clip(clip_dir, dtype, device)
+    model.vision_tower = _load_clip(clip_dir, dtype, device, embedded=clip if cfg.clip_in_weights else None)
 
     processor = read_clip_processor_config(clip_dir, shape)
-    return LoadedCheckpoint(model=model.eval(), shape=shape, tokenizer=load_tokenizer(ckpt), clip_dir=clip_dir,
+    return LoadedCheckpoint(model=model.eval(), shape=shape, tokenizer=load_tokenizer(ckpt, shape.llm.vocab), clip_dir=clip_dir,
                             ckpt_dir=ckpt, image_processor_config=processor)

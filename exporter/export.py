@@ -35,7 +35,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from exporter.checkpoint import find_weight_files, load_tokenizer
+from exporter.checkpoint import find_weight_files
+from exporter.tokenizer import TokenizerExport
 from exporter.graph_cache import GraphCache
 from exporter.preprocess import clip_pixels, sam_pixels
 from exporter.streaming import StagedWeights
@@ -430,7 +431,8 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
     cfg = read_checkpoint_config(checkpoint, vision_tower)
     shape = cfg.shape
     schedule = schedule.check_against(shape.llm.layers, shape.num_image_tokens)
-    tokenizer = load_tokenizer(cfg.ckpt_dir)
+    tok_export = TokenizerExport(cfg.ckpt_dir, shape.llm.vocab)  # converted to tokenizer.json and checked, up front
+    tokenizer = tok_export.reference
     seg_id = token_id(tokenizer, SEG_TOKEN)
     sample_mode = "single-pass" if options.mode in ("single-pass", "both") else "generate"
     ids = tokenize_prompt(tokenizer, SAMPLE_QUERY, sample_mode, shape.num_image_tokens, shape.llm.max_positions)
@@ -459,14 +461,14 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
                         cache=GraphCache(options.cache_dir) if options.cache_dir else None)
         run.export(cfg, [s.name for s in todo])
 
-    _copy_tokenizer(cfg.ckpt_dir, art / "tokenizer")
+    tok_files = tok_export.write(art / "tokenizer")
     manifest = mf.new_manifest(
         layout=layout, shape=shape, schedule=schedule, precision=options.precision, opset=options.opset,
         export={"command": command or f"csprt export {cfg.ckpt_dir} --schedule {schedule.name} --out {art}",
                 "checkpoint": str(cfg.ckpt_dir), "vision_tower": str(vision_tower) if vision_tower else None,
                 "mode": options.mode, "options": dataclasses.asdict(options), "versions": versions},
         tokenizer={"dir": "tokenizer", "seg_token_id": seg_id, "eos_token_id": tokenizer.eos_token_id,
-                   "prompt": {"template": "llava_v1", "sample_query": SAMPLE_QUERY}},
+                   "prompt": {"template": "llava_v1", "sample_query": SAMPLE_QUERY}, **tok_files},
         preprocessing={"clip": read_clip_processor_config(cfg.clip_dir, shape), "sam": {"image_size": shape.sam.image_size, "mean": list(SAM_PIXEL_MEAN),
                                                   "std": list(SAM_PIXEL_STD), "resize": "longest_side",
                                                   "pad": "bottom_right"}},
@@ -601,16 +603,3 @@ def _reusable(art: Path, keys: dict[str, str], need_parity: bool) -> dict[str, d
         if mf.reusable_files(previous, art, entry["name"], keys.get(entry["name"], "")) is not None:
             out[entry["name"]] = entry
     return out
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "added_tokens.json")
-
-
-def _copy_tokenizer(ckpt_dir: Path, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in _TOKENIZER_FILES:
-        src = ckpt_dir / name
-        if src.is_file():
-            with atomic_path(dest / name) as tmp:
-                shutil.copyfile(src, tmp)

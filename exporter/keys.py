@@ -5,7 +5,11 @@ its projector and [SEG] head under `model.`, and SAM under `model.visual_model.*
 segment-anything naming. `LisaModel` uses transformers' `SamModel`, whose names differ, so SAM keys
 are renamed by a table of prefix rules (the inverse of transformers' `convert_sam_to_hf.py`).
 
-CLIP (`vision_tower.*`) is not part of a LISA checkpoint: it loads from its own HF directory.
+CLIP usually loads from its own HF directory. A checkpoint may embed it as LLaVA saves it:
+`model.vision_tower.vision_tower.vision_model.*` (LLaVA v1's `CLIPVisionTower` wrapper) or
+`model.vision_tower.vision_model.*` (the first LLaVA); both map to `vision_tower.*` (transformers 5 names CLIPVisionModel parameters without `vision_model.`).
+LISA v0's two extra files hold `visual_model.*` and `text_hidden_fcs.*` (its `LISA` module's own names,
+without the `model.` prefix): `lisa_to_module` reads them as `model.visual_model.*` / `model.text_hidden_fcs.*`.
 
 The mapping is one to one except for one tensor: SAM's random Fourier matrix
 (`prompt_encoder.pe_layer.positional_encoding_gaussian_matrix`) is a single parameter shared by two
@@ -27,7 +31,12 @@ _TOP_RULES = (
     ("lm_head.", "llm.lm_head."),
     ("model.mm_projector.", "mm_projector."),
     ("model.text_hidden_fcs.", "text_hidden_fcs."),
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # LLaVA v1: the one written
 )
+# Read only: the first LLaVA's embedded CLIP naming.
+_READ_ONLY_RULES = (("model.vision_tower.vision_model.", "vision_tower."),)
+V0_PREFIXES = ("visual_model.", "text_hidden_fcs.")  # LISA v0's pytorch_model-{visual_model,text_hidden_fcs}.bin keys
+CLIP_MODULE_PREFIX = "vision_tower."
 LISA_SAM_PREFIX = "model.visual_model."
 MODULE_SAM_PREFIX = "sam."
 
@@ -77,9 +86,9 @@ ALIASES = {
     "sam.shared_image_embedding.positional_embedding": "sam.prompt_encoder.shared_embedding.positional_embedding",
 }
 
-# LISA keys a checkpoint may carry that LisaModel does not load: CLIP (it comes from its own
-# directory) and the rotary `inv_freq` buffers older transformers saved per layer (recomputed).
-_IGNORED_LISA_KEYS = re.compile(r"^model\.vision_tower\.|(^|\.)rotary_emb\.inv_freq$")
+# LISA keys a checkpoint may carry that LisaModel does not load: the rotary `inv_freq` buffers older
+# transformers saved per layer (recomputed), and CLIP's `position_ids` buffer.
+_IGNORED_LISA_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^model\.vision_tower\..*\.position_ids$")
 
 
 def _compile(template: str) -> re.Pattern:
@@ -93,7 +102,8 @@ def _compile_rules(rules, prefix_from: str, prefix_to: str):
     return [(_compile(prefix_from + src), prefix_to + dst) for src, dst in rules]
 
 
-_FORWARD = _compile_rules(_TOP_RULES, "", "") + _compile_rules(_SAM_RULES, LISA_SAM_PREFIX, MODULE_SAM_PREFIX)
+_FORWARD = (_compile_rules(_TOP_RULES + _READ_ONLY_RULES, "", "")
+            + _compile_rules(_SAM_RULES, LISA_SAM_PREFIX, MODULE_SAM_PREFIX))
 _BACKWARD = _compile_rules([(d, s) for s, d in _TOP_RULES], "", "") + _compile_rules(
     [(d, s) for s, d in _SAM_RULES], MODULE_SAM_PREFIX, LISA_SAM_PREFIX)
 
@@ -112,7 +122,7 @@ def _rename(key: str, rules) -> str | None:
 
 
 def is_ignored_lisa_key(key: str) -> bool:
-    """True for checkpoint keys that are skipped on purpose (CLIP weights, legacy rotary buffers)."""
+    """True for checkpoint keys that are skipped on purpose (legacy rotary buffers, CLIP's position ids)."""
     return bool(_IGNORED_LISA_KEYS.search(key))
 
 
@@ -126,6 +136,8 @@ def lisa_to_module(key: str) -> str | None:
         str | None: e.g. "sam.vision_encoder.layers.0.layer_norm1.weight". For the shared SAM
         Fourier matrix this is the prompt-encoder name; `ALIASES` holds the other one.
     """
+    if key.startswith(V0_PREFIXES):
+        key = "model." + key
     return _rename(key, _FORWARD)
 
 
@@ -138,18 +150,19 @@ def module_to_lisa(key: str) -> str | None:
     return _rename(ALIASES.get(key, key), _BACKWARD)
 
 
-def module_state_to_lisa(state: Mapping[str, T]) -> dict[str, T]:
-    """A `LisaModel.state_dict()` -> LISA-layout dict: CLIP and the alias dropped, the rest renamed.
+def module_state_to_lisa(state: Mapping[str, T], include_clip: bool = False) -> dict[str, T]:
+    """A `LisaModel.state_dict()` -> LISA-layout dict: the alias (and CLIP, unless `include_clip`) dropped, the rest renamed.
 
     Args:
         state (Mapping[str, T]): module names to tensors (or shapes, or anything).
+        include_clip (bool): keep CLIP as LLaVA v1 embeds it (`model.vision_tower.vision_tower.*`). Defaults to False.
 
     Raises:
         KeyError: a non-CLIP name no rule covers (LisaModel grew a module keys.py does not know).
     """
     out: dict[str, T] = {}
     for name, value in state.items():
-        if name.startswith("vision_tower.") or name in ALIASES:
+        if name in ALIASES or name.startswith(CLIP_MODULE_PREFIX) and not include_clip:
             continue
         lisa = module_to_lisa(name)
         if lisa is None:

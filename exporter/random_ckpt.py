@@ -76,7 +76,7 @@ def write_random_checkpoint(shape: ModelShape, out_dir: str | os.PathLike, dtype
     lisa_names = keys.module_state_to_lisa({n: n for n in state})  # LISA key -> module name
     lisa = {key: (tuple(state[name].shape), make(name)) for key, name in lisa_names.items()}
     write_safetensors_sharded(lisa, out, torch_dtype, shard_bytes)
-    config = lisa_config(shape)
+    config = lisa_config(shape, CLIP_SUBDIR)  # the CLIP directory written below
     config["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
     write_json(config, out / "config.json")
     tokenizer.save_pretrained(out)

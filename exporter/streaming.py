@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from exporter import keys
 from exporter.checkpoint import _check_keys, _empty_construction, find_weight_files, read_weight_file
 from exporter.model import LisaModel
+from graphs.checkpoint_config import clip_is_embedded, read_clip_config
 from graphs.errors import CheckpointError
 
 CLIP_PREFIX = "vision_tower."
@@ -52,8 +53,10 @@ class WeightSource:
         self._whole: dict[Path, dict[str, torch.Tensor]] = {}  # .bin files, loaded whole
         lisa = self._scan(find_weight_files(ckpt_dir))
         self._where, self.unknown = keys.lisa_state_to_module(lisa)  # module name -> (file, key, shape)
-        for key, entry in self._scan(find_weight_files(clip_dir)).items():
-            self._where[CLIP_PREFIX + key] = entry
+        if not clip_is_embedded(clip_dir):  # else CLIP is in the checkpoint's weights, mapped by `keys` above
+            self._where = {k: v for k, v in self._where.items() if not k.startswith(CLIP_PREFIX)}
+            for key, entry in self._scan(find_weight_files(clip_dir)).items():
+                self._where[CLIP_PREFIX + key] = entry
 
     def _scan(self, files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
         found = {}
@@ -121,7 +124,8 @@ def _clip_tower(clip_dir: Path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     try:
-        cfg = CLIPVisionConfig.from_pretrained(clip_dir, local_files_only=True)
+        cfg = (CLIPVisionConfig(**read_clip_config(clip_dir)) if clip_is_embedded(clip_dir)
+               else CLIPVisionConfig.from_pretrained(clip_dir, local_files_only=True))
     except Exception as exc:
         raise CheckpointError(f"cannot load CLIP vision tower config from {clip_dir}: {exc}") from None
     cfg._attn_implementation = "eager"  # LisaModel reads CLS attention probabilities, which only eager returns

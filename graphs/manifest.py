@@ -189,7 +189,9 @@ def new_manifest(*, layout: Layout, shape: ModelShape, schedule: Schedule, preci
         opset (int): the graphs' ONNX opset.
         export (dict): {"command": the `csprt export ...` line that regenerates the artifact, "checkpoint",
             "vision_tower" (str or None), "mode", "options" (LayoutOptions fields), "versions" (name -> version)}.
-        tokenizer (dict): {"dir": "tokenizer", "seg_token_id", "eos_token_id", "prompt": {...}}.
+        tokenizer (dict): {"dir": "tokenizer", "seg_token_id", "eos_token_id", "prompt": {...}, and the provenance:
+            "fast" (the tokenizer.json the runtime loads), "converted_from", "source_files" and "files" (name ->
+            sha256 in the checkpoint and in `dir`), "corpus_check" (prompts, tokens, mismatches)}.
         preprocessing (dict): {"clip": {...}, "sam": {...}}.
         postprocessing (dict): free-form.
         tolerances (dict): end-to-end tolerances, e.g. {"end_to_end": {"mask_logits_atol": 1e-3}}.
@@ -408,6 +410,9 @@ def _verify_files(artifact: Artifact, fix: str) -> None:
     tok = artifact.dir / artifact.manifest["tokenizer"]["dir"]
     if not tok.is_dir():
         raise ArtifactError(f"tokenizer directory {tok} is missing; re-export with: {fix}")
+    for name, digest in artifact.manifest["tokenizer"].get("files", {}).items():  # recorded since tokenizer provenance
+        if not (tok / name).is_file() or file_sha256(tok / name) != digest:
+            raise ArtifactError(f"tokenizer file {tok / name} is missing or changed since export; re-export with: {fix}")
     for entry in artifact.manifest["stages"]:
         for rel, digest in entry["files"].items():
             path = artifact.dir / rel

@@ -32,10 +32,21 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    """Path of a `csprt make-tiny` checkpoint (default options), written once per session. Treat as read-only."""
+    """Path of a `csprt make-tiny` checkpoint (default options: LISA v1's published format, SentencePiece tokenizer,
+    `.bin` shards, CLIP embedded), written once per session. Treat as read-only."""
     from exporter.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_st(tmp_path_factory):
+    """csprt's earlier tiny layout, for tests that edit weight files: fp32 `model.safetensors`, a byte-level BPE
+    tokenizer.json and CLIP in `vision_tower/` (named by a relative mm_vision_tower). Treat as read-only."""
+    from exporter.tiny import TinyOptions, make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny_ckpt_st") / "tiny",
+                     TinyOptions(format="safetensors", tokenizer="bpe", clip="local", weights="fp32"))
 
 
 @pytest.fixture(scope="session")

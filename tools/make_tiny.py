@@ -1,4 +1,9 @@
-"""`csprt make-tiny OUT_DIR`: write a tiny, seeded LISA-layout checkpoint (weights, config, tokenizer, CLIP dir).
+"""`csprt make-tiny OUT_DIR`: write a tiny, seeded checkpoint in LISA's published format (weights, config, tokenizer).
+
+By default a LISA v1 release in miniature: LLaMA's SentencePiece tokenizer set (tokenizer.model, tokenizer_config.json,
+special_tokens_map.json, added_tokens.json), `.bin` shards with pytorch_model.bin.index.json, LISA's
+config.json fields, and the CLIP tower embedded in the weights (fp32 unless --weights bf16, LISA's own dtype). `--layout v0` writes LISA v0's split layout,
+`--clip separate` leaves CLIP out (written to OUT_DIR-clip, for --vision-tower), `--tokenizer bpe` the byte-level BPE.
 
 With `--shape NAME` (lisa-7b, lisa-13b, small) it writes a random-weight checkpoint of that named shape in the
 same layout instead, one tensor at a time (sharded safetensors; LISA-7B fits in a few hundred MB of memory).
@@ -10,6 +15,13 @@ import argparse
 import dataclasses
 
 FORMATS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
+_CHOICES = {"format": FORMATS, "tokenizer": ("sentencepiece", "bpe"), "layout": ("v1", "v0"), "clip": ("embedded", "separate", "local"),
+            "weights": ("bf16", "fp32")}
+_HELP = {"format": "weight layout", "tokenizer": "tokenizer format (sentencepiece: LISA's files; bpe: a tokenizer.json)",
+         "layout": "LISA release layout (v1: one merged checkpoint; v0: LLaVA base + visual_model/text_hidden_fcs .bin)",
+         "clip": "where the CLIP tower goes (embedded in the weights; separate: OUT_DIR-clip, for --vision-tower; "
+                 "local: OUT_DIR/vision_tower, named by mm_vision_tower)",
+         "weights": "weight dtype (LISA ships bf16)"}
 DTYPES = ("fp16", "fp32")
 
 
@@ -22,11 +34,12 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                               description=__doc__.splitlines()[0])
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created)")
     for field in dataclasses.fields(TinyOptions):
-        if field.name == "format":
-            continue
         flag = "--" + field.name.replace("_", "-")
-        p.add_argument(flag, type=int, default=None, help=f"default {getattr(defaults, field.name)}")
-    p.add_argument("--format", choices=FORMATS, default=None, help=f"weight layout, default {defaults.format}")
+        if field.name in _CHOICES:
+            p.add_argument(flag, choices=_CHOICES[field.name], default=None,
+                           help=f"{_HELP[field.name]}, default {getattr(defaults, field.name)}")
+        else:
+            p.add_argument(flag, type=int, default=None, help=f"default {getattr(defaults, field.name)}")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="write a random-weight checkpoint of this named model shape instead of the tiny one "
                         "(sharded safetensors, written tensor by tensor; LISA-7B fp16 is about 15 GB)")
@@ -45,15 +58,20 @@ def run(args) -> int:
     if getattr(args, "shape", None):
         return _run_shape(args, chosen)
     if getattr(args, "dtype", None):
-        raise ToolchainError("--dtype applies to --shape checkpoints; the tiny checkpoint is always fp32")
+        raise ToolchainError("--dtype applies to --shape checkpoints; the tiny checkpoint takes --weights bf16|fp32")
     try:
         out = make_tiny(args.out_dir, TinyOptions(**chosen))
     except ValueError as exc:  # e.g. a vocab too small for the tokenizer
         raise ToolchainError(str(exc)) from None
+    from exporter.tiny import separate_clip_dir
+
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    print(f"wrote tiny LISA checkpoint to {out}:")
+    opts = TinyOptions(**chosen)
+    print(f"wrote tiny LISA {opts.layout} checkpoint ({opts.tokenizer} tokenizer, CLIP {opts.clip}) to {out}:")
     for f in files:
         print(f"  {f}")
+    if opts.clip == "separate":
+        print(f"CLIP vision tower: {separate_clip_dir(out)} (pass --vision-tower {separate_clip_dir(out)})")
     return 0
 
 

@@ -150,6 +150,7 @@ def validate_backends(art_dir: Path, backends=("onnxruntime",), checkpoint: Path
             base.check_mode(mode)
         image = sample_image() if image is None else image
         ref = _Reference.load(art, checkpoint, vision_tower, progress)
+        tokenizer = check_tokenizer(art, ref.reference.tokenizer, progress)
         reports, runs = {}, {}
         for b in backends:
             reports[b], runs[b] = _check_backend(sessions[b], ref, image, query, modes, max_new_tokens, stages,
@@ -163,8 +164,21 @@ def validate_backends(art_dir: Path, backends=("onnxruntime",), checkpoint: Path
               "tolerance_basis": first["tolerance_basis"], "backends": reports, "cross": cross}
     report["mask_iou"] = min([e["mask_iou"] for e in report["end_to_end"]]
                              + [e["mask_iou"] for c in cross for e in c["end_to_end"]], default=1.0)
-    report["passed"] = all(r["passed"] for r in reports.values()) and all(c["passed"] for c in cross)
+    report["tokenizer"] = tokenizer
+    report["passed"] = (all(r["passed"] for r in reports.values()) and all(c["passed"] for c in cross)
+                        and tokenizer["passed"])
     return report
+
+
+def check_tokenizer(art, reference, progress=_progress) -> dict:
+    """The artifact's tokenizer.json against the checkpoint's tokenizer (LISA's slow one) over the prompt corpus."""
+    from graphs.tokenizer import JsonTokenizer, compare_corpus
+
+    result = compare_corpus(reference, JsonTokenizer.from_dir(art.dir / art.manifest["tokenizer"]["dir"]))
+    result["passed"] = result["mismatches"] == 0
+    progress(f"tokenizer: {result['prompts']} corpus texts, {result['tokens']} tokens, "
+             f"{result['mismatches']} mismatches {'ok' if result['passed'] else 'FAILED'}")
+    return result
 
 
 def validate_artifact(art_dir: Path, checkpoint: Path | None = None, vision_tower: Path | None = None,
@@ -288,6 +302,11 @@ def format_report(report: dict) -> str:
         lines.append(f"{c['backend']} vs {c['against']} on the same feeds (tolerances: {c['tolerance_basis']})")
         lines += _stage_lines(c["stages"])
         lines += [_e2e_line(e, c["against"]) for e in c["end_to_end"]]
+    tok = report.get("tokenizer")
+    if tok:
+        lines.append(f"tokenizer ids, artifact vs checkpoint: {tok['prompts']} corpus texts, {tok['tokens']} tokens, "
+                     f"{tok['mismatches']} mismatches" + ("" if tok["passed"] else
+                                                          f" (first: {tok['first_mismatch']['text']!r})"))
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)
 

@@ -38,10 +38,10 @@ def _manifest(ckpt, precision="fp32", schedule="full", **knobs):
 
 
 @pytest.fixture(scope="module")
-def art_dir(tiny_ckpt, tmp_path_factory):
+def art_dir(tiny_ckpt_st, tmp_path_factory):
     art = tmp_path_factory.mktemp("artifact")
     (art / "tokenizer").mkdir()
-    for f in tiny_ckpt.glob("tokenizer*"):
+    for f in tiny_ckpt_st.glob("tokenizer*"):
         shutil.copy(f, art / "tokenizer" / f.name)
     return art
 
@@ -51,8 +51,8 @@ def _image(h=90, w=130):
 
 
 @pytest.mark.parametrize("mode", ["single-pass", "generate"])
-def test_inputs_match_prompt_and_preprocessing(tiny_ckpt, art_dir, mode):
-    manifest = _manifest(tiny_ckpt)
+def test_inputs_match_prompt_and_preprocessing(tiny_ckpt_st, art_dir, mode):
+    manifest = _manifest(tiny_ckpt_st)
     io = HostIO(manifest, art_dir)
     image = _image()
     feed, meta = io.inputs(image, "Where is the cat?", mode)
@@ -74,15 +74,15 @@ def test_inputs_match_prompt_and_preprocessing(tiny_ckpt, art_dir, mode):
     assert meta.resized_hw == resized == (89, 128) and meta.original_hw == (90, 130) and meta.mode == mode
 
 
-def test_fp16_inputs_cast_to_the_manifest_dtype(tiny_ckpt, art_dir):
-    io = HostIO(_manifest(tiny_ckpt, precision="fp16"), art_dir)
+def test_fp16_inputs_cast_to_the_manifest_dtype(tiny_ckpt_st, art_dir):
+    io = HostIO(_manifest(tiny_ckpt_st, precision="fp16"), art_dir)
     feed, _ = io.inputs(_image(), "Where is the cat?", "single-pass")
     assert feed["clip_pixels"].dtype == np.float16 and feed["sam_pixels"].dtype == np.float16
     assert feed["prefix_ids"].dtype == np.int64
 
 
-def test_instance_masks_for_seg_first(tiny_ckpt, art_dir):
-    manifest = _manifest(tiny_ckpt, schedule="csp", cluster_method="seg_first")
+def test_instance_masks_for_seg_first(tiny_ckpt_st, art_dir):
+    manifest = _manifest(tiny_ckpt_st, schedule="csp", cluster_method="seg_first")
     assert "instance_masks" in [t["name"] for t in manifest["host_inputs"]]
     io = HostIO(manifest, art_dir)
     grid = tiny_shape().vision.grid
@@ -94,13 +94,13 @@ def test_instance_masks_for_seg_first(tiny_ckpt, art_dir):
         io.inputs(_image(), "Where is the cat?", "single-pass")
     with pytest.raises(InputError, match=rf"expected shape \[M, {grid}, {grid}\]"):
         io.inputs(_image(), "Where is the cat?", "single-pass", instance_masks=np.zeros((2, 3, 3)))
-    plain = HostIO(_manifest(tiny_ckpt), art_dir)
+    plain = HostIO(_manifest(tiny_ckpt_st), art_dir)
     with pytest.raises(InputError, match="takes no instance masks"):
         plain.inputs(_image(), "Where is the cat?", "single-pass", instance_masks=masks)
 
 
-def test_masks_match_lisa_postprocessing(tiny_ckpt, art_dir):
-    io = HostIO(_manifest(tiny_ckpt), art_dir)
+def test_masks_match_lisa_postprocessing(tiny_ckpt_st, art_dir):
+    io = HostIO(_manifest(tiny_ckpt_st), art_dir)
     image = _image(90, 130)
     _, meta = io.inputs(image, "Where is the cat?", "single-pass")
     low_res = torch.from_numpy(2 * np.random.default_rng(2).standard_normal((2, 32, 32)).astype(np.float32))
@@ -116,8 +116,8 @@ def test_masks_match_lisa_postprocessing(tiny_ckpt, art_dir):
     assert empty_logits.shape == (0, 90, 130) and empty_masks.shape == (0, 90, 130)
 
 
-def test_answer(tiny_ckpt, art_dir):
-    io = HostIO(_manifest(tiny_ckpt), art_dir)
+def test_answer(tiny_ckpt_st, art_dir):
+    io = HostIO(_manifest(tiny_ckpt_st), art_dir)
     tok = io.tokenizer
     ids = tok(" Sure, it is [SEG].", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert io.answer(ids) == tok.decode(ids, skip_special_tokens=False).strip()
@@ -125,8 +125,8 @@ def test_answer(tiny_ckpt, art_dir):
     assert io.answer([], mode="single-pass") == "[SEG]."
 
 
-def test_broken_artifacts(tiny_ckpt, art_dir, tmp_path):
-    manifest = _manifest(tiny_ckpt)
+def test_broken_artifacts(tiny_ckpt_st, art_dir, tmp_path):
+    manifest = _manifest(tiny_ckpt_st)
     with pytest.raises(ArtifactError, match="tokenizer directory .* is missing"):
         HostIO(manifest, tmp_path).inputs(_image(), "Where is the cat?", "single-pass")
     with pytest.raises(ArtifactError, match="manifest lacks 'preprocessing'"):

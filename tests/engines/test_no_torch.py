@@ -44,12 +44,12 @@ def test_engines_run_without_torch(tmp_path, toy_graphs, make_toy_layout):
     assert out.strip().endswith("ok")
 
 
-def test_host_tokenizer_without_torch(tmp_path, tiny_ckpt):
+def test_host_tokenizer_without_torch(tmp_path, tiny_ckpt_st):
     out = _run(f"""
         import numpy as np
         from engines.host import HostIO
         from graphs.preprocessing import default_clip_processor_config
-        tok_dir = {str(tiny_ckpt)!r}
+        tok_dir = {str(tiny_ckpt_st)!r}
         manifest = {{"tokenizer": {{"dir": tok_dir}}, "model": {{}},
                      "preprocessing": {{"clip": default_clip_processor_config(224), "sam": {{"image_size": 1024}}}},
                      "host_inputs": [{{"name": n, "dtype": d}} for n, d in [("clip_pixels", "float32"),

@@ -88,11 +88,29 @@ def test_shared_positional_matrix_is_restored_under_both_names():
 def test_unknown_and_ignored_keys():
     renamed, unknown = keys.lisa_state_to_module({
         "model.foo.weight": 1,
-        "model.vision_tower.vision_tower.vision_model.post_layernorm.weight": 2,  # CLIP: loaded from its dir
         "model.layers.0.self_attn.rotary_emb.inv_freq": 3,  # legacy buffer: recomputed
+        "model.vision_tower.vision_tower.vision_model.embeddings.position_ids": 4,  # buffer: recomputed
     })
     assert unknown == ["model.foo.weight"] and renamed == {}
-    assert keys.module_to_lisa("vision_tower.vision_model.post_layernorm.weight") is None
+
+
+def test_embedded_clip_and_v0_keys():
+    """CLIP as LLaVA v1 and the first LLaVA embed it, and LISA v0's extra files' own names."""
+    renamed, unknown = keys.lisa_state_to_module({
+        "model.vision_tower.vision_tower.vision_model.post_layernorm.weight": 1,  # LLaVA v1 (CLIPVisionTower)
+        "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias": 2,  # the first LLaVA
+        "visual_model.mask_decoder.iou_token.weight": 3,  # pytorch_model-visual_model.bin
+        "text_hidden_fcs.0.2.bias": 4,  # pytorch_model-text_hidden_fcs.bin
+    })
+    assert not unknown and renamed == {"vision_tower.post_layernorm.weight": 1,
+                                       "vision_tower.encoder.layers.0.mlp.fc1.bias": 2,
+                                       "sam.mask_decoder.iou_token.weight": 3, "text_hidden_fcs.0.2.bias": 4}
+    assert keys.module_to_lisa("vision_tower.post_layernorm.weight") == \
+        "model.vision_tower.vision_tower.vision_model.post_layernorm.weight"
+    assert "model.vision_tower.vision_tower.vision_model.post_layernorm.weight" not in keys.module_state_to_lisa(
+        {"vision_tower.post_layernorm.weight": 0})
+    assert keys.module_state_to_lisa({"vision_tower.post_layernorm.weight": 0}, include_clip=True) == {
+        "model.vision_tower.vision_tower.vision_model.post_layernorm.weight": 0}
     with pytest.raises(KeyError, match="no LISA key"):
         keys.module_state_to_lisa({"sam.brand_new.weight": 0})
 

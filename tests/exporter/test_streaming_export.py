@@ -255,7 +255,7 @@ def test_save_with_external_data_checks_locations(tmp_path):
 def _ckpt_copy(tiny_ckpt: Path, dst: Path) -> Path:
     """The checkpoint without its LISA weights (CLIP's stay)."""
     shutil.copytree(tiny_ckpt, dst, ignore=lambda d, names: [n for n in names if Path(d) == tiny_ckpt
-                                                             and n.startswith("model")])
+                                                             and n.startswith(("model", "pytorch_model"))])
     return dst
 
 
@@ -265,7 +265,7 @@ def test_bin_checkpoint_is_read_whole_and_streams_the_same(tiny_ckpt, whole, sta
     from exporter.checkpoint import save_checkpoint
 
     ckpt = _ckpt_copy(tiny_ckpt, tmp_path / "bin")
-    save_checkpoint(whole.model, ckpt, fmt="bin-sharded", max_shard_size="100KB")
+    save_checkpoint(whole.model, ckpt, fmt="bin-sharded", max_shard_size="100KB", include_clip=True)  # fp32 now
     cfg = read_checkpoint_config(ckpt)
     from_bin = StagedWeights(cfg.shape, cfg.ckpt_dir, cfg.clip_dir, torch.float32)
     assert len(from_bin.source._whole) > 1  # every .bin shard read whole
@@ -277,14 +277,14 @@ def test_bin_checkpoint_is_read_whole_and_streams_the_same(tiny_ckpt, whole, sta
     staged.hold(())
 
 
-def test_missing_tensor_fails_before_any_stage(tiny_ckpt, tmp_path):
+def test_missing_tensor_fails_before_any_stage(tiny_ckpt_st, tmp_path):
     """Keys and shapes are checked from the file headers up front, with load_checkpoint's message."""
     from safetensors.torch import load_file, save_file
 
     from graphs.errors import CheckpointError
 
-    ckpt = _ckpt_copy(tiny_ckpt, tmp_path / "ckpt")
-    state = load_file(str(tiny_ckpt / "model.safetensors"))
+    ckpt = _ckpt_copy(tiny_ckpt_st, tmp_path / "ckpt")
+    state = load_file(str(tiny_ckpt_st / "model.safetensors"))
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     cfg = read_checkpoint_config(ckpt)

@@ -195,8 +195,9 @@ def case_no_ckpt(tiny_ckpt, tmp_path):
 
 def case_corrupt_weights(tiny_ckpt, tmp_path):
     ckpt = _copy_ckpt(tiny_ckpt, tmp_path)
-    (ckpt / "model.safetensors").write_bytes(os.urandom(64) + b"\x00garbage" * 100)
-    return ckpt, {}, ["model.safetensors", "corrupt"]
+    shard = sorted(ckpt.glob("pytorch_model-*-of-*.bin"))[0]  # LISA's .bin shards
+    shard.write_bytes(os.urandom(64) + b"\x00garbage" * 100)
+    return ckpt, {}, [shard.name, "corrupt"]
 
 
 def case_no_config(tiny_ckpt, tmp_path):
@@ -206,13 +207,16 @@ def case_no_config(tiny_ckpt, tmp_path):
 
 
 def case_missing_tensor(tiny_ckpt, tmp_path):
-    from safetensors.torch import load_file, save_file
+    import json
 
-    ckpt = _copy_ckpt(tiny_ckpt, tmp_path)
-    state = load_file(str(ckpt / "model.safetensors"))
-    key = next(k for k in sorted(state) if "layers.1." in k and k.endswith("down_proj.weight"))
+    import torch
+
+    ckpt = _copy_ckpt(tiny_ckpt, tmp_path)  # LISA's .bin shards: drop the tensor from its shard (the index still names it)
+    weight_map = json.loads((ckpt / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    key = next(k for k in sorted(weight_map) if "layers.1." in k and k.endswith("down_proj.weight"))
+    state = torch.load(ckpt / weight_map[key], weights_only=True)
     del state[key]
-    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(state, ckpt / weight_map[key])
     return ckpt, {}, ["missing", key]
 
 
