@@ -456,27 +456,13 @@ def _tensor_bytes(t) -> int:
     return math.prod(t.dims) * itemsize
 
 
-def graph_weight_bytes(path) -> tuple[int, int]:
-    """(inline, external) bytes of a graph's tensors: initializers and Constant values, subgraphs included."""
-    import onnx
-    from onnx import external_data_helper as ext
-
-    from graphs.onnx_passes import iter_tensors
-
-    model = onnx.load(str(path), load_external_data=False)
-    inline = external = 0
-    for t in iter_tensors(model):
-        if ext.uses_external_data(t):
-            info = ext.ExternalDataInfo(t)
-            external += int(info.length) if info.length is not None else _tensor_bytes(t)
-        else:
-            inline += _tensor_bytes(t)
-    return inline, external
-
-
 def estimate_stage_memory(artifact: Artifact, stage: str) -> StageMemory:
-    """The estimated peak RSS of building `stage`: BUILD_BASE + RATIO_INLINE x inline + RATIO_MAPPED x external."""
-    inline, external = graph_weight_bytes(artifact.graph_path(stage))
+    """The estimated peak RSS of building `stage`: BUILD_BASE + RATIO_INLINE x the graph file's bytes +
+    RATIO_MAPPED x its external-data files' bytes (the manifest's "files"; tensors are nearly all of them)."""
+    entry = artifact.stage_entry(stage)
+    sizes = {rel: (artifact.dir / rel).stat().st_size for rel in entry["files"]}
+    inline = sizes.pop(entry["graph"])
+    external = sum(sizes.values())
     return StageMemory(stage, inline, external, int(BUILD_BASE + RATIO_INLINE * inline + RATIO_MAPPED * external))
 
 
@@ -493,7 +479,8 @@ def host_memory_budget() -> int:
 
 
 def gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
+    """Bytes as "9.7 GiB", or "12.3 MiB" under 0.1 GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):.1f} MiB"
 
 
 class MappedWeights:
