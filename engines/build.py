@@ -409,14 +409,15 @@ def read_profile(profile, network) -> dict[str, InputShapes]:
 
 # --- build memory ---------------------------------------------------------------------------------
 # What a stage build holds at its peak, measured with TensorRT-RTX 1.7.1 on a GPU-less host (docs/benchmarks.md,
-# "Engine build memory"): the builder's own copy of the weights it packs into the plan (anonymous memory, about
-# 1.2x the weights), plus, for a graph parsed from file (weights inline in the .onnx), the parser's copy of
-# the file. External data is mapped and dropped (`MappedWeights`) and the plan streamed to disk, so neither
-# counts. BUILD_BASE covers the process, the TensorRT libraries and the builder's working memory.
+# "Engine build memory"; every sidecar records its stage's measured peak): the builder's own copies of the
+# weights it packs into the plan (anonymous memory, 1.75x the weights of a LISA-7B LLM stage), plus, for a graph
+# parsed from file (weights inline in the .onnx), the parser's copy of the file. External data is mapped and
+# dropped (`MappedWeights`) and the plan streamed to disk, so neither counts. BUILD_BASE covers the process, the
+# TensorRT libraries and the builder's working memory.
 GIB = 1 << 30
-BUILD_BASE = int(0.9 * GIB)
-RATIO_MAPPED = 1.3   # peak bytes per byte of external-data weights
-RATIO_INLINE = 2.3   # peak bytes per byte of weights inline in the .onnx
+BUILD_BASE = int(0.5 * GIB)
+RATIO_MAPPED = 1.75  # peak bytes per byte of external-data weights (7B llm_0: 7.1 GiB for 4.0; llm_2: 12.0 for 6.8)
+RATIO_INLINE = 2.75  # peak bytes per byte of weights inline in the .onnx: the same plus the parser's copy
 _DROP_EVERY_S = 0.1  # how often mapped weight pages are let go while the builder runs
 
 
@@ -543,6 +544,28 @@ def _buffer_address(mm: mmap.mmap) -> int:
     return np.frombuffer(mm, dtype=np.uint8).ctypes.data
 
 
+def reset_peak_rss() -> bool:
+    """Start measuring this process's peak RSS afresh (Linux: /proc/self/clear_refs "5" resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """This process's peak RSS in bytes since `reset_peak_rss` (VmHWM), or None where /proc has none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def trim_host_memory() -> None:
     """Hand the memory a finished build freed back to the system (glibc keeps it otherwise)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -626,6 +649,7 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
     logger = CaptureLogger(trt)
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
     t0 = time.perf_counter()
+    measured = reset_peak_rss()
     prep = prepare_stage(trt, job, logger, cache_bytes)
     weights, profiles_used = prep.weights, prep.profiles
     try:
@@ -637,6 +661,7 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
             weights.close()
         trim_host_memory()
     seconds = time.perf_counter() - t0
+    peak = peak_rss() if measured else None
     graph = entry["graph"]
     sidecar = {
         "format": "csprt.engine", "format_version": BUILD_FORMAT, "stage": name,
@@ -645,12 +670,13 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
         "precision": s.precision, "profiles": profiles_to_json(profiles_used),
         "dims": dims_to_json(stage_dims(spec, job.dims)), "profiles_note": profiles_note(spec),
         "settings": s.to_json(), "build_key": key, "plan": plan_rel, "plan_sha256": digest,
-        "plan_bytes": nbytes, "build_seconds": round(seconds, 3), "build_memory": memory.to_json(),
+        "plan_bytes": nbytes, "build_seconds": round(seconds, 3), "build_memory": {**memory.to_json(), "measured_peak_bytes": peak},
         "csprt_version": package_versions(("csprt",))["csprt"],
         "warnings": [m for sev, m in logger.messages if sev == 2][:20],
     }
     write_json(sidecar, art / sidecar_rel)  # written last: a plan without its sidecar is never used
-    say(f"{name}: built in {seconds:.1f} s, {nbytes / 1e6:.2f} MB -> {plan_rel}")
+    rss = f", peak RSS {gib(peak)} (estimated {gib(memory.peak_bytes)})" if peak else ""
+    say(f"{name}: built in {seconds:.1f} s, {nbytes / 1e6:.2f} MB{rss} -> {plan_rel}")
     return sidecar, True
 
 

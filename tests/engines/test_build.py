@@ -358,10 +358,14 @@ def test_budget_below_the_inline_need_builds_from_mapped_external_data(built, ex
     assert report["stages"][stage]["status"] == "built" and report["budget_bytes"] == int(budget * GIB)
     assert drops  # the parser read the mapped file, and its pages were let go while building
     plan_rel, sidecar_rel = engine_paths(installed[0], stage)
-    assert _same_build((mapped_art / plan_rel).read_bytes(), (built("csp")[0] / plan_rel).read_bytes())
+    mapped, inline = (mapped_art / plan_rel).read_bytes(), (built("csp")[0] / plan_rel).read_bytes()
+    # The plan the inline graph gives, up to Myelin's per-build names: two inline builds of `decode` differ in
+    # 5603 of 5055108 bytes (0.11%), mapped vs inline in 5258; other weights would change far more.
+    assert len(mapped) == len(inline) and sum(x != y for x, y in zip(mapped, inline)) < len(inline) // 400
     sidecar = json.loads((mapped_art / sidecar_rel).read_text(encoding="utf-8"))
     assert sidecar["build_memory"]["external_weight_bytes"] == (mapped_art / f"graphs/{stage}.onnx.data").stat().st_size
     assert sidecar["build_memory"]["estimated_peak_bytes"] == need_mapped
+    assert 0 < sidecar["build_memory"]["measured_peak_bytes"] < 4 * GIB  # this stage's own peak (VmHWM reset)
     assert check_engine(mapped_art, stage)[1] == sidecar
 
 
