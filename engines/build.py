@@ -201,7 +201,12 @@ class NetworkFromOnnx:
         typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         network = builder.create_network(0 if typed is None else 1 << int(typed))
         parser = trt.OnnxParser(network, self.logger)
-        external = _external_initializers(self.path) if hasattr(parser, "load_initializer") else []
+        external = []
+        if hasattr(parser, "load_initializer") and self.path.is_file():
+            try:
+                external = _external_initializers(self.path)
+            except Exception:  # noqa: BLE001  not ONNX: parse_from_file below names what is wrong
+                external = []
         if external:
             self.weights = MappedWeights(self.path.parent)
             ok = parser.load_model_proto(self.path.read_bytes(), str(self.path))
@@ -409,7 +414,7 @@ def read_profile(profile, network) -> dict[str, InputShapes]:
 
 # --- build memory ---------------------------------------------------------------------------------
 # What a stage build holds at its peak, measured with TensorRT-RTX 1.7.1 on a GPU-less host (docs/benchmarks.md,
-# "Engine build memory"; every sidecar records its stage's measured peak): the builder's own copies of the
+# "Engine build memory"; every sidecar records its stage's sampled peak): the builder's own copies of the
 # weights it packs into the plan (anonymous memory, 1.75x the weights of a LISA-7B LLM stage), plus, for a graph
 # parsed from file (weights inline in the .onnx), the parser's copy of the file. External data is mapped and
 # dropped (`MappedWeights`) and the plan streamed to disk, so neither counts. BUILD_BASE covers the process, the
@@ -544,26 +549,46 @@ def _buffer_address(mm: mmap.mmap) -> int:
     return np.frombuffer(mm, dtype=np.uint8).ctypes.data
 
 
-def reset_peak_rss() -> bool:
-    """Start measuring this process's peak RSS afresh (Linux: /proc/self/clear_refs "5" resets VmHWM)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int | None:
-    """This process's peak RSS in bytes since `reset_peak_rss` (VmHWM), or None where /proc has none."""
+def rss_bytes() -> int | None:
+    """This process's resident set size in bytes (VmRSS), or None where /proc has none."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+class PeakRss:
+    """`with PeakRss() as p: ...; p.peak`: the largest RSS sampled every `every` s while the block runs (None
+    where /proc has none). Sampled, not VmHWM: resetting that would change what `/usr/bin/time -v` reports."""
+
+    def __init__(self, every: float = 0.05):
+        self.every, self.peak = every, rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="csprt-peak-rss", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._take()
+
+    def _take(self) -> None:
+        now = rss_bytes()
+        if now is not None:
+            self.peak = max(self.peak or 0, now)
+
+    def __enter__(self) -> PeakRss:
+        if self.peak is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self._take()
 
 
 def trim_host_memory() -> None:
@@ -649,19 +674,20 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
     logger = CaptureLogger(trt)
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
     t0 = time.perf_counter()
-    measured = reset_peak_rss()
-    prep = prepare_stage(trt, job, logger, cache_bytes)
-    weights, profiles_used = prep.weights, prep.profiles
-    try:
-        nbytes, digest = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger, job.what,
-                                         save_timing_cache=timing_cache, weights=weights).to_file(art / plan_rel)
-    finally:
-        prep = None  # builder, network and parser go before the weights they point into
-        if weights is not None:
-            weights.close()
-        trim_host_memory()
+    with PeakRss() as rss:
+        prep = prepare_stage(trt, job, logger, cache_bytes)
+        weights, profiles_used = prep.weights, prep.profiles
+        try:
+            nbytes, digest = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger,
+                                             job.what, save_timing_cache=timing_cache,
+                                             weights=weights).to_file(art / plan_rel)
+        finally:
+            prep = None  # builder, network and parser go before the weights they point into
+            if weights is not None:
+                weights.close()
+    trim_host_memory()
     seconds = time.perf_counter() - t0
-    peak = peak_rss() if measured else None
+    peak = rss.peak
     graph = entry["graph"]
     sidecar = {
         "format": "csprt.engine", "format_version": BUILD_FORMAT, "stage": name,
@@ -670,7 +696,8 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
         "precision": s.precision, "profiles": profiles_to_json(profiles_used),
         "dims": dims_to_json(stage_dims(spec, job.dims)), "profiles_note": profiles_note(spec),
         "settings": s.to_json(), "build_key": key, "plan": plan_rel, "plan_sha256": digest,
-        "plan_bytes": nbytes, "build_seconds": round(seconds, 3), "build_memory": {**memory.to_json(), "measured_peak_bytes": peak},
+        "plan_bytes": nbytes, "build_seconds": round(seconds, 3),
+        "build_memory": {**memory.to_json(), "measured_peak_bytes": peak},
         "csprt_version": package_versions(("csprt",))["csprt"],
         "warnings": [m for sev, m in logger.messages if sev == 2][:20],
     }

@@ -365,7 +365,7 @@ def test_budget_below_the_inline_need_builds_from_mapped_external_data(built, ex
     sidecar = json.loads((mapped_art / sidecar_rel).read_text(encoding="utf-8"))
     assert sidecar["build_memory"]["external_weight_bytes"] == (mapped_art / f"graphs/{stage}.onnx.data").stat().st_size
     assert sidecar["build_memory"]["estimated_peak_bytes"] == need_mapped
-    assert 0 < sidecar["build_memory"]["measured_peak_bytes"] < 4 * GIB  # this stage's own peak (VmHWM reset)
+    assert 0 < sidecar["build_memory"]["measured_peak_bytes"] < 4 * GIB  # this stage's own peak, sampled
     assert check_engine(mapped_art, stage)[1] == sidecar
 
 

@@ -120,3 +120,20 @@ def test_mapped_weights_refuse_a_tensor_past_the_file_end(tmp_path):
     with pytest.raises(ArtifactError, match=r"w\.data: tensor data at \[90, 110\) is past the end of the file \(100 "
                                             r"bytes\); re-export the artifact$"):
         MappedWeights(tmp_path).address("w.data", 90, 20)
+
+
+def test_peak_rss_is_sampled_without_resetting_the_process_peak():
+    import resource
+    import time
+
+    from engines.build import PeakRss
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakRss(every=0.01) as rss:
+        start = rss.peak
+        block = bytearray(200 << 20)
+        block[::4096] = b"x" * len(block[::4096])  # touch every page
+        time.sleep(0.1)
+        del block
+    assert rss.peak - start >= 150 << 20
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >= before  # /usr/bin/time -v still sees the real peak
