@@ -423,7 +423,7 @@ GIB = 1 << 30
 BUILD_BASE = int(0.5 * GIB)
 RATIO_MAPPED = 1.75  # peak bytes per byte of external-data weights (7B llm_0: 7.1 GiB for 4.0; llm_2: 12.0 for 6.8)
 RATIO_INLINE = 2.75  # peak bytes per byte of weights inline in the .onnx: the same plus the parser's copy
-_DROP_EVERY_S = 0.1  # how often mapped weight pages are let go while the builder runs
+_DROP_EVERY_S = 0.02 # how often mapped weight pages are let go while the builder runs
 
 
 @dataclass(frozen=True)
