@@ -10,6 +10,11 @@ stage whose build key (graph files, settings, flavor, version) matches its sidec
 intact, is not rebuilt. Engines of each flavor get their own directory so building with TensorRT on a
 GPU host does not replace the TensorRT-RTX plans CI built.
 
+Build memory: stages build one at a time; external-data weights are mapped into the parser, never copied,
+and let go while the builder runs (`MappedWeights`); the plan streams to disk (`PlanFromNetwork.to_file`).
+Before any build, every stage's estimated peak (`estimate_stage_memory`) is checked against the budget
+(`--max-build-memory`, default the host's available memory) and an over-budget build is refused in one line.
+
 The loaders follow Polygraphy's style (lazy callables) but use the TensorRT API directly: Polygraphy
 0.53 imports TensorRT-RTX as `tensorrt_rtx` (the PyPI wheel is `tensorrt_rtx_bindings`), fixes the
 flavor once per process, builds its profiles inside `CreateConfig` where tests cannot read them back,
