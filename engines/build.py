@@ -10,6 +10,11 @@ stage whose build key (graph files, settings, flavor, version) matches its sidec
 intact, is not rebuilt. Engines of each flavor get their own directory so building with TensorRT on a
 GPU host does not replace the TensorRT-RTX plans CI built.
 
+Build memory: stages build one at a time; external-data weights are mapped into the parser, never copied,
+and let go while the builder runs (`MappedWeights`); the plan streams to disk (`PlanFromNetwork.to_file`).
+Before any build, every stage's estimated peak (`estimate_stage_memory`) is checked against the budget
+(`--max-build-memory`, default the host's available memory) and an over-budget build is refused in one line.
+
 The loaders follow Polygraphy's style (lazy callables) but use the TensorRT API directly: Polygraphy
 0.53 imports TensorRT-RTX as `tensorrt_rtx` (the PyPI wheel is `tensorrt_rtx_bindings`), fixes the
 flavor once per process, builds its profiles inside `CreateConfig` where tests cannot read them back,
@@ -18,11 +23,17 @@ and `EngineBytesFromNetwork` queries CUDA while logging the config, which fails 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import hashlib
 import json
+import math
+import mmap
+import os
 import re
 import shlex
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,6 +184,11 @@ class CaptureLogger:
 class NetworkFromOnnx:
     """() -> (builder, network, parser): a strongly typed network parsed from an ONNX file.
 
+    A graph's external-data files are mapped read-only and handed to the parser by address
+    (`OnnxParser.load_initializer`), so its weights are never copied into this process: the builder reads the
+    file pages, and `MappedWeights.dropping` lets them go while it builds. Graphs without external data are
+    parsed from file. The mapping lives as long as this loader (`self.weights`); build before dropping it.
+
     Args:
         trt (module): from `load_trt`.
         path (Path): the .onnx; external data is read from beside it.
@@ -182,6 +198,7 @@ class NetworkFromOnnx:
 
     def __init__(self, trt, path, logger, what: str):
         self.trt, self.path, self.logger, self.what = trt, Path(path), logger, what
+        self.weights: MappedWeights | None = None
 
     def __call__(self):
         trt = self.trt
@@ -189,7 +206,22 @@ class NetworkFromOnnx:
         typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         network = builder.create_network(0 if typed is None else 1 << int(typed))
         parser = trt.OnnxParser(network, self.logger)
-        ok = parser.parse_from_file(str(self.path))
+        external = []
+        if hasattr(parser, "load_initializer") and self.path.is_file():
+            try:
+                external = _external_initializers(self.path)
+            except Exception:  # noqa: BLE001  not ONNX: parse_from_file below names what is wrong
+                external = []
+        if external:
+            self.weights = MappedWeights(self.path.parent)
+            ok = parser.load_model_proto(self.path.read_bytes(), str(self.path))
+            for name, location, offset, length in external if ok else ():
+                if not parser.load_initializer(name, self.weights.address(location, offset, length), length):
+                    ok = False
+                    break
+            ok = ok and parser.parse_model_proto()
+        else:
+            ok = parser.parse_from_file(str(self.path))
         if not ok or parser.num_errors:
             raise ToolchainError(f"{self.what}: {PRETTY.get(_flavor_of(trt), 'TensorRT')} {trt.__version__} cannot "
                                  f"import the graph: {_parser_errors(parser)}")
@@ -270,6 +302,9 @@ class ConfigFromProfiles:
 class PlanFromNetwork:
     """() -> bytes: the serialized engine. Like Polygraphy's `EngineBytesFromNetwork`, without logging the config.
 
+    `to_file(path)` streams the plan to disk instead (`build_serialized_network_to_stream`), so the plan is
+    never held in memory: `csprt build` uses it.
+
     Args:
         network (tuple | callable): (builder, network, parser), or a callable returning it (`NetworkFromOnnx`).
         config (IBuilderConfig | callable): a config, or (builder, network) -> (config, profiles)
@@ -278,24 +313,85 @@ class PlanFromNetwork:
         what (str): how messages name the graph.
         save_timing_cache (Path | None): where to write the builder's timing cache afterwards (atomically).
             Defaults to None.
+        weights (MappedWeights | None): the network's mapped weights, let go while building. Defaults to None
+            (those of `network` when it is a `NetworkFromOnnx`).
     """
 
-    def __init__(self, network, config, logger, what: str, save_timing_cache: Path | None = None):
+    def __init__(self, network, config, logger, what: str, save_timing_cache: Path | None = None,
+                 weights: MappedWeights | None = None):
         self.network, self.config, self.logger, self.what = network, config, logger, what
-        self.save_timing_cache = save_timing_cache
+        self.save_timing_cache, self.weights = save_timing_cache, weights
 
-    def __call__(self) -> bytes:
+    def _setup(self):
         builder, network, _parser = self.network() if callable(self.network) else self.network  # parser owns weights
         config = self.config(builder, network)[0] if callable(self.config) else self.config
-        plan = builder.build_serialized_network(network, config)
-        if plan is None or plan.nbytes == 0:
-            errors = self.logger.errors()
-            raise ToolchainError(f"{self.what}: the TensorRT builder failed: "
-                                 f"{errors[-1] if errors else 'no error was logged'}")
+        weights = self.weights or getattr(self.network, "weights", None)
+        return builder, network, _parser, config, weights.dropping() if weights else contextlib.nullcontext()
+
+    def _failed(self) -> ToolchainError:
+        errors = self.logger.errors()
+        return ToolchainError(f"{self.what}: the TensorRT builder failed: "
+                              f"{errors[-1] if errors else 'no error was logged'}")
+
+    def _save_cache(self, config) -> None:
         if self.save_timing_cache is not None and config.get_timing_cache() is not None:
             with atomic_path(self.save_timing_cache) as tmp:
                 tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+    def __call__(self) -> bytes:
+        builder, network, _parser, config, dropping = self._setup()
+        with dropping:
+            plan = builder.build_serialized_network(network, config)
+        if plan is None or plan.nbytes == 0:
+            raise self._failed()
+        self._save_cache(config)
         return bytes(plan)
+
+    def to_file(self, path: Path) -> tuple[int, str]:
+        """Build and write the plan to `path` atomically, streamed. Returns (bytes, sha256)."""
+        builder, network, _parser, config, dropping = self._setup()
+        if not hasattr(builder, "build_serialized_network_to_stream"):  # an older TensorRT: in memory
+            with dropping:
+                plan = builder.build_serialized_network(network, config)
+            if plan is None or plan.nbytes == 0:
+                raise self._failed()
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(plan)
+            digest = hashlib.sha256(plan)
+            nbytes = plan.nbytes
+        else:
+            trt = _module_of(builder)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                writer = _hashing_writer(trt, f)
+                with dropping:
+                    ok = builder.build_serialized_network_to_stream(network, config, writer)
+                if not ok or writer.nbytes == 0:
+                    raise self._failed()
+            digest, nbytes = writer.digest, writer.nbytes
+        self._save_cache(config)
+        return nbytes, digest.hexdigest()
+
+
+def _module_of(obj):
+    """The TensorRT module a TensorRT object comes from (its `IStreamWriter`)."""
+    import sys
+    return sys.modules[type(obj).__module__.split(".")[0]]
+
+
+def _hashing_writer(trt, f):
+    """A `trt.IStreamWriter` writing to `f` and hashing what it writes (`.digest`, `.nbytes`)."""
+    class _Writer(trt.IStreamWriter):
+        def __init__(self):
+            trt.IStreamWriter.__init__(self)
+            self.digest, self.nbytes = hashlib.sha256(), 0
+
+        def write(self, data) -> int:
+            f.write(data)
+            self.digest.update(data)
+            self.nbytes += len(data)
+            return len(data)
+
+    return _Writer()
 
 
 @dataclass
@@ -308,6 +404,7 @@ class Prepared:
     config: object
     trt_profiles: list          # the IOptimizationProfile objects added to `config`
     profiles: list[Profile]     # what they were made from (the sidecar's "profiles")
+    weights: MappedWeights | None = None  # the mapped external data `network` reads; keep it until built
 
 
 def read_profile(profile, network) -> dict[str, InputShapes]:
@@ -318,6 +415,191 @@ def read_profile(profile, network) -> dict[str, InputShapes]:
         lo, opt, hi = profile.get_shape(name)
         out[name] = InputShapes(tuple(lo), tuple(opt), tuple(hi))
     return out
+
+
+# --- build memory ---------------------------------------------------------------------------------
+# What a stage build holds at its peak, measured with TensorRT-RTX 1.7.1 on a GPU-less host (docs/benchmarks.md,
+# "Engine build memory"; every sidecar records its stage's sampled peak): the builder's own copies of the
+# weights it packs into the plan (anonymous memory, 1.75x the weights of a LISA-7B LLM stage), plus, for a graph
+# parsed from file (weights inline in the .onnx), the parser's copy of the file. External data is mapped and
+# dropped (`MappedWeights`) and the plan streamed to disk, so neither counts. BUILD_BASE covers the process, the
+# TensorRT libraries and the builder's working memory.
+GIB = 1 << 30
+BUILD_BASE = int(0.5 * GIB)
+RATIO_MAPPED = 1.75  # peak bytes per byte of external-data weights (7B llm_0: 7.1 GiB for 4.0; llm_2: 12.0 for 6.8)
+RATIO_INLINE = 2.75  # peak bytes per byte of weights inline in the .onnx: the same plus the parser's copy
+_DROP_EVERY_S = 0.02 # how often mapped weight pages are let go while the builder runs
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """A stage's weight bytes and the estimated peak RSS of building it (`estimate_stage_memory`)."""
+
+    stage: str
+    inline_bytes: int
+    external_bytes: int
+    peak_bytes: int
+
+    def to_json(self) -> dict:
+        return {"weight_bytes": self.inline_bytes + self.external_bytes, "inline_weight_bytes": self.inline_bytes,
+                "external_weight_bytes": self.external_bytes, "estimated_peak_bytes": self.peak_bytes,
+                "ratios": {"base": BUILD_BASE, "mapped": RATIO_MAPPED, "inline": RATIO_INLINE}}
+
+
+def _external_initializers(path: Path) -> list[tuple[str, str, int, int]]:
+    """(name, location, offset, length) of every main-graph initializer of `path` stored as external data."""
+    import onnx
+    from onnx import external_data_helper as ext
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = []
+    for t in model.graph.initializer:
+        if ext.uses_external_data(t):
+            info = ext.ExternalDataInfo(t)
+            length = info.length if info.length is not None else _tensor_bytes(t)
+            out.append((t.name, info.location, int(info.offset or 0), int(length)))
+    return out
+
+
+def _tensor_bytes(t) -> int:
+    from onnx import helper
+    itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return math.prod(t.dims) * itemsize
+
+
+def estimate_stage_memory(artifact: Artifact, stage: str) -> StageMemory:
+    """The estimated peak RSS of building `stage`: BUILD_BASE + RATIO_INLINE x the graph file's bytes +
+    RATIO_MAPPED x its external-data files' bytes (the manifest's "files"; tensors are nearly all of them)."""
+    entry = artifact.stage_entry(stage)
+    sizes = {rel: (artifact.dir / rel).stat().st_size for rel in entry["files"]}
+    inline = sizes.pop(entry["graph"])
+    external = sum(sizes.values())
+    return StageMemory(stage, inline, external, int(BUILD_BASE + RATIO_INLINE * inline + RATIO_MAPPED * external))
+
+
+def host_memory_budget() -> int:
+    """What this host can give a build now: MemAvailable (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gib(n: int) -> str:
+    """Bytes as "9.7 GiB", or "12.3 MiB" under 0.1 GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+class MappedWeights:
+    """A graph's external-data files mapped read-only; `address()` points the ONNX parser at a tensor's bytes.
+
+    The builder reads the weights through the mapping while it copies them into the plan. `dropping()` lets the
+    mapped pages go every `_DROP_EVERY_S` (madvise MADV_DONTNEED: they stay in the page cache, and a page the
+    builder reads again faults back in from it), so the weights count once, in the builder, not twice.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._maps: dict[str, mmap.mmap] = {}
+        self._addr: dict[str, int] = {}
+
+    def address(self, location: str, offset: int, length: int) -> int:
+        if location not in self._maps:
+            path = self.root / location
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[location] = mm
+            self._addr[location] = _buffer_address(mm)
+        if offset + length > len(self._maps[location]):
+            raise ArtifactError(f"{self.root / location}: tensor data at [{offset}, {offset + length}) is past the end "
+                                f"of the file ({len(self._maps[location])} bytes); re-export the artifact")
+        return self._addr[location] + offset
+
+    def drop(self) -> None:
+        for mm in self._maps.values():
+            with contextlib.suppress(ValueError, OSError):  # closed, or madvise unsupported here
+                mm.madvise(mmap.MADV_DONTNEED)
+
+    @contextlib.contextmanager
+    def dropping(self, every: float = _DROP_EVERY_S):
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(every):
+                self.drop()
+
+        thread = threading.Thread(target=loop, name="csprt-drop-weights", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+            self.drop()
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            with contextlib.suppress(BufferError):
+                mm.close()
+        self._maps.clear()
+
+
+def _buffer_address(mm: mmap.mmap) -> int:
+    """The address of a read-only mapping's first byte (numpy reads it without copying)."""
+    import numpy as np
+    return np.frombuffer(mm, dtype=np.uint8).ctypes.data
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size in bytes (VmRSS), or None where /proc has none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakRss:
+    """`with PeakRss() as p: ...; p.peak`: the largest RSS sampled every `every` s while the block runs (None
+    where /proc has none). Sampled, not VmHWM: resetting that would change what `/usr/bin/time -v` reports."""
+
+    def __init__(self, every: float = 0.05):
+        self.every, self.peak = every, rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="csprt-peak-rss", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._take()
+
+    def _take(self) -> None:
+        now = rss_bytes()
+        if now is not None:
+            self.peak = max(self.peak or 0, now)
+
+    def __enter__(self) -> PeakRss:
+        if self.peak is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self._take()
+
+
+def trim_host_memory() -> None:
+    """Hand the memory a finished build freed back to the system (glibc keeps it otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # --- build ----------------------------------------------------------------------------------------
@@ -351,12 +633,13 @@ def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None
     """Parse a stage's graph and create its builder config with the stage's profile, without building."""
     logger = logger or CaptureLogger(trt)
     spec = job.artifact.layout.stage(job.stage)
-    builder, network, parser = NetworkFromOnnx(trt, job.artifact.graph_path(job.stage), logger, job.what)()
+    loader = NetworkFromOnnx(trt, job.artifact.graph_path(job.stage), logger, job.what)
+    builder, network, parser = loader()
     known = {t.name for t in spec.inputs}
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     profiles = stage_profiles(spec, job.dims, inputs=[n for n in inputs if n in known])
     config, made = ConfigFromProfiles(trt, profiles, job.settings, timing_cache)(builder, network)
-    return Prepared(builder, network, parser, config, made, profiles)
+    return Prepared(builder, network, parser, config, made, profiles, loader.weights)
 
 
 def _cached(art: Path, sidecar_rel: str, key: str, settings: BuildSettings) -> dict | None:
@@ -373,41 +656,59 @@ def _cached(art: Path, sidecar_rel: str, key: str, settings: BuildSettings) -> d
     return sidecar if file_sha256(plan) == sidecar.get("plan_sha256") else None
 
 
-def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str], None]) -> tuple[dict, bool]:
+def _cache_state(job: _Job) -> tuple[str, dict | None]:
+    """(build key, sidecar of the intact cached plan or None) of a stage."""
+    spec = job.artifact.layout.stage(job.stage)
+    key = build_key(job.artifact.stage_entry(job.stage)["files"], job.stage, job.settings, stage_profiles(spec, job.dims))
+    return key, _cached(job.artifact.dir, engine_paths(job.settings.flavor, job.stage)[1], key, job.settings)
+
+
+def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str], None],
+                 state: tuple[str, dict | None] | None = None, memory: StageMemory | None = None) -> tuple[dict, bool]:
     art, name, s = job.artifact.dir, job.stage, job.settings
     spec = job.artifact.layout.stage(name)
     entry = job.artifact.stage_entry(name)
-    profiles = stage_profiles(spec, job.dims)
-    key = build_key(entry["files"], name, s, profiles)
+    key, hit = state or _cache_state(job)
     plan_rel, sidecar_rel = engine_paths(s.flavor, name)
-    hit = _cached(art, sidecar_rel, key, s)
     if hit is not None:
         say(f"{name}: cached ({plan_rel}, build key {key[:12]})")
         return hit, False
-    say(f"{name}: building with {PRETTY[s.flavor]} {s.trt_version} for {', '.join(s.compute_capabilities)} ...")
+    memory = memory or estimate_stage_memory(job.artifact, name)
+    say(f"{name}: building with {PRETTY[s.flavor]} {s.trt_version} for {', '.join(s.compute_capabilities)} "
+        f"(weights {gib(memory.inline_bytes + memory.external_bytes)}, estimated peak {gib(memory.peak_bytes)}) ...")
     logger = CaptureLogger(trt)
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
     t0 = time.perf_counter()
-    prep = prepare_stage(trt, job, logger, cache_bytes)
-    plan = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger, job.what,
-                           save_timing_cache=timing_cache)()
+    with PeakRss() as rss:
+        prep = prepare_stage(trt, job, logger, cache_bytes)
+        weights, profiles_used = prep.weights, prep.profiles
+        try:
+            nbytes, digest = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger,
+                                             job.what, save_timing_cache=timing_cache,
+                                             weights=weights).to_file(art / plan_rel)
+        finally:
+            prep = None  # builder, network and parser go before the weights they point into
+            if weights is not None:
+                weights.close()
+    trim_host_memory()
     seconds = time.perf_counter() - t0
-    with atomic_path(art / plan_rel) as tmp:
-        tmp.write_bytes(plan)
+    peak = rss.peak
     graph = entry["graph"]
     sidecar = {
         "format": "csprt.engine", "format_version": BUILD_FORMAT, "stage": name,
         "flavor": s.flavor, "trt_version": s.trt_version, "compute_capabilities": list(s.compute_capabilities),
         "graph": graph, "graph_sha256": entry["files"][graph], "graph_files": dict(entry["files"]),
-        "precision": s.precision, "profiles": profiles_to_json(prep.profiles),
+        "precision": s.precision, "profiles": profiles_to_json(profiles_used),
         "dims": dims_to_json(stage_dims(spec, job.dims)), "profiles_note": profiles_note(spec),
-        "settings": s.to_json(), "build_key": key, "plan": plan_rel, "plan_sha256": hashlib.sha256(plan).hexdigest(),
-        "plan_bytes": len(plan), "build_seconds": round(seconds, 3),
+        "settings": s.to_json(), "build_key": key, "plan": plan_rel, "plan_sha256": digest,
+        "plan_bytes": nbytes, "build_seconds": round(seconds, 3),
+        "build_memory": {**memory.to_json(), "measured_peak_bytes": peak},
         "csprt_version": package_versions(("csprt",))["csprt"],
         "warnings": [m for sev, m in logger.messages if sev == 2][:20],
     }
     write_json(sidecar, art / sidecar_rel)  # written last: a plan without its sidecar is never used
-    say(f"{name}: built in {seconds:.1f} s, {len(plan) / 1e6:.2f} MB -> {plan_rel}")
+    rss = f", peak RSS {gib(peak)} (estimated {gib(memory.peak_bytes)})" if peak else ""
+    say(f"{name}: built in {seconds:.1f} s, {nbytes / 1e6:.2f} MB{rss} -> {plan_rel}")
     return sidecar, True
 
 
@@ -465,8 +766,11 @@ def inspect_stage(art_dir, stage: str, precision: str | None = None, flavor: str
 
 def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", compute_capabilities=None,
                   shapes=None, timing_cache=None, workspace_gb: float | None = None, stages=None,
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None, max_build_memory_gb: float | None = None) -> dict:
     """Build (or reuse) one engine per stage graph of an artifact and record them in its manifest.
+
+    Stages build one at a time, each within the build memory budget: before building anything, the estimated
+    peak of every stage to build (`estimate_stage_memory`) is checked against it.
 
     Args:
         art_dir (path): an exported artifact; engines go to `<art_dir>/engines/<flavor>/`.
@@ -482,13 +786,17 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
         workspace_gb (float | None): builder workspace limit in GiB. Defaults to None (TensorRT's default).
         stages (str | Iterable[str] | None): "a,b" or names to build. Defaults to None (every stage).
         progress (callable | None): called with one line per stage event. Defaults to None (silent).
+        max_build_memory_gb (float | None): build memory budget in GiB. Defaults to None (what the host has
+            available now, `host_memory_budget`).
 
     Returns:
         dict: {"artifact", "flavor", "trt_version", "compute_capabilities", "precision", "engines_dir",
-        "stages": {name: {"status": "built" | "cached", "plan", "sidecar", "plan_bytes", "seconds"}}}.
+        "budget_bytes", "stages": {name: {"status": "built" | "cached", "plan", "sidecar", "plan_bytes",
+        "seconds", "estimated_peak_bytes"}}}.
 
     Raises:
-        ToolchainError: bad settings, TensorRT missing, or an unusable artifact (before any build).
+        ToolchainError: bad settings, TensorRT missing, an unusable artifact, or a stage whose estimated peak is
+            over the budget (before any build; the message names the budget that would fit).
         EngineBuildError: some stages failed; the others were built and recorded (`.report`).
     """
     say = progress or (lambda _msg: None)
@@ -499,17 +807,29 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
     if cache_path is not None and flavor == "tensorrt-rtx":
         say(f"--timing-cache ignored: TensorRT-RTX {version} has no timing cache (its timing-cache calls are no-ops)")
         cache_path = None
+    if max_build_memory_gb is not None and not max_build_memory_gb > 0:
+        raise ToolchainError(f"--max-build-memory {max_build_memory_gb}: expected a positive size in GiB")
+    budget = int(max_build_memory_gb * GIB) if max_build_memory_gb is not None else host_memory_budget()
+    jobs = {name: _Job(artifact, name, settings, dims) for name in names}
+    states = {name: _cache_state(job) for name, job in jobs.items()}
+    memory = {name: estimate_stage_memory(artifact, name) for name, (_, hit) in states.items() if hit is None}
+    check_build_memory(artifact, names, memory, budget, max_build_memory_gb is None)
+    if memory:
+        worst = max(memory.values(), key=lambda m: m.peak_bytes)
+        say(f"build memory: budget {gib(budget)} ({'this host has available' if max_build_memory_gb is None else '--max-build-memory'}); "
+            f"largest estimated peak {gib(worst.peak_bytes)} ({worst.stage}); stages build one at a time")
     report = {"artifact": str(artifact.dir), "flavor": flavor, "trt_version": version,
               "compute_capabilities": list(targets), "precision": settings.precision,
-              "engines_dir": str(artifact.dir / ENGINES_DIR / flavor), "stages": {}}
+              "engines_dir": str(artifact.dir / ENGINES_DIR / flavor), "budget_bytes": budget, "stages": {}}
     manifest = copy.deepcopy(artifact.manifest)
     failures: dict[str, str] = {}
     try:
         for i, name in enumerate(names, 1):
             t0 = time.perf_counter()
             try:
-                sidecar, built = _build_stage(trt, _Job(artifact, name, settings, dims), cache_path,
-                                              lambda msg, i=i: say(f"[{i}/{len(names)}] {msg}"))
+                sidecar, built = _build_stage(trt, jobs[name], cache_path,
+                                              lambda msg, i=i: say(f"[{i}/{len(names)}] {msg}"), states[name],
+                                              memory.get(name))
             except ToolchainError as exc:
                 failures[name] = str(exc)
                 say(f"[{i}/{len(names)}] {name}: FAILED: {exc}")
@@ -518,7 +838,9 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
             plan_rel, sidecar_rel = engine_paths(flavor, name)
             report["stages"][name] = {"status": "built" if built else "cached", "plan": str(artifact.dir / plan_rel),
                                       "sidecar": str(artifact.dir / sidecar_rel), "plan_bytes": sidecar["plan_bytes"],
-                                      "seconds": round(time.perf_counter() - t0, 3)}
+                                      "seconds": round(time.perf_counter() - t0, 3),
+                                      "estimated_peak_bytes": (sidecar.get("build_memory") or {}).get(
+                                          "estimated_peak_bytes")}
             entry = next(e for e in manifest["stages"] if e["name"] == name)
             entry["engines"][flavor] = _manifest_entry(sidecar, sidecar_rel)
     finally:
@@ -529,6 +851,36 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
         raise EngineBuildError(f"{len(failures)} of {len(names)} stage engines failed to build "
                                f"({', '.join(failures)}); first: {first}", {**report, "failures": failures})
     return report
+
+
+def check_build_memory(artifact: Artifact, names: list[str], memory: dict[str, StageMemory], budget: int,
+                       from_host: bool) -> None:
+    """Refuse, in one line, a build whose largest stage's estimated peak is over `budget`.
+
+    Args:
+        artifact (Artifact): the artifact.
+        names (list[str]): every stage of this build, in order.
+        memory (dict[str, StageMemory]): the estimates of the stages to build (cached ones are not built).
+        budget (int): bytes.
+        from_host (bool): the budget is the host's available memory (not `--max-build-memory`).
+
+    Raises:
+        ToolchainError: names the stage, its estimate, the budget, the `--max-build-memory` that would fit and
+            the `--stages` that fit this one.
+    """
+    over = [m for m in memory.values() if m.peak_bytes > budget]
+    if not over:
+        return
+    worst = max(over, key=lambda m: m.peak_bytes)
+    need = math.ceil(worst.peak_bytes / GIB * 10) / 10
+    fit = [n for n in names if n not in memory or memory[n].peak_bytes <= budget]
+    where = (f"the {gib(budget)} this host has available now (--max-build-memory defaults to it)" if from_host
+             else f"the --max-build-memory budget of {gib(budget)}")
+    others = f"; or build the stages that fit with --stages {','.join(fit)}" if fit else ""
+    raise ToolchainError(f"stage {worst.stage!r} needs about {gib(worst.peak_bytes)} to build "
+                         f"({gib(worst.inline_bytes + worst.external_bytes)} of weights; {len(over)} of "
+                         f"{len(memory)} stages to build are over), more than {where}; build it on a host with "
+                         f"{need} GiB free, or with --max-build-memory {need} once that much is free{others}")
 
 
 # --- loading checks -------------------------------------------------------------------------------

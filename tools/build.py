@@ -2,11 +2,13 @@
 
     csprt build ART [--precision fp16|bf16|fp32] [--flavor auto|tensorrt|tensorrt-rtx]
                     [--compute-capability SM86 ...] [--shapes NAME=min:opt:max ...]
-                    [--timing-cache PATH] [--workspace GB] [--stages a,b]
+                    [--timing-cache PATH] [--workspace GB] [--stages a,b] [--max-build-memory GB]
 
 Engines go to ART/engines/<flavor>/<stage>.plan, each with a <stage>.json sidecar (flavour, version,
-targets, graph hash, profiles, settings), and the manifest lists them. TensorRT-RTX builds on a
-machine without a GPU; an unchanged rebuild is a cache hit.
+targets, graph hash, profiles, settings, build memory), and the manifest lists them. TensorRT-RTX builds on a
+machine without a GPU; an unchanged rebuild is a cache hit. Stages build one at a time; before the first, every
+stage's estimated peak memory is checked against the budget (--max-build-memory, default: what the host has
+available), and the build refuses in one line, naming the budget that would fit, if one is over.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=float, metavar="GB", help="builder workspace limit in GiB. Defaults to "
                                                                  "TensorRT's")
     p.add_argument("--stages", metavar="A,B", help="only these stages (comma-separated). Defaults to all")
+    p.add_argument("--max-build-memory", type=float, metavar="GB",
+                   help="build memory budget in GiB: refuse before building if a stage's estimated peak is over it. "
+                        "Defaults to the memory this host has available now")
     p.set_defaults(func=run)
     return p
 
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         given["compute_capabilities"] = args.compute_capability
     if args.workspace is not None:
         given["workspace_gb"] = args.workspace
+    if args.max_build_memory is not None:
+        given["max_build_memory_gb"] = args.max_build_memory
     progress = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         report = build_engines(args.artifact, progress=progress, **given)
