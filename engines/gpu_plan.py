@@ -85,8 +85,8 @@ def host_reads(layout: Layout, mode: str) -> tuple[str, ...]:
         if src is not None and _producer(src) != "loop":
             reads.append(src)
     loop = layout.loop
-    if loop is not None and any(s.name == loop.stage for s in layout.sequence(mode)):
-        reads += [loop.token, f"{loop.stage}.{loop.token_output}"]
+    if loop is not None and mode == "generate":  # plus the first position, once
+        reads += [loop.token, loop.position, loop.token_output]
     return tuple(reads)
 
 
