@@ -520,7 +520,7 @@ def test_cli(art, tmp_path, monkeypatch):
     rc, out, err = call(["triton-repo", str(art), "--out", str(tmp_path / "repo"), "--name", "seg",
                          "--instances", "2", "--device", "cpu"])
     assert rc == 0, err
-    assert f"triton repository: {tmp_path / 'repo'} (onnxruntime; BLS model 'seg', 9 stage models)" in out
+    assert f"triton repository: {tmp_path / 'repo'} (onnxruntime; BLS model 'seg', 12 stage models)" in out
     cfg = parse_config(tmp_path / "repo" / "seg_vision" / "config.pbtxt")
     assert cfg.instance_group[0].count == 2
     assert "--name seg --instances 2 --device cpu" in json.loads((tmp_path / "repo" / REPO_MARKER).read_text())["command"]
