@@ -115,25 +115,23 @@ class OrtRunner(BaseRunner):
     def _run_bound(self, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
         """IO binding: cache buffers bound in place (OrtValues over their memory), the rest by value."""
         binding = self.session.io_binding()
-        copied = 0
+        copied = {"inputs": 0, "cache": 0}
         for n in self._graph_inputs:
-            if n in self._cache_inputs:
+            if n in self._cache_inputs and feed[n].flags.c_contiguous:
                 binding.bind_ortvalue_input(n, self._ortvalue(feed[n]))
-            else:
-                binding.bind_cpu_input(n, feed[n])
-                copied += feed[n].nbytes
+            else:  # by value (a cache view that is not contiguous, e.g. a hand-cut feed, is copied: counted)
+                binding.bind_cpu_input(n, np.ascontiguousarray(feed[n]))
+                copied["cache" if n in self._cache_inputs else "inputs"] += feed[n].nbytes
         for n in names:
             binding.bind_output(n, "cpu")
         self.session.run_with_iobinding(binding)
-        self.last_copied = {"inputs": copied, "cache": 0}
+        self.last_copied = copied
         return binding.copy_outputs_to_cpu()
 
     def _ortvalue(self, buffer: np.ndarray):
         """The OrtValue over `buffer`'s memory (no copy on CPU), made once per buffer."""
         import onnxruntime as ort
 
-        if not buffer.flags.c_contiguous:
-            raise ToolchainError(f"stage {self.name!r}: a KV cache buffer must be C-contiguous to bind in place")
         key = (buffer.ctypes.data, buffer.shape, buffer.dtype.str)
         if key not in self._bound:
             if len(self._bound) >= 4 * len(self._cache_inputs):  # bounded: buffers of older request shapes go
