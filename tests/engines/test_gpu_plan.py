@@ -64,13 +64,15 @@ def test_host_reads_are_the_outputs_and_the_loop_tokens():
 
 # --- CUDA graph policy ----------------------------------------------------------------------------
 
-def test_graph_mode_only_for_the_loop_stage():
+def test_graph_mode_for_block_engines_only():
+    """A block's engine serves its decode steps (TrtRunner graphs only its one-row calls); other engines never."""
     layout = _layout()
-    decode, llm = layout.stage("step_llm_0"), layout.stage("llm_0")  # one graph: graphs for its decode steps only
-    assert graph_mode(decode, "tensorrt-rtx") == "builtin"
-    assert graph_mode(decode, "tensorrt") == "manual"
-    assert graph_mode(decode, "tensorrt", enabled=False) == "off"
-    assert graph_mode(llm, "tensorrt") == "off" and graph_mode(llm, "tensorrt-rtx") == "off"
+    block = layout.stage("llm_0")
+    assert graph_mode(block, "tensorrt-rtx") == "builtin"
+    assert graph_mode(block, "tensorrt") == "manual"
+    assert graph_mode(block, "tensorrt", enabled=False) == "off"
+    for name in ("embed", "entry_1", "vision", "seg_head"):
+        assert graph_mode(layout.stage(name), "tensorrt") == "off" == graph_mode(layout.stage(name), "tensorrt-rtx")
 
 
 def test_graph_cache_warms_up_captures_then_replays():

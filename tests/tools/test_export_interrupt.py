@@ -112,7 +112,7 @@ def test_killed_export_never_loads_and_reexport_recovers(tiny_ckpt, export_tiny,
     assert "no manifest.json" in errors[0] and "interrupted" in errors[0] and "re-run the export" in errors[0]
     assert stdout == "" and not (tmp_path / "result").exists()
 
-    # Re-running the export finishes the artifact. Without a manifest nothing on disk is trusted: all 9 redone.
+    # Re-running the export finishes the artifact. Without a manifest nothing on disk is trusted: all 12 redone.
     capsys.readouterr()
     export_argv = ["export", str(tiny_ckpt), "--schedule", "csp", "--mode", "both", "--out", str(out)]
     cache = shared_graph_cache(tmp_path_factory)
@@ -120,7 +120,7 @@ def test_killed_export_never_loads_and_reexport_recovers(tiny_ckpt, export_tiny,
     err = capsys.readouterr().err
     assert rc == 0, err
     assert any("0 unchanged, 12 to export" in line for line in progress_lines(err)), err
-    assert any(line.startswith("[csprt] export: [9/9]") for line in progress_lines(err)), err
+    assert any(line.startswith("[csprt] export: [12/12]") for line in progress_lines(err)), err
     art = load_artifact(out, verify=True)
     assert art.schedule.name == "csp" and set(art.modes) == {"single-pass", "generate"}
     assert art.rebuild_command.startswith("csprt export ") and f"--out {out}" in art.rebuild_command
