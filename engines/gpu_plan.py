@@ -97,7 +97,8 @@ def graph_mode(stage: StageSpec, flavor: str, enabled: bool = True) -> str:
 
     Only decode steps do: the engine of a block (`stage.cache`), whose one-row calls repeat one shape
     for a whole request (its static cache has the request's capacity) and for later requests with the
-    same bounds; its prefill calls run plainly (`TrtRunner` graphs only calls of one row). TensorRT-RTX captures them itself ("builtin": its runtime config's WHOLE_GRAPH_CAPTURE,
+    same bounds; its prefill calls run plainly (`TrtRunner` graphs only calls of one row). TensorRT-RTX
+    captures them itself ("builtin": its runtime config's WHOLE_GRAPH_CAPTURE,
     taken once its shape-specialised kernels are compiled; manual capture would need engines built with
     REQUIRE_USER_ALLOCATION). TensorRT is captured by csprt ("manual", see `GraphCache`).
 

@@ -58,7 +58,8 @@ class EntryStage(nn.Module):
     """Schedule stage i's entry op, weightless: the rows [prefix | image rows | suffix] its block sees.
 
     entry_0: prefix_embeds, suffix_embeds, image_hidden, image_indices [, suffix_ids]
-    entry_i: block_hidden (block i-1's rows), image_indices [, image_embeds, assign | row_scores], prefix_ids, suffix_ids
+    entry_i: block_hidden (block i-1's rows), image_indices [, image_embeds, assign | row_scores],
+             prefix_ids, suffix_ids
       -> hidden [1, T, H], positions [T] (RoPE: image rows keep P + index), image_indices_out [b]
          [, query_rows: rows whose attention ranks image rows for the next stage's pruning]
          [, next_position (entry_0): P + N + S]
@@ -82,7 +83,8 @@ class EntryStage(nn.Module):
         t = h.shape[1]
         img, idx = h[:, p:t - s], x["image_indices"]
         if self.stage.op == "scatter":
-            img = selection.scatter_tokens(img[0], x["image_embeds"], idx, x["assign"], self.schedule.scatter_mode)[None]
+            img = selection.scatter_tokens(img[0], x["image_embeds"], idx, x["assign"],
+                                           self.schedule.scatter_mode)[None]
             idx = torch.arange(self.n, device=h.device)
         elif self.stage.op == "prune":
             keep = selection.topk_sorted(x["row_scores"][p:t - s], self.stage.budget)
@@ -110,8 +112,9 @@ class EntryStage(nn.Module):
         h = torch.cat([prefix, img, suffix], dim=1)  # [1, T, H]
         p, s, t = prefix.shape[1], suffix.shape[1], h.shape[1]
         dev = h.device
+        text_pos = torch.arange(s, device=dev) + (p + self.n)
         out = {"hidden": h, "image_indices_out": idx,
-               "positions": torch.cat([torch.arange(p, device=dev), p + idx, torch.arange(s, device=dev) + (p + self.n)])}
+               "positions": torch.cat([torch.arange(p, device=dev), p + idx, text_pos])}
         if "query_rows" in self.out_names:
             out["query_rows"] = self._query_rows(t, s, x.get("suffix_ids"), dev)
         if "next_position" in self.out_names:

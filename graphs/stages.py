@@ -278,7 +278,8 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
             elif st.op == "prune":
                 ins.append(TensorSpec("row_scores", "float32", (f"rows_{prev}",), f"{prev}.row_scores"))
         # P and S (and the [SEG] query) come from the ids themselves: entry graphs carry no weights.
-        ins += [TensorSpec(name, "int64", (dim,), f"host.{name}") for name, dim in zip(("prefix_ids", "suffix_ids"), text)
+        ins += [TensorSpec(name, "int64", (dim,), f"host.{name}")
+                for name, dim in zip(("prefix_ids", "suffix_ids"), text)
                 if i > 0 or name == "suffix_ids" and scores]
         outs = [TensorSpec("hidden", f, (1, rows, h)), TensorSpec("positions", "int64", (rows,)),
                 TensorSpec("image_indices_out", "int64", (st.budget,))]

@@ -19,7 +19,8 @@ with ArtifactSession(sys.argv[1], threads=1) as s:
         out = real(stage, runner, feed, timings)
         if stage.name in loop_names:
             if stage.name in ("decode", "step_embed"):
-                steps.append({"cache_in_copied": 0, "cache_out": 0, "cache_written": 0, "other_in": 0, "cache_bytes": 0})
+                steps.append(dict.fromkeys(("cache_in_copied", "cache_out", "cache_written", "other_in", "cache_bytes"),
+                                           0))
             st = steps[-1]
             if new:
                 c = getattr(runner, "last_copied", {})
