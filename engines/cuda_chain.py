@@ -39,10 +39,13 @@ class CudaChain:
         device (str): "cuda" or "cuda:N". Defaults to "cuda".
         side_kinds (tuple[str, ...]): stage kinds for the side stream. Defaults to ("sam_encoder",).
         cuda (module | None): torch.cuda or a stand-in. Defaults to None (torch.cuda, imported on first use).
+        alloc_device (str | None): where KV caches and step scalars are allocated. Defaults to None (`device`).
     """
 
-    def __init__(self, layout: Layout, device: str = "cuda", side_kinds: tuple[str, ...] = SIDE_KINDS, cuda=None):
+    def __init__(self, layout: Layout, device: str = "cuda", side_kinds: tuple[str, ...] = SIDE_KINDS, cuda=None,
+                 alloc_device: str | None = None):
         self.layout, self.device, self.side_kinds = layout, device, side_kinds
+        self.alloc_device = alloc_device or device  # where caches and scalars live (CPU under the test fakes)
         self._cuda = cuda
         self.streams: dict = {}
         self.plan: StreamPlan | None = None
@@ -65,7 +68,7 @@ class CudaChain:
 
     def infer(self, stage: StageSpec, runner, feed: dict, timings: dict[str, float]) -> dict:
         """Enqueue `stage` on its stream after the events it waits on; no host synchronisation."""
-        stream = self.streams[self.plan.stream[stage.name]]
+        stream = self.streams[self.plan.stream.get(stage.name, MAIN)]  # decode steps: main
         for producer in self.plan.waits.get(stage.name, ()):
             if producer in self._events:  # absent: the producer was skipped (its outputs are host empties)
                 stream.wait_event(self._events[producer])
@@ -95,6 +98,19 @@ class CudaChain:
     def token(self, source: str, value) -> int:
         """The stop check's host read: a D2H copy of one int64 on the current (main) stream."""
         return int(value.reshape(-1)[0].item()) if is_tensor(value) else int(value.reshape(-1)[0])
+
+    def scalar(self, value: int):
+        """[1] int64 on the device (past_len, position): an 8-byte upload, not a cache copy."""
+        return _torch().tensor([value], dtype=_torch().int64, device=self.alloc_device)
+
+    def alloc(self, shape: tuple[int, ...], dtype: str):
+        """A static KV cache buffer on the device (zeros: masked rows stay finite)."""
+        return _torch().zeros(shape, dtype=getattr(_torch(), dtype), device=self.alloc_device)
+
+    def write(self, buffer, start: int, rows) -> int:
+        """Write a call's new rows into the cache at `start` on the current stream, in place; returns bytes."""
+        buffer[:, :, start:start + rows.shape[2]].copy_(rows)
+        return rows.numel() * rows.element_size()
 
     def to_host(self, source: str, value):
         """A final output, on the host: the main stream joins the side stream first."""

@@ -17,6 +17,8 @@ CPU tests check.
 
 from __future__ import annotations
 
+import logging
+
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -85,16 +87,18 @@ def host_reads(layout: Layout, mode: str) -> tuple[str, ...]:
         if src is not None and _producer(src) != "loop":
             reads.append(src)
     loop = layout.loop
-    if loop is not None and any(s.name == loop.stage for s in layout.sequence(mode)):
-        reads += [loop.token, f"{loop.stage}.{loop.token_output}"]
+    if loop is not None and mode == "generate":  # plus the first position, once
+        reads += [loop.token, loop.position, loop.token_output]
     return tuple(reads)
 
 
 def graph_mode(stage: StageSpec, flavor: str, enabled: bool = True) -> str:
     """How `stage`'s engine uses CUDA graphs.
 
-    Only decode steps do (the loop stage: many small launches, the same shapes across requests of one
-    prompt length). TensorRT-RTX captures them itself ("builtin": its runtime config's WHOLE_GRAPH_CAPTURE,
+    Only decode steps do: the engine of a block (`stage.cache`), whose one-row calls repeat one shape
+    for a whole request (its static cache has the request's capacity) and for later requests with the
+    same bounds; its prefill calls run plainly (`TrtRunner` graphs only calls of one row). TensorRT-RTX
+    captures them itself ("builtin": its runtime config's WHOLE_GRAPH_CAPTURE,
     taken once its shape-specialised kernels are compiled; manual capture would need engines built with
     REQUIRE_USER_ALLOCATION). TensorRT is captured by csprt ("manual", see `GraphCache`).
 
@@ -106,7 +110,7 @@ def graph_mode(stage: StageSpec, flavor: str, enabled: bool = True) -> str:
     Returns:
         str: "off", "builtin" or "manual".
     """
-    if not enabled or not stage.loop:
+    if not enabled or not (stage.loop or stage.cache):
         return "off"
     return "builtin" if flavor == "tensorrt-rtx" else "manual"
 
@@ -159,5 +163,10 @@ class GraphCache:
         return None
 
     def disable(self, why: str) -> None:
-        """Stop capturing (a capture failed or the context is not capturable); kept graphs still replay."""
+        """Stop capturing (a capture failed or the context is not capturable); kept graphs still replay.
+
+        Logged once, as a warning: decode then runs without CUDA graphs, correct but slower."""
+        if not self.disabled:
+            logging.getLogger("csprt").warning("CUDA graph capture failed (%s); decode steps run without CUDA graphs "
+                                               "from now on", why or "capture failed")
         self.disabled = why or "capture failed"

@@ -2,15 +2,18 @@
 
     host {"clip_pixels", "prefix_ids", ...}
       -> for stage in layout.sequence(mode):
-             feed = {input: tensors[input.source_for(mode)]}      # "host.x" | "<stage>.<out>" | "loop.<x>"
+             feed = {input: tensors[input.source_for(mode)]}      # "host.x" | "<stage>.<out>" | "loop.<x>" | "cache"
              skip_if_empty input has a zero-size dim -> empty outputs, else outputs = runner.infer(feed)
-             loop stage -> the greedy decode loop (graphs.stages.Loop), collecting "loop.generated_ids", "loop.seg_hidden"
+             a block (stage.cache): its cache inputs are the run's static KV cache (`KvCache`); its new K/V rows
+                 are written into it in place at past_len
+             generate, after loop.after -> the greedy decode loop (graphs.stages.Loop): each step runs loop.steps
+                 on the same runners (one per graph), collecting "loop.generated_ids", "loop.seg_hidden"
       -> PipelineResult(outputs = layout.outputs resolved, tensors, feeds, timings)
 
 Where tensors live between stages is the chain's business (`HostChain` here: numpy arrays, ONNX Runtime;
 `engines.cuda_chain.CudaChain`: torch CUDA tensors that stay on the GPU, TensorRT). The Pipeline only
-asks the chain to run a stage, to keep a decode row, to stack rows, to read a token for the stop check
-and to bring the outputs to the host; both chains follow `exporter.reference`.
+asks the chain to run a stage, to allocate and write cache rows, to keep a decode row, to stack rows, to read
+a token for the stop check and to bring the outputs to the host; both chains follow `exporter.reference`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 from graphs.errors import InputError, internal_error
 from graphs.runner import BaseRunner, is_plain_dim
-from graphs.stages import Layout, StageSpec, TensorSpec
+from graphs.stages import CACHE_LENGTH, CACHE_SOURCE, Layout, StageSpec, TensorSpec
 
 
 @dataclass
@@ -32,7 +35,7 @@ class PipelineResult:
     tensors: dict[str, np.ndarray]                        # every "host.x", "<stage>.<out>", "loop.x" (CudaChain:
                                                           # device views, valid until the next run)
     feeds: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # record=True: stage -> its feed
-    timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms; "decode" summed, plus "decode_steps"
+    timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms; "decode" (all steps), "decode_steps"
     generated_ids: list[int] = field(default_factory=list)     # generate mode; empty in single-pass
 
 
@@ -59,11 +62,90 @@ class HostChain:
     def token(self, source: str, value) -> int:
         return int(value.reshape(-1)[0])
 
+    def scalar(self, value: int):
+        return np.asarray([value], dtype=np.int64)  # [1] int64 feed (past_len, position, first_row)
+
+    def alloc(self, shape: tuple[int, ...], dtype: str):
+        return np.zeros(shape, dtype=dtype)  # a cache buffer; zeros: masked rows stay finite
+
+    def write(self, buffer, start: int, rows) -> int:
+        """Write `rows` [1, kv, T, hd] into `buffer` [1, kv, C, hd] at row `start`, in place. Returns bytes written."""
+        buffer[:, :, start:start + rows.shape[2]] = rows
+        return rows.nbytes
+
     def to_host(self, source: str, value):
         return value
 
     def finish(self, timings: dict[str, float]) -> None:
         pass
+
+
+class KvCache:
+    """The static KV cache of every block graph: buffers preallocated per request shape, written in place.
+
+    A block's first call in a run (its prefill) sizes its buffers: its rows + `extra` (the decode steps a
+    generate run may take), checked against the cache dim's exported max. The same buffers serve the
+    next request whose capacity is equal (one set per block: bounded), so decode shapes repeat across
+    requests. Nothing here copies a cache: a call's feed holds the buffers themselves, and only the
+    call's new rows are written (`bytes_written`, per call in `last_bytes`).
+
+    Args:
+        layout (Layout): block stages (`StageSpec.cache`) and their cache dims.
+        chain: allocates buffers and writes rows (`HostChain.alloc`, `.write`, `.scalar`).
+    """
+
+    def __init__(self, layout: Layout, chain):
+        self.layout, self.chain = layout, chain
+        self.buffers: dict[str, dict[str, object]] = {}  # graph -> cache input -> buffer
+        self.length: dict[str, int] = {}                 # graph -> valid rows this run
+        self.extra = 0
+        self.bytes_written = 0
+        self.last_bytes = 0
+        self.allocations = 0
+
+    def begin(self, extra: int) -> None:
+        self.length, self.extra = {}, extra
+
+    def feed(self, stage: StageSpec, feed: dict) -> dict:
+        """The stage's cache inputs (the buffers, and past_len), allocating them at its first call of a run."""
+        g = stage.graph_name
+        if g not in self.length:
+            self._allocate(stage, feed)
+        out = dict(self.buffers[g])
+        out[CACHE_LENGTH] = self.chain.scalar(self.length[g])
+        return out
+
+    def _allocate(self, stage: StageSpec, feed: dict) -> None:
+        g, (inp, outp) = stage.graph_name, stage.cache[0]
+        rows_dim = stage.output(outp).shape[2]
+        rows = next(v.shape[axis] for t in stage.inputs if t.source != CACHE_SOURCE and t.name in feed
+                    for axis, d in enumerate(t.shape) if d == rows_dim for v in (feed[t.name],))
+        cap_dim = stage.input(inp).shape[2]
+        capacity = rows + self.extra
+        rng = self.layout.dims.get(cap_dim)
+        if rng is not None and capacity > rng.max:
+            raise InputError(f"stage {stage.name!r}: its KV cache needs {rows} prompt rows + {self.extra} generated = "
+                             f"{capacity} rows, more than the exported {rng.max} ({cap_dim}); shorten the text or "
+                             "generate fewer tokens, or re-export with a larger --max-text-len / --max-new-tokens")
+        old = self.buffers.get(g)
+        if old is None or next(iter(old.values())).shape[2] != capacity:
+            specs = [stage.input(i) for i, _ in stage.cache]
+            self.buffers[g] = {t.name: self.chain.alloc((t.shape[0], t.shape[1], capacity, t.shape[3]), t.dtype)
+                               for t in specs}
+            self.allocations += 1
+        self.length[g] = 0
+
+    def write(self, stage: StageSpec, outs: dict) -> None:
+        """Write the call's new K/V rows into the buffers at past_len; advance past_len."""
+        g, buffers, start = stage.graph_name, self.buffers[stage.graph_name], self.length[stage.graph_name]
+        n = 0
+        rows = 0
+        for inp, outp in stage.cache:
+            rows = outs[outp].shape[2]
+            n += self.chain.write(buffers[inp], start, outs[outp])
+        self.length[g] = start + rows
+        self.last_bytes = n
+        self.bytes_written += n
 
 
 class Pipeline:
@@ -81,14 +163,16 @@ class Pipeline:
         self.layout = layout
         self.runner_for = runner_for
         self.chain = chain if chain is not None else HostChain()
-        self.runners: dict[str, BaseRunner] = {}
+        self.runners: dict[str, BaseRunner] = {}  # graph name -> runner: a decode step reuses its block's
+        self.kv = KvCache(layout, self.chain)
 
     def runner(self, stage: StageSpec) -> BaseRunner:
-        if stage.name not in self.runners:
-            r = self.runner_for(stage)
+        g = stage.graph_name
+        if g not in self.runners:
+            r = self.runner_for(self.layout.stage(g) if stage.loop else stage)
             r.activate()
-            self.runners[stage.name] = r
-        return self.runners[stage.name]
+            self.runners[g] = r
+        return self.runners[g]
 
     def close(self) -> None:
         runners, self.runners = self.runners, {}
@@ -128,27 +212,56 @@ class Pipeline:
         if stages is not None:
             sequence = [s for s in sequence if s.name in stages]
         self._check_host(host, sequence, mode, given or {})
+        loop = self.layout.loop if mode == "generate" else None
+        limit = self._limit(max_new_tokens) if loop is not None else 0
         res = PipelineResult(outputs={}, tensors={**(given or {}), **{f"host.{k}": v for k, v in host.items()}})
         chain = self.chain
+        self.kv.begin(max(limit - 1, 0))  # a generate run feeds at most limit - 1 tokens back
         with chain.begin(mode):
             for stage in sequence:
-                if stage.loop:
-                    self._run_loop(stage, mode, res, record, max_new_tokens)
-                    continue
-                feed = {t.name: self._source(res.tensors, stage, t, mode) for t in stage.inputs}
-                if record:
-                    res.feeds[stage.name] = chain.recorded(feed)
-                if stage.skip_if_empty and 0 in feed[stage.skip_if_empty].shape:
-                    outs = _empty_outputs(stage, feed)
-                else:
-                    outs = chain.infer(stage, self.runner(stage), feed, res.timings_ms)
+                outs = self._step(stage, mode, res.tensors, res, record)
                 res.tensors.update({f"{stage.name}.{k}": v for k, v in outs.items()})
+                if loop is not None and stage.name == loop.after:
+                    self._run_loop(res, record, limit)
             for name, src in self.layout.outputs.items():
                 src = src.get(mode) if isinstance(src, dict) else src
                 if src is not None and src in res.tensors:
                     res.outputs[name] = chain.to_host(src, res.tensors[src])
             chain.finish(res.timings_ms)
+        if loop is not None:
+            steps = [res.timings_ms.pop(s.name) for s in loop.steps if s.name in res.timings_ms]
+            if steps:
+                res.timings_ms[loop.stage] = sum(steps)
         return res
+
+    def _step(self, stage: StageSpec, mode: str, tensors: dict, res: PipelineResult, record: bool,
+              record_as: str = "") -> dict:
+        """Feed one stage from `tensors` (and the KV cache), run it, write its new cache rows."""
+        feed = {t.name: self._source(tensors, stage, t, mode) for t in stage.inputs if t.source != CACHE_SOURCE}
+        if stage.cache:
+            feed.update(self.kv.feed(stage, feed))
+        if record and (record_as or stage.name) not in res.feeds:
+            kept = {k: (v.copy() if isinstance(v, np.ndarray) and k not in self._plain(stage) else v)
+                    for k, v in feed.items()}  # cache buffers change after this call: keep what it saw
+            res.feeds[record_as or stage.name] = self.chain.recorded(kept)
+        if stage.skip_if_empty and 0 in feed[stage.skip_if_empty].shape:
+            return _empty_outputs(stage, feed)
+        outs = self.chain.infer(stage, self.runner(stage), feed, res.timings_ms)
+        if stage.cache:
+            self.kv.write(stage, outs)
+        return outs
+
+    @staticmethod
+    def _plain(stage: StageSpec) -> set[str]:
+        return {t.name for t in stage.inputs if t.source != CACHE_SOURCE}
+
+    def _limit(self, max_new_tokens: int | None) -> int:
+        loop = self.layout.loop
+        limit = loop.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if not 1 <= limit <= loop.max_new_tokens:
+            raise InputError(f"max_new_tokens is {limit}; this artifact was exported for 1 to {loop.max_new_tokens} "
+                             "(re-export with a larger --max-new-tokens)")
+        return limit
 
     def _check_host(self, host: dict, sequence: list[StageSpec], mode: str, given: dict) -> None:
         known = {t.name: t for t in self.layout.host_inputs}
@@ -171,41 +284,46 @@ class Pipeline:
         return tensors[src]
 
     # -- decode loop ----------------------------------------------------------------------------
-    def _run_loop(self, stage: StageSpec, mode: str, res: PipelineResult, record: bool,
-                  max_new_tokens: int | None) -> None:
-        """Greedy decoding as `exporter.reference.Reference._generate` does it (see graphs.stages.Loop)."""
-        loop = self.layout.loop
-        if loop is None or loop.stage != stage.name:
-            raise internal_error(f"stage {stage.name!r} is a loop stage but the layout's loop is {loop}")
-        uncarried = [t.name for t in stage.inputs if t.name not in loop.carry]
-        if uncarried:
-            raise internal_error(f"loop stage {stage.name!r}: inputs {uncarried} have no carry")
-        limit = loop.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if not 1 <= limit <= loop.max_new_tokens:
-            raise InputError(f"max_new_tokens is {limit}; this artifact was exported for 1 to {loop.max_new_tokens} "
-                             "(re-export with a larger --max-new-tokens)")
-        t, chain = res.tensors, self.chain
+    def _run_loop(self, res: PipelineResult, record: bool, limit: int) -> None:
+        """Greedy decoding as `exporter.reference.Reference._generate` does it (see graphs.stages.Loop).
+
+        Limits are checked before the first step (positions past the model's maximum) or at the step they
+        are crossed (more [SEG] tokens than the exported num_seg), never after the whole decode.
+        """
+        loop, t, chain = self.layout.loop, res.tensors, self.chain
         tok, hid = t[loop.token], t[loop.hidden]  # [1] int64, [1, H]
         tok_src = loop.token
-        feed = {s.name: self._source(t, stage, s, mode) for s in stage.inputs}
+        pos = chain.token(loop.position, t[loop.position])
+        if loop.max_positions and pos + limit - 1 > loop.max_positions:
+            raise InputError(f"generate: the prompt ends at position {pos} and max_new_tokens {limit} would feed "
+                             f"positions up to {pos + limit - 2}, past the model's maximum {loop.max_positions - 1}; "
+                             f"shorten the text or pass max_new_tokens <= {max(loop.max_positions - pos + 1, 1)}")
+        max_seg = self.layout.dims["num_seg"].max if "num_seg" in self.layout.dims else None
+        first_row = chain.scalar(0)
         generated: list[int] = []
         seg_rows: list = []
         steps = 0
+        step_out: dict = {}
         while True:
             generated.append(chain.token(tok_src, tok))  # the one host read per step: the stop check
             if generated[-1] == loop.seg_token_id:
+                if max_seg is not None and len(seg_rows) == max_seg:
+                    raise InputError(f"generate: step {len(generated)} emitted [SEG] number {max_seg + 1}; this "
+                                     f"artifact was exported for at most {max_seg} masks per request; re-export with "
+                                     "a larger --max-seg, or pass a smaller max_new_tokens")
                 seg_rows.append(chain.keep(hid[0]))  # a device row lives in a buffer the next step overwrites
             if generated[-1] in loop.stop_token_ids or len(generated) == limit:
                 break
-            if record and steps == 0:
-                res.feeds[stage.name] = chain.recorded(feed)
-            out = chain.infer(stage, self.runner(stage), feed, res.timings_ms)
+            step_out = {"loop.token": tok, "loop.position": chain.scalar(pos), "loop.first_row": first_row}
+            for step in loop.steps:
+                outs = self._step(step, "generate", {**t, **step_out}, res, record)
+                step_out.update({f"{step.name}.{k}": v for k, v in outs.items()})
             steps += 1
-            tok, hid = out[loop.token_output], out[loop.hidden_output]
-            tok_src = f"{stage.name}.{loop.token_output}"
-            feed = {name: out[src] for name, src in loop.carry.items()}
+            pos += 1
+            tok, hid = step_out[loop.token_output], step_out[loop.hidden_output]
+            tok_src = loop.token_output
         if steps:
-            t.update({f"{stage.name}.{k}": v for k, v in out.items()})  # the last step's outputs
+            t.update({k: v for k, v in step_out.items() if not k.startswith("loop.")})  # the last step's outputs
         res.timings_ms["decode_steps"] = steps
         t["loop.generated_ids"] = np.asarray(generated, dtype=np.int64)
         t["loop.seg_hidden"] = chain.stack(seg_rows, hid)  # [K, H]

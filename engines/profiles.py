@@ -4,12 +4,13 @@
     stage_profiles(stage, dims)   # [{"suffix_ids": InputShapes(min=(1,), opt=(32,), max=(128,)), ...}]
 
 Each input dim is a static int (fixed in min/opt/max) or a named dim (a key of `dims`, e.g.
-"prefix_len", "past_llm_0", and "num_seg", whose size is data-dependent upstream but bounded by the
-export). Expression dims ("past_llm_0 + step_len") appear only on outputs; TensorRT infers them.
+"prefix_len", "rows_llm_0", "cache_llm_0", and "num_seg", whose size is data-dependent upstream but
+bounded by the export). Expression dims ("prefix_len + 16 + suffix_len") appear only on outputs.
 
-One profile per engine, in both modes (`PROFILES_NOTE`): the generate-mode decode step is its own
-graph (`decode`), so no engine serves both a prompt and a one-token step, which is what a second
-profile would be for.
+One profile per engine (`PROFILES_NOTE`). A block (`llm_<i>`) serves prefill and decode: its one
+profile spans rows 1 (a decode step) to the prompt maximum and its static cache from 1 to its
+capacity. A separate decode profile (rows 1:1:1) is not built yet: whether it beats the shared one
+has not been measured on a GPU.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ from graphs.stages import DimRange, StageSpec
 
 # Why each engine has exactly one optimization profile; recorded in every sidecar and manifest engine entry.
 PROFILES_NOTE = {
-    "llm": ("one profile: this prefill graph only sees whole prompts (prefix_len, suffix_len); generate-mode "
-            "one-token steps run in the separate 'decode' graph with its own engine and profile"),
-    "decode": ("one profile: this graph only runs decode steps (step_len tokens over past_<stage> rows); "
-               "prompts run in the llm_* prefill graphs with their own engines"),
+    "llm": ("one profile for prefill and decode: rows_<block> spans 1 (a decode step) to the longest prompt and "
+            "cache_<block> the static KV cache's capacity; a separate decode profile is not built (unmeasured)"),
 }
 _OTHER_NOTE = "one profile: the same graph and shapes serve single-pass and generate mode"
 
 # The export flags that bound each named dim: what to re-export with when an override asks for more.
 _EXPORT_FLAG = {"prefix_len": "--max-text-len", "suffix_len": "--max-text-len", "num_seg": "--max-seg",
-                "instances": "--max-instances", "step_len": "--max-step"}
+                "instances": "--max-instances"}
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,10 @@ def profiles_note(stage: StageSpec) -> str:
 def _reexport_hint(name: str) -> str:
     if name in _EXPORT_FLAG:
         return f"re-export with a larger {_EXPORT_FLAG[name]}"
-    if name.startswith("past_"):
+    if name.startswith(("past_", "cache_")):
         return "re-export with a larger --max-text-len or --max-new-tokens"
+    if name.startswith("rows_"):
+        return "re-export with a larger --max-text-len"
     return "re-export with larger bounds"
 
 

@@ -330,10 +330,10 @@ class ArtifactSession:
 
     def image_tokens_per_layer(self, result: PipelineResult) -> list[int]:
         counts = []
-        for stage in self.artifact.layout.stages:
-            if stage.kind == "llm":
-                rows = result.tensors[f"{stage.name}.image_hidden_out"].shape[1]
-                counts += [int(rows)] * len(stage.layers)
+        blocks = [s for s in self.artifact.layout.stages if s.kind == "llm"]
+        for i, stage in enumerate(blocks):  # entry_i gives block i its image rows
+            rows = result.tensors[f"entry_{i}.image_indices_out"].shape[0]
+            counts += [int(rows)] * len(stage.layers)
         return counts
 
 

@@ -5,8 +5,13 @@
         views = r.enqueue(feed, stream)    # numpy or torch CUDA in, device views out, no sync: the Pipeline
 
     feed --bind_dims (engine dims)--> select_profile --> set_input_shape, copy into the input buffers
-         --> execute_async_v3 on the stream (decode: CUDA graph replay, see engines.gpu_plan.graph_mode)
+         (a block's static KV cache is not copied: its tensors' own addresses are bound, `set_tensor_address`)
+         --> execute_async_v3 on the stream (a block's one-row decode calls: CUDA graph, captured on the
+             second call of a shape after a plain one, replayed after; see engines.gpu_plan.GraphCache)
          --> output views [:shape] of the preallocated output buffers (valid until the next call)
+
+`last_copied` counts one call's copies into the engine: {"inputs": bytes, "cache": bytes} (cache: 0 when
+the caches are device tensors, as the Pipeline's CudaChain gives them).
 
 `buffer_plan` is a pure function (no TensorRT, no torch): the max shape and bytes of every I/O tensor
 at the engine's dims. `engine_dims` are the manifest's dims narrowed by the sidecar's (`csprt build
@@ -166,6 +171,9 @@ class TrtRunner(BaseRunner):
         self._engine = self._context = None
         self._buffers: dict = {}
         self._inputs: list[str] = []
+        self._cache_inputs = {inp for inp, _ in stage.cache}
+        self._staged: dict = {}        # cache inputs given as host arrays (validation): their device copies
+        self.last_copied: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _activate(self) -> None:
@@ -182,7 +190,7 @@ class TrtRunner(BaseRunner):
             context = self._create_context(engine)
             dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
             self._buffers = {n: torch.empty(max(1, math.prod(b.max_shape)), dtype=dtypes[b.dtype], device=self.device)
-                             for n, b in self.buffers_plan.items() if n in names}
+                             for n, b in self.buffers_plan.items() if n in names and n not in self._cache_inputs}
             for n, buf in self._buffers.items():
                 context.set_tensor_address(n, buf.data_ptr())
             self._engine, self._context, self.stream = engine, context, torch.cuda.Stream(self.device)
@@ -220,7 +228,7 @@ class TrtRunner(BaseRunner):
     def _deactivate(self) -> None:
         self.graphs = GraphCache()  # graphs first: they point into the context's memory
         self._context = self._engine = self.stream = None
-        self._buffers = {}
+        self._buffers, self._staged = {}, {}
 
     # -- running --------------------------------------------------------------------------------
     def infer(self, feed: dict) -> dict[str, np.ndarray]:
@@ -274,27 +282,60 @@ class TrtRunner(BaseRunner):
         shapes = {n: tuple(feed[n].shape) for n in self._inputs}
         profile = select_profile(self.profiles, shapes)
         ctx = self._context
+        copied = {"inputs": 0, "cache": 0}
         with torch.cuda.stream(stream):
             if ctx.active_optimization_profile != profile:
                 ctx.set_optimization_profile_async(profile, stream.cuda_stream)
+            addresses = []
             for n in self._inputs:
                 ctx.set_input_shape(n, shapes[n])
-                self._load(n, feed[n])
+                if n in self._cache_inputs:
+                    addresses.append(self._bind(n, feed[n], copied))
+                else:
+                    copied["inputs"] += self._load(n, feed[n])
             out_shapes = {t.name: tuple(ctx.get_tensor_shape(t.name)) for t in self.stage.outputs}
             self._check_output_shapes(out_shapes)
-            self._execute(graph_key(profile, shapes), stream)
+            # A captured graph holds the cache addresses: they are part of its key.
+            self._execute(graph_key(profile, shapes) + tuple(addresses), stream, self._is_step())
+        self.last_copied = copied
         return {n: self._buffers[n][:math.prod(s)].view(s) for n, s in out_shapes.items()}
 
-    def _load(self, name: str, value) -> None:
-        """Copy one input into its buffer: H2D from numpy, D2D (stream-ordered) from a CUDA tensor."""
+    def _is_step(self) -> bool:
+        """A one-row call of a block (a decode step): the calls CUDA graphs are for."""
+        if self.stage.loop:
+            return True
+        if not self.stage.cache:
+            return False
+        rows_dim = self.stage.output(self.stage.cache[0][1]).shape[2]
+        return self.last_dims.get(rows_dim) == 1
+
+    def _bind(self, name: str, value, copied: dict) -> int:
+        """Bind a static KV cache input at its own address (no copy); a host array is staged once per call."""
+        import torch
+
+        if isinstance(value, np.ndarray):  # validation feeds: not the Pipeline's path
+            staged = torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
+            self._staged[name] = staged
+            copied["cache"] += value.nbytes
+            value = staged
+        if not value.is_contiguous():
+            raise internal_error(f"stage {self.name!r}: KV cache input {name!r} must be contiguous to bind in place")
+        self._context.set_tensor_address(name, value.data_ptr())
+        return value.data_ptr()
+
+    def _load(self, name: str, value) -> int:
+        """Copy one input into its buffer: H2D from numpy, D2D (stream-ordered) from a CUDA tensor. Returns bytes."""
         import torch
 
         buf = self._buffers[name]
         if isinstance(value, np.ndarray):
             src = torch.from_numpy(np.ascontiguousarray(value)).reshape(-1)
             buf[:src.numel()].copy_(src)  # pageable host memory: torch waits for the copy, the array may go
-        elif value.data_ptr() != buf.data_ptr():
+            return value.nbytes
+        if value.data_ptr() != buf.data_ptr():
             buf[:value.numel()].copy_(value.reshape(-1), non_blocking=True)
+            return value.numel() * value.element_size()
+        return 0
 
     def _check_output_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
         unknown = unknown_dims(shapes)
@@ -306,9 +347,10 @@ class TrtRunner(BaseRunner):
                 raise internal_error(f"stage {self.name!r} output {name!r} shape {shape} exceeds its buffer "
                                      f"{self.buffers_plan[name].max_shape}")
 
-    def _execute(self, key: tuple, stream) -> None:
-        """execute_async_v3, or (manual graphs) capture once per key and replay; plain when capture fails."""
-        if self.graph_mode == "manual":
+    def _execute(self, key: tuple, stream, graphed: bool = True) -> None:
+        """execute_async_v3, or (manual graphs, `graphed` calls) capture once per key and replay; plain when
+        capture fails."""
+        if self.graph_mode == "manual" and graphed:
             action = self.graphs.decide(key)
             if action == REPLAY:
                 self.graphs.graphs[key].replay()

@@ -50,7 +50,7 @@ from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from graphs.prompt import SEG_TOKEN, token_id, tokenize_prompt
 from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
-from graphs.stages import PRECISIONS, Layout, LayoutOptions, StageSpec, build_layout
+from graphs.stages import CACHE_LENGTH, CACHE_SOURCE, PRECISIONS, Layout, LayoutOptions, StageSpec, build_layout
 
 SAMPLE_QUERY = "Where is the cat in this picture?"
 DEFAULT_OPSET = 18  # what TensorRT 10 / TensorRT-RTX 1.x parse, and what the dynamo exporter emits natively
@@ -118,11 +118,13 @@ def _schedule_context(spec: StageSpec, schedule: Schedule) -> dict:
     names = [s.name for s in schedule.stages]
     if spec.kind == "vision":
         return {"first": dataclasses.asdict(schedule.stages[0]), "knobs": knobs}
-    if spec.kind == "llm":
-        i = names.index(spec.name)
+    if spec.kind == "entry":
+        i = int(spec.name.split("_")[-1])
         nxt = schedule.stages[i + 1].op if i + 1 < len(names) else None  # the previous budget is in the I/O
         return {"index": i, "stage": dataclasses.asdict(schedule.stages[i]), "next_op": nxt, "knobs": knobs}
-    return {}  # decode, seg_head and SAM graphs depend on the I/O alone (decode's past dims encode the stages)
+    # Blocks depend on their layers and I/O alone (scores and the head show in their outputs), so schedules
+    # with one layer partition share them; embed, seg_gather, seg_head and SAM graphs on the I/O alone.
+    return {}
 
 
 def stage_key(spec: StageSpec, schedule: Schedule, shape: ModelShape, opts: ExportOptions, weights: list,
@@ -176,7 +178,8 @@ class _SampleChain:
     """Runs stage wrappers eagerly over a sample request, following the layout's wiring.
 
     Dynamic dims must be >= 2 in the sample (torch.export specialises sizes 0 and 1), so the sample
-    feeds of stages with a [SEG] axis or a decode step axis repeat a row to get two.
+    feeds of stages with a [SEG] axis repeat a row to get two. A block gets an empty static cache
+    (past_len 0) a few rows longer than its prompt rows: its prefill, as the Pipeline runs it.
     """
 
     def __init__(self, model, schedule: Schedule, layout: Layout, seg_token_id: int, host: dict[str, torch.Tensor]):
@@ -185,17 +188,22 @@ class _SampleChain:
         self.mode = layout.modes[0]
 
     def feed(self, spec: StageSpec) -> tuple:
-        args = []
+        args = {}
         for t in spec.inputs:
             src = t.source_for(self.mode)
+            if src == CACHE_SOURCE:
+                continue
             if src.startswith("loop."):  # generate-only artifact: stand-in [SEG] rows from the last hidden state
                 src = self.layout.loop.hidden
             x = self.tensors[src]
-            if "num_seg" in t.shape or "step_len" in t.shape:
-                axis = t.shape.index("num_seg") if "num_seg" in t.shape else t.shape.index("step_len")
+            if "num_seg" in t.shape:
+                axis = t.shape.index("num_seg")
                 x = torch.cat([x.narrow(axis, 0, 1)] * 2, dim=axis)
-            args.append(x)
-        return tuple(args)
+            args[t.name] = x
+        if spec.cache:
+            rows = args["hidden"].shape[1]
+            args.update(empty_cache(spec, rows + 3, args["hidden"].dtype))
+        return tuple(args[t.name] for t in spec.inputs)
 
     def run(self, spec: StageSpec, wrapper, args: tuple) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -204,6 +212,15 @@ class _SampleChain:
         for name, v in result.items():
             self.tensors[f"{spec.name}.{name}"] = v
         return result
+
+
+def empty_cache(spec: StageSpec, capacity: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A block's cache inputs for a prefill: zero buffers of `capacity` rows and past_len 0."""
+    out = {CACHE_LENGTH: torch.zeros(1, dtype=torch.long)}
+    for inp, _ in spec.cache:
+        t = spec.input(inp)
+        out[inp] = torch.zeros((t.shape[0], t.shape[1], capacity, t.shape[3]), dtype=dtype)
+    return out
 
 
 def _host_sample(shape: ModelShape, clip_processor: dict, image: np.ndarray, ids, dtype: torch.dtype,
@@ -242,6 +259,11 @@ def spec_feed(spec: StageSpec, layout: Layout, host: dict[str, torch.Tensor], se
     """
     gen = torch.Generator().manual_seed(seed)
     dims = {name: max(2, r.opt) for name, r in layout.dims.items()}  # prefix/suffix_len opt: the sample's
+    for s in layout.stages:  # a block's rows are P + its budget + S; its cache a few more (an empty prefill cache)
+        if s.cache:
+            budget = layout.stage(f"entry_{s.name.split('_')[-1]}").output("image_indices_out").shape[0]
+            dims[f"rows_{s.name}"] = dims["prefix_len"] + budget + dims["suffix_len"]
+            dims[f"cache_{s.name}"] = dims[f"rows_{s.name}"] + 3
     sizes = {t.name: tuple(_dim_size(d, dims) for d in t.shape) for t in spec.inputs}
     n_image = layout.stage("vision").outputs[0].shape[0]  # image_embeds [N, H]
     args = []
@@ -277,10 +299,13 @@ def _index_input(name: str, size: tuple[int, ...], sizes: dict[str, tuple], n_im
         return torch.arange(n) * (n_image // n)
     if name == "assign":  # each image token's representative: a position in this stage's image_indices
         return torch.arange(n) % sizes["image_indices"][0]
-    if name == "token_ids":
-        return torch.full((n,), seg_token_id, dtype=torch.long)
-    if name == "position":  # the next position after the prompt
-        return torch.tensor([dims["prefix_len"] + n_image + dims["suffix_len"]])
+    if name == CACHE_LENGTH:  # a prefill: the cache is empty
+        return torch.zeros(1, dtype=torch.long)
+    if name == "positions":  # the block's rows in position order
+        return torch.arange(n)
+    if name == "query_rows":  # the last prompt row
+        rows = next(v[1] for k, v in sizes.items() if k == "hidden")
+        return torch.full((n,), rows - 1, dtype=torch.long)
     raise internal_error(f"spec_feed: no rule for integer input {name!r}; add one to exporter.export._index_input")
 
 
@@ -585,6 +610,8 @@ def _needed_stages(layout: Layout, todo: set[str]) -> set[str]:
         for t in spec.inputs:
             sources = t.source.values() if isinstance(t.source, dict) else [t.source]
             for src in sources:
+                if src == CACHE_SOURCE:
+                    continue
                 owner = layout.loop.hidden.split(".")[0] if src.startswith("loop.") else src.split(".")[0]
                 if owner != "host" and owner not in need:
                     need.add(owner)

@@ -15,20 +15,8 @@ from torch import nn
 
 from exporter import selection
 from exporter.model import LisaModel
-from exporter.reference import KVStore
 from graphs.schedule import Schedule
 from graphs.stages import StageSpec
-
-
-def _causal_mask(t_new: int, t_past, dtype: torch.dtype, device) -> torch.Tensor:
-    """[1, 1, T, past + T] additive mask: new row i sees every past row and new rows <= i.
-
-    Built from aranges so both lengths stay symbolic in the graph (no Trilu on a constant size).
-    """
-    rows = torch.arange(t_new, device=device)[:, None] + t_past  # [T, 1] absolute row index
-    cols = torch.arange(t_past + t_new, device=device)[None, :]  # [1, past + T]
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(cols > rows, torch.finfo(dtype).min, zero)[None, None]
 
 
 class VisionStage(nn.Module):
@@ -51,38 +39,57 @@ class VisionStage(nn.Module):
         return tuple(out)
 
 
-class LlmStage(nn.Module):
-    """One schedule stage: its entry op, then its decoder layers over [prefix | image rows | suffix].
+class EmbedStage(nn.Module):
+    """prefix_ids [P], suffix_ids [S] -> prefix_embeds [1, P, H], suffix_embeds [1, S, H].
 
-    Inputs and outputs follow `graphs.stages.build_layout` (see its docstring for the layout).
+    The only graph holding embed_tokens. A decode step feeds its token as both (one row each).
+    """
+
+    def __init__(self, model: LisaModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prefix_ids, suffix_ids):
+        embed = self.model.llm.model.embed_tokens
+        return embed(prefix_ids)[None], embed(suffix_ids)[None]
+
+
+class EntryStage(nn.Module):
+    """Schedule stage i's entry op, weightless: the rows [prefix | image rows | suffix] its block sees.
+
+    entry_0: prefix_embeds, suffix_embeds, image_hidden, image_indices [, suffix_ids]
+    entry_i: block_hidden (block i-1's rows), image_indices [, image_embeds, assign | row_scores],
+             prefix_ids, suffix_ids
+      -> hidden [1, T, H], positions [T] (RoPE: image rows keep P + index), image_indices_out [b]
+         [, query_rows: rows whose attention ranks image rows for the next stage's pruning]
+         [, next_position (entry_0): P + N + S]
     """
 
     def __init__(self, model: LisaModel, schedule: Schedule, index: int, spec: StageSpec, seg_token_id: int):
         super().__init__()
-        self.model, self.schedule, self.spec = model, schedule, spec
-        self.index, self.stage = index, schedule.stages[index]
+        self.schedule, self.spec, self.index = schedule, spec, index
+        self.stage = schedule.stages[index]
         self.seg_token_id = seg_token_id
         self.n = model.shape.num_image_tokens
         self.in_names = [t.name for t in spec.inputs]
         self.out_names = [t.name for t in spec.outputs]
-        stages = schedule.stages
-        self.next_prunes = index + 1 < len(stages) and stages[index + 1].op == "prune"
 
-    def _embed(self, ids):
-        return self.model.llm.model.embed_tokens(ids)[None]  # [1, len, H]
-
-    def _entry(self, x: dict):
+    def _split(self, x: dict):
         """(prefix [1,P,H], image rows [1,b,H], their indices [b], suffix [1,S,H]) entering this stage."""
         if self.index == 0:
-            return self._embed(x["prefix_ids"]), x["image_hidden"], x["image_indices"], self._embed(x["suffix_ids"])
-        img, idx = x["image_hidden"], x["image_indices"]
+            return x["prefix_embeds"], x["image_hidden"], x["image_indices"], x["suffix_embeds"]
+        h = x["block_hidden"]
+        p, s = x["prefix_ids"].shape[0], x["suffix_ids"].shape[0]
+        t = h.shape[1]
+        img, idx = h[:, p:t - s], x["image_indices"]
         if self.stage.op == "scatter":
-            img = selection.scatter_tokens(img[0], x["image_embeds"], idx, x["assign"], self.schedule.scatter_mode)[None]
-            idx = torch.arange(self.n, device=img.device)
+            img = selection.scatter_tokens(img[0], x["image_embeds"], idx, x["assign"],
+                                           self.schedule.scatter_mode)[None]
+            idx = torch.arange(self.n, device=h.device)
         elif self.stage.op == "prune":
-            keep = selection.topk_sorted(x["image_scores"], self.stage.budget)
+            keep = selection.topk_sorted(x["row_scores"][p:t - s], self.stage.budget)
             img, idx = img[:, keep], idx[keep]
-        return x["prefix_hidden"], img, idx, x["suffix_hidden"]
+        return h[:, :p], img, idx, h[:, t - s:]
 
     def _query_rows(self, t, s, suffix_ids, device):
         """Rows whose attention ranks image tokens for the next stage's pruning (reference `_query_rows`)."""
@@ -101,87 +108,118 @@ class LlmStage(nn.Module):
 
     def forward(self, *args):
         x = dict(zip(self.in_names, args))
-        m = self.model
-        prefix, img, idx, suffix = self._entry(x)
+        prefix, img, idx, suffix = self._split(x)
         h = torch.cat([prefix, img, suffix], dim=1)  # [1, T, H]
         p, s, t = prefix.shape[1], suffix.shape[1], h.shape[1]
         dev = h.device
-        pos = torch.cat([torch.arange(p, device=dev), p + idx, torch.arange(s, device=dev) + (p + self.n)])[None]
-        cos, sin = m.llm.model.rotary_emb(h, pos)
-        mask = _causal_mask(t, 0, h.dtype, dev)
-        kv = KVStore() if any(n.startswith("present_") for n in self.out_names) else None
-        scores = None
-        for layer_idx in self.stage.layers:
-            layer = m.decoder_layers[layer_idx]
-            if self.next_prunes and layer_idx == self.stage.end - 1:
-                rows = self._query_rows(t, s, x.get("suffix_ids"), dev)
-                scores = selection.query_attention(layer, h, cos, sin, mask, rows)[p:p + img.shape[1]]
-            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=kv, position_embeddings=(cos, sin))
-        out = {"prefix_hidden_out": h[:, :p], "image_hidden_out": h[:, p:t - s], "suffix_hidden_out": h[:, t - s:],
-               "image_indices_out": idx, "image_scores": scores}
-        if "next_token" in self.out_names:
-            last = m.llm.model.norm(h[:, -1])  # [1, H]
-            out["last_hidden"] = last
-            out["next_token"] = torch.argmax(m.llm.lm_head(last), dim=-1)  # [1]
+        text_pos = torch.arange(s, device=dev) + (p + self.n)
+        out = {"hidden": h, "image_indices_out": idx,
+               "positions": torch.cat([torch.arange(p, device=dev), p + idx, text_pos])}
+        if "query_rows" in self.out_names:
+            out["query_rows"] = self._query_rows(t, s, x.get("suffix_ids"), dev)
+        if "next_position" in self.out_names:
             out["next_position"] = torch.zeros(1, dtype=torch.long, device=dev) + (p + self.n + s)
-        if kv is not None:
-            for layer_idx in self.stage.layers:
-                out[f"present_key_{layer_idx}"] = kv.keys[layer_idx]
-                out[f"present_value_{layer_idx}"] = kv.values[layer_idx]
         return tuple(out[name] for name in self.out_names)
 
 
-class DecodeStage(nn.Module):
-    """One greedy decode step over every decoder layer, each with its own stage's cache.
+def block_mask(rows: int, capacity, past_len: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """[1, 1, T, C + T] additive mask over [cache (C rows, the first past_len valid) | the T new rows (causal)].
 
-    token_ids [T], position [1], past_{key,value}_<l> [1, kv, past_<stage>, hd]
-      -> next_token [1], last_hidden [1, H], next_position [1], present_{key,value}_<l>.
+    Built from aranges so T and C stay symbolic; one shape serves every decode step of a request.
+    """
+    r = torch.arange(rows, device=device)[:, None]                    # [T, 1]
+    c = torch.arange(capacity + rows, device=device)[None, :]         # [1, C + T]
+    seen = ((c < capacity) & (c < past_len)) | ((c >= capacity) & ((c - capacity) <= r))  # no bool Where in ORT
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(seen, zero, torch.finfo(dtype).min)[None, None]
+
+
+def block_layer(layer, h, cos, sin, past_k, past_v, mask):
+    """One LLaMA decoder layer attending over a static cache plus its new rows, without copying the cache.
+
+    The scores against the cache and against the new rows are two matmuls, concatenated ([.., C + T], not
+    the cache), and grouped-query heads are a reshape of Q (no repeat of K/V). transformers' own layer
+    would concatenate the cache with the new rows, a copy of the whole cache per layer and step.
+
+    Args:
+        h (Tensor): [1, T, H] the layer's input rows.
+        past_k, past_v (Tensor): [1, kv_heads, C, hd] the cache (rows >= past_len are masked).
+        mask (Tensor): [1, 1, T, C + T] from `block_mask`.
+
+    Returns:
+        (h [1, T, H], new keys [1, kv_heads, T, hd], new values [1, kv_heads, T, hd])
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    t, hd, kvh = x.shape[1], attn.head_dim, past_k.shape[1]
+    q = attn.q_proj(x).view(1, t, -1, hd).transpose(1, 2)  # [1, heads, T, hd]
+    k = attn.k_proj(x).view(1, t, kvh, hd).transpose(1, 2)  # [1, kv, T, hd]
+    v = attn.v_proj(x).view(1, t, kvh, hd).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    g = q.shape[1] // kvh
+    qg = q.reshape(1, kvh, g * t, hd)  # head kvh_i * g + j -> rows j * T .. of group kvh_i (repeat_kv's order)
+    scores = torch.cat([qg @ past_k.transpose(-1, -2), qg @ k.transpose(-1, -2)], dim=-1) * attn.scaling
+    scores = scores.view(1, kvh, g, t, -1) + mask[:, :, None]  # [1, kv, g, T, C + T]
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(1, kvh, g * t, -1)
+    cap = past_k.shape[2]
+    out = probs[..., :cap] @ past_v + probs[..., cap:] @ v  # [1, kv, g*T, hd]
+    out = out.view(1, kvh * g, t, hd).transpose(1, 2).reshape(1, t, kvh * g * hd)
+    h = h + attn.o_proj(out)
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, k, v
+
+
+class BlockStage(nn.Module):
+    """One schedule stage's decoder layers over rows and a static cache; prefill and decode alike.
+
+    hidden [1, T, H], positions [T] [, query_rows [R]], past_len [1], past_{key,value}_<l> [1, kv, C, hd]
+      -> hidden_out [1, T, H], {key,value}_<l> [1, kv, T, hd] [, row_scores [T]] [, next_token [1], last_hidden [1, H]]
+    The last block applies the final norm (hidden_out is post-norm) and lm_head on the last row.
     """
 
-    def __init__(self, model: LisaModel, schedule: Schedule, spec: StageSpec):
+    def __init__(self, model: LisaModel, schedule: Schedule, index: int, spec: StageSpec):
         super().__init__()
-        self.model, self.schedule, self.spec = model, schedule, spec
+        self.model, self.spec = model, spec
+        self.stage = schedule.stages[index]
         self.in_names = [t.name for t in spec.inputs]
         self.out_names = [t.name for t in spec.outputs]
 
     def forward(self, *args):
         x = dict(zip(self.in_names, args))
         m = self.model
-        ids, start = x["token_ids"], x["position"]
-        h = m.llm.model.embed_tokens(ids)[None]  # [1, T, H]
-        t = h.shape[1]
-        pos = (start + torch.arange(t, device=h.device))[None]  # [1, T]
+        h, pos, past_len = x["hidden"], x["positions"][None], x["past_len"]
+        t, dev = h.shape[1], h.device
         cos, sin = m.llm.model.rotary_emb(h, pos)
-        kv = KVStore()
-        for st in self.schedule.stages:
-            past = x[f"past_key_{st.start}"].shape[2]  # every layer of a stage caches the same rows
-            mask = _causal_mask(t, past, h.dtype, h.device)
-            for layer_idx in st.layers:
-                kv.keys[layer_idx], kv.values[layer_idx] = x[f"past_key_{layer_idx}"], x[f"past_value_{layer_idx}"]
-                h = m.decoder_layers[layer_idx](h, attention_mask=mask, position_ids=pos, past_key_values=kv,
-                                                position_embeddings=(cos, sin))
-        last = m.llm.model.norm(h[:, -1])
-        out = {"next_token": torch.argmax(m.llm.lm_head(last), dim=-1), "last_hidden": last,
-               "next_position": start + t}
-        for layer_idx in range(len(m.decoder_layers)):
-            out[f"present_key_{layer_idx}"] = kv.keys[layer_idx]
-            out[f"present_value_{layer_idx}"] = kv.values[layer_idx]
+        cap = x[f"past_key_{self.stage.start}"].shape[2]
+        mask = block_mask(t, cap, past_len, h.dtype, dev)
+        out = {}
+        for layer_idx in self.stage.layers:
+            layer = m.decoder_layers[layer_idx]
+            if "row_scores" in self.out_names and layer_idx == self.stage.end - 1:
+                # Prefill semantics (the reference's): attention among this call's rows only.
+                out["row_scores"] = selection.query_attention(layer, h, cos, sin, mask[..., cap:], x["query_rows"])
+            h, out[f"key_{layer_idx}"], out[f"value_{layer_idx}"] = block_layer(
+                layer, h, cos, sin, x[f"past_key_{layer_idx}"], x[f"past_value_{layer_idx}"], mask)
+        if "next_token" in self.out_names:
+            h = m.llm.model.norm(h)
+            out["last_hidden"] = h[:, -1]  # [1, H]
+            out["next_token"] = torch.argmax(m.llm.lm_head(h[:, -1]), dim=-1)  # [1]
+        out["hidden_out"] = h
         return tuple(out[name] for name in self.out_names)
 
 
 class SegGatherStage(nn.Module):
-    """suffix_hidden [1, S, H], seg_rows [K] -> seg_hidden [K, H]: final norm of the rows predicting each [SEG].
+    """hidden [1, T, H] (post-norm), suffix_ids [S], seg_rows [K] -> seg_hidden [K, H]: the rows predicting each [SEG].
 
-    The host passes the rows (from its own tokenisation) so K is an input dim: a data-dependent count
-    in the graph would need NonZero, which TensorRT-RTX does not import.
+    Weightless (the last block applied the final norm). The host passes the rows (from its own
+    tokenisation) so K is an input dim: a data-dependent count in the graph would need NonZero,
+    which TensorRT-RTX does not import.
     """
 
-    def __init__(self, model: LisaModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, suffix_hidden, seg_rows):
-        return (self.model.llm.model.norm(suffix_hidden[0][seg_rows]),)
+    def forward(self, hidden, suffix_ids, seg_rows):
+        return (hidden[0][hidden.shape[1] - suffix_ids.shape[0] + seg_rows],)
 
 
 class SegHeadStage(nn.Module):
@@ -228,12 +266,14 @@ def make_wrapper(model: LisaModel, schedule: Schedule, spec: StageSpec, seg_toke
     """The wrapper module of one stage, in eval mode."""
     if spec.kind == "vision":
         w = VisionStage(model, schedule, spec)
-    elif spec.kind == "llm":
-        w = LlmStage(model, schedule, [s.name for s in schedule.stages].index(spec.name), spec, seg_token_id)
-    elif spec.kind == "decode":
-        w = DecodeStage(model, schedule, spec)
+    elif spec.kind == "embed":
+        w = EmbedStage(model)
+    elif spec.kind == "entry":
+        w = EntryStage(model, schedule, int(spec.name.split("_")[-1]), spec, seg_token_id)
+    elif spec.kind == "llm":  # a block, or a decode step running one (graph_name)
+        w = BlockStage(model, schedule, [s.name for s in schedule.stages].index(spec.graph_name), spec)
     elif spec.kind == "seg_gather":
-        w = SegGatherStage(model)
+        w = SegGatherStage()
     elif spec.kind == "seg_head":
         w = SegHeadStage(model)
     elif spec.kind == "sam_encoder":

@@ -6,7 +6,8 @@ against `bench.schema.json`.
 
 Conventions:
 - Latencies are milliseconds; each is summarised as {median, p90, min, n} over the timed repeats.
-- "llm" is the LLM prefill: the reference's `llm` span, or the sum of a pipeline's `llm_<i>` stages.
+- "llm" is the LLM prefill: the reference's `llm` span, or the sum of a pipeline's `embed`, `entry_<i>` and `llm_<i>`
+  stages.
 - FLOPs are `graphs.flops.flops_report` (what `csprt flops` prints): multiply-accumulates. Achieved
   TFLOP/s counts 2 FLOPs per MAC in the SwiGLU convention (LLaMA's real FFN), so it is comparable
   with a device's datasheet peak.
@@ -42,7 +43,7 @@ HOST_SPANS = ("preprocess", "postprocess")  # host work around the pipeline, not
 
 def span_of(stage: str) -> str:
     """The reference span a pipeline stage belongs to, so backends compare stage by stage."""
-    if stage.startswith("llm_"):
+    if stage.startswith(("llm_", "entry_")) or stage == "embed":  # the prefill: blocks, entry ops, embedding
         return "llm"
     if stage == "decode":
         return "llm_decode"

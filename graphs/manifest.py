@@ -29,9 +29,9 @@ from graphs.atomic import write_json
 from graphs.errors import ArtifactError, ToolchainError, internal_error
 from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
-from graphs.stages import DimRange, Layout, Loop, StageSpec, TensorSpec
+from graphs.stages import CACHE_SOURCE, DimRange, Layout, Loop, StageSpec, TensorSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: weights once (embed / entry_<i> / llm_<i> blocks), static KV cache, loop steps
 FORMAT = "csprt.artifact"
 MANIFEST_NAME = "manifest.json"
 GRAPHS_DIR = "graphs"
@@ -55,15 +55,19 @@ def _tensor_from_dict(d: dict) -> TensorSpec:
 
 
 def _stage_to_dict(s: StageSpec) -> dict:
-    return {"name": s.name, "kind": s.kind, "inputs": [_tensor_to_dict(t) for t in s.inputs],
-            "outputs": [_tensor_to_dict(t) for t in s.outputs], "layers": list(s.layers), "loop": s.loop,
-            "modes": list(s.modes), "skip_if_empty": s.skip_if_empty}
+    d = {"name": s.name, "kind": s.kind, "inputs": [_tensor_to_dict(t) for t in s.inputs],
+         "outputs": [_tensor_to_dict(t) for t in s.outputs], "layers": list(s.layers), "loop": s.loop,
+         "modes": list(s.modes), "skip_if_empty": s.skip_if_empty, "cache": [list(p) for p in s.cache]}
+    if s.graph:
+        d["runs"] = s.graph  # a decode step: the stage whose graph it runs ("graph" is the manifest's file path)
+    return d
 
 
 def _stage_from_dict(d: dict) -> StageSpec:
     return StageSpec(name=d["name"], kind=d["kind"], inputs=tuple(_tensor_from_dict(t) for t in d["inputs"]),
                      outputs=tuple(_tensor_from_dict(t) for t in d["outputs"]), layers=tuple(d["layers"]),
-                     loop=d["loop"], modes=tuple(d["modes"]), skip_if_empty=d["skip_if_empty"])
+                     loop=d["loop"], modes=tuple(d["modes"]), skip_if_empty=d["skip_if_empty"],
+                     cache=tuple(tuple(p) for p in d.get("cache", ())), graph=d.get("runs", ""))
 
 
 def layout_to_dict(layout: Layout) -> dict:
@@ -75,10 +79,11 @@ def layout_to_dict(layout: Layout) -> dict:
     loop = None
     if layout.loop is not None:
         lp = layout.loop
-        loop = {"stage": lp.stage, "token": lp.token, "hidden": lp.hidden, "token_output": lp.token_output,
-                "hidden_output": lp.hidden_output, "carry": dict(lp.carry), "max_new_tokens": lp.max_new_tokens,
+        loop = {"steps": [_stage_to_dict(s) for s in lp.steps], "after": lp.after, "token": lp.token,
+                "hidden": lp.hidden, "position": lp.position, "token_output": lp.token_output,
+                "hidden_output": lp.hidden_output, "max_new_tokens": lp.max_new_tokens,
                 "stop_token_ids": list(lp.stop_token_ids), "seg_token_id": lp.seg_token_id,
-                "outputs": list(lp.outputs)}
+                "max_positions": lp.max_positions, "outputs": list(lp.outputs), "feeds": list(lp.feeds)}
     return {
         "host_inputs": [_tensor_to_dict(t) for t in layout.host_inputs],
         "stages": [_stage_to_dict(s) for s in layout.stages],
@@ -97,9 +102,11 @@ def layout_from_dict(d: dict) -> Layout:
     """
     lp = d.get("loop")
     loop = None if lp is None else Loop(
-        stage=lp["stage"], token=lp["token"], hidden=lp["hidden"], token_output=lp["token_output"],
-        hidden_output=lp["hidden_output"], carry=dict(lp["carry"]), max_new_tokens=lp["max_new_tokens"],
-        stop_token_ids=tuple(lp["stop_token_ids"]), seg_token_id=lp["seg_token_id"], outputs=tuple(lp["outputs"]))
+        steps=tuple(_stage_from_dict(s) for s in lp["steps"]), after=lp["after"], token=lp["token"],
+        hidden=lp["hidden"], position=lp["position"], token_output=lp["token_output"],
+        hidden_output=lp["hidden_output"], max_new_tokens=lp["max_new_tokens"],
+        stop_token_ids=tuple(lp["stop_token_ids"]), seg_token_id=lp["seg_token_id"],
+        max_positions=lp["max_positions"], outputs=tuple(lp["outputs"]), feeds=tuple(lp["feeds"]))
     return Layout(
         host_inputs=tuple(_tensor_from_dict(t) for t in d["host_inputs"]),
         stages=tuple(_stage_from_dict(s) for s in d["stages"]),
@@ -113,16 +120,25 @@ def layout_from_dict(d: dict) -> Layout:
 def layout_problems(layout: Layout) -> list[str]:
     """Wiring and dim names that do not resolve: every input source names an existing host input, stage
     output or loop output, and every name in a shape is a key of `dims`. Empty when consistent."""
-    known = {f"host.{t.name}" for t in layout.host_inputs}
+    known = {f"host.{t.name}" for t in layout.host_inputs} | {CACHE_SOURCE}
     known |= {f"{s.name}.{t.name}" for s in layout.stages for t in s.outputs}
+    steps = layout.loop.steps if layout.loop is not None else ()
     if layout.loop is not None:
         known |= {f"loop.{o}" for o in layout.loop.outputs}
     problems = []
-    for s in layout.stages:
+    graphs = {s.name: s for s in layout.stages}
+    for s in (*layout.stages, *steps):
+        if s.loop:  # a decode step: its graph's I/O exactly, and its own feeds
+            g = graphs.get(s.graph)
+            if g is None or [(t.name, t.shape) for t in g.inputs] != [(t.name, t.shape) for t in s.inputs]:
+                problems.append(f"decode step {s.name!r} runs {s.graph!r}, which is no stage with its inputs")
+            known |= {f"loop.{f}" for f in layout.loop.feeds}
         for t in s.inputs:
             srcs = t.source.values() if isinstance(t.source, dict) else [t.source]
             problems += [f"stage {s.name!r} input {t.name!r} comes from {src!r}, which no stage, host input or "
                          "loop provides" for src in srcs if src not in known]
+        if s.loop:
+            known |= {f"{s.name}.{t.name}" for t in s.outputs}
     tensors = [("host input", t) for t in layout.host_inputs]
     tensors += [(f"stage {s.name!r} tensor", t) for s in layout.stages for t in (*s.inputs, *s.outputs)]
     for what, t in tensors:

@@ -24,7 +24,6 @@ _DIM_HINTS = {
     "suffix_len": "shorten the text or re-export with a larger --max-text-len",
     "num_seg": "re-export with a larger --max-seg",
     "instances": "pass fewer instance masks or re-export with a larger --max-instances",
-    "step_len": "feed fewer tokens per decode step or re-export with a larger --max-step",
 }
 _PAST_HINT = "shorten the text or generate fewer tokens, or re-export with a larger --max-text-len / --max-new-tokens"
 
@@ -32,11 +31,13 @@ _PAST_HINT = "shorten the text or generate fewer tokens, or re-export with a lar
 def _dim_hint(name: str) -> str:
     if name in _DIM_HINTS:
         return _DIM_HINTS[name]
-    return _PAST_HINT if name.startswith("past_") else "re-export with larger bounds"
+    if name.startswith(("rows_", "query_")):
+        return _DIM_HINTS["prefix_len"]
+    return _PAST_HINT if name.startswith(("past_", "cache_")) else "re-export with larger bounds"
 
 
 def is_plain_dim(dim: int | str) -> bool:
-    """True for a named dim ("prefix_len"); False for a static int or an expression ("past_llm_0 + step_len")."""
+    """True for a named dim ("prefix_len"); False for a static int or an expression ("prefix_len + 16 + suffix_len")."""
     return isinstance(dim, str) and dim.isidentifier()
 
 

@@ -4,19 +4,35 @@ The exporter names graph inputs and outputs from these specs, `graphs.manifest` 
 `manifest.json`, and the `Pipeline` follows their wiring. No model-specific logic sits between
 stages: every input names where its tensor comes from.
 
-    host.clip_pixels --> vision --(image_hidden, image_indices, image_embeds, assign)--+
-    host.prefix_ids, host.suffix_ids ---------------------------------------------------+--> llm_0 --> ... --> llm_{n-1}
-                        seg_gather(suffix rows at host.seg_rows) (single-pass) or loop.seg_hidden (generate)
-    host.sam_pixels --> sam_encoder --(image_embeddings)--+                                    |
-                                                          +--> sam_decoder <-- seg_head <-----+
-    generate: llm_{n-1}.(next_token, next_position, last_hidden) + every llm_i.present_* --> loop over `decode`
+    host.clip_pixels --> vision --(image_hidden, image_indices, image_embeds, assign)--------+
+    host.prefix_ids, host.suffix_ids --> embed --(prefix_embeds, suffix_embeds)--> entry_0 <--+
+    entry_i --(hidden, positions[, query_rows])--> llm_i --(hidden_out[, row_scores])--> entry_{i+1}.block_hidden ...
+    llm_{n-1}.hidden_out (post-norm) --> seg_gather(host.seg_rows) (single-pass) | loop.seg_hidden (generate)
+    host.sam_pixels --> sam_encoder --(image_embeddings)--> sam_decoder <-- seg_head <-----+
+    generate, after llm_{n-1}: loop of steps  embed(token) -> llm_0 -> ... -> llm_{n-1} -> next_token
 
-Layout inside every LLM stage: hidden rows are [prefix (P) | image rows (the stage's budget, original
-order) | suffix (S)], carried between stages as three tensors so P and S stay named dims. Image
-rows keep their original RoPE positions P + index.
+Weights once. Every weight lives in exactly one graph: `embed` (embed_tokens), `llm_<i>` (the
+decoder layers of schedule stage i; the last one also the final norm and lm_head), `vision`,
+`seg_head`, `sam_*`. The entry ops (concatenation and RoPE positions, cluster scatter, prune by
+the previous block's scores) are the weightless `entry_<i>` graphs; `seg_gather` is weightless too.
+The decode loop's steps (`Loop.steps`) are not graphs of their own: each names the graph it runs
+(`StageSpec.graph`), so prefill (many rows, empty cache) and decode (one row) share one graph, one
+engine and one loaded session.
 
-Source strings: "host.<input>", "<stage>.<output>", or "loop.<output>" (what the decode loop
-collects); a dict {mode: source} where the source differs by mode.
+Static KV cache. A block (`StageSpec.cache`) takes its layers' caches as inputs
+`past_{key,value}_<l>` [1, kv_heads, cache_<block>, head_dim], preallocated by the runtime at the
+request's capacity (the block's prefill rows + max_new_tokens - 1, at most the dim's max), plus
+`past_len` [1], how many rows of them are valid. It attends over the valid rows and its new rows
+(causally) and outputs only the new rows' K/V `{key,value}_<l>` [1, kv_heads, rows_<block>, head_dim];
+the runtime writes them into the cache at `past_len` and adds their count. The cache is never
+copied, and one decode shape (rows 1, the request's capacity) serves every step.
+
+Layout inside every block: hidden rows are [prefix (P) | image rows (the stage's budget, original
+order) | suffix (S)], then generated tokens. Image rows keep their original RoPE positions P + index.
+
+Source strings: "host.<input>", "<stage>.<output>", "loop.<output>" (what the decode loop
+collects or feeds: token, position, first_row), "cache" (the runtime's static KV cache and its
+length), or a dict {mode: source} where the source differs by mode.
 """
 
 from __future__ import annotations
@@ -30,6 +46,8 @@ from graphs.shapes import ModelShape
 DTYPES = ("float32", "float16", "int64")
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 EXPORT_MODES = ("single-pass", "generate", "both")
+CACHE_SOURCE = "cache"    # source of a block's cache inputs: the runtime's preallocated buffers
+CACHE_LENGTH = "past_len"  # block input [1]: valid cache rows, where this call's rows are written
 
 Dim = int | str  # an int is static; a str is a named dynamic dim (a key of `dims`) or an expression of them
 
@@ -48,13 +66,20 @@ class TensorSpec:
 @dataclass(frozen=True)
 class StageSpec:
     name: str               # graph file graphs/<name>.onnx; reused verbatim in engines, reports, tests
-    kind: str               # vision | llm | seg_gather | seg_head | sam_encoder | sam_decoder | decode
+    kind: str               # vision | embed | entry | llm | seg_gather | seg_head | sam_encoder | sam_decoder
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    layers: tuple[int, ...] = ()   # decoder layers (llm and decode stages)
-    loop: bool = False             # run by the decode loop, where the sequence reaches it
+    layers: tuple[int, ...] = ()   # decoder layers (llm stages)
+    loop: bool = False             # a decode step (`Loop.steps`), not a graph of its own
     modes: tuple[str, ...] = ("single-pass", "generate")  # modes whose runs include this stage
     skip_if_empty: str = ""        # input name: when it has a zero-size dim, skip and emit empty outputs
+    cache: tuple[tuple[str, str], ...] = ()  # (cache input, new-rows output): written at `past_len` (module doc)
+    graph: str = ""                # the graph it runs when not its own (decode steps); see `graph_name`
+
+    @property
+    def graph_name(self) -> str:
+        """The graph file stem graphs/<graph_name>.onnx (and engine) this stage runs."""
+        return self.graph or self.name
 
     def input(self, name: str) -> TensorSpec:
         return _named(self.inputs, name, f"stage {self.name!r} input")
@@ -72,23 +97,32 @@ class DimRange:
 
 @dataclass(frozen=True)
 class Loop:
-    """Greedy decoding over the `decode` stage, as `exporter.reference` does it.
+    """Greedy decoding after stage `after` (generate mode), as `exporter.reference` does it.
 
-    tok, hid = prefill's next_token, last_hidden
+    tok, hid, pos = prefill's token, hidden, position
     repeat: emit tok; if tok == seg: collect hid; stop on tok in stop_token_ids or max_new_tokens;
-            run decode with inputs from `carry` (first step: from the inputs' own sources); tok, hid = its outputs
+            run `steps` in order (feeds: "loop.token" = [tok], "loop.position" = [pos], "loop.first_row" = [0],
+            "<step>.<output>" of this step, "cache"); tok, hid = token_output, hidden_output; pos += 1
     """
 
-    stage: str
+    steps: tuple[StageSpec, ...]  # each runs an existing graph (`StageSpec.graph`) on one row
+    after: str              # the stage after which the loop runs
     token: str              # "<stage>.<output>" of the first token (prefill)
     hidden: str             # "<stage>.<output>" of the first token's post-norm hidden state
-    token_output: str       # decode output giving the next token
-    hidden_output: str      # decode output giving its post-norm hidden state
-    carry: dict[str, str]   # decode input -> decode output feeding it on the next step
+    position: str           # "<stage>.<output>": the position the first fed token takes
+    token_output: str       # "<step>.<output>" giving the next token
+    hidden_output: str      # "<step>.<output>" giving its post-norm hidden state
     max_new_tokens: int
     stop_token_ids: tuple[int, ...]
     seg_token_id: int
+    max_positions: int = 0  # the model's position limit (RoPE table); 0: unchecked
     outputs: tuple[str, ...] = ("generated_ids", "seg_hidden")
+    feeds: tuple[str, ...] = ("token", "position", "first_row")  # "loop.<x>" sources the steps read
+
+    @property
+    def stage(self) -> str:
+        """The name timings and reports use for all decode steps together."""
+        return "decode"
 
 
 @dataclass(frozen=True)
@@ -101,10 +135,16 @@ class Layout:
     loop: Loop | None = None
 
     def stage(self, name: str) -> StageSpec:
-        return _named(self.stages, name, "stage")
+        """A stage by name; a decode step (`loop.steps`) too."""
+        steps = self.loop.steps if self.loop is not None else ()
+        return _named((*self.stages, *steps), name, "stage")
+
+    def graph_stages(self) -> list[StageSpec]:
+        """One stage per graph file (the stages themselves: decode steps live in `loop.steps`)."""
+        return list(self.stages)
 
     def sequence(self, mode: str) -> list[StageSpec]:
-        """Stages of a `mode` run, in order. A `loop` stage there means: run the decode loop now."""
+        """Stages of a `mode` run, in order. In generate mode the loop runs after `loop.after`."""
         if mode not in self.modes:
             raise KeyError(f"mode {mode!r} is not in this artifact; it has: {', '.join(self.modes)}")
         return [s for s in self.stages if mode in s.modes]
@@ -121,7 +161,6 @@ class LayoutOptions:
         max_new_tokens (int): generate-mode decode limit. Defaults to 64.
         max_seg (int): the most [SEG] tokens per request. Defaults to 8.
         max_instances (int): the most instance masks (cluster_method seg_first). Defaults to 16.
-        max_step (int): the most tokens per decode step. Defaults to 1.
         opt_prefix (int): typical prefix length (the system prompt's). Defaults to 1.
         opt_suffix (int): typical suffix length. Defaults to 1.
     """
@@ -132,7 +171,6 @@ class LayoutOptions:
     max_new_tokens: int = 64
     max_seg: int = 8
     max_instances: int = 16
-    max_step: int = 1
     opt_prefix: int = 1
     opt_suffix: int = 1
 
@@ -211,74 +249,95 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
         (TensorSpec("image_embeddings", f, (1, sam.out_chans, sam.embed_grid, sam.embed_grid)),)))
 
     kv = lambda t: (1, llm.kv_heads, t, hd)  # noqa: E731  [1, kv_heads, T, head_dim]
-    prev = "vision"
+    text = ("prefix_len", "suffix_len")
+    stages.append(StageSpec(
+        "embed", "embed", (TensorSpec("prefix_ids", "int64", ("prefix_len",), "host.prefix_ids"),
+                           TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids")),
+        (TensorSpec("prefix_embeds", f, (1, "prefix_len", h)), TensorSpec("suffix_embeds", f, (1, "suffix_len", h)))))
+    n_stages = len(schedule.stages)
+    blocks: list[StageSpec] = []
     for i, st in enumerate(schedule.stages):
-        last = i == len(schedule.stages) - 1
-        next_prunes = not last and schedule.stages[i + 1].op == "prune"
-        if i == 0:
-            ins = [TensorSpec("prefix_ids", "int64", ("prefix_len",), "host.prefix_ids"),
-                   TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids")]
-        else:
-            ins = [TensorSpec("prefix_hidden", f, (1, "prefix_len", h), f"{prev}.prefix_hidden_out"),
-                   TensorSpec("suffix_hidden", f, (1, "suffix_len", h), f"{prev}.suffix_hidden_out")]
-            if next_prunes and schedule.prune_query == "seg":
-                ins.append(TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids"))
+        last = i == n_stages - 1
+        scores = not last and schedule.stages[i + 1].op == "prune"  # this block ranks image rows for the next
+        entry, block = f"entry_{i}", st.name
+        rows, cache = f"rows_{block}", f"cache_{block}"
+        qdim = rows if schedule.prune_query == "mean" else 1  # every row, or the one query row
         b_in = first.budget if i == 0 else schedule.stages[i - 1].budget
-        sfx = "" if i == 0 else "_out"
-        ins += [TensorSpec("image_hidden", f, (1, b_in, h), f"{prev}.image_hidden{sfx}"),
-                TensorSpec("image_indices", "int64", (b_in,), f"{prev}.image_indices{sfx}")]
-        if st.op == "scatter":
-            ins += [TensorSpec("image_embeds", f, (n, h), "vision.image_embeds"),
-                    TensorSpec("assign", "int64", (n,), "vision.assign")]
-        elif st.op == "prune":
-            ins.append(TensorSpec("image_scores", "float32", (b_in,), f"{prev}.image_scores"))
-        # "_out": ONNX value names are unique, so an output cannot share its input's name.
-        outs = [TensorSpec("prefix_hidden_out", f, (1, "prefix_len", h)),
-                TensorSpec("image_hidden_out", f, (1, st.budget, h)),
-                TensorSpec("suffix_hidden_out", f, (1, "suffix_len", h)),
+        if i == 0:
+            ins = [TensorSpec("prefix_embeds", f, (1, "prefix_len", h), "embed.prefix_embeds"),
+                   TensorSpec("suffix_embeds", f, (1, "suffix_len", h), "embed.suffix_embeds"),
+                   TensorSpec("image_hidden", f, (1, b_in, h), "vision.image_hidden"),
+                   TensorSpec("image_indices", "int64", (b_in,), "vision.image_indices")]
+        else:
+            prev = schedule.stages[i - 1].name
+            ins = [TensorSpec("block_hidden", f, (1, f"rows_{prev}", h), f"{prev}.hidden_out"),
+                   TensorSpec("image_indices", "int64", (b_in,), f"entry_{i - 1}.image_indices_out")]
+            if st.op == "scatter":
+                ins += [TensorSpec("image_embeds", f, (n, h), "vision.image_embeds"),
+                        TensorSpec("assign", "int64", (n,), "vision.assign")]
+            elif st.op == "prune":
+                ins.append(TensorSpec("row_scores", "float32", (f"rows_{prev}",), f"{prev}.row_scores"))
+        # P and S (and the [SEG] query) come from the ids themselves: entry graphs carry no weights.
+        ins += [TensorSpec(name, "int64", (dim,), f"host.{name}")
+                for name, dim in zip(("prefix_ids", "suffix_ids"), text)
+                if i > 0 or name == "suffix_ids" and scores]
+        outs = [TensorSpec("hidden", f, (1, rows, h)), TensorSpec("positions", "int64", (rows,)),
                 TensorSpec("image_indices_out", "int64", (st.budget,))]
-        if next_prunes:
-            outs.append(TensorSpec("image_scores", "float32", (st.budget,)))  # softmax attention paid to each image row
-        if last and generate:
-            outs += [TensorSpec("next_token", "int64", (1,)), TensorSpec("last_hidden", f, (1, h)),
-                     TensorSpec("next_position", "int64", (1,))]
-        if generate:
-            t = f"prefix_len + {st.budget} + suffix_len"
-            for layer in st.layers:
-                outs += [TensorSpec(f"present_key_{layer}", f, kv(t)), TensorSpec(f"present_value_{layer}", f, kv(t))]
-        stages.append(StageSpec(st.name, "llm", tuple(ins), tuple(outs), layers=tuple(st.layers)))
-        prev = st.name
-    last_llm = prev
+        if scores:
+            outs.append(TensorSpec("query_rows", "int64", (qdim,)))
+        if i == 0:
+            outs.append(TensorSpec("next_position", "int64", (1,)))  # P + N + S: the first generated token's
+        stages.append(StageSpec(entry, "entry", tuple(ins), tuple(outs)))
+
+        b_ins = [TensorSpec("hidden", f, (1, rows, h), f"{entry}.hidden"),
+                 TensorSpec("positions", "int64", (rows,), f"{entry}.positions")]
+        if scores:
+            b_ins.append(TensorSpec("query_rows", "int64", (qdim,), f"{entry}.query_rows"))
+        b_ins.append(TensorSpec(CACHE_LENGTH, "int64", (1,), CACHE_SOURCE))
+        b_outs = [TensorSpec("hidden_out", f, (1, rows, h))]  # the last block's rows are post-norm
+        pairs = []
+        for layer in st.layers:
+            for k in ("key", "value"):
+                b_ins.append(TensorSpec(f"past_{k}_{layer}", f, kv(cache), CACHE_SOURCE))
+                b_outs.append(TensorSpec(f"{k}_{layer}", f, kv(rows)))  # this call's rows only
+                pairs.append((f"past_{k}_{layer}", f"{k}_{layer}"))
+        if scores:
+            b_outs.append(TensorSpec("row_scores", "float32", (rows,)))  # softmax attention paid to each row
+        if last:
+            b_outs += [TensorSpec("next_token", "int64", (1,)), TensorSpec("last_hidden", f, (1, h))]
+        blocks.append(StageSpec(block, "llm", tuple(b_ins), tuple(b_outs), layers=tuple(st.layers),
+                                cache=tuple(pairs)))
+        stages.append(blocks[-1])
+        t_max = 2 * opts.max_text_len + st.budget
+        dims[rows] = _clamp_opt(1, opts.opt_prefix + st.budget + opts.opt_suffix, t_max)
+        dims[cache] = _clamp_opt(1, opts.opt_prefix + st.budget + opts.opt_suffix + opts.max_new_tokens,
+                                 t_max + (opts.max_new_tokens if generate else 0))
+    last_llm = blocks[-1].name
 
     loop = None
     if generate:
-        dec_in = [TensorSpec("token_ids", "int64", ("step_len",), f"{last_llm}.next_token"),
-                  TensorSpec("position", "int64", (1,), f"{last_llm}.next_position")]
-        dec_out = [TensorSpec("next_token", "int64", (1,)), TensorSpec("last_hidden", f, (1, h)),
-                   TensorSpec("next_position", "int64", (1,))]
-        carry = {"token_ids": "next_token", "position": "next_position"}
-        dims["step_len"] = DimRange(1, 1, opts.max_step)
-        for st in schedule.stages:
-            past = f"past_{st.name}"
-            typical = opts.opt_prefix + st.budget + opts.opt_suffix + opts.max_new_tokens // 2
-            dims[past] = _clamp_opt(1, typical, 2 * opts.max_text_len + st.budget + opts.max_new_tokens)
-            for layer in st.layers:
-                for kind in ("key", "value"):
-                    dec_in.append(TensorSpec(f"past_{kind}_{layer}", f, kv(past), f"{st.name}.present_{kind}_{layer}"))
-                    dec_out.append(TensorSpec(f"present_{kind}_{layer}", f, kv(f"{past} + step_len")))
-                    carry[f"past_{kind}_{layer}"] = f"present_{kind}_{layer}"
-        stages.append(StageSpec("decode", "decode", tuple(dec_in), tuple(dec_out),
-                                layers=tuple(range(llm.layers)), loop=True, modes=("generate",)))
-        loop = Loop(stage="decode", token=f"{last_llm}.next_token", hidden=f"{last_llm}.last_hidden",
-                    token_output="next_token", hidden_output="last_hidden", carry=carry,
+        steps = [StageSpec("step_embed", "embed", (TensorSpec("prefix_ids", "int64", ("prefix_len",), "loop.token"),
+                                                    TensorSpec("suffix_ids", "int64", ("suffix_len",), "loop.token")),
+                           stages[[s.name for s in stages].index("embed")].outputs, graph="embed", loop=True,
+                           modes=("generate",))]
+        for b in blocks:
+            src = {"hidden": f"{steps[-1].name}.{'prefix_embeds' if len(steps) == 1 else 'hidden_out'}",
+                   "positions": "loop.position", "query_rows": "loop.first_row"}
+            ins = tuple(TensorSpec(t.name, t.dtype, t.shape, src.get(t.name, t.source)) for t in b.inputs)
+            steps.append(StageSpec(f"step_{b.name}", "llm", ins, b.outputs, layers=b.layers, cache=b.cache,
+                                   graph=b.name, loop=True, modes=("generate",)))
+        loop = Loop(steps=tuple(steps), after=last_llm, token=f"{last_llm}.next_token",
+                    hidden=f"{last_llm}.last_hidden", position="entry_0.next_position",
+                    token_output=f"{steps[-1].name}.next_token", hidden_output=f"{steps[-1].name}.last_hidden",
                     max_new_tokens=opts.max_new_tokens, stop_token_ids=tuple(stop_token_ids),
-                    seg_token_id=seg_token_id)
+                    seg_token_id=seg_token_id, max_positions=llm.max_positions)
 
     seg_src: dict[str, str] = {}
     if single:
         stages.append(StageSpec(
             "seg_gather", "seg_gather",
-            (TensorSpec("suffix_hidden", f, (1, "suffix_len", h), f"{last_llm}.suffix_hidden_out"),
+            (TensorSpec("hidden", f, (1, f"rows_{last_llm}", h), f"{last_llm}.hidden_out"),
+             TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids"),
              TensorSpec("seg_rows", "int64", ("num_seg",), "host.seg_rows")),
             (TensorSpec("seg_hidden", f, ("num_seg", h)),),  # final post-norm rows before each [SEG]
             modes=("single-pass",), skip_if_empty="seg_rows"))

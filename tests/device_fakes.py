@@ -3,7 +3,7 @@
 out, outputs in buffers that every call overwrites).
 
     cuda = FakeCuda()
-    chain = CudaChain(layout, "cuda", cuda=cuda)
+    chain = CudaChain(layout, "cuda", cuda=cuda, alloc_device="cpu")
     Pipeline(layout, device_ort_runner_for(artifact_or_layout, graphs, cuda.log), chain=chain)
     cuda.log  # [("run", "side", "sam_encoder"), ("record", "side", "sam_encoder"), ("wait", "main", "sam_encoder"), ...]
 """

@@ -225,8 +225,8 @@ def _check_backend(session, ref: _Reference, image, query, modes, max_new_tokens
             got = session.pipeline.runner(stage).infer(feed)
             with TorchStageRunner(stage, art.layout.dims, ref.stage_model, art.schedule, ref.seg_id) as torch_runner:
                 want = torch_runner.infer(feed)
-            cmp = compare(got, want, **tol["stage"][stage.name])
-            report["stages"].append(_stage_entry(stage.name, mode, backend, cmp, tol["stage"][stage.name]["atol"]))
+            cmp = compare(got, want, **tol["stage"][stage.graph_name])
+            report["stages"].append(_stage_entry(stage.name, mode, backend, cmp, tol["stage"][stage.graph_name]["atol"]))
             progress(f"{mode}: {backend} {stage.name}: max abs {cmp.max_abs:.2e} {'ok' if cmp else 'FAILED'}")
         out = ref.run(image, query, mode, max_new_tokens, progress)
         report["end_to_end"].append({"backend": backend, **_end_to_end(
@@ -248,8 +248,8 @@ def _cross(other, base, other_segs: dict, base_segs: dict, stages, progress) -> 
         for stage, feed in _compared_feeds(art, base_seg, stages):
             want = base.pipeline.runner(stage).infer(feed)
             got = other.pipeline.runner(stage).infer(feed)
-            cmp = compare(got, want, **tol["stage"][stage.name])
-            entry["stages"].append(_stage_entry(stage.name, mode, other.backend, cmp, tol["stage"][stage.name]["atol"]))
+            cmp = compare(got, want, **tol["stage"][stage.graph_name])
+            entry["stages"].append(_stage_entry(stage.name, mode, other.backend, cmp, tol["stage"][stage.graph_name]["atol"]))
             progress(f"{mode}: {other.backend} vs {base.backend} {stage.name}: max abs {cmp.max_abs:.2e} "
                      f"{'ok' if cmp else 'FAILED'}")
         entry["end_to_end"].append(_end_to_end(mode, other_segs[mode], base_seg.mask_logits, base_seg.masks,

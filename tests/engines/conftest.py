@@ -1,11 +1,12 @@
 """Toy stage graphs (onnx.helper) and a hand-built Layout wiring them, for the runner and Pipeline tests.
 
     host.a, host.b --> s1 (Add) --sum--> s2 (Identity; source by mode) --y
-    host.ids --> prefill --(next_token, last_hidden, present)--> decode loop: token + 1, present grows by one row
+    host.ids --> prefill (a block: static cache) --(next_token, last_hidden)--> decode loop: step_prefill runs the
+                 same graph on the token; each call writes its ids as cache rows at past_len
     host.seg_rows (single-pass) | loop.seg_hidden (generate) --> head --seg_embeddings--> dec2 <-- s1.sum
 
-Toy semantics: prefill's next_token = max(ids) + 1 and last_hidden = [token, len(ids)]; each decode
-step emits token + 1, appends the fed token to the cache, and last_hidden = [new token, cache length].
+Toy semantics: a call's next_token = max(ids) + 1, last_hidden = [token, past_len + len(ids)] (the cache length
+after it), and its new cache rows are its ids: each decode step emits token + 1 and appends the fed token.
 """
 
 from __future__ import annotations
@@ -53,15 +54,13 @@ S1 = StageSpec("s1", "vision", (TensorSpec("a", F, (1, "n"), "host.a"), TensorSp
                (TensorSpec("sum", F, (1, "n")),))
 S2 = StageSpec("s2", "vision", (TensorSpec("x", F, (1, "n"), {"single-pass": "s1.sum", "generate": "host.a"}),),
                (TensorSpec("y", F, (1, "n")),))
-PREFILL = StageSpec("prefill", "llm", (TensorSpec("ids", "int64", ("len",), "host.ids"),),
+PREFILL = StageSpec("prefill", "llm", (TensorSpec("ids", "int64", ("len",), "host.ids"),
+                                       TensorSpec("past_len", "int64", (1,), "cache"),
+                                       TensorSpec("past", F, (1, 1, "cache", 1), "cache")),
                     (TensorSpec("next_token", "int64", (1,)), TensorSpec("last_hidden", F, (1, 2)),
-                     TensorSpec("present", F, (1, "len"))))
-DECODE = StageSpec("decode", "decode",
-                   (TensorSpec("token_ids", "int64", (1,), "prefill.next_token"),
-                    TensorSpec("past", F, (1, "past"), "prefill.present")),
-                   (TensorSpec("next_token", "int64", (1,)), TensorSpec("last_hidden", F, (1, 2)),
-                    TensorSpec("present", F, (1, "past + 1"))),
-                   loop=True, modes=("generate",))
+                     TensorSpec("rows", F, (1, 1, "len", 1))), cache=(("past", "rows"),))
+STEP = StageSpec("step_prefill", "llm", (TensorSpec("ids", "int64", ("len",), "loop.token"),) + PREFILL.inputs[1:],
+                 PREFILL.outputs, cache=PREFILL.cache, graph="prefill", loop=True, modes=("generate",))
 HEAD = StageSpec("head", "seg_head",
                  (TensorSpec("seg_hidden", F, ("num_seg", 2), {"single-pass": "host.seg_rows",
                                                                "generate": "loop.seg_hidden"}),),
@@ -70,14 +69,15 @@ DEC2 = StageSpec("dec2", "sam_decoder",
                  (TensorSpec("seg_embeddings", F, ("num_seg", 3), "head.seg_embeddings"),
                   TensorSpec("img", F, (1, "n"), "s1.sum")),
                  (TensorSpec("masks", F, ("num_seg", "n")),), skip_if_empty="seg_embeddings")
-STAGES = (S1, S2, PREFILL, DECODE, HEAD, DEC2)
-DIMS = {"n": DimRange(1, 4, 8), "len": DimRange(1, 3, 16), "num_seg": DimRange(1, 1, 4), "past": DimRange(1, 8, 32)}
+STAGES = (S1, S2, PREFILL, HEAD, DEC2)
+DIMS = {"n": DimRange(1, 4, 8), "len": DimRange(1, 3, 16), "num_seg": DimRange(1, 1, 4), "cache": DimRange(1, 8, 32)}
 
 
 def toy_layout(seg: int = 7, eos: int = 9, max_new_tokens: int = 10, dims: dict | None = None) -> Layout:
-    loop = Loop(stage="decode", token="prefill.next_token", hidden="prefill.last_hidden", token_output="next_token",
-                hidden_output="last_hidden", carry={"token_ids": "next_token", "past": "present"},
-                max_new_tokens=max_new_tokens, stop_token_ids=(eos,), seg_token_id=seg)
+    loop = Loop(steps=(STEP,), after="prefill", token="prefill.next_token", hidden="prefill.last_hidden",
+                position="prefill.next_token", token_output="step_prefill.next_token",
+                hidden_output="step_prefill.last_hidden", max_new_tokens=max_new_tokens, stop_token_ids=(eos,),
+                seg_token_id=seg)
     outputs = {"masks": "dec2.masks", "emb": "head.seg_embeddings", "y": "s2.y",
                "generated_ids": {"generate": "loop.generated_ids"}}
     return Layout(host_inputs=(A, B, IDS, SEG_ROWS), stages=STAGES, dims=dict(dims or DIMS),
@@ -96,24 +96,13 @@ def write_toy_graphs(out_dir):
             mk("Add", ["mx", "one"], ["next_token"]),
             mk("Cast", ["next_token"], ["tok_f"], to=TensorProto.FLOAT),
             mk("Shape", ["ids"], ["len_i"]),
-            mk("Cast", ["len_i"], ["len_f"], to=TensorProto.FLOAT),
+            mk("Add", ["len_i", "past_len"], ["tot"]),
+            mk("Cast", ["tot"], ["len_f"], to=TensorProto.FLOAT),
             mk("Concat", ["tok_f", "len_f"], ["hid1"], axis=0),
             mk("Unsqueeze", ["hid1", "ax0"], ["last_hidden"]),
             mk("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
-            mk("Unsqueeze", ["ids_f", "ax0"], ["present"]),
-        ], [one_f, _ints("ax0", [0])]),
-        "decode": (DECODE, [
-            mk("Add", ["token_ids", "one"], ["next_token"]),
-            mk("Cast", ["token_ids"], ["fed_f"], to=TensorProto.FLOAT),
-            mk("Unsqueeze", ["fed_f", "ax0"], ["fed_row"]),
-            mk("Concat", ["past", "fed_row"], ["present"], axis=1),
-            mk("Shape", ["present"], ["shp"]),
-            mk("Gather", ["shp", "one"], ["plen"], axis=0),
-            mk("Cast", ["plen"], ["plen_f"], to=TensorProto.FLOAT),
-            mk("Cast", ["next_token"], ["tok_f"], to=TensorProto.FLOAT),
-            mk("Concat", ["tok_f", "plen_f"], ["hid1"], axis=0),
-            mk("Unsqueeze", ["hid1", "ax0"], ["last_hidden"]),
-        ], [one_f, _ints("ax0", [0])]),
+            mk("Reshape", ["ids_f", "rows_shape"], ["rows"]),
+        ], [one_f, _ints("ax0", [0]), _ints("rows_shape", [1, 1, -1, 1])]),
         "head": (HEAD, [
             mk("ReduceSum", ["seg_hidden", "one"], ["rsum"], keepdims=1),
             mk("Concat", ["seg_hidden", "rsum"], ["seg_embeddings"], axis=1),

@@ -263,8 +263,9 @@ def test_settings_change_the_build_key(built_copy, installed, tmp_path):
 def test_fp16_artifact_builds_fp16_engines(export_tiny, tmp_path, installed):
     art = tmp_path / "csp16"
     shutil.copytree(export_tiny("csp", "both", "fp16"), art)
-    report = build_engines(art, precision="fp16", stages="llm_0,decode,seg_head,sam_decoder")
-    assert report["precision"] == "fp16" and set(report["stages"]) == {"llm_0", "decode", "seg_head", "sam_decoder"}
+    report = build_engines(art, precision="fp16", stages="embed,entry_2,llm_2,seg_head,sam_decoder")
+    assert report["precision"] == "fp16" and set(report["stages"]) == {"embed", "entry_2", "llm_2", "seg_head",
+                                                                       "sam_decoder"}
     for stage in report["stages"]:
         plan, sidecar = check_engine(art, stage)
         assert sidecar["precision"] == "fp16" and plan.stat().st_size > 0

@@ -183,7 +183,7 @@ def test_compute_capabilities_for_tensorrt():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"stages": "seg_head,nope"}, r"^unknown stage 'nope'; this artifact has: vision, sam_encoder, llm_0, llm_1, "),
+    ({"stages": "seg_head,nope"}, r"^unknown stage 'nope'; this artifact has: vision, sam_encoder, embed, entry_0, llm_0, "),
     ({"shapes": ["suffix_len=1:8:9999"]}, r"^--shapes suffix_len=1:8:9999: max 9999 is above the exported max 256"),
     ({"workspace_gb": 0}, r"^--workspace 0: expected a positive size in GiB$"),
 ], ids=["unknown-stage", "shapes", "workspace"])

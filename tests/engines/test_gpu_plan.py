@@ -37,7 +37,7 @@ def test_sam_encoder_runs_on_the_side_stream_and_sam_decoder_waits_for_it(schedu
     assert {n for n, s in plan.stream.items() if s == SIDE} == {"sam_encoder"}
     assert plan == StreamPlan(stream=plan.stream, waits={"sam_decoder": ("sam_encoder",)}, record=("sam_encoder",),
                               join=("sam_encoder",))
-    assert plan.stream["decode" if mode == "generate" else "seg_gather"] == MAIN
+    assert plan.stream[layout.loop.after if mode == "generate" else "seg_gather"] == MAIN
 
 
 def test_side_kind_reading_a_stage_output_stays_on_main(make_toy_layout):
@@ -57,19 +57,22 @@ def test_host_reads_are_the_outputs_and_the_loop_tokens():
     single = host_reads(layout, "single-pass")
     assert single == ("sam_decoder.masks", "sam_decoder.low_res_masks", "seg_head.seg_embeddings")
     gen = host_reads(layout, "generate")
-    assert gen == single + ("llm_2.next_token", "decode.next_token")  # generated_ids is assembled on the host
+    # generated_ids is assembled on the host; the first position is read once
+    assert gen == single + ("llm_2.next_token", "entry_0.next_position", "step_llm_2.next_token")
     assert host_reads(_layout(mode="single-pass"), "single-pass") == single
 
 
 # --- CUDA graph policy ----------------------------------------------------------------------------
 
-def test_graph_mode_only_for_the_loop_stage():
+def test_graph_mode_for_block_engines_only():
+    """A block's engine serves its decode steps (TrtRunner graphs only its one-row calls); other engines never."""
     layout = _layout()
-    decode, llm = layout.stage("decode"), layout.stage("llm_0")
-    assert graph_mode(decode, "tensorrt-rtx") == "builtin"
-    assert graph_mode(decode, "tensorrt") == "manual"
-    assert graph_mode(decode, "tensorrt", enabled=False) == "off"
-    assert graph_mode(llm, "tensorrt") == "off" and graph_mode(llm, "tensorrt-rtx") == "off"
+    block = layout.stage("llm_0")
+    assert graph_mode(block, "tensorrt-rtx") == "builtin"
+    assert graph_mode(block, "tensorrt") == "manual"
+    assert graph_mode(block, "tensorrt", enabled=False) == "off"
+    for name in ("embed", "entry_1", "vision", "seg_head"):
+        assert graph_mode(layout.stage(name), "tensorrt") == "off" == graph_mode(layout.stage(name), "tensorrt-rtx")
 
 
 def test_graph_cache_warms_up_captures_then_replays():
@@ -135,10 +138,12 @@ def _assert_device_resident(log, layout, mode):
     """Every stage input that comes from another stage arrived as a tensor (no host round trip)."""
     runs = [e for e in log if e[0] == "run"]
     assert runs
-    for _, _, name, kinds in runs:
+    steps = layout.loop.steps if layout.loop is not None else ()
+    for _, _, name, kinds in runs:  # a run names its graph: the stage itself, or a decode step running it
+        specs = [s for s in (*layout.stages, *steps) if s.graph_name == name]
         for t in layout.stage(name).inputs:
-            src = t.source_for(mode)
-            assert kinds[t.name] == ("numpy" if src.startswith("host.") else "tensor"), (name, t.name, src)
+            ok = {"numpy" if s.input(t.name).source_for(mode).startswith("host.") else "tensor" for s in specs}
+            assert kinds[t.name] in ok, (name, t.name, ok)
 
 
 @pytest.mark.parametrize("mode, seg_rows", [("single-pass", [[1, 2], [3, 4]]), ("generate", None)])
@@ -150,7 +155,7 @@ def test_toy_pipeline_on_cuda_chain_matches_host_chain(make_toy_layout, toy_grap
     with Pipeline(layout, lambda s: OrtRunner(s, layout.dims, toy_graphs[s.name])) as pipe:
         want = pipe.run(host, mode, record=True)
     cuda = FakeCuda()
-    chain = _ReadLog(layout, "cuda", side_kinds=("vision",), cuda=cuda)
+    chain = _ReadLog(layout, "cuda", side_kinds=("vision",), cuda=cuda, alloc_device="cpu")
     with Pipeline(layout, device_ort_runner_for(layout, toy_graphs.__getitem__, cuda.log), chain=chain) as pipe:
         got = pipe.run(host, mode, record=True)
     assert set(got.outputs) == set(want.outputs)
@@ -176,7 +181,7 @@ def test_generate_keeps_seg_rows_from_reused_buffers(make_toy_layout, toy_graphs
         want = pipe.run(_toy_host(), "generate")
     cuda = FakeCuda()
     with Pipeline(layout, device_ort_runner_for(layout, toy_graphs.__getitem__, cuda.log),
-                  chain=CudaChain(layout, "cuda", cuda=cuda)) as pipe:
+                  chain=CudaChain(layout, "cuda", cuda=cuda, alloc_device="cpu")) as pipe:
         got = pipe.run(_toy_host(), "generate")
     assert got.generated_ids == [6, 7, 8, 9]
     np.testing.assert_array_equal(got.tensors["loop.seg_hidden"].numpy(), want.tensors["loop.seg_hidden"])  # [[7, 4]]
@@ -201,7 +206,7 @@ def test_artifact_on_cuda_chain_matches_onnxruntime(tiny_art, mode):
     cuda = FakeCuda()
     with ArtifactSession(tiny_art, verify=False) as dev:
         art = dev.artifact
-        chain = _ReadLog(art.layout, "cuda", cuda=cuda)
+        chain = _ReadLog(art.layout, "cuda", cuda=cuda, alloc_device="cpu")
         dev.pipeline = Pipeline(art.layout, device_ort_runner_for(art.layout, art.graph_path, cuda.log), chain=chain)
         got = dev.segment(image, SEG_QUERY, mode=mode, max_new_tokens=8)
     assert got.generated_ids == want.generated_ids and got.answer == want.answer

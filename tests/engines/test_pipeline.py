@@ -55,14 +55,17 @@ def test_generate_loop_collects_seg_and_stops_on_eos(make_toy_layout, toy_graphs
     assert res.outputs["generated_ids"].dtype == np.int64
     # token 7 came from the first decode step: cache of 3 prompt rows + the fed token 6
     np.testing.assert_array_equal(res.tensors["loop.seg_hidden"], [[7, 4]])
-    np.testing.assert_array_equal(res.tensors["decode.present"], [[3, 5, 1, 6, 7, 8]])  # carried and grown 3 times
+    cache = pipe.kv.buffers["prefill"]["past"]  # written in place: 3 prompt rows, then one row per step
+    assert cache.shape == (1, 1, 3 + 9, 1) and pipe.kv.length["prefill"] == 6
+    np.testing.assert_array_equal(cache[0, 0, :6, 0], [3, 5, 1, 6, 7, 8])
     assert res.timings_ms["decode_steps"] == 3 and res.timings_ms["decode"] >= 0
     np.testing.assert_array_equal(res.outputs["y"], host["a"])  # s2.x comes from host.a in generate
     np.testing.assert_array_equal(res.outputs["emb"], [[7, 4, 11]])
     np.testing.assert_array_equal(res.outputs["masks"], 22 + 11 * host["a"])
-    first = res.feeds["decode"]  # the first step's feed: the inputs' own sources
-    np.testing.assert_array_equal(first["token_ids"], [6])
-    np.testing.assert_array_equal(first["past"], [[3, 5, 1]])
+    first = res.feeds["step_prefill"]  # the first step's feed, as it was then
+    np.testing.assert_array_equal(first["ids"], [6])
+    np.testing.assert_array_equal(first["past_len"], [3])
+    np.testing.assert_array_equal(first["past"][0, 0, :4, 0], [3, 5, 1, 0])
 
 
 def test_generate_stops_at_max_new_tokens(make_toy_layout, toy_graphs):
@@ -71,7 +74,7 @@ def test_generate_stops_at_max_new_tokens(make_toy_layout, toy_graphs):
         short = pipe.run(_host(), "generate", max_new_tokens=2)
         one = pipe.run(_host(), "generate", max_new_tokens=1)
     assert full.generated_ids == list(range(6, 16)) and full.timings_ms["decode_steps"] == 9
-    assert full.tensors["decode.present"].shape == (1, 12)
+    assert pipe.kv.buffers["prefill"]["past"].shape == (1, 1, 3, 1)  # the last run's (max_new_tokens 1) capacity
     assert short.generated_ids == [6, 7] and short.timings_ms["decode_steps"] == 1
     np.testing.assert_array_equal(short.tensors["loop.seg_hidden"], [[7, 4]])
     assert one.generated_ids == [6] and one.timings_ms["decode_steps"] == 0 and "decode" not in one.timings_ms
@@ -116,7 +119,7 @@ def test_runners_made_once_and_closed(make_toy_layout, toy_graphs):
     pipe.run(_host(seg_rows=[[1, 2]]), "single-pass")
     pipe.run(_host(seg_rows=[[1, 2]]), "single-pass")
     pipe.run(_host(), "generate")
-    assert sorted(made) == ["dec2", "decode", "head", "prefill", "s1", "s2"]
+    assert sorted(made) == ["dec2", "head", "prefill", "s1", "s2"]  # the decode step reuses prefill's runner
     runners = list(pipe.runners.values())
     assert all(r.is_active for r in runners)
     pipe.close()
@@ -143,10 +146,13 @@ def test_decode_cache_outgrows_its_profile(make_toy_layout, toy_graphs):
     from graphs.stages import DimRange
 
     layout = make_toy_layout(eos=100, dims={"n": DimRange(1, 4, 8), "len": DimRange(1, 3, 16),
-                                            "num_seg": DimRange(1, 1, 4), "past": DimRange(1, 4, 5)})
-    with _pipeline(layout, toy_graphs) as pipe:
-        with pytest.raises(InputError, match=r"stage 'decode' input 'past': dim 'past' is 6, outside .*\[1, 5\]"):
+                                            "num_seg": DimRange(1, 1, 4), "cache": DimRange(1, 4, 5)})
+    made = []
+    with _pipeline(layout, toy_graphs, made) as pipe:
+        with pytest.raises(InputError, match=r"stage 'prefill': its KV cache needs 3 prompt rows \+ 9 generated = 12 "
+                                             r"rows, more than the exported 5 \(cache\); shorten the text"):
             pipe.run(_host(), "generate")
+    assert "prefill" not in made  # refused before the block ran
 
 
 def test_given_tensors_and_a_stage_subset(make_toy_layout, toy_graphs):
@@ -158,7 +164,7 @@ def test_given_tensors_and_a_stage_subset(make_toy_layout, toy_graphs):
         first = pipe.run({"a": host["a"], "b": host["b"]}, "generate", stages={"s1"})
         assert set(first.timings_ms) == {"s1"} and "s1.sum" in first.tensors
         rest = pipe.run({"ids": host["ids"], "a": host["a"]}, "generate", given={"s1.sum": first.tensors["s1.sum"]},
-                        stages={"s2", "prefill", "decode", "head", "dec2"})
+                        stages={"s2", "prefill", "head", "dec2"})
         assert "s1" not in rest.timings_ms and rest.generated_ids == full.generated_ids
         for name, value in full.outputs.items():
             np.testing.assert_array_equal(rest.outputs[name], value)

@@ -2,7 +2,7 @@
 
 It checks that the layout's wiring is runnable as the Pipeline reads it: every source exists when its
 stage runs, every feed passes the runner's spec checks (dtypes, named dims, profiles), the decode loop's
-carry covers the decode inputs, and the result has the outputs the layout promises.
+steps feed every block input, and the result has the outputs the layout promises.
 """
 
 from __future__ import annotations
@@ -64,5 +64,7 @@ def test_pipeline_runs_every_layout(preset, knobs, precision):
     np.testing.assert_array_equal(gen.tensors["loop.seg_hidden"][:, 0], [2])  # the step that emitted [SEG]
     assert gen.tensors["loop.seg_hidden"].dtype == np.dtype(layout.stage("seg_head").inputs[0].dtype)
     assert gen.outputs["masks"].shape == (1, shape.sam.image_size, shape.sam.image_size)
-    n_past = {k: v for k, v in gen.feeds["decode"].items() if k.startswith("past_")}
+    steps = [s.name for s in layout.loop.steps]  # embed, then every block over its own cache
+    n_past = {k for name in steps for k in gen.feeds[name] if k.startswith("past_key") or k.startswith("past_value")}
     assert len(n_past) == 2 * shape.llm.layers
+    assert all(gen.feeds[name]["hidden"].shape[1] == 1 for name in steps[1:])  # one row per decode step

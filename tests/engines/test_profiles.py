@@ -57,21 +57,20 @@ def test_data_dependent_num_seg_is_bounded_by_dims():
     assert profile["seg_embeddings"].min[0] == 1 and profile["seg_embeddings"].max[0] == layout.dims["num_seg"].max
 
 
-def test_decode_profile_uses_step_len_and_past_dims():
+def test_block_profile_spans_prefill_and_decode_rows_and_the_cache():
     layout = _layout("csp", "generate")
-    decode = layout.stage("decode")
-    (profile,) = stage_profiles(decode, layout.dims)
-    assert profile["token_ids"].max == (layout.dims["step_len"].max,)
+    block = layout.stage("llm_0")
+    (profile,) = stage_profiles(block, layout.dims)
+    assert profile["hidden"].min[1] == 1 and profile["hidden"].max[1] == layout.dims["rows_llm_0"].max  # decode .. prompt
     key = profile["past_key_0"]
-    assert key.max[2] == layout.dims["past_llm_0"].max and key.min[2] == layout.dims["past_llm_0"].min
-    assert set(stage_dims(decode, layout.dims)) == {"step_len", "past_llm_0", "past_llm_1", "past_llm_2"}
+    assert key.max[2] == layout.dims["cache_llm_0"].max and key.min[2] == 1
+    assert set(stage_dims(block, layout.dims)) == {"rows_llm_0", "cache_llm_0"}
 
 
 def test_profiles_note_says_why_one_profile_suffices():
     layout = _layout("csp")
     notes = {s.kind: profiles_note(s) for s in layout.stages}
-    assert notes["llm"] == PROFILES_NOTE["llm"] and "decode" in notes["llm"]
-    assert notes["decode"] == PROFILES_NOTE["decode"] and "prefill" in notes["decode"]
+    assert notes["llm"] == PROFILES_NOTE["llm"] and "prefill and decode" in notes["llm"]
     assert "one profile" in notes["vision"]
 
 

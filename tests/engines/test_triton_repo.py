@@ -491,10 +491,10 @@ def fake_engines(art, dest, flavor, version="10.13.0.35", narrow=None, drop_inpu
 def test_tensorrt_plans(art, tmp_path):
     from graphs.stages import DimRange
 
-    with pytest.raises(ArtifactError, match=r"9 of 9 stages .* have no TensorRT engine .*csprt build .* --flavor tensorrt"):
+    with pytest.raises(ArtifactError, match=r"12 of 12 stages .* have no TensorRT engine .*csprt build .* --flavor tensorrt"):
         write_triton_repo(art, tmp_path / "r", backend="tensorrt")
     eng = fake_engines(art, tmp_path / "art", "tensorrt", narrow={"suffix_len": DimRange(1, 32, 128)},
-                       drop_input=("llm_1", "suffix_ids"))
+                       drop_input=("entry_1", "suffix_ids"))
     report = write_triton_repo(eng, tmp_path / "repo", backend="tensorrt")
     assert (report["flavor"], report["trt_version"]) == ("tensorrt", "10.13.0.35")
     layout = load_artifact(eng).layout
@@ -503,12 +503,12 @@ def test_tensorrt_plans(art, tmp_path):
         cfg = parse_config(model_dir / "config.pbtxt")
         assert (cfg.platform, cfg.backend, cfg.default_model_filename) == ("tensorrt_plan", "tensorrt", "model.plan")
         assert (model_dir / "1" / "model.plan").read_bytes() == f"fake tensorrt plan of {stage.name}".encode()
-        assert [t.name for t in cfg.input] == [t.name for t in stage.inputs if (stage.name, t.name) != ("llm_1", "suffix_ids")]
+        assert [t.name for t in cfg.input] == [t.name for t in stage.inputs if (stage.name, t.name) != ("entry_1", "suffix_ids")]
         assert "TensorRT 10.13.0.35 engine for SM80, SM86" in (model_dir / "config.pbtxt").read_text()
-    llm_0 = parse_config(tmp_path / "repo" / "csprt_llm_0" / "config.pbtxt")
-    assert "suffix_len=1:32:128" in llm_0.parameters[DIMS_PARAMETER].string_value  # the engine's narrowed profile
+    entry_0 = parse_config(tmp_path / "repo" / "csprt_embed" / "config.pbtxt")
+    assert "suffix_len=1:32:128" in entry_0.parameters[DIMS_PARAMETER].string_value  # the engine's narrowed profile
     stages = json.loads((tmp_path / "repo" / "csprt" / "1" / "stages.json").read_text())["stage_models"]
-    assert "suffix_ids" not in stages["llm_1"]["inputs"]
+    assert "suffix_ids" not in stages["entry_1"]["inputs"]
 
 
 def test_tensorrt_rtx_plans_need_their_own_backend(art, tmp_path):
@@ -531,7 +531,7 @@ def test_cli(art, tmp_path, monkeypatch):
     rc, out, err = call(["triton-repo", str(art), "--out", str(tmp_path / "repo"), "--name", "seg",
                          "--instances", "2", "--device", "cpu"])
     assert rc == 0, err
-    assert f"triton repository: {tmp_path / 'repo'} (onnxruntime; BLS model 'seg', 9 stage models)" in out
+    assert f"triton repository: {tmp_path / 'repo'} (onnxruntime; BLS model 'seg', 12 stage models)" in out
     cfg = parse_config(tmp_path / "repo" / "seg_vision" / "config.pbtxt")
     assert cfg.instance_group[0].count == 2
     assert "--name seg --instances 2 --device cpu" in json.loads((tmp_path / "repo" / REPO_MARKER).read_text())["command"]

@@ -39,16 +39,11 @@ def test_buffer_plan_sizes_every_tensor_at_the_maxima():
     dims = layout.dims
     h, kv, hd = 64, 2, 16  # tiny LLM: hidden 64, 2 kv heads, head_dim 64 / 4 heads
     plan = buffer_plan(layout.stage("llm_0"), dims)
-    assert plan["prefix_ids"] == BufferSpec("prefix_ids", "input", "int64", (dims["prefix_len"].max,),
-                                            8 * dims["prefix_len"].max)
-    t_max = dims["prefix_len"].max + 16 + dims["suffix_len"].max  # csp's first stage keeps 16 image rows
-    assert plan["present_key_0"] == BufferSpec("present_key_0", "output", "float32", (1, kv, t_max, hd),
-                                               4 * kv * t_max * hd)
-    assert plan["prefix_hidden_out"].max_shape == (1, dims["prefix_len"].max, h)
-    decode = buffer_plan(layout.stage("decode"), dims)
-    past = dims["past_llm_2"].max
-    assert decode["past_key_3"].max_shape == (1, kv, past, hd)
-    assert decode["present_key_3"].max_shape == (1, kv, past + dims["step_len"].max, hd)
+    rows, cache = dims["rows_llm_0"].max, dims["cache_llm_0"].max
+    assert plan["positions"] == BufferSpec("positions", "input", "int64", (rows,), 8 * rows)
+    assert plan["key_0"] == BufferSpec("key_0", "output", "float32", (1, kv, rows, hd), 4 * kv * rows * hd)
+    assert plan["hidden_out"].max_shape == (1, rows, h)
+    assert plan["past_key_0"].max_shape == (1, kv, cache, hd)  # sized, but never allocated: bound in place
     assert [b.io for b in plan.values()] == sorted(b.io for b in plan.values())  # inputs first
 
 
@@ -224,8 +219,10 @@ def test_pipeline_matches_onnxruntime(gpu_art, mode):
 @pytest.mark.gpu
 @pytest.mark.trt
 def test_cuda_graph_decode_matches_plain_decode(gpu_art):
-    """Six decode steps, three times over (manual graphs: plain, then captured, then replayed per shape), against
-    the same engine without graphs."""
+    """Six one-row decode calls of a block over its static cache (bound at its address; past_len advancing), three
+    times over (manual graphs: plain, then captured, then replayed), against the same engine without graphs."""
+    import torch
+
     from engines.session import ArtifactSession
     from engines.trt_runner import TrtRunner
     from exporter.export import sample_image
@@ -234,28 +231,143 @@ def test_cuda_graph_decode_matches_plain_decode(gpu_art):
 
     layout = load_artifact(gpu_art).layout
     with ArtifactSession(gpu_art) as ort:
-        first = ort.segment(sample_image(), SEG_QUERY, mode="generate", max_new_tokens=2, record=True)
-    feed0 = first.pipeline.feeds["decode"]
+        first = ort.segment(sample_image(), SEG_QUERY, mode="generate", max_new_tokens=8, record=True)
+    step = layout.loop.steps[1]  # the first block's decode step
+    feed0 = {k: torch.from_numpy(v).cuda() for k, v in first.pipeline.feeds[step.name].items()}
+    valid = int(feed0["past_len"][0])
 
     def steps(runner, n=6):
-        feed, outs = dict(feed0), []
-        for _ in range(n):
-            out = runner.infer(feed)
-            outs.append(out)
-            feed = {k: out[v] for k, v in layout.loop.carry.items()}
+        outs = []
+        for i in range(n):
+            feed = {**feed0, "past_len": torch.tensor([valid + i], device="cuda")}
+            outs.append(runner.infer(feed))
         return outs
 
-    with TrtRunner(layout.stage("decode"), gpu_art, cuda_graphs=False) as plain:
+    with TrtRunner(layout.stage(step.graph), gpu_art, cuda_graphs=False) as plain:
         assert plain.graph_mode == "off"
         want = steps(plain)
-    with TrtRunner(layout.stage("decode"), gpu_art) as graphed:
+    with TrtRunner(layout.stage(step.graph), gpu_art) as graphed:
         assert graphed.graph_mode in ("builtin", "manual")
         runs = [steps(graphed) for _ in range(3)]
         if graphed.graph_mode == "manual":
             assert not graphed.graphs.disabled, f"capture fell back to plain runs: {graphed.graphs.disabled}"
-            assert graphed.graphs.replays == 6 and len(graphed.graphs.graphs) == 6
+            assert graphed.graphs.replays == 3 * 6 - 2 and len(graphed.graphs.graphs) == 1
+            assert graphed.last_copied["cache"] == 0
     for run in runs:
         for got_step, want_step in zip(run, want):
-            np.testing.assert_array_equal(got_step["next_token"], want_step["next_token"])
             for name, ref in want_step.items():
                 np.testing.assert_allclose(got_step[name], ref, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+# --- a block's engine on a fake TensorRT context (CPU): cache bound in place, decode steps under CUDA graphs ---
+
+class _FakeContext:
+    """What TrtRunner._run uses of an IExecutionContext; output shapes from the spec at the bound dims."""
+
+    def __init__(self, runner):
+        self.runner, self.active_optimization_profile = runner, 0
+        self.addresses, self.executed = {}, 0
+
+    def set_input_shape(self, name, shape):
+        pass
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def get_tensor_shape(self, name):
+        return tuple(eval_dim(d, self.runner.last_dims) for d in self.runner.stage.output(name).shape)
+
+    def execute_async_v3(self, handle):
+        self.executed += 1
+        return True
+
+
+def _fake_block_runner(monkeypatch, capture_ok=True):
+    import contextlib
+    import math
+    import types
+
+    import torch
+
+    from engines.gpu_plan import GraphCache
+    from engines.profiles import stage_profiles
+    from engines.trt_runner import TrtRunner
+    from graphs.runner import BaseRunner
+
+    layout = _layout()
+    stage = layout.stage("llm_0")
+    r = object.__new__(TrtRunner)
+    BaseRunner.__init__(r, stage, layout.dims)
+    r.device, r.graph_mode, r.graphs, r._staged = "cpu", "manual", GraphCache(), {}
+    r.profiles, r.buffers_plan = stage_profiles(stage, layout.dims), buffer_plan(stage, layout.dims)
+    r._cache_inputs = {i for i, _ in stage.cache}
+    r._inputs = [t.name for t in stage.inputs]
+    r._buffers = {n: torch.zeros(max(1, math.prod(b.max_shape)), dtype=getattr(torch, b.dtype))
+                  for n, b in r.buffers_plan.items() if n not in r._cache_inputs}
+    r._context, r.is_active = _FakeContext(r), True
+    captures = []
+
+    def capture(stream):
+        captures.append(1)
+        if not capture_ok:
+            r.graphs.disable("RuntimeError: operation not permitted when stream is capturing")
+            return None
+        return types.SimpleNamespace(replay=lambda: setattr(r._context, "executed", r._context.executed + 1))
+
+    monkeypatch.setattr(r, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    return r, captures
+
+
+def _block_feed(stage, rows, cache, past_len):
+    import torch
+
+    h = stage.input("hidden").shape[2]
+    feed = {"hidden": torch.zeros((1, rows, h)), "positions": torch.arange(rows), "past_len": torch.tensor([past_len])}
+    return {**feed, **cache}
+
+
+def _cache(stage, capacity):
+    import torch
+
+    return {i: torch.zeros((1, stage.input(i).shape[1], capacity, stage.input(i).shape[3])) for i, _ in stage.cache}
+
+
+def test_block_engine_binds_the_cache_in_place_and_replays_decode_steps(monkeypatch):
+    pytest.importorskip("torch")
+    import types
+
+    r, captures = _fake_block_runner(monkeypatch)
+    stream = types.SimpleNamespace(cuda_stream=0)
+    cache = _cache(r.stage, 40)
+    ctx = r._context
+    for request in range(2):  # a later request with the same bounds (the same buffers) replays at once
+        for step, rows in enumerate([30] + [1] * 9):
+            feed = _block_feed(r.stage, rows, cache, 0 if step == 0 else 29 + step)
+            r._check_feed(feed)
+            r._run(feed, stream)
+            assert {n: ctx.addresses[n] for n in cache} == {n: v.data_ptr() for n, v in cache.items()}
+            assert r.last_copied["cache"] == 0  # the cache is bound at its address, never copied
+            assert r.last_copied["inputs"] == sum(feed[n].numel() * feed[n].element_size() for n in feed
+                                                  if n not in cache)
+    assert captures == [1]  # once: after one plain decode step of that shape
+    assert len(r.graphs.graphs) == 1 and r.graphs.replays == 7 + 9  # steps 3..9, then all 9 of the next request
+    assert ctx.executed == 2 * 10  # every call ran once (plain, or the captured graph)
+
+
+def test_failed_capture_falls_back_once_loudly(monkeypatch, caplog):
+    pytest.importorskip("torch")
+    import types
+
+    r, captures = _fake_block_runner(monkeypatch, capture_ok=False)
+    stream = types.SimpleNamespace(cuda_stream=0)
+    cache = _cache(r.stage, 40)
+    with caplog.at_level("WARNING", logger="csprt"):
+        for step, rows in enumerate([30] + [1] * 6):
+            feed = _block_feed(r.stage, rows, cache, 0 if step == 0 else 29 + step)
+            r._check_feed(feed)
+            r._run(feed, stream)
+    assert captures == [1] and r.graphs.disabled.startswith("RuntimeError")
+    warnings = [rec.getMessage() for rec in caplog.records if "CUDA graph capture failed" in rec.getMessage()]
+    assert len(warnings) == 1 and "without CUDA graphs" in warnings[0]
+    assert r._context.executed == 7  # every step still ran, plainly

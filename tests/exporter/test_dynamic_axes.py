@@ -1,4 +1,5 @@
-"""Named token axes are really dynamic: each LLM stage graph at several text lengths, decode at several past lengths.
+"""Named token axes are really dynamic: entry_0 at several text lengths, each block at several row counts (prefill),
+and at several cache capacities and valid lengths (decode steps).
 
 Feeds come from a real pipeline run (`record=True`) and are cut to other lengths; ONNX Runtime must
 match the stage's torch wrapper on each.
@@ -43,65 +44,47 @@ def _compare(session, model, stage, feed, atol=1e-4):
     return got
 
 
-def _cut_text(feed: dict, prefix: int, suffix: int) -> dict:
-    """The same request with the text cut to `prefix` + `suffix` tokens (the suffix keeps its end, so [SEG] stays)."""
-    out = {}
-    for name, value in feed.items():
-        if name == "prefix_ids":
-            out[name] = value[:prefix]
-        elif name == "suffix_ids":
-            out[name] = value[-suffix:]
-        elif name == "prefix_hidden":
-            out[name] = value[:, :prefix]
-        elif name == "suffix_hidden":
-            out[name] = value[:, -suffix:]
-        else:
-            out[name] = value
-    return out
+def test_entry_runs_at_three_text_lengths(recorded):
+    session, feeds, model = recorded
+    stage = session.artifact.layout.stage("entry_0")
+    feed = feeds["single-pass"]["entry_0"]
+    p, s = feed["prefix_embeds"].shape[1], feed["suffix_embeds"].shape[1]
+    for lp, ls in [(p, s), (max(2, p // 3), max(3, s // 2)), (5, 2)]:
+        cut = {**feed, "prefix_embeds": feed["prefix_embeds"][:, :lp], "suffix_embeds": feed["suffix_embeds"][:, -ls:]}
+        if "suffix_ids" in cut:
+            cut["suffix_ids"] = feed["suffix_ids"][-ls:]
+        out = _compare(session, model, stage, cut)
+        assert out["hidden"].shape[1] == lp + feed["image_hidden"].shape[1] + ls
 
 
 @pytest.mark.parametrize("mode", ["single-pass", "generate"])
-def test_each_llm_stage_runs_at_three_text_lengths(recorded, mode):
+def test_each_block_runs_at_three_row_counts(recorded, mode):
     session, feeds, model = recorded
-    llm_stages = [s for s in session.artifact.layout.stages if s.kind == "llm"]
-    assert len(llm_stages) == 3
-    p = feeds[mode]["llm_0"]["prefix_ids"].shape[0]
-    s = feeds[mode]["llm_0"]["suffix_ids"].shape[0]
-    lengths = [(p, s), (max(2, p // 3), max(3, s // 2)), (5, 2)]
-    assert len({lp for lp, _ in lengths}) == len({ls for _, ls in lengths}) == 3
-    for stage in llm_stages:
-        for lp, ls in lengths:
-            out = _compare(session, model, stage, _cut_text(feeds[mode][stage.name], lp, ls))
-            assert out["prefix_hidden_out"].shape[1] == lp and out["suffix_hidden_out"].shape[1] == ls
+    blocks = [s for s in session.artifact.layout.stages if s.kind == "llm"]
+    assert len(blocks) == 3
+    for stage in blocks:
+        feed = feeds[mode][stage.name]
+        t = feed["hidden"].shape[1]
+        for rows in (t, t // 2, 3):
+            cut = {**feed, "hidden": feed["hidden"][:, :rows], "positions": feed["positions"][:rows]}
+            if "query_rows" in cut:
+                cut["query_rows"] = np.minimum(feed["query_rows"], rows - 1)
+            out = _compare(session, model, stage, cut)
+            assert out["hidden_out"].shape[1] == rows and out[f"key_{stage.layers[0]}"].shape[2] == rows
 
 
-def test_decode_runs_at_several_past_lengths(recorded):
+def test_decode_step_runs_at_several_cache_lengths(recorded):
+    """A decode step (one row) over caches of other capacities and valid lengths: only the new row comes out."""
     session, feeds, model = recorded
-    stage = session.artifact.layout.stage("decode")
-    feed = feeds["generate"]["decode"]
-    full = {name: v.shape[2] for name, v in feed.items() if name.startswith("past_")}
-    pasts = set()
-    for cut in (0, 7, 40):
-        cut_feed = {name: (v[:, :, : max(1, v.shape[2] - cut)] if name.startswith("past_") else v)
-                    for name, v in feed.items()}
-        out = _compare(session, model, stage, cut_feed)
-        for name in full:
-            layer = name.rsplit("_", 1)[1]
-            kind = "key" if "_key_" in name else "value"
-            assert out[f"present_{kind}_{layer}"].shape[2] == cut_feed[name].shape[2] + 1
-        pasts.add(tuple(cut_feed[n].shape[2] for n in sorted(full)))
-    assert len(pasts) == 3
-
-
-def test_stage_graph_dims_are_named(export_tiny):
-    """The manifest's named dims appear by name on the graphs' inputs (not s0, s1 from the tracer)."""
-    import onnx
-
-    from graphs.manifest import load_artifact
-
-    art = load_artifact(export_tiny("csp", "both"))
-    for stage in art.layout.stages:
-        model = onnx.load(str(art.graph_path(stage.name)), load_external_data=False)
-        graph_dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
-        for t in stage.inputs:
-            assert graph_dims[t.name] == list(t.shape), (stage.name, t.name)
+    for step in session.artifact.layout.loop.steps[1:]:
+        feed = feeds["generate"][step.name]
+        valid = int(feed["past_len"][0])
+        caps = set()
+        for cap, n in ((feed[step.cache[0][0]].shape[2], valid), (valid + 1, valid), (valid, valid - 7)):
+            cut = {k: (v[:, :, :cap] if k.startswith("past_key") or k.startswith("past_value") else v)
+                   for k, v in feed.items()}
+            cut["past_len"] = np.asarray([n], dtype=np.int64)
+            out = _compare(session, model, step, cut)
+            assert out[f"key_{step.layers[0]}"].shape[2] == 1
+            caps.add(cap)
+        assert len(caps) == 3

@@ -129,13 +129,13 @@ def test_export_holds_one_stage_at_a_time(tiny_ckpt, export_tiny, tmp_path, tmp_
     stats = weights.stats
     total = weights.total_tensors
     held = {label: n for label, n, _ in stats.history}
-    assert list(held) == ["vision", "sam_encoder", "llm_0", "llm_1", "llm_2", "decode", "seg_gather", "seg_head",
-                          "sam_decoder", "done"]
+    assert list(held) == ["vision", "sam_encoder", "embed", "entry_0", "llm_0", "entry_1", "llm_1", "entry_2", "llm_2",
+                          "seg_gather", "seg_head", "sam_decoder", "done"]
     assert held["done"] == 0 and weights.held == set()
     assert stats.peak_tensors == max(held.values()) < total
-    # csp on 4 layers: llm_1 is one decoder layer (9 tensors) of the 259; decode needs the whole LLM.
-    assert held["llm_1"] == 9 and held["seg_gather"] == 1
-    assert held["decode"] == 4 * 9 + 3  # layers, embed_tokens, norm, lm_head
+    # csp on 4 layers: llm_1 is one decoder layer (9 tensors) of the 259; llm_2 two layers, norm and lm_head.
+    assert held["llm_1"] == 9 and held["llm_2"] == 2 * 9 + 2 and held["embed"] == 1
+    assert held["seg_gather"] == held["entry_0"] == held["entry_2"] == 0  # weightless
     assert all(p.is_meta for p in weights.model.parameters())
 
 

@@ -103,21 +103,22 @@ def test_written_manifest_validates_and_reloads_the_layout(art):
     assert layout_from_dict(m) == _layout("csp")[1]
     llm0 = next(s for s in m["stages"] if s["name"] == "llm_0")
     assert llm0["graph"] == "graphs/llm_0.onnx" and list(llm0["files"]) == ["graphs/llm_0.onnx"]
-    assert llm0["inputs"][0] == {"name": "prefix_ids", "dtype": "int64", "shape": ["prefix_len"],
-                                 "from": "host.prefix_ids"}
+    assert llm0["inputs"][0] == {"name": "hidden", "dtype": "float32", "shape": [1, "rows_llm_0", 16],
+                                 "from": "entry_0.hidden"}
+    assert llm0["cache"][0] == ["past_key_0", "key_0"] and llm0["inputs"][2]["from"] == "cache"
     assert manifest_schema()["$schema"].endswith("2020-12/schema")
     llm0["export_parity"] = {"max_abs": 1e-6}  # optional per-stage record the exporter adds
     llm0["engines"] = {"fp32": {"plan": "engines/llm_0.plan"}}  # free-form until csprt build defines it
     assert schema_errors(m) == []
     llm0["surprise"] = 1
-    assert schema_errors(m) == ["$.stages[2]: Additional properties are not allowed ('surprise' was unexpected)"]
+    assert schema_errors(m) == ["$.stages[4]: Additional properties are not allowed ('surprise' was unexpected)"]
 
 
 @pytest.mark.parametrize("edit,path", [
     (lambda m: m["stages"][0]["inputs"][0].update(dtype="float64"), "$.stages[0].inputs[0].dtype"),
     (lambda m: m.pop("precision"), "$: 'precision' is a required property"),
     (lambda m: m.update(precision="int8"), "$.precision"),
-    (lambda m: m["stages"][2]["inputs"][0].pop("from"), "$.stages[2].inputs[0]"),
+    (lambda m: m["stages"][4]["inputs"][0].pop("from"), "$.stages[4].inputs[0]"),
     (lambda m: m["stages"][0].update(kind="encoder"), "$.stages[0].kind"),
     (lambda m: m.update(modes=["chat"]), "$.modes[0]"),
     (lambda m: m["dims"]["prefix_len"].pop("opt"), "$.dims.prefix_len"),
@@ -134,7 +135,7 @@ def test_schema_rejects(art, edit, path):
 def test_load_artifact(art):
     a = load_artifact(art)
     assert a.precision == "fp32" and a.modes == ("single-pass",)
-    assert [s.name for s in a.layout.stages][:3] == ["vision", "sam_encoder", "llm_0"]
+    assert [s.name for s in a.layout.stages][:5] == ["vision", "sam_encoder", "embed", "entry_0", "llm_0"]
     assert a.schedule.name == "csp" and a.shape == SHAPE
     assert a.graph_path("llm_1") == art / "graphs/llm_1.onnx" and a.graph_path("llm_1").is_file()
     assert a.rebuild_command == f"csprt export ckpt --schedule csp --out {art}"
@@ -143,7 +144,7 @@ def test_load_artifact(art):
 
 def test_unknown_stage_lists_valid_ones(art):
     a = load_artifact(art)
-    with pytest.raises(ArtifactError, match=r"unknown stage 'llm_9'; this artifact has: vision, sam_encoder, llm_0, "):
+    with pytest.raises(ArtifactError, match=r"unknown stage 'llm_9'; this artifact has: vision, sam_encoder, embed, entry_0, llm_0, "):
         a.stage_entry("llm_9")
     with pytest.raises(ArtifactError, match="unknown stage 'x'"):
         check_stage_names(a, ["llm_0", "x"])
@@ -215,18 +216,19 @@ def test_hash_mismatch_and_missing_files(art):
 def test_external_data_files_are_listed_and_verified(tmp_path):
     out = tmp_path / "art"
     m = make_artifact(out, preset="full", mode="generate", external=True)
-    entry = next(s for s in m["stages"] if s["name"] == "decode")
-    assert sorted(entry["files"]) == ["graphs/decode.onnx", "graphs/decode.onnx.data"]
+    entry = next(s for s in m["stages"] if s["name"] == "llm_0")
+    assert sorted(entry["files"]) == ["graphs/llm_0.onnx", "graphs/llm_0.onnx.data"]
     a = load_artifact(out)
-    assert a.modes == ("generate",) and a.layout.loop.stage == "decode"
-    (out / "graphs/decode.onnx.data").write_bytes(b"corrupt")
-    assert "graphs/decode.onnx.data changed since export" in _load_error(out)
+    assert a.modes == ("generate",) and a.layout.loop.after == "llm_0"
+    assert [s.graph for s in a.layout.loop.steps] == ["embed", "llm_0"]  # decode runs the prefill graphs
+    (out / "graphs/llm_0.onnx.data").write_bytes(b"corrupt")
+    assert "graphs/llm_0.onnx.data changed since export" in _load_error(out)
 
 
 def test_incremental_reuse(art):
     prev = read_manifest(art)
     assert prev is not None
-    assert reusable_files(prev, art, "llm_0", "key-llm_0") == {"graphs/llm_0.onnx": prev["stages"][2]["files"]["graphs/llm_0.onnx"]}
+    assert reusable_files(prev, art, "llm_0", "key-llm_0") == {"graphs/llm_0.onnx": prev["stages"][4]["files"]["graphs/llm_0.onnx"]}
     assert reusable_files(prev, art, "llm_0", "other-key") is None
     assert reusable_files(None, art, "llm_0", "key-llm_0") is None
     (art / "graphs/llm_0.onnx").write_bytes(b"changed")

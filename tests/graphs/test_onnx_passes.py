@@ -95,9 +95,9 @@ def test_stage_dim_names_cover_named_and_expression_dims():
     sched = resolve("csp", shape.llm.layers, shape.num_image_tokens)
     layout = build_layout(sched, shape, LayoutOptions(mode="generate"), seg_token_id=1, stop_token_ids=(2,))
     names = stage_dim_names(layout.stage("llm_2"))
-    assert names["prefix_hidden"] == {1: "prefix_len"} and "image_hidden" not in names
-    assert names["present_key_31"] == {2: "prefix_len + 64 + suffix_len"}
-    assert stage_dim_names(layout.stage("decode"))["past_key_0"] == {2: "past_llm_0"}
+    assert names["hidden"] == {1: "rows_llm_2"} and "past_len" not in names
+    assert names["key_31"] == {2: "rows_llm_2"} and names["past_key_31"] == {2: "cache_llm_2"}
+    assert stage_dim_names(layout.stage("entry_2"))["block_hidden"] == {1: "rows_llm_1"}
 
 
 def test_optimize_folds_constants_and_keeps_io():

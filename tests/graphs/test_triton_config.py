@@ -65,17 +65,17 @@ def test_every_stage_config_parses_and_matches_its_spec(case):
 
 def test_dims_comments_give_named_shape_and_range():
     layout = _layout("csp-both-fp32")
-    r = layout.dims["prefix_len"]
+    r = layout.dims["rows_llm_1"]
     text = stage_config(layout.stage("llm_1"), layout.dims, name="m")
-    assert f"dims: [ 1, -1, 64 ]  # [1, prefix_len, 64]; prefix_len={r.min}:{r.opt}:{r.max}" in text
-    decode = stage_config(layout.stage("decode"), layout.dims, name="d")
-    assert "# [1, 2, past_llm_0 + step_len, 16]" in decode  # an expression dim: -1, the expression in the comment
+    assert f"dims: [ 1, -1, 64 ]  # [1, rows_llm_1, 64]; rows_llm_1={r.min}:{r.opt}:{r.max}" in text
+    c = layout.dims["cache_llm_1"]
+    assert f"# [1, 2, cache_llm_1, 16]; cache_llm_1={c.min}:{c.opt}:{c.max}" in text  # the static KV cache
     assert "max_batch_size 0: Triton adds no batch axis" in text
 
 
 def test_triton_dims():
     assert triton_dims((1, "prefix_len", 64)) == [1, -1, 64]
-    assert triton_dims(("past_llm_0 + step_len",)) == [-1]
+    assert triton_dims(("prefix_len + 16 + suffix_len",)) == [-1]  # an expression dim
 
 
 def test_engine_backends_and_options():
@@ -88,10 +88,11 @@ def test_engine_backends_and_options():
     assert (rtx.platform, rtx.backend) == ("", "tensorrt_rtx")
     assert rtx.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     # an input the graph dropped is left out (Triton rejects a config input its model lacks)
-    keep = [t.name for t in stage.inputs if t.name != "suffix_ids"]
-    cfg = parse(stage_config(stage, layout.dims, name="m", inputs=keep))
+    entry = layout.stage("entry_2")
+    keep = [t.name for t in entry.inputs if t.name != "suffix_ids"]
+    cfg = parse(stage_config(entry, layout.dims, name="m", inputs=keep))
     assert [t.name for t in cfg.input] == keep
-    assert "suffix_len" in params(cfg)[DIMS_PARAMETER]  # still used by suffix_hidden
+    assert "prefix_len" in params(cfg)[DIMS_PARAMETER]  # still used by prefix_ids
 
 
 @pytest.mark.parametrize("max_batch_size", [0, 8])

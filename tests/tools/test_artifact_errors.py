@@ -119,16 +119,17 @@ def test_modified_graph(art_copy, image, tmp_path):
 
 
 def test_modified_graph_validate(art_copy):
-    with open(art_copy / "graphs" / "decode.onnx", "ab") as f:
+    with open(art_copy / "graphs" / "embed.onnx", "ab") as f:
         f.write(b"\0")
     rc, stdout, stderr = call(["validate", str(art_copy)])
-    assert_one_line_error("validate", rc, stderr, ["graphs/decode.onnx", "hash mismatch",
+    assert_one_line_error("validate", rc, stderr, ["graphs/embed.onnx", "hash mismatch",
                                                    rebuild_command(art_copy)])
     assert stdout == ""
 
 
-@pytest.mark.parametrize("version, needles", [(0, ["older csprt", "schema 0", "re-export with: "]),
-                                              (2, ["newer", "upgrade csprt", "re-export with: "])],
+# schema 1: the layout before weights-once (llm_<i> with entry ops inside, a separate decode graph)
+@pytest.mark.parametrize("version, needles", [(1, ["older csprt", "schema 1", "this csprt reads 2", "re-export with: "]),
+                                              (3, ["newer", "upgrade csprt", "re-export with: "])],
                          ids=["older", "newer"])
 def test_schema_version(art_copy, image, tmp_path, version, needles):
     path = art_copy / MANIFEST_NAME

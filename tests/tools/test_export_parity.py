@@ -35,7 +35,7 @@ def test_stages_and_end_to_end_match_reference(reports, preset, mode):
     stages = [s for s in report["stages"] if s["mode"] == mode]
     names = {s["name"] for s in stages}
     assert {"vision", "sam_encoder", "seg_head", "sam_decoder"} <= names
-    assert ("decode" in names) == (mode == "generate")
+    assert any(n.startswith("step_") for n in names) == (mode == "generate")  # decode steps, on the blocks
     for s in stages:
         assert s["passed"] and s["max_abs"] <= 1e-4, s
     (e2e,) = [e for e in report["end_to_end"] if e["mode"] == mode]
@@ -68,8 +68,8 @@ def test_validate_cli_json(export_tiny, tiny_ckpt, capsys):
     assert main(["validate", str(art), "--checkpoint", str(tiny_ckpt), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] is True
-    assert {s["name"] for s in report["stages"]} == {"vision", "sam_encoder", "llm_0", "seg_gather", "seg_head",
-                                                  "sam_decoder"}
+    assert {s["name"] for s in report["stages"]} == {"vision", "sam_encoder", "embed", "entry_0", "llm_0", "seg_gather",
+                                                  "seg_head", "sam_decoder"}
     assert all(set(s) >= {"name", "max_abs", "passed"} for s in report["stages"])
     assert report["mask_iou"] == 1.0
 
@@ -120,7 +120,7 @@ def test_validate_unknown_stage_name_is_a_clear_error(export_tiny, capsys):
     art = export_tiny("full", "single-pass")
     assert main(["validate", str(art), "--stages", "llm_0,llm_9"]) == 2
     err = capsys.readouterr().err
-    assert "llm_9" in err and "vision, sam_encoder, llm_0" in err and "Traceback" not in err
+    assert "llm_9" in err and "vision, sam_encoder, embed, entry_0, llm_0" in err and "Traceback" not in err
 
 
 def test_validate_subset_of_stages(export_tiny, tiny_ckpt, capsys):

@@ -20,7 +20,8 @@ from graphs.manifest import MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 POLYGRAPHY = Path(sys.executable).parent / "polygraphy"  # the venv's console script (no `python -m polygraphy`)
-STAGES = ("vision", "sam_encoder", "llm_0", "llm_1", "llm_2", "decode", "seg_gather", "seg_head", "sam_decoder")
+STAGES = ("vision", "sam_encoder", "embed", "entry_0", "llm_0", "entry_1", "llm_1", "entry_2", "llm_2", "seg_gather",
+          "seg_head", "sam_decoder")
 
 
 def recorded_feeds(art: Path) -> dict[str, dict[str, np.ndarray]]:

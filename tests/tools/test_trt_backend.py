@@ -204,7 +204,7 @@ def test_session_wires_trt_runners_and_the_cuda_chain(art, gpu_host):
         assert all(isinstance(r, TrtRunner) and r.device == "cuda" for r in runners.values())
         want = "builtin" if flavor == "tensorrt-rtx" else "manual"
         assert {n: r.graph_mode for n, r in runners.items()} == {
-            st.name: want if st.loop else "off" for st in layout.stages}
+            st.name: want if st.cache else "off" for st in layout.stages}  # blocks: their decode steps
     with ArtifactSession(art, backend="tensorrt", device="cuda:1") as s:
         assert s.device == "cuda:1" and s.pipeline.chain.device == "cuda:1"
 
@@ -248,7 +248,7 @@ def cpu_tensorrt(monkeypatch):
 
     monkeypatch.setattr(session_mod, "runner_factory", runner_factory)
     monkeypatch.setattr(session_mod, "chain_for", lambda artifact, backend, device: CudaChain(
-        artifact.layout, device, cuda=cuda) if backend == "tensorrt" else None)
+        artifact.layout, device, cuda=cuda, alloc_device="cpu") if backend == "tensorrt" else None)
     return cuda.log
 
 
