@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from graphs.errors import InputError
+from graphs.tolerance import abs_rel, mismatches
 
-_EPS = 2.220446049250313e-16  # Polygraphy adds this to zero expected values before dividing
 _MAX_MISMATCHES = 5
 
 
@@ -121,12 +121,9 @@ def _structural(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: 
 
 
 def _stats(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float, passed: bool) -> OutputStats:
-    a, b = got.astype(np.float64), ref.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        diff = np.abs(a - b)
-        rel = diff / np.where(b == 0, _EPS, np.abs(b))
+    diff, rel = abs_rel(got, ref)
     nan = np.isnan(diff)
-    bad = (nan | (diff > atol)) & (np.isnan(rel) | (rel > rtol))  # Polygraphy's elementwise mismatch rule
+    bad = mismatches(got, ref, atol, rtol)
     over_rtol = np.isnan(rel) | (rel > rtol)
     if nan.any():
         passing = float("inf")

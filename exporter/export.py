@@ -51,19 +51,11 @@ from graphs.prompt import SEG_TOKEN, token_id, tokenize_prompt
 from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
 from graphs.stages import CACHE_LENGTH, CACHE_SOURCE, PRECISIONS, Layout, LayoutOptions, StageSpec, build_layout
+from graphs.tolerance import E2E_TOLERANCES, STAGE_ATOL, STAGE_RTOL, mismatches, stage_tolerance
 
 SAMPLE_QUERY = "Where is the cat in this picture?"
 DEFAULT_OPSET = 18  # what TensorRT 10 / TensorRT-RTX 1.x parse, and what the dynamo exporter emits natively
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# Per-stage parity (ORT vs the eager wrapper on the same feed). fp32: measured <= 3e-6 on the tiny model;
-# 1e-4 leaves room for deeper models. fp16: measured <= 1.3e-2 (sam_decoder; 2e-3 elsewhere), torch CPU and
-# ORT round fp16 at different points.
-STAGE_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
-STAGE_RTOL = {"fp32": 1e-4, "fp16": 1e-2}
-# End to end against the fp32 reference. fp16 measured on the tiny csp artifact: mask logits max abs 2.2e-2,
-# mask IoU 0.990 (pixels whose logit is within ~1e-2 of 0 flip), generated ids equal.
-E2E_TOLERANCES = {"fp32": {"mask_logits_atol": 1e-3, "mask_iou_min": 1.0},
-                  "fp16": {"mask_logits_atol": 0.05, "mask_iou_min": 0.98}}
 _CODE = ("exporter/wrappers.py", "exporter/selection.py", "exporter/model.py", "exporter/export.py", "graphs/stages.py",
          "graphs/onnx_passes.py", "exporter/streaming.py")
 
@@ -309,6 +301,27 @@ def _index_input(name: str, size: tuple[int, ...], sizes: dict[str, tuple], n_im
     raise internal_error(f"spec_feed: no rule for integer input {name!r}; add one to exporter.export._index_input")
 
 
+# fp16 graphs: a selection index (argmax / top-k over scores computed from fp16 activations) may flip where two
+# scores are within fp16 rounding of each other, since torch and ONNX Runtime round fp16 at different points.
+# Exact ties break by index on every backend (exporter.selection); near-ties cannot. Up to this share of a
+# selection output's values may differ; the stages after it are checked on torch's own values, and csprt
+# validate judges the effect end to end (mask IoU).
+FP16_INTEGER_FLIP_SHARE = 0.01
+
+
+def _integer_flips(spec: StageSpec, name: str, out: np.ndarray, ref: np.ndarray, precision: str) -> int:
+    """How many integer values of an output differ from torch; ParityError past what `precision` allows."""
+    bad = int((out != ref).sum())
+    allowed = int(FP16_INTEGER_FLIP_SHARE * ref.size) if precision == "fp16" else 0
+    if bad > allowed:
+        why = ("selection near-ties: scores within fp16 rounding of each other pick differently in torch and "
+               "ONNX Runtime; export with --precision fp32, where selection agrees exactly"
+               if precision == "fp16" else "the graph computes something else than torch (please report)")
+        raise ParityError(f"stage {spec.name!r} output {name!r}: {bad} of {ref.size} integer values differ from "
+                          f"torch (at most {allowed} allowed in {precision}): {why}")
+    return bad
+
+
 def _ort_check(path: Path, spec: StageSpec, args: tuple, expected: dict[str, torch.Tensor], precision: str) -> dict:
     """Run the saved graph on ONNX Runtime (CPU) on the sample; compare with the eager wrapper."""
     import onnxruntime as ort
@@ -317,7 +330,7 @@ def _ort_check(path: Path, spec: StageSpec, args: tuple, expected: dict[str, tor
     feed = {t.name: _as_numpy(a) for t, a in zip(spec.inputs, args)}
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
     atol, rtol = STAGE_ATOL[precision], STAGE_RTOL[precision]
-    worst, report = 0.0, {}
+    worst, report, flipped = 0.0, {}, {}
     for name, ref in expected.items():
         ref = _as_numpy(ref)
         out = got[name]
@@ -325,18 +338,18 @@ def _ort_check(path: Path, spec: StageSpec, args: tuple, expected: dict[str, tor
             raise ParityError(f"stage {spec.name!r} output {name!r}: ONNX Runtime gives shape {out.shape}, "
                               f"torch {ref.shape}; the export is wrong (please report)")
         if ref.dtype.kind in "iub":
-            bad = int((out != ref).sum())
-            if bad:
-                raise ParityError(f"stage {spec.name!r} output {name!r}: {bad} integer values differ from torch")
+            flips = _integer_flips(spec, name, out, ref, precision)
+            if flips:
+                flipped[name] = flips
             continue
         diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
         err = float(diff.max()) if diff.size else 0.0
         report[name] = err
         worst = max(worst, err)
-        if diff.size and (diff > atol + rtol * np.abs(ref.astype(np.float64))).any():
+        if diff.size and mismatches(out, ref, atol, rtol).any():
             raise ParityError(f"stage {spec.name!r} output {name!r}: ONNX Runtime differs from torch by {err:.3g} "
-                              f"(tolerance {atol:g} + {rtol:g}*|ref|) on the export sample")
-    return {"max_abs": worst, "outputs": report}
+                              f"(atol {atol:g}, rtol {rtol:g}: an element fails past both) on the export sample")
+    return {"max_abs": worst, "outputs": report, **({"integer_flips": flipped} if flipped else {})}
 
 
 def _write_stage(program, spec: StageSpec, art: Path, threshold: int, release: Callable[[], None] = lambda: None,
@@ -501,8 +514,7 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
                                   "threshold": 0.0}},
         tolerances={"end_to_end": E2E_TOLERANCES[options.precision]},
         stage_files=files, stage_keys=keys,
-        stage_tolerances={s.name: {"atol": {"": STAGE_ATOL[options.precision]},
-                                   "rtol": {"": STAGE_RTOL[options.precision]}} for s in layout.stages},
+        stage_tolerances={s.name: stage_tolerance(options.precision) for s in layout.stages},
     )
     for entry in manifest["stages"]:
         if parity.get(entry["name"]):

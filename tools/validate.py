@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graphs.errors import InputError, ToolchainError
+from graphs.tolerance import E2E_TOLERANCES, stage_tolerance
 
 DEFAULT_QUERY = "Where is the red disc in this picture?"
 # TensorRT builds fp32 engines with TF32 on (the builder default, which csprt build keeps), so their matmuls and
@@ -72,12 +73,9 @@ def tolerances(art, backend: str) -> dict:
     if math is None:
         return {"basis": f"manifest, {art.precision}", "end_to_end": dict(art.manifest["tolerances"]["end_to_end"]),
                 "stage": {s.name: art.stage_entry(s.name)["tolerance"] for s in art.layout.stages}}
-    from exporter.export import E2E_TOLERANCES, STAGE_ATOL, STAGE_RTOL
-
     return {"basis": f"{math}: {backend} computes a {art.precision} artifact in TF32",
             "end_to_end": dict(E2E_TOLERANCES[math]),
-            "stage": {s.name: {"atol": {"": STAGE_ATOL[math]}, "rtol": {"": STAGE_RTOL[math]}}
-                      for s in art.layout.stages}}
+            "stage": {s.name: stage_tolerance(math) for s in art.layout.stages}}
 
 
 def _looser(art, a: str, b: str) -> dict:

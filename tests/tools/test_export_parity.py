@@ -91,7 +91,7 @@ def test_validate_fails_on_a_wrong_checkpoint(export_tiny, tmp_path, capsys):
 
 def test_fp16_artifact_within_documented_tolerance(export_tiny, tiny_ckpt):
     """fp16 graphs (weights and float I/O fp16; Softmax and ReduceMean computed in fp32) against the fp32
-    reference. Tolerances are the manifest's: see exporter.export.E2E_TOLERANCES for the measured values."""
+    reference. Tolerances are the manifest's: see graphs.tolerance.E2E_TOLERANCES for the measured values."""
     import onnx
 
     from graphs.manifest import load_artifact
