@@ -25,15 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import hashlib
 import json
-import math
-import mmap
-import os
 import re
 import shlex
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,12 +36,15 @@ from typing import Callable
 
 from engines.profiles import (InputShapes, Profile, apply_overrides, dims_to_json, parse_shapes, profiles_note,
                               profiles_to_json, stage_dims, stage_profiles)
-from engines.trt import PRETTY, load_trt
+from engines.build_memory import (GIB, MappedWeights, PeakRss, StageMemory, external_initializers,  # noqa: F401
+                                  check_build_memory, estimate_stage_memory, gib, host_memory_budget,
+                                  trim_host_memory)
+from engines.engine_check import ENGINES_DIR, check_engine, engine_paths  # noqa: F401 (re-exported)
+from engines.trt import NO_GPU_NOISE, PRETTY, CaptureLogger, load_trt  # noqa: F401 (CaptureLogger re-exported)
 from graphs.atomic import atomic_path, write_json
 from graphs.errors import ArtifactError, ToolchainError
 from graphs.manifest import Artifact, check_stage_names, file_sha256, load_artifact, package_versions, write_manifest
 
-ENGINES_DIR = "engines"
 BUILD_FORMAT = 1  # bump when a build setting's meaning changes: every cached engine is rebuilt
 PRECISIONS = ("fp16", "bf16", "fp32")
 # TensorRT-RTX cannot compile FP32 GEMMs for Turing ("Cannot compile operation ... for Turing (SM75): FP32
@@ -54,8 +52,6 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 # the default targets are Ampere and newer; SM75 only when asked for.
 DEFAULT_MIN_SM = 80
 _SM = re.compile(r"^(?:sm_?)?(\d+)(?:\.(\d+))?$", re.IGNORECASE)
-# CUDA probes a GPU-less TensorRT-RTX build makes and logs as errors; they do not affect the plan.
-_NO_GPU_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "cudaError 100", "no CUDA-capable device")
 
 
 class EngineBuildError(ToolchainError):
@@ -160,27 +156,6 @@ def resolve_compute_capabilities(trt, flavor: str, requested=None) -> tuple[str,
 
 # --- loaders (lazy callables) ---------------------------------------------------------------------
 
-class CaptureLogger:
-    """`logger(trt)`: a TensorRT ILogger that keeps warnings and errors instead of printing them."""
-
-    def __new__(cls, trt):
-        class _Logger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.messages: list[tuple[int, str]] = []  # (severity: 0 internal error .. 2 warning, text)
-
-            def log(self, severity, msg):
-                if int(severity) <= int(trt.ILogger.Severity.WARNING):
-                    self.messages.append((int(severity), str(msg)))
-
-            def errors(self) -> list[str]:
-                errs = [m for s, m in self.messages if s <= int(trt.ILogger.Severity.ERROR)]
-                real = [m for m in errs if not any(n in m for n in _NO_GPU_NOISE)]
-                return real or errs
-
-        return _Logger()
-
-
 class NetworkFromOnnx:
     """() -> (builder, network, parser): a strongly typed network parsed from an ONNX file.
 
@@ -209,7 +184,7 @@ class NetworkFromOnnx:
         external = []
         if hasattr(parser, "load_initializer") and self.path.is_file():
             try:
-                external = _external_initializers(self.path)
+                external = external_initializers(self.path)
             except Exception:  # noqa: BLE001  not ONNX: parse_from_file below names what is wrong
                 external = []
         if external:
@@ -251,7 +226,7 @@ def _parser_errors(parser) -> str:
     for i in range(parser.num_errors):
         err = parser.get_error(i)
         lines = [ln.strip() for ln in str(err.desc()).splitlines() if ln.strip()]
-        desc = " ".join(ln for ln in lines if not any(n in ln for n in _NO_GPU_NOISE)) or " ".join(lines)
+        desc = " ".join(ln for ln in lines if not any(n in ln for n in NO_GPU_NOISE)) or " ".join(lines)
         node = f"node {err.node_name()!r} ({err.node_operator()}): " if err.node() >= 0 else ""
         parts.append(f"{node}{desc}")
     text = "; ".join(parts) or "the parser reported no error (is the file a valid ONNX model?)"
@@ -415,199 +390,6 @@ def read_profile(profile, network) -> dict[str, InputShapes]:
         lo, opt, hi = profile.get_shape(name)
         out[name] = InputShapes(tuple(lo), tuple(opt), tuple(hi))
     return out
-
-
-# --- build memory ---------------------------------------------------------------------------------
-# What a stage build holds at its peak, measured with TensorRT-RTX 1.7.1 on a GPU-less host (docs/benchmarks.md,
-# "Engine build memory"; every sidecar records its stage's sampled peak): the builder's own copies of the
-# weights it packs into the plan (anonymous memory, 1.75x the weights of a LISA-7B LLM stage), plus, for a graph
-# parsed from file (weights inline in the .onnx), the parser's copy of the file. External data is mapped and
-# dropped (`MappedWeights`) and the plan streamed to disk, so neither counts. BUILD_BASE covers the process, the
-# TensorRT libraries and the builder's working memory.
-GIB = 1 << 30
-BUILD_BASE = int(0.5 * GIB)
-RATIO_MAPPED = 1.75  # peak bytes per byte of external-data weights (7B llm_0: 7.1 GiB for 4.0; llm_2: 12.0 for 6.8)
-RATIO_INLINE = 2.75  # peak bytes per byte of weights inline in the .onnx: the same plus the parser's copy
-_DROP_EVERY_S = 0.02 # how often mapped weight pages are let go while the builder runs
-
-
-@dataclass(frozen=True)
-class StageMemory:
-    """A stage's weight bytes and the estimated peak RSS of building it (`estimate_stage_memory`)."""
-
-    stage: str
-    inline_bytes: int
-    external_bytes: int
-    peak_bytes: int
-
-    def to_json(self) -> dict:
-        return {"weight_bytes": self.inline_bytes + self.external_bytes, "inline_weight_bytes": self.inline_bytes,
-                "external_weight_bytes": self.external_bytes, "estimated_peak_bytes": self.peak_bytes,
-                "ratios": {"base": BUILD_BASE, "mapped": RATIO_MAPPED, "inline": RATIO_INLINE}}
-
-
-def _external_initializers(path: Path) -> list[tuple[str, str, int, int]]:
-    """(name, location, offset, length) of every main-graph initializer of `path` stored as external data."""
-    import onnx
-    from onnx import external_data_helper as ext
-
-    model = onnx.load(str(path), load_external_data=False)
-    out = []
-    for t in model.graph.initializer:
-        if ext.uses_external_data(t):
-            info = ext.ExternalDataInfo(t)
-            length = info.length if info.length is not None else _tensor_bytes(t)
-            out.append((t.name, info.location, int(info.offset or 0), int(length)))
-    return out
-
-
-def _tensor_bytes(t) -> int:
-    from onnx import helper
-    itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return math.prod(t.dims) * itemsize
-
-
-def estimate_stage_memory(artifact: Artifact, stage: str) -> StageMemory:
-    """The estimated peak RSS of building `stage`: BUILD_BASE + RATIO_INLINE x the graph file's bytes +
-    RATIO_MAPPED x its external-data files' bytes (the manifest's "files"; tensors are nearly all of them)."""
-    entry = artifact.stage_entry(stage)
-    sizes = {rel: (artifact.dir / rel).stat().st_size for rel in entry["files"]}
-    inline = sizes.pop(entry["graph"])
-    external = sum(sizes.values())
-    return StageMemory(stage, inline, external, int(BUILD_BASE + RATIO_INLINE * inline + RATIO_MAPPED * external))
-
-
-def host_memory_budget() -> int:
-    """What this host can give a build now: MemAvailable (Linux), else the physical memory."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def gib(n: int) -> str:
-    """Bytes as "9.7 GiB", or "12.3 MiB" under 0.1 GiB."""
-    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):.1f} MiB"
-
-
-class MappedWeights:
-    """A graph's external-data files mapped read-only; `address()` points the ONNX parser at a tensor's bytes.
-
-    The builder reads the weights through the mapping while it copies them into the plan. `dropping()` lets the
-    mapped pages go every `_DROP_EVERY_S` (madvise MADV_DONTNEED: they stay in the page cache, and a page the
-    builder reads again faults back in from it), so the weights count once, in the builder, not twice.
-    """
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self._maps: dict[str, mmap.mmap] = {}
-        self._addr: dict[str, int] = {}
-
-    def address(self, location: str, offset: int, length: int) -> int:
-        if location not in self._maps:
-            path = self.root / location
-            with open(path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[location] = mm
-            self._addr[location] = _buffer_address(mm)
-        if offset + length > len(self._maps[location]):
-            raise ArtifactError(f"{self.root / location}: tensor data at [{offset}, {offset + length}) is past the end "
-                                f"of the file ({len(self._maps[location])} bytes); re-export the artifact")
-        return self._addr[location] + offset
-
-    def drop(self) -> None:
-        for mm in self._maps.values():
-            with contextlib.suppress(ValueError, OSError):  # closed, or madvise unsupported here
-                mm.madvise(mmap.MADV_DONTNEED)
-
-    @contextlib.contextmanager
-    def dropping(self, every: float = _DROP_EVERY_S):
-        stop = threading.Event()
-
-        def loop():
-            while not stop.wait(every):
-                self.drop()
-
-        thread = threading.Thread(target=loop, name="csprt-drop-weights", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            stop.set()
-            thread.join()
-            self.drop()
-
-    def close(self) -> None:
-        for mm in self._maps.values():
-            with contextlib.suppress(BufferError):
-                mm.close()
-        self._maps.clear()
-
-
-def _buffer_address(mm: mmap.mmap) -> int:
-    """The address of a read-only mapping's first byte (numpy reads it without copying)."""
-    import numpy as np
-    return np.frombuffer(mm, dtype=np.uint8).ctypes.data
-
-
-def rss_bytes() -> int | None:
-    """This process's resident set size in bytes (VmRSS), or None where /proc has none."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class PeakRss:
-    """`with PeakRss() as p: ...; p.peak`: the largest RSS sampled every `every` s while the block runs (None
-    where /proc has none). Sampled, not VmHWM: resetting that would change what `/usr/bin/time -v` reports."""
-
-    def __init__(self, every: float = 0.05):
-        self.every, self.peak = every, rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="csprt-peak-rss", daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            self._take()
-
-    def _take(self) -> None:
-        now = rss_bytes()
-        if now is not None:
-            self.peak = max(self.peak or 0, now)
-
-    def __enter__(self) -> PeakRss:
-        if self.peak is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._thread.is_alive():
-            self._stop.set()
-            self._thread.join()
-            self._take()
-
-
-def trim_host_memory() -> None:
-    """Hand the memory a finished build freed back to the system (glibc keeps it otherwise)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-# --- build ----------------------------------------------------------------------------------------
-
-def engine_paths(flavor: str, stage: str) -> tuple[str, str]:
-    """(plan, sidecar) paths relative to the artifact, e.g. ("engines/tensorrt-rtx/llm_0.plan", "....json")."""
-    base = f"{ENGINES_DIR}/{flavor}/{stage}"
-    return f"{base}.plan", f"{base}.json"
 
 
 def build_key(files: dict[str, str], stage: str, settings: BuildSettings, profiles: list[Profile]) -> str:
@@ -853,86 +635,4 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
     return report
 
 
-def check_build_memory(artifact: Artifact, names: list[str], memory: dict[str, StageMemory], budget: int,
-                       from_host: bool) -> None:
-    """Refuse, in one line, a build whose largest stage's estimated peak is over `budget`.
-
-    Args:
-        artifact (Artifact): the artifact.
-        names (list[str]): every stage of this build, in order.
-        memory (dict[str, StageMemory]): the estimates of the stages to build (cached ones are not built).
-        budget (int): bytes.
-        from_host (bool): the budget is the host's available memory (not `--max-build-memory`).
-
-    Raises:
-        ToolchainError: names the stage, its estimate, the budget, the `--max-build-memory` that would fit and
-            the `--stages` that fit this one.
-    """
-    over = [m for m in memory.values() if m.peak_bytes > budget]
-    if not over:
-        return
-    worst = max(over, key=lambda m: m.peak_bytes)
-    need = math.ceil(worst.peak_bytes / GIB * 10) / 10
-    fit = [n for n in names if n not in memory or memory[n].peak_bytes <= budget]
-    where = (f"the {gib(budget)} this host has available now (--max-build-memory defaults to it)" if from_host
-             else f"the --max-build-memory budget of {gib(budget)}")
-    others = f"; or build the stages that fit with --stages {','.join(fit)}" if fit else ""
-    raise ToolchainError(f"stage {worst.stage!r} needs about {gib(worst.peak_bytes)} to build "
-                         f"({gib(worst.inline_bytes + worst.external_bytes)} of weights; {len(over)} of "
-                         f"{len(memory)} stages to build are over), more than {where}; build it on a host with "
-                         f"{need} GiB free, or with --max-build-memory {need} once that much is free{others}")
-
-
 # --- loading checks -------------------------------------------------------------------------------
-
-def check_engine(art_dir, stage: str, flavor: str | None = None, version: str | None = None) -> tuple[Path, dict]:
-    """The plan and sidecar of `stage`'s engine, refused unless it still matches graph and TensorRT.
-
-    Args:
-        art_dir (path): the artifact.
-        stage (str): a stage name.
-        flavor (str | None): the TensorRT flavor that will run it. Defaults to None (the installed one).
-        version (str | None): that flavor's version. Defaults to None (the installed one).
-
-    Returns:
-        tuple[Path, dict]: (plan path, sidecar).
-
-    Raises:
-        ArtifactError: no engine, another graph, another TensorRT flavor or version, or a changed plan;
-            each message names `csprt build ART`.
-    """
-    artifact = load_artifact(art_dir, verify=False)
-    if flavor is None or version is None:
-        _, found, found_version = load_trt(flavor or "auto")
-        flavor, version = flavor or found, version or found_version
-    entry = artifact.stage_entry(stage)
-    fix = f"csprt build {shlex.quote(str(artifact.dir))}"
-    _, sidecar_rel = engine_paths(flavor, stage)
-    listed = entry["engines"].get(flavor)
-    sidecar_path = artifact.dir / (listed["sidecar"] if listed else sidecar_rel)
-    if listed is None or not sidecar_path.is_file():
-        others = [f"{PRETTY.get(f, f)} {e.get('trt_version')}" for f, e in entry["engines"].items() if f != flavor]
-        also = f" (it has {', '.join(others)} engines, which never load into another flavor)" if others else ""
-        raise ArtifactError(f"stage {stage!r} has no {PRETTY.get(flavor, flavor)} engine in {artifact.dir}{also}; "
-                            f"build it with: {fix}")
-    try:
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"engine sidecar {sidecar_path} is unreadable ({exc}); rebuild with: {fix}") from None
-    plan = artifact.dir / sidecar["plan"]
-    built_from = sidecar.get("graph_files") or {}
-    changed = sorted(rel for rel in set(entry["files"]) | set(built_from) if built_from.get(rel) != entry["files"].get(rel))
-    if changed:
-        raise ArtifactError(f"engine {sidecar['plan']} was built from another {changed[0]} (the graph changed since "
-                            f"the build, sha256 {str(built_from.get(changed[0]))[:12]} then, "
-                            f"{str(entry['files'].get(changed[0]))[:12]} now); an engine never runs another graph; "
-                            f"rebuild with: {fix}")
-    if sidecar.get("flavor") != flavor or sidecar.get("trt_version") != version:
-        built = f"{PRETTY.get(sidecar.get('flavor'), sidecar.get('flavor'))} {sidecar.get('trt_version')}"
-        raise ArtifactError(f"engine {sidecar['plan']} was built with {built}, but this host runs "
-                            f"{PRETTY.get(flavor, flavor)} {version}; an engine is never loaded into another "
-                            f"TensorRT version or flavor; rebuild with: {fix}")
-    if not plan.is_file() or file_sha256(plan) != sidecar.get("plan_sha256"):
-        what = "is missing" if not plan.is_file() else "changed since it was built (hash mismatch)"
-        raise ArtifactError(f"engine {sidecar['plan']} {what}; rebuild with: {fix}")
-    return plan, sidecar

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,7 +136,7 @@ def check_backend(artifact: Artifact, backend: str, device: str | None = None) -
     fix = f"csprt build {shlex.quote(str(artifact.dir))}"
     if not any(entry.get("engines") for entry in artifact.manifest["stages"]):
         raise ArtifactError(f"artifact {artifact.dir} has no TensorRT engines; build them with: {fix}")
-    from engines.build import check_engine
+    from engines.engine_check import check_engine
     from engines.trt import load_trt
 
     _, flavor, version = load_trt()
@@ -295,7 +294,6 @@ class ArtifactSession:
         self.check_mode(mode)
         if isinstance(image, ImageEncoding):
             return self._segment_encoded(image, query, mode, max_new_tokens, instance_masks, record)
-        t0 = time.perf_counter()
         feed, meta = self.host.inputs(image, query, mode, instance_masks=instance_masks)
         # Before any stage runs: a text over the exported range fails here, naming the dim and the range.
         check_host_feed(self.artifact.layout, feed)

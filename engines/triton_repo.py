@@ -131,7 +131,7 @@ def _onnx_models(artifact: Artifact, name: str) -> list[_StageModel]:
 
 def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[list[_StageModel], str, str]:
     """Stage models from `csprt build` engines -> (models, flavor, TensorRT version)."""
-    from engines.build import check_engine
+    from engines.engine_check import check_engine
 
     fix = f"csprt build {shlex.quote(str(artifact.dir))}"
     chosen = flavor or "tensorrt"

@@ -83,3 +83,28 @@ def available_flavors() -> tuple[str, ...]:
 def clear_cache() -> None:
     """Forget the cached probe (after installing TensorRT in-process, or in tests)."""
     _probe.cache_clear()
+
+
+# CUDA probes a GPU-less TensorRT-RTX build makes and logs as errors; they do not affect the plan.
+NO_GPU_NOISE = ("cudaError 35", "CUDA driver version is insufficient", "cudaError 100", "no CUDA-capable device")
+
+
+class CaptureLogger:
+    """`logger(trt)`: a TensorRT ILogger that keeps warnings and errors instead of printing them."""
+
+    def __new__(cls, trt):
+        class _Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.messages: list[tuple[int, str]] = []  # (severity: 0 internal error .. 2 warning, text)
+
+            def log(self, severity, msg):
+                if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                    self.messages.append((int(severity), str(msg)))
+
+            def errors(self) -> list[str]:
+                errs = [m for s, m in self.messages if s <= int(trt.ILogger.Severity.ERROR)]
+                real = [m for m in errs if not any(n in m for n in NO_GPU_NOISE)]
+                return real or errs
+
+        return _Logger()

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.build import CaptureLogger, check_engine
+from engines.engine_check import check_engine
+from engines.trt import CaptureLogger
 from engines.gpu_plan import CAPTURE, REPLAY, GraphCache, graph_key, graph_mode, unknown_dims
 from engines.profiles import InputShapes, Profile, profiles_from_json
 from engines.trt import load_trt

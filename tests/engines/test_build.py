@@ -333,7 +333,7 @@ def test_budget_below_the_inline_need_builds_from_mapped_external_data(built, ex
     """The chosen mechanism at tiny scale (BUILD_BASE 0, so the budget is about the weights alone): the largest
     stage, over the budget with its weights inline, builds within it from mapped external data, into the plan
     the inline graph gives."""
-    from engines import build as build_mod
+    from engines import build_memory as build_mod
     from engines.build import GIB, MappedWeights, estimate_stage_memory
     from graphs.errors import ToolchainError
     from graphs.manifest import load_artifact

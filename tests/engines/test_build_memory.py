@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from engines import build as build_mod
+from engines import build_memory as build_mod
 from engines.build import (GIB, MappedWeights, StageMemory, build_engines, check_build_memory,
                            estimate_stage_memory)
 from graphs.errors import ArtifactError, ToolchainError

@@ -1,0 +1,241 @@
+"""How much host memory a stage's engine build takes, and keeping it bounded (`csprt build --max-build-memory`).
+
+    estimate_stage_memory(artifact, stage) -> StageMemory      from the manifest's file sizes; no graph is loaded
+    check_build_memory(...)                                    one-line refusal before any build, naming the fix
+    MappedWeights                                              external data mapped read-only for the parser,
+                                                               its pages dropped while the builder runs
+    PeakRss, rss_bytes, trim_host_memory                       measuring and returning memory between stages
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from graphs.errors import ArtifactError, ToolchainError
+from graphs.manifest import Artifact
+
+
+# What a stage build holds at its peak, measured with TensorRT-RTX 1.7.1 on a GPU-less host (docs/benchmarks.md,
+# "Engine build memory"; every sidecar records its stage's sampled peak): the builder's own copies of the
+# weights it packs into the plan (anonymous memory, 1.75x the weights of a LISA-7B LLM stage), plus, for a graph
+# parsed from file (weights inline in the .onnx), the parser's copy of the file. External data is mapped and
+# dropped (`MappedWeights`) and the plan streamed to disk, so neither counts. BUILD_BASE covers the process, the
+# TensorRT libraries and the builder's working memory.
+GIB = 1 << 30
+BUILD_BASE = int(0.5 * GIB)
+RATIO_MAPPED = 1.75  # peak bytes per byte of external-data weights (7B llm_0: 7.1 GiB for 4.0; llm_2: 12.0 for 6.8)
+RATIO_INLINE = 2.75  # peak bytes per byte of weights inline in the .onnx: the same plus the parser's copy
+_DROP_EVERY_S = 0.02 # how often mapped weight pages are let go while the builder runs
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """A stage's weight bytes and the estimated peak RSS of building it (`estimate_stage_memory`)."""
+
+    stage: str
+    inline_bytes: int
+    external_bytes: int
+    peak_bytes: int
+
+    def to_json(self) -> dict:
+        return {"weight_bytes": self.inline_bytes + self.external_bytes, "inline_weight_bytes": self.inline_bytes,
+                "external_weight_bytes": self.external_bytes, "estimated_peak_bytes": self.peak_bytes,
+                "ratios": {"base": BUILD_BASE, "mapped": RATIO_MAPPED, "inline": RATIO_INLINE}}
+
+
+def external_initializers(path: Path) -> list[tuple[str, str, int, int]]:
+    """(name, location, offset, length) of every main-graph initializer of `path` stored as external data."""
+    import onnx
+    from onnx import external_data_helper as ext
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = []
+    for t in model.graph.initializer:
+        if ext.uses_external_data(t):
+            info = ext.ExternalDataInfo(t)
+            length = info.length if info.length is not None else _tensor_bytes(t)
+            out.append((t.name, info.location, int(info.offset or 0), int(length)))
+    return out
+
+
+def _tensor_bytes(t) -> int:
+    from onnx import helper
+    itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return math.prod(t.dims) * itemsize
+
+
+def estimate_stage_memory(artifact: Artifact, stage: str) -> StageMemory:
+    """The estimated peak RSS of building `stage`: BUILD_BASE + RATIO_INLINE x the graph file's bytes +
+    RATIO_MAPPED x its external-data files' bytes (the manifest's "files"; tensors are nearly all of them)."""
+    entry = artifact.stage_entry(stage)
+    sizes = {rel: (artifact.dir / rel).stat().st_size for rel in entry["files"]}
+    inline = sizes.pop(entry["graph"])
+    external = sum(sizes.values())
+    return StageMemory(stage, inline, external, int(BUILD_BASE + RATIO_INLINE * inline + RATIO_MAPPED * external))
+
+
+def host_memory_budget() -> int:
+    """What this host can give a build now: MemAvailable (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gib(n: int) -> str:
+    """Bytes as "9.7 GiB", or "12.3 MiB" under 0.1 GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+class MappedWeights:
+    """A graph's external-data files mapped read-only; `address()` points the ONNX parser at a tensor's bytes.
+
+    The builder reads the weights through the mapping while it copies them into the plan. `dropping()` lets the
+    mapped pages go every `_DROP_EVERY_S` (madvise MADV_DONTNEED: they stay in the page cache, and a page the
+    builder reads again faults back in from it), so the weights count once, in the builder, not twice.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._maps: dict[str, mmap.mmap] = {}
+        self._addr: dict[str, int] = {}
+
+    def address(self, location: str, offset: int, length: int) -> int:
+        if location not in self._maps:
+            path = self.root / location
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[location] = mm
+            self._addr[location] = _buffer_address(mm)
+        if offset + length > len(self._maps[location]):
+            raise ArtifactError(f"{self.root / location}: tensor data at [{offset}, {offset + length}) is past the end "
+                                f"of the file ({len(self._maps[location])} bytes); re-export the artifact")
+        return self._addr[location] + offset
+
+    def drop(self) -> None:
+        for mm in self._maps.values():
+            with contextlib.suppress(ValueError, OSError):  # closed, or madvise unsupported here
+                mm.madvise(mmap.MADV_DONTNEED)
+
+    @contextlib.contextmanager
+    def dropping(self, every: float = _DROP_EVERY_S):
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(every):
+                self.drop()
+
+        thread = threading.Thread(target=loop, name="csprt-drop-weights", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+            self.drop()
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            with contextlib.suppress(BufferError):
+                mm.close()
+        self._maps.clear()
+
+
+def _buffer_address(mm: mmap.mmap) -> int:
+    """The address of a read-only mapping's first byte (numpy reads it without copying)."""
+    import numpy as np
+    return np.frombuffer(mm, dtype=np.uint8).ctypes.data
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size in bytes (VmRSS), or None where /proc has none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakRss:
+    """`with PeakRss() as p: ...; p.peak`: the largest RSS sampled every `every` s while the block runs (None
+    where /proc has none). Sampled, not VmHWM: resetting that would change what `/usr/bin/time -v` reports."""
+
+    def __init__(self, every: float = 0.05):
+        self.every, self.peak = every, rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="csprt-peak-rss", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._take()
+
+    def _take(self) -> None:
+        now = rss_bytes()
+        if now is not None:
+            self.peak = max(self.peak or 0, now)
+
+    def __enter__(self) -> PeakRss:
+        if self.peak is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self._take()
+
+
+def trim_host_memory() -> None:
+    """Hand the memory a finished build freed back to the system (glibc keeps it otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# --- build ----------------------------------------------------------------------------------------
+
+
+def check_build_memory(artifact: Artifact, names: list[str], memory: dict[str, StageMemory], budget: int,
+                       from_host: bool) -> None:
+    """Refuse, in one line, a build whose largest stage's estimated peak is over `budget`.
+
+    Args:
+        artifact (Artifact): the artifact.
+        names (list[str]): every stage of this build, in order.
+        memory (dict[str, StageMemory]): the estimates of the stages to build (cached ones are not built).
+        budget (int): bytes.
+        from_host (bool): the budget is the host's available memory (not `--max-build-memory`).
+
+    Raises:
+        ToolchainError: names the stage, its estimate, the budget, the `--max-build-memory` that would fit and
+            the `--stages` that fit this one.
+    """
+    over = [m for m in memory.values() if m.peak_bytes > budget]
+    if not over:
+        return
+    worst = max(over, key=lambda m: m.peak_bytes)
+    need = math.ceil(worst.peak_bytes / GIB * 10) / 10
+    fit = [n for n in names if n not in memory or memory[n].peak_bytes <= budget]
+    where = (f"the {gib(budget)} this host has available now (--max-build-memory defaults to it)" if from_host
+             else f"the --max-build-memory budget of {gib(budget)}")
+    others = f"; or build the stages that fit with --stages {','.join(fit)}" if fit else ""
+    raise ToolchainError(f"stage {worst.stage!r} needs about {gib(worst.peak_bytes)} to build "
+                         f"({gib(worst.inline_bytes + worst.external_bytes)} of weights; {len(over)} of "
+                         f"{len(memory)} stages to build are over), more than {where}; build it on a host with "
+                         f"{need} GiB free, or with --max-build-memory {need} once that much is free{others}")
+
+
