@@ -15,6 +15,7 @@ leaves an artifact that loads.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import gc
@@ -56,8 +57,10 @@ from graphs.tolerance import E2E_TOLERANCES, STAGE_ATOL, STAGE_RTOL, mismatches,
 SAMPLE_QUERY = "Where is the cat in this picture?"
 DEFAULT_OPSET = 18  # what TensorRT 10 / TensorRT-RTX 1.x parse, and what the dynamo exporter emits natively
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-_CODE = ("exporter/wrappers.py", "exporter/selection.py", "exporter/model.py", "exporter/export.py", "graphs/stages.py",
-         "graphs/onnx_passes.py", "exporter/streaming.py")
+# The graph cache's code key: every module of ours that exporter.export and the wrappers it traces import,
+# transitively (code_files), so an edit anywhere the traced code reaches re-traces; no hand list to drift.
+_CODE_ROOTS = ("exporter/export.py", "exporter/wrappers.py")
+_OWN_PACKAGES = ("exporter", "graphs")
 
 
 @dataclass(frozen=True)
@@ -96,11 +99,33 @@ def _fingerprint(paths: list[Path]) -> list:
     return out
 
 
+def code_files(roots=_CODE_ROOTS, packages=_OWN_PACKAGES, base: Path | None = None) -> list[str]:
+    """Repo-relative paths of the modules `roots` import from `packages`, transitively (their own imports at any
+    depth, function-local ones included), found by reading their source: the same on every run."""
+    base = base or Path(__file__).resolve().parent.parent
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        rel = todo.pop()
+        if rel in seen or not (base / rel).is_file():
+            continue
+        seen.add(rel)
+        for node in ast.walk(ast.parse((base / rel).read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            for name in names:
+                if name.split(".")[0] in packages:
+                    path = name.replace(".", "/")
+                    todo += [f"{path}.py", f"{path}/__init__.py"]
+    return sorted(seen)
+
+
 def _code_hash() -> str:
-    root = Path(__file__).resolve().parent.parent
+    base = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for rel in _CODE:
-        h.update((root / rel).read_bytes())
+    for rel in code_files():
+        h.update(rel.encode() + b"\0" + (base / rel).read_bytes())
     return h.hexdigest()
 
 
