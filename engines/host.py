@@ -98,7 +98,7 @@ class HostIO:
         values = {"prefix_ids": np.asarray(ids.prefix, dtype=np.int64),
                   "suffix_ids": np.asarray(ids.suffix, dtype=np.int64)}
         if mode == "single-pass":  # the suffix row predicting each [SEG] (the position just before it)
-            values["seg_rows"] = np.asarray([j - 1 for j in ids.seg_suffix_positions()], dtype=np.int64)
+            values["seg_rows"] = np.asarray(ids.seg_rows(), dtype=np.int64)
         return self._cast(values, IMAGE_HOST_INPUTS, mode), ids
 
     def image_inputs(self, image: np.ndarray, instance_masks: np.ndarray | None = None

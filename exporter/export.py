@@ -44,7 +44,6 @@ from exporter.streaming import StagedWeights
 from exporter.wrappers import make_wrapper
 from graphs import manifest as mf
 from graphs import onnx_checks, onnx_passes
-from graphs.atomic import atomic_path
 from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config
 from graphs.errors import ArtifactError, ParityError, ToolchainError, internal_error
 from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -52,10 +51,10 @@ from graphs.prompt import SEG_TOKEN, token_id, tokenize_prompt
 from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
 from graphs.stages import CACHE_LENGTH, CACHE_SOURCE, PRECISIONS, Layout, LayoutOptions, StageSpec, build_layout
+from graphs.trt_ops import DEFAULT_OPSET
 from graphs.tolerance import E2E_TOLERANCES, STAGE_ATOL, STAGE_RTOL, mismatches, stage_tolerance
 
 SAMPLE_QUERY = "Where is the cat in this picture?"
-DEFAULT_OPSET = 18  # what TensorRT 10 / TensorRT-RTX 1.x parse, and what the dynamo exporter emits natively
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # The graph cache's code key: every module of ours that exporter.export and the wrappers it traces import,
 # transitively (code_files), so an edit anywhere the traced code reaches re-traces; no hand list to drift.
@@ -70,9 +69,10 @@ class ExportOptions:
     precision: str = "fp32"
     mode: str = "single-pass"
     opset: int = DEFAULT_OPSET
-    max_text_len: int = 256
-    max_new_tokens: int = 64
-    max_seg: int = 8
+    # The layout's own defaults: one place for each bound.
+    max_text_len: int = LayoutOptions.max_text_len
+    max_new_tokens: int = LayoutOptions.max_new_tokens
+    max_seg: int = LayoutOptions.max_seg
     external_data_threshold: int = onnx_passes.EXTERNAL_DATA_THRESHOLD
     cache_dir: str | None = None  # a GraphCache shared between exports; None: no cross-artifact reuse
     # Trace each stage on inputs built from the layout instead of running the model, and skip the ONNX
@@ -249,7 +249,7 @@ def _host_sample(shape: ModelShape, clip_processor: dict, image: np.ndarray, ids
         "suffix_ids": torch.tensor(ids.suffix, dtype=torch.long),
     }
     if any(t.name == "seg_rows" for t in layout.host_inputs):
-        host["seg_rows"] = torch.tensor([j - 1 for j in ids.seg_suffix_positions()], dtype=torch.long)
+        host["seg_rows"] = torch.tensor(ids.seg_rows(), dtype=torch.long)
     if any(t.name == "instance_masks" for t in layout.host_inputs):
         g = shape.vision.grid
         masks = torch.zeros((2, g, g), dtype=dtype)

@@ -127,7 +127,7 @@ class Reference:
         if query == "mean":
             return torch.arange(t, device=self.device)
         if query == "seg" and mode == "single-pass":
-            return torch.tensor([t - s + ids.seg_suffix_positions()[0] - 1], device=self.device)
+            return torch.tensor([t - s + ids.seg_rows()[0]], device=self.device)
         return torch.tensor([t - 1], device=self.device)  # "last", or "seg" in generate mode: last prompt token
 
     # -- forward ------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ class Reference:
             step_hidden = state.get("step_hidden")
         if mode == "single-pass":
             s = len(ids.suffix)
-            rows = [state["h"].shape[1] - s + j - 1 for j in ids.seg_suffix_positions()]
+            rows = [state["h"].shape[1] - s + j for j in ids.seg_rows()]
             seg_hidden = state["normed"][0, rows]  # [K, H]
         with timer("seg_head"):
             seg_emb = m.seg_head(seg_hidden)

@@ -103,7 +103,7 @@ class EntryStage(nn.Module):
         # prompt), the last prompt row. An arithmetic select, not a branch on the data.
         is_seg = (suffix_ids == self.seg_token_id).to(torch.int64)
         first = selection.argmax_1d(is_seg)
-        row = (t - s - 1) + first
+        row = (t - s - 1) + first  # graphs.prompt.PromptIds.seg_rows, in-graph
         return torch.where(is_seg.sum() > 0, row, last[0])[None]
 
     def forward(self, *args):
@@ -205,7 +205,8 @@ class BlockStage(nn.Module):
         if "next_token" in self.out_names:
             h = m.llm.model.norm(h)
             out["last_hidden"] = h[:, -1]  # [1, H]
-            out["next_token"] = torch.argmax(m.llm.lm_head(h[:, -1]), dim=-1)  # [1]
+            # Greedy, lowest id on ties on every backend (TensorRT documents no ArgMax tie order).
+            out["next_token"] = selection.first_argmax(m.llm.lm_head(h[:, -1]), dim=-1)  # [1]
         out["hidden_out"] = h
         return tuple(out[name] for name in self.out_names)
 

@@ -40,6 +40,12 @@ class PromptIds:
         """Indices in `suffix` of each [SEG] token."""
         return [i for i, t in enumerate(self.suffix) if t == self.seg_token_id]
 
+    def seg_rows(self) -> list[int]:
+        """Suffix rows whose hidden state is each [SEG] embedding: the row just before each [SEG], the one that
+        predicts it (LISA's `seg_token_mask` shifted by one). The one place this rule is written on the host side;
+        `exporter.wrappers` computes the same row in-graph for the prune query."""
+        return [j - 1 for j in self.seg_suffix_positions()]
+
 
 def check_query(query: str, max_positions: int | None = None) -> str:
     """The query, stripped; InputError if it is not text, empty, not UTF-8, holds a control token, or is

@@ -2,6 +2,10 @@
 opsets 9-24, rows marked Y). Default ONNX domain only; csprt graphs use no plugins."""
 
 TRT_OPSET_RANGE = (9, 24)
+# What csprt exports: torch's dynamo exporter emits opset 18 natively (17 and below fail inside torch.onnx), and
+# TensorRT 10 / TensorRT-RTX 1.x parse up to TRT_OPSET_RANGE's top.
+DEFAULT_OPSET = 18
+EXPORT_OPSET_RANGE = (18, TRT_OPSET_RANGE[1])
 
 TRT_SUPPORTED_OPS = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization

@@ -10,8 +10,8 @@ from pathlib import Path
 from graphs.checkpoint_config import read_checkpoint_config
 from graphs.errors import InputError
 from graphs.shapes import ModelShape
-from graphs.stages import EXPORT_MODES, PRECISIONS
-from graphs.trt_ops import TRT_OPSET_RANGE
+from graphs.stages import EXPORT_MODES, PRECISIONS, LayoutOptions
+from graphs.trt_ops import DEFAULT_OPSET, EXPORT_OPSET_RANGE
 from tools.schedule_args import KNOB_FLAGS, add_schedule_args, schedule_from_args
 
 
@@ -23,11 +23,11 @@ def add_parser(sub, name: str) -> None:
                    help="which inference modes the graphs serve. Defaults to single-pass.")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="weights and float I/O of every graph (TensorRT engines inherit it). Defaults to fp32.")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset. Defaults to 18.")
+    p.add_argument("--opset", type=int, default=None, help=f"ONNX opset. Defaults to {DEFAULT_OPSET}.")
     p.add_argument("--vision-tower", type=Path, default=None, help="CLIP directory, if config.json does not name a local one")
-    p.add_argument("--max-text-len", type=int, default=None, help="most text tokens either side of the image. Defaults to 256.")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generate-mode decode limit. Defaults to 64.")
-    p.add_argument("--max-seg", type=int, default=None, help="most [SEG] tokens per request. Defaults to 8.")
+    p.add_argument("--max-text-len", type=int, default=None, help=f"most text tokens either side of the image. Defaults to {LayoutOptions.max_text_len}.")
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"generate-mode decode limit. Defaults to {LayoutOptions.max_new_tokens}.")
+    p.add_argument("--max-seg", type=int, default=None, help=f"most [SEG] tokens per request. Defaults to {LayoutOptions.max_seg}.")
     p.add_argument("--cache", type=Path, default=None,
                    help="graph cache directory shared between exports (same graphs are copied, not re-traced)")
     p.add_argument("--trace-only", action="store_true", default=None,
@@ -51,8 +51,6 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-# The dynamo exporter emits opset 18 natively (17 and below fail inside torch.onnx); TensorRT parses up to its max.
-OPSET_RANGE = (18, TRT_OPSET_RANGE[1])
 MAX_SEG = 256  # far above any answer's [SEG] count; keeps the seg_head/sam_decoder profiles sane
 
 
@@ -60,7 +58,7 @@ def check_bounds(args: argparse.Namespace, shape: ModelShape) -> None:
     """Refuse out-of-range export bounds before any work (they used to fail after a whole export)."""
     room = shape.llm.max_positions - shape.num_image_tokens  # text and generated tokens share the rest
     limits = {
-        "opset": OPSET_RANGE,
+        "opset": EXPORT_OPSET_RANGE,
         "max_text_len": (1, room),
         "max_new_tokens": (1, room),
         "max_seg": (1, MAX_SEG),
