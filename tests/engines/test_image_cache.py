@@ -80,7 +80,7 @@ def test_encoding_stays_on_the_device_and_survives_reused_buffers(art, session, 
     with ArtifactSession(art, verify=False) as dev:
         layout = dev.artifact.layout
         dev.pipeline = Pipeline(layout, device_ort_runner_for(layout, dev.artifact.graph_path, cuda.log),
-                                chain=CudaChain(layout, "cuda", cuda=cuda))
+                                chain=CudaChain(layout, "cuda", cuda=cuda, alloc_device="cpu"))
         enc = dev.encode_image(image)
         dev.encode_image(image[::-1].copy())  # same size, other pixels: overwrites every image-stage buffer
         dev.segment(image[:, ::-1].copy(), Q2)  # and a full run
