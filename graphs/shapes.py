@@ -73,6 +73,64 @@ class SamShape:
         return self.image_size // self.patch_size
 
 
+# A size past this is no model csprt can build (and no torch allocation would survive it): a config value there is
+# corrupt, not ambitious. Layer counts, heads and grids are far below; LLaMA-3's vocabulary is 128k.
+MAX_SIZE = 1 << 24
+
+
+# The HF config keys the shape fields come from (`from_hf_configs`), so a problem names the key to fix.
+HF_KEYS = {
+    "llm.layers": "num_hidden_layers", "llm.hidden": "hidden_size", "llm.heads": "num_attention_heads",
+    "llm.kv_heads": "num_key_value_heads", "llm.intermediate": "intermediate_size", "llm.vocab": "vocab_size",
+    "llm.rms_norm_eps": "rms_norm_eps", "llm.max_positions": "max_position_embeddings", "llm.rope_theta": "rope_theta",
+    "vision.layers": "CLIP num_hidden_layers", "vision.hidden": "CLIP hidden_size",
+    "vision.heads": "CLIP num_attention_heads", "vision.intermediate": "CLIP intermediate_size",
+    "vision.image_size": "CLIP image_size", "vision.patch_size": "CLIP patch_size",
+    "vision.select_layer": "mm_vision_select_layer", "sam.out_chans": "out_dim",
+}
+
+
+def _problems(part: str, shape) -> list[str]:
+    """What is wrong with one sub-shape's field values: wrong type, out of range, or inconsistent."""
+    out = []
+    for f in dataclasses.fields(shape):
+        v = getattr(shape, f.name)
+        where = f"{part}.{f.name}"
+        where += f" ({HF_KEYS[where]})" if where in HF_KEYS else ""
+        if f.type == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                out.append(f"{where} must be an integer, got {v!r}")
+            elif f.name != "select_layer" and not 1 <= v <= MAX_SIZE:
+                out.append(f"{where} must be 1 to {MAX_SIZE}, got {v}")
+        elif f.type == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) < float("inf"):
+                out.append(f"{where} must be a positive finite number, got {v!r}")
+        elif f.type == "tuple[int, ...]":
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+                out.append(f"{where} must be a list of non-negative integers, got {list(v)!r}")
+    return out
+
+
+def _consistency(shape: "ModelShape") -> list[str]:
+    v, llm, sam = shape.vision, shape.llm, shape.sam
+    out = []
+    for part, hidden, heads in (("vision", v.hidden, v.heads), ("llm", llm.hidden, llm.heads),
+                                ("sam", sam.hidden, sam.heads)):
+        if hidden % heads:
+            out.append(f"{part}.hidden {hidden} is not a multiple of {part}.heads {heads}")
+    if llm.heads % llm.kv_heads:
+        out.append(f"llm.heads {llm.heads} is not a multiple of llm.kv_heads {llm.kv_heads}")
+    if (llm.hidden // llm.heads) % 2:
+        out.append(f"llm head size {llm.hidden // llm.heads} is odd; rotary embeddings need it even")
+    if v.image_size < v.patch_size or sam.image_size < sam.patch_size:
+        out.append("an image_size is smaller than its patch_size")
+    if not -v.layers <= v.select_layer < v.layers:
+        out.append(f"vision.select_layer {v.select_layer} is outside the tower's {v.layers} layers")
+    if v.num_tokens >= llm.max_positions:
+        out.append(f"{v.num_tokens} image tokens leave no room in llm.max_positions {llm.max_positions}")
+    return out
+
+
 @dataclass(frozen=True)
 class ModelShape:
     vision: VisionShape = field(default_factory=VisionShape)
@@ -90,19 +148,28 @@ class ModelShape:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def problems(self) -> list[str]:
+        """Every field of the wrong type or out of range, and every inconsistency; [] for a usable shape."""
+        out = [p for part in ("vision", "llm", "sam") for p in _problems(part, getattr(self, part))]
+        return out or _consistency(self)  # consistency only means something once the types are right
+
     @classmethod
     def from_dict(cls, data: dict) -> "ModelShape":
         try:
             sam = dict(data.get("sam", {}))
             if "global_attn" in sam:
                 sam["global_attn"] = tuple(sam["global_attn"])
-            return cls(
+            shape = cls(
                 vision=VisionShape(**data.get("vision", {})),
                 llm=LlmShape(**data.get("llm", {})),
                 sam=SamShape(**sam),
             )
-        except TypeError as exc:
-            raise ToolchainError(f"model shape has an unknown field: {exc}") from None
+        except (TypeError, AttributeError) as exc:
+            raise ToolchainError(f"model shape has an unknown or malformed field: {exc}") from None
+        bad = shape.problems()
+        if bad:
+            raise ToolchainError(f"model shape: {'; '.join(bad)}")
+        return shape
 
     @classmethod
     def from_hf_configs(cls, lisa_config: dict, clip_config: dict) -> "ModelShape":
@@ -148,15 +215,21 @@ class ModelShape:
                 f"CLIP config.json lacks {exc.args[0]!r}: expected a CLIPVisionConfig "
                 "(num_hidden_layers, hidden_size, num_attention_heads, intermediate_size, image_size, patch_size)"
             ) from None
-        sam = dict(lisa_config.get("csprt_sam", {}))
-        if "global_attn" in sam:
-            sam["global_attn"] = tuple(sam["global_attn"])
-        sam.setdefault("out_chans", lisa_config.get("out_dim", 256))
         try:
+            sam = dict(lisa_config.get("csprt_sam", {}))
+            if "global_attn" in sam:
+                sam["global_attn"] = tuple(sam["global_attn"])
+            sam.setdefault("out_chans", lisa_config.get("out_dim", 256))
             sam_shape = SamShape(**sam)
-        except TypeError as exc:
-            raise CheckpointError(f"config.json csprt_sam block has an unknown field: {exc}") from None
-        return cls(vision=vision, llm=llm, sam=sam_shape)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"config.json csprt_sam block has an unknown or malformed field: {exc}") from None
+        shape = cls(vision=vision, llm=llm, sam=sam_shape)
+        bad = shape.problems()
+        if bad:
+            # Named by the model field; the config keys are the HF ones (num_hidden_layers = layers, ...).
+            raise CheckpointError(f"checkpoint config.json (with its CLIP config.json) describes no usable model: "
+                                  f"{'; '.join(bad)}; fix the config or re-create the checkpoint")
+        return shape
 
 
 # Named shapes for FLOPs and random-weight speed runs. LISA-7B/13B are DESIGN.md section 1.
