@@ -183,8 +183,23 @@ def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def weight_problem(name: str, t: torch.Tensor, want: torch.dtype) -> str:
+    """Why the stored tensor `name` cannot be the model's parameter of dtype `want` ("" if it can).
+
+    A float parameter must be stored as a float (an int16 tensor has float16's byte size and would load as
+    garbage numbers), an integer buffer as an integer, and every value must be finite: one NaN in a weight
+    turns every mask into noise with exit 0. Cost: one pass over the weights (a few seconds at LISA-7B).
+    """
+    if t.dtype.is_floating_point != want.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        return f"wrong dtype: {keys.module_to_lisa(name)} is stored as {t.dtype}, expected a {want} tensor"
+    if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        return f"non-finite values: {keys.module_to_lisa(name)} has {bad} NaN/Inf of {t.numel()}"
+    return ""
+
+
 def _check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], unknown: list[str],
-                ckpt_dir: Path) -> None:
+                ckpt_dir: Path, dtypes: dict[str, torch.dtype] | None = None) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped key (LISA names)."""
     problems = []
     for name, shape in expected.items():
@@ -193,6 +208,8 @@ def _check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor],
         elif found[name].shape != shape:
             problems.append(f"wrong shape: {keys.module_to_lisa(name)} expected {tuple(shape)}, "
                             f"found {tuple(found[name].shape)}")
+        elif dtypes is not None and (why := weight_problem(name, found[name], dtypes[name])):
+            problems.append(why)
     unexpected = unknown + [keys.module_to_lisa(n) for n in found if n not in expected]
     problems += [f"unexpected: {k}" for k in sorted(unexpected)]
     if not problems:
@@ -297,8 +314,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, vision_tower: str | os.PathLike
 
     with _empty_construction(dtype, device):
         model = LisaModel(shape, attn=attn)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("vision_tower.")}
-    _check_keys(expected, found, unknown, ckpt)
+    params = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_tower.")}
+    _check_keys({k: v.shape for k, v in params.items()}, found, unknown, ckpt, {k: v.dtype for k, v in params.items()})
     model.load_state_dict(found, strict=False)  # strictness checked above; CLIP comes next
     model.vision_tower = _load_clip(clip_dir, dtype, device, embedded=clip if cfg.clip_in_weights else None)
 

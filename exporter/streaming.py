@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from exporter import keys
-from exporter.checkpoint import _check_keys, _empty_construction, find_weight_files, read_weight_file
+from exporter.checkpoint import _check_keys, _empty_construction, find_weight_files, read_weight_file, weight_problem
 from exporter.model import LisaModel
 from graphs.checkpoint_config import clip_is_embedded, read_clip_config
 from graphs.errors import CheckpointError
@@ -97,6 +97,9 @@ class WeightSource:
 
             with safe_open(str(path), framework="pt") as f:
                 t = f.get_tensor(key)
+        why = weight_problem(name, t, dtype)
+        if why:  # checked as each tensor is first read: the streaming export never holds the whole model
+            raise CheckpointError(f"checkpoint {self.ckpt_dir}: {why}")
         return t.to(dtype)
 
 

@@ -242,3 +242,31 @@ def test_broken_tokenizer(tiny_ckpt_st, tmp_path):
     (ckpt / "special_tokens_map.json").unlink(missing_ok=True)
     with pytest.raises(CheckpointError, match="no tokenizer in .*expected LLaMA's tokenizer.model"):
         _load(ckpt, tiny_ckpt_st)
+
+
+# --- weights trusted only once checked (issue 15) -------------------------------------------------------------
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda s: s.__setitem__("model.mm_projector.weight", s["model.mm_projector.weight"].view(torch.int32)),
+     "wrong dtype: model.mm_projector.weight is stored as torch.int32, expected a torch.float32 tensor"),
+    (lambda s: s["model.norm.weight"].__setitem__(3, float("nan")),
+     "non-finite values: model.norm.weight has 1 NaN/Inf of 64"),
+    (lambda s: s["model.layers.0.mlp.up_proj.weight"].fill_(float("inf")),
+     "non-finite values: model.layers.0.mlp.up_proj.weight has 8192 NaN/Inf of 8192"),
+], ids=["int32-same-bytes", "one-nan", "all-inf"])
+def test_wrong_dtype_or_non_finite_weights_refused_by_name(tiny_ckpt_st, tmp_path, edit, says):
+    ckpt = _with_state(tiny_ckpt_st, tmp_path / "c", edit)
+    with pytest.raises(CheckpointError) as info:
+        _load(ckpt, tiny_ckpt_st)
+    assert says in str(info.value)
+
+
+def test_streaming_export_refuses_a_nan_weight_as_it_reads_it(tiny_ckpt_st, tmp_path):
+    from exporter.streaming import WeightSource
+    from graphs.checkpoint_config import read_checkpoint_config
+
+    ckpt = _with_state(tiny_ckpt_st, tmp_path / "c", lambda s: s["model.norm.weight"].__setitem__(0, float("nan")))
+    files = WeightSource(ckpt, read_checkpoint_config(ckpt, tiny_ckpt_st / CLIP_SUBDIR).clip_dir)
+    files.read("llm.model.layers.0.mlp.up_proj.weight", torch.float32)  # healthy tensors still read
+    with pytest.raises(CheckpointError, match="non-finite values: model.norm.weight has 1 NaN/Inf"):
+        files.read("llm.model.norm.weight", torch.float32)
