@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engines.trt import PRETTY, load_trt
 from graphs.errors import ArtifactError
-from graphs.manifest import file_sha256, load_artifact
+from graphs.manifest import file_sha256, inside, load_artifact
 
 ENGINES_DIR = "engines"
 
@@ -59,6 +59,8 @@ def check_engine(art_dir, stage: str, flavor: str | None = None, version: str | 
         sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"engine sidecar {sidecar_path} is unreadable ({exc}); rebuild with: {fix}") from None
+    if not isinstance(sidecar, dict) or not inside(artifact.dir, sidecar.get("plan")):
+        raise ArtifactError(f"engine sidecar {sidecar_path} names no plan inside the artifact; rebuild with: {fix}")
     plan = artifact.dir / sidecar["plan"]
     built_from = sidecar.get("graph_files") or {}
     changed = sorted(rel for rel in set(entry["files"]) | set(built_from) if built_from.get(rel) != entry["files"].get(rel))

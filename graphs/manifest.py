@@ -414,12 +414,40 @@ def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
     problems = layout_problems(layout)
     problems += [f"stage {e['name']!r} graph {e['graph']} is not in its files" for e in manifest["stages"]
                  if e["graph"] not in e["files"]]
+    problems += outside_paths(art, manifest)
     if problems:
         raise ArtifactError(f"{path}: {problems[0]}; re-export with: {fix}")
     artifact = Artifact(dir=art, manifest=manifest, layout=layout, shape=shape, schedule=schedule)
     if verify:
         _verify_files(artifact, fix)
     return artifact
+
+
+def inside(art: Path, rel) -> bool:
+    """Whether the manifest path `rel` names something inside the artifact directory `art`: relative, no `..`
+    out of it, and no link leading out of it (resolved), so a manifest can never make csprt read elsewhere."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or "\\" in rel:
+        return False
+    root = art.resolve()
+    try:
+        return (root / rel).resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
+def outside_paths(art: Path, manifest: dict) -> list[str]:
+    """Every path of the manifest (graphs and their files, the tokenizer directory and files, engine sidecars)
+    that leads outside the artifact directory, as problems."""
+    tok = manifest["tokenizer"]
+    named = [("tokenizer.dir", tok["dir"])]
+    named += [(f"tokenizer file {n!r}", f"{tok['dir']}/{n}") for n in tok.get("files", {})]
+    for e in manifest["stages"]:
+        named += [(f"stage {e['name']!r} graph", e["graph"])]
+        named += [(f"stage {e['name']!r} file", rel) for rel in e["files"]]
+        named += [(f"stage {e['name']!r} {flavor} engine {key}", eng.get(key))
+                  for flavor, eng in (e.get("engines") or {}).items() if isinstance(eng, dict)
+                  for key in ("sidecar", "plan") if key in eng]
+    return [f"{what} {rel!r} leads outside the artifact directory" for what, rel in named if not inside(art, rel)]
 
 
 def _verify_files(artifact: Artifact, fix: str) -> None:

@@ -260,3 +260,34 @@ def test_no_traceback_in_real_process(art_copy, image, tmp_path):
     assert_one_line_error("run", proc.returncode, proc.stderr, ["graphs/llm_1.onnx", "missing"])
     assert proc.stdout == ""
     assert_no_results(tmp_path)
+
+
+# --- a sealed artifact: no manifest path leads outside it (issue 15) -------------------------------------------
+
+def _edit_manifest(art: Path, edit) -> None:
+    m = json.loads((art / MANIFEST_NAME).read_text())
+    edit(m)
+    (art / MANIFEST_NAME).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case", ["tokenizer-dir-up", "tokenizer-dir-absolute", "graph-file-up", "link-out"])
+def test_manifest_paths_outside_the_artifact_are_refused_before_reading(art_copy, image, tmp_path, case):
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(art_copy / "tokenizer", outside)
+    if case == "tokenizer-dir-up":
+        _edit_manifest(art_copy, lambda m: m["tokenizer"].__setitem__("dir", "../elsewhere"))
+    elif case == "tokenizer-dir-absolute":
+        _edit_manifest(art_copy, lambda m: m["tokenizer"].__setitem__("dir", str(outside)))
+    elif case == "graph-file-up":
+        def up(m):
+            e = next(e for e in m["stages"] if e["name"] == "llm_1")
+            e["files"]["../../etc/passwd"] = "0" * 64
+        _edit_manifest(art_copy, up)
+    else:  # the tokenizer directory replaced by a link to a copy outside: resolved, it is elsewhere
+        shutil.rmtree(art_copy / "tokenizer")
+        (art_copy / "tokenizer").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ArtifactError, match="leads outside the artifact directory"):
+        load_artifact(art_copy, verify=False)
+    rc, _, stderr = call(run_argv(art_copy, image, tmp_path))
+    assert_one_line_error("run", rc, stderr, ["leads outside the artifact directory", "re-export with:"])
+    assert_no_results(tmp_path)
