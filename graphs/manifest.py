@@ -117,6 +117,20 @@ def layout_from_dict(d: dict) -> Layout:
     )
 
 
+def dim_problems(layout: Layout, shape: ModelShape) -> list[str]:
+    """Named dims whose range is disordered or beyond what the model could ever feed: no dim of a graph (text,
+    rows, cache, [SEG] count, instances) exceeds the model's positions, so a larger max is a corrupt or
+    tampered manifest, and would reach TensorRT profiles and Triton configs."""
+    limit = shape.llm.max_positions
+    out = []
+    for name, r in layout.dims.items():
+        if not 1 <= r.min <= r.opt <= r.max:
+            out.append(f"dim {name!r} has range min {r.min}, opt {r.opt}, max {r.max}: expected 1 <= min <= opt <= max")
+        elif r.max > limit:
+            out.append(f"dim {name!r} has max {r.max}, beyond the model's {limit} positions")
+    return out
+
+
 def layout_problems(layout: Layout) -> list[str]:
     """Wiring and dim names that do not resolve: every input source names an existing host input, stage
     output or loop output, and every name in a shape is a key of `dims`. Empty when consistent."""
@@ -415,6 +429,7 @@ def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
     problems += [f"stage {e['name']!r} graph {e['graph']} is not in its files" for e in manifest["stages"]
                  if e["graph"] not in e["files"]]
     problems += outside_paths(art, manifest)
+    problems += dim_problems(layout, shape)
     if problems:
         raise ArtifactError(f"{path}: {problems[0]}; re-export with: {fix}")
     artifact = Artifact(dir=art, manifest=manifest, layout=layout, shape=shape, schedule=schedule)

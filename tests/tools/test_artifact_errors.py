@@ -291,3 +291,11 @@ def test_manifest_paths_outside_the_artifact_are_refused_before_reading(art_copy
     rc, _, stderr = call(run_argv(art_copy, image, tmp_path))
     assert_one_line_error("run", rc, stderr, ["leads outside the artifact directory", "re-export with:"])
     assert_no_results(tmp_path)
+
+
+@pytest.mark.parametrize("dim_range, says", [({"min": 1, "opt": 8, "max": 10**9}, "beyond the model's"),
+                                             ({"min": 5, "opt": 2, "max": 9}, "expected 1 <= min <= opt <= max")])
+def test_absurd_dim_ranges_are_refused(art_copy, dim_range, says):
+    _edit_manifest(art_copy, lambda m: m["dims"].__setitem__("suffix_len", dim_range))
+    with pytest.raises(ArtifactError, match=says):
+        load_artifact(art_copy, verify=False)
