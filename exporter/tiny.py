@@ -21,6 +21,7 @@ pytorch_model-visual_model.bin and pytorch_model-text_hidden_fcs.bin, as LISA v0
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def _choose(what: str, value: str, choices: tuple[str, ...]) -> None:
 def make_tiny(out_dir: str | Path, opts: TinyOptions = TinyOptions()) -> Path:
     """Write a tiny checkpoint directory in LISA's published format (see the module docstring).
 
-    Deterministic: the same options give the same weights and tokenizer.
+    Deterministic: the same options give the same weights and tokenizer. A failure (bad option, full disk)
+    removes the directories this call created, so no empty or half-written checkpoint is left behind.
 
     Args:
         out_dir (path): target directory (created; existing files are overwritten).
@@ -146,6 +148,17 @@ def make_tiny(out_dir: str | Path, opts: TinyOptions = TinyOptions()) -> Path:
     Returns:
         Path: `out_dir`.
     """
+    out = Path(out_dir)
+    created = [d for d in (out, separate_clip_dir(out)) if not d.exists()]
+    try:
+        return _make_tiny(out, opts)
+    except BaseException:
+        for d in created:
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _make_tiny(out: Path, opts: TinyOptions) -> Path:
     # Local imports: `csprt` builds every subcommand's parser, which must not pay for torch.
     import torch
 
@@ -161,7 +174,6 @@ def make_tiny(out_dir: str | Path, opts: TinyOptions = TinyOptions()) -> Path:
     _choose("weight format", opts.format, FORMATS)
     _choose("weight dtype", opts.weights, tuple(WEIGHT_DTYPES))
     dtype = getattr(torch, WEIGHT_DTYPES[opts.weights])
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = tiny_shape(opts)
     # The tokenizer first: it validates --vocab before any weights are written.

@@ -24,6 +24,7 @@ def test_make_tiny_into_a_refusing_disk(tmp_path, monkeypatch, code, fix):
     lines = error_lines(err)
     assert rc == 2 and len(lines) == 1, err
     assert lines[0].startswith("csprt make-tiny: error: ") and fix in lines[0] and str(tmp_path) in lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing left behind, not even an empty directory
 
 
 def test_other_oserrors_are_not_disguised():
