@@ -44,6 +44,7 @@ from exporter.streaming import StagedWeights
 from exporter.wrappers import make_wrapper
 from graphs import manifest as mf
 from graphs import onnx_checks, onnx_passes
+from graphs.atomic import exclusive_lock
 from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config
 from graphs.errors import ArtifactError, ParityError, ToolchainError, internal_error
 from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -491,6 +492,15 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
         raise ArtifactError(f"--out {art} exists and is not a directory; choose a directory path")
     if options.precision not in PRECISIONS:
         raise ToolchainError(f"unknown precision {options.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    # One export at a time per artifact: a second one is refused at once, naming the first, instead of two
+    # writers interleaving their graphs and one of them failing later with a misleading error.
+    with exclusive_lock(art.parent / f".{art.name}.export.lock", f"csprt export to {art}"):
+        return _export(art, checkpoint, schedule, options, vision_tower, command, say)
+
+
+def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, vision_tower, command: str,
+            say: Callable[[str], None]) -> Path:
+    """`export_artifact` under its lock."""
     cfg = read_checkpoint_config(checkpoint, vision_tower)
     shape = cfg.shape
     schedule = schedule.check_against(shape.llm.layers, shape.num_image_tokens)

@@ -31,6 +31,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on `path` for the block; refuse at once if another process holds it.
+
+    The lock file keeps the holder's pid for the message and is left in place (removing it would race a
+    waiter); the kernel releases the lock when the holder exits, even on kill -9.
+
+    Args:
+        path (str or PathLike): the lock file (created, with its parent).
+        what (str): the work it guards, for the message, e.g. "csprt export to out/art".
+
+    Raises:
+        ToolchainError: another process holds the lock.
+    """
+    import fcntl
+
+    from graphs.errors import ToolchainError
+
+    lock = Path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise ToolchainError(f"{what} is already running (pid {holder}, lock {lock}); wait for it to finish, "
+                                 "or choose another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Atomically write `obj` as indented UTF-8 JSON with a trailing newline. Returns the path."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # serialise first: a TypeError leaves no temp file

@@ -43,3 +43,22 @@ def test_export_bounds_refused_before_any_work(tiny_ckpt, tmp_path, flag, value)
     assert rc == 2 and len(lines) == 1, err
     assert f"{flag} {value} is out of range: choose " in lines[0]
     assert not out.exists() and "[csprt] export" not in err  # nothing traced, nothing written
+
+
+def test_a_second_export_to_the_same_artifact_is_refused_at_once(tiny_ckpt, tmp_path):
+    """Two exports to one --out used to interleave and fail late with 'please report'; now the second stops at
+    once, naming the first (flock: released by the kernel even if the holder is killed)."""
+    import os
+    import time
+
+    from graphs.atomic import exclusive_lock
+
+    out = tmp_path / "art"
+    with exclusive_lock(tmp_path / ".art.export.lock", "csprt export to art"):
+        t0 = time.monotonic()
+        rc, _, err = call(["export", str(tiny_ckpt), "--schedule", "full", "--out", str(out)])
+        took = time.monotonic() - t0
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1, err
+    assert f"is already running (pid {os.getpid()}" in lines[0] and "choose another output directory" in lines[0]
+    assert not out.exists() and took < 30
