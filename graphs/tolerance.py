@@ -16,6 +16,9 @@ import numpy as np
 # CPU and ORT round fp16 at different points.
 STAGE_ATOL = {"fp32": 1e-4, "fp16": 2e-2}
 STAGE_RTOL = {"fp32": 1e-4, "fp16": 1e-2}
+# sam_decoder in fp16 on bf16-valued weights (what LISA ships and make-tiny writes): max abs over 8 seeds of the
+# tiny csp export 0.021, median 0.007 (mask logits near 0 after a deep fp16 stack); twice the worst.
+STAGE_ATOL_OVERRIDES = {("fp16", "sam_decoder"): 4e-2}
 # End to end against the fp32 reference. fp16 measured on the tiny csp artifact: mask logits max abs 2.2e-2,
 # mask IoU 0.990 (pixels whose logit is within ~1e-2 of 0 flip), generated ids equal.
 E2E_TOLERANCES = {"fp32": {"mask_logits_atol": 1e-3, "mask_iou_min": 1.0},
@@ -24,10 +27,15 @@ E2E_TOLERANCES = {"fp32": {"mask_logits_atol": 1e-3, "mask_iou_min": 1.0},
 EPS = 2.220446049250313e-16  # Polygraphy adds this to zero expected values before dividing
 
 
-def stage_tolerance(precision: str) -> dict:
-    """{"atol": {"": x}, "rtol": {"": y}}: a stage's tolerance at `precision` ("fp32" | "fp16"), as the manifest
-    and the comparator take it ("" is the default key, as in Polygraphy)."""
-    return {"atol": {"": STAGE_ATOL[precision]}, "rtol": {"": STAGE_RTOL[precision]}}
+def stage_atol(precision: str, stage: str) -> float:
+    """The absolute tolerance of `stage` at `precision` ("fp32" | "fp16")."""
+    return STAGE_ATOL_OVERRIDES.get((precision, stage), STAGE_ATOL[precision])
+
+
+def stage_tolerance(precision: str, stage: str) -> dict:
+    """{"atol": {"": x}, "rtol": {"": y}}: `stage`'s tolerance at `precision`, as the manifest and the
+    comparator take it ("" is the default key, as in Polygraphy)."""
+    return {"atol": {"": stage_atol(precision, stage)}, "rtol": {"": STAGE_RTOL[precision]}}
 
 
 def abs_rel(got: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

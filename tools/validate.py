@@ -75,7 +75,7 @@ def tolerances(art, backend: str) -> dict:
                 "stage": {s.name: art.stage_entry(s.name)["tolerance"] for s in art.layout.stages}}
     return {"basis": f"{math}: {backend} computes a {art.precision} artifact in TF32",
             "end_to_end": dict(E2E_TOLERANCES[math]),
-            "stage": {s.name: stage_tolerance(math) for s in art.layout.stages}}
+            "stage": {s.name: stage_tolerance(math, s.name) for s in art.layout.stages}}
 
 
 def _looser(art, a: str, b: str) -> dict:

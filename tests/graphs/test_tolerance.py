@@ -24,17 +24,20 @@ def test_comparator_and_export_share_the_rule():
 
 
 def test_stage_tolerance_is_the_manifest_shape():
-    assert stage_tolerance("fp16") == {"atol": {"": STAGE_ATOL["fp16"]}, "rtol": {"": STAGE_RTOL["fp16"]}}
+    assert stage_tolerance("fp16", "llm_0") == {"atol": {"": STAGE_ATOL["fp16"]}, "rtol": {"": STAGE_RTOL["fp16"]}}
+    assert stage_tolerance("fp16", "sam_decoder")["atol"][""] > STAGE_ATOL["fp16"]  # measured: see its comment
 
 
-@pytest.mark.parametrize("precision, flips, ok", [("fp32", 1, False), ("fp16", 2, True), ("fp16", 3, False)])
-def test_export_integer_check_allows_fp16_near_tie_flips_and_names_the_fix(precision, flips, ok):
+@pytest.mark.parametrize("precision, n, flips, ok", [("fp32", 256, 1, False), ("fp16", 256, 2, True),
+                                                    ("fp16", 256, 3, False), ("fp16", 64, 1, True),
+                                                    ("fp16", 64, 2, False)])
+def test_export_integer_check_allows_fp16_near_tie_flips_and_names_the_fix(precision, n, flips, ok):
     from exporter.export import _integer_flips
     from graphs.errors import ParityError
     from graphs.stages import StageSpec
 
     spec = StageSpec("vision", "vision", (), ())
-    ref = np.arange(256, dtype=np.int64) % 8  # 256 assignments: 1% is 2
+    ref = np.arange(n, dtype=np.int64) % 8  # n assignments: 1% of them, and always one, may flip in fp16
     out = ref.copy()
     out[:flips] = (out[:flips] + 1) % 8
     if ok:
@@ -43,5 +46,5 @@ def test_export_integer_check_allows_fp16_near_tie_flips_and_names_the_fix(preci
     with pytest.raises(ParityError) as err:
         _integer_flips(spec, "assign", out, ref, precision)
     msg = str(err.value)
-    assert f"{flips} of 256 integer values differ" in msg and "'vision'" in msg and "'assign'" in msg
+    assert f"{flips} of {n} integer values differ" in msg and "'vision'" in msg and "'assign'" in msg
     assert ("--precision fp32" in msg) == (precision == "fp16")
