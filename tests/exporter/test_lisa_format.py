@@ -78,7 +78,7 @@ def test_make_tiny_writes_lisas_published_format(tiny_ckpt):
     config = json.loads((tiny_ckpt / "config.json").read_text())
     assert config["model_type"] == "llava" and config["architectures"] == ["LISAForCausalLM"]
     assert config["mm_vision_tower"] == config["vision_tower"] == CLIP_HUB_ID
-    assert config["torch_dtype"] == "float32" and config["vocab_size"] == 512 and config["out_dim"] == 32
+    assert config["torch_dtype"] == "bfloat16" and config["vocab_size"] == 512 and config["out_dim"] == 32
     assert config["mm_use_im_start_end"] is True and config["mm_vision_select_layer"] == -2
     tok_config = json.loads((tiny_ckpt / "tokenizer_config.json").read_text())
     assert tok_config["tokenizer_class"] == "LlamaTokenizer" and tok_config["model_max_length"] == 512

@@ -107,8 +107,10 @@ def test_fp16_artifact_within_documented_tolerance(export_tiny, tiny_ckpt):
         assert not [line for line in report if "Softmax" in line or "ReduceMean" in line], (stage.name, report)
     report = validate_artifact(art_dir, tiny_ckpt, image=sample_image(), query=SEG_QUERY, progress=lambda _m: None)
     assert report["passed"], report["end_to_end"]
-    for s in report["stages"]:
-        assert s["max_abs"] <= 2e-2, s
+    from graphs.tolerance import stage_atol
+
+    for s in report["stages"]:  # the documented per-stage numbers (graphs.tolerance), not just the manifest's
+        assert s["max_abs"] <= stage_atol("fp16", s["name"].split(" ")[0]) <= 4e-2, s
     for e in report["end_to_end"]:
         assert e["num_seg"] == 1 and e["ids_equal"]
         assert e["mask_logits_max_abs"] <= 0.05 and e["mask_iou"] >= 0.98
