@@ -8,44 +8,14 @@ repeats (CPU) or the device's high-water mark (CUDA, when torch is present).
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 
 from engines.session import ArtifactSession
+from graphs.bench_report import bench_image
+from graphs.host_memory import PeakRss
 from graphs.prompt import query_of_length
-
-
-class PeakRss:
-    """Peak resident set size of this process (MiB) while the block runs, sampled every `interval` s."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak_mib = interval, 0.0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "PeakRss":
-        import psutil
-
-        proc = psutil.Process()
-
-        def sample():
-            while not self._stop.is_set():
-                self.peak_mib = max(self.peak_mib, proc.memory_info().rss / 2**20)
-                self._stop.wait(self.interval)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def bench_image(h: int = 480, w: int = 640) -> np.ndarray:
-    """A fixed random photo-sized image (random pixels: no stage can short-cut on constant input)."""
-    return np.random.default_rng(0).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
 
 def bench_session(session: ArtifactSession, text_tokens: int, mode: str = "single-pass", repeat: int = 10,
@@ -78,7 +48,7 @@ def bench_session(session: ArtifactSession, text_tokens: int, mode: str = "singl
     for _ in range(warmup):
         once()
     runs, e2e, pipe = [], [], []
-    with PeakRss() as rss:
+    with PeakRss(every=0.005) as rss:
         for _ in range(repeat):
             result, feed, timings, pipeline_ms, total_ms = once()
             runs.append(timings)

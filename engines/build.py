@@ -36,13 +36,14 @@ from typing import Callable
 
 from engines.profiles import (InputShapes, Profile, apply_overrides, dims_to_json, parse_shapes, profiles_note,
                               profiles_to_json, stage_dims, stage_profiles)
-from engines.build_memory import (GIB, MappedWeights, PeakRss, StageMemory, external_initializers,  # noqa: F401
+from engines.build_memory import (GIB, MappedWeights, StageMemory, external_initializers,  # noqa: F401
                                   check_build_memory, estimate_stage_memory, gib, host_memory_budget,
                                   trim_host_memory)
 from engines.engine_check import ENGINES_DIR, check_engine, engine_paths  # noqa: F401 (re-exported)
 from engines.trt import NO_GPU_NOISE, PRETTY, CaptureLogger, load_trt  # noqa: F401 (CaptureLogger re-exported)
 from graphs.atomic import atomic_path, write_json
 from graphs.errors import ArtifactError, ToolchainError
+from graphs.host_memory import PeakRss
 from graphs.manifest import Artifact, check_stage_names, file_sha256, load_artifact, package_versions, write_manifest
 
 BUILD_FORMAT = 1  # bump when a build setting's meaning changes: every cached engine is rebuilt

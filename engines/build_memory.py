@@ -4,7 +4,8 @@
     check_build_memory(...)                                    one-line refusal before any build, naming the fix
     MappedWeights                                              external data mapped read-only for the parser,
                                                                its pages dropped while the builder runs
-    PeakRss, rss_bytes, trim_host_memory                       measuring and returning memory between stages
+    trim_host_memory                                           returning memory between stages (PeakRss and
+                                                               rss_bytes come from graphs.host_memory)
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import contextlib
 import ctypes
 import math
 import mmap
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from graphs.errors import ArtifactError, ToolchainError
+from graphs.host_memory import available_bytes
 from graphs.manifest import Artifact
 
 
@@ -82,15 +83,8 @@ def estimate_stage_memory(artifact: Artifact, stage: str) -> StageMemory:
 
 
 def host_memory_budget() -> int:
-    """What this host can give a build now: MemAvailable (Linux), else the physical memory."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """What this host can give a build now (MemAvailable)."""
+    return available_bytes()
 
 
 def gib(n: int) -> str:
@@ -156,48 +150,6 @@ def _buffer_address(mm: mmap.mmap) -> int:
     """The address of a read-only mapping's first byte (numpy reads it without copying)."""
     import numpy as np
     return np.frombuffer(mm, dtype=np.uint8).ctypes.data
-
-
-def rss_bytes() -> int | None:
-    """This process's resident set size in bytes (VmRSS), or None where /proc has none."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class PeakRss:
-    """`with PeakRss() as p: ...; p.peak`: the largest RSS sampled every `every` s while the block runs (None
-    where /proc has none). Sampled, not VmHWM: resetting that would change what `/usr/bin/time -v` reports."""
-
-    def __init__(self, every: float = 0.05):
-        self.every, self.peak = every, rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="csprt-peak-rss", daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            self._take()
-
-    def _take(self) -> None:
-        now = rss_bytes()
-        if now is not None:
-            self.peak = max(self.peak or 0, now)
-
-    def __enter__(self) -> PeakRss:
-        if self.peak is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._thread.is_alive():
-            self._stop.set()
-            self._thread.join()
-            self._take()
 
 
 def trim_host_memory() -> None:

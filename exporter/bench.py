@@ -41,7 +41,8 @@ def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "singl
     Returns the same raw dict as `engines.bench.bench_session` (runs, e2e_ms, image_tokens_per_layer,
     text_tokens, peak_memory_mib, decode_steps; pipeline_ms None: the reference has no pipeline).
     """
-    from engines.bench import PeakRss, bench_image
+    from graphs.bench_report import bench_image
+    from graphs.host_memory import PeakRss
 
     image = bench_image() if image is None else image
     shape = model.shape
@@ -55,7 +56,7 @@ def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "singl
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     runs, e2e = [], []
-    with PeakRss() as rss:
+    with PeakRss(every=0.005) as rss:
         for _ in range(repeat):
             _sync(device)
             t0 = time.perf_counter()

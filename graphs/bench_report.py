@@ -22,6 +22,8 @@ import statistics
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from graphs.errors import internal_error
 from graphs.flops import flops_report
 from graphs.schedule import Schedule
@@ -183,3 +185,8 @@ def check_report(report: dict) -> None:
     except jsonschema.ValidationError as exc:
         path = "/".join(str(p) for p in exc.absolute_path)
         raise internal_error(f"bench report violates {SCHEMA_PATH.name} at /{path}: {exc.message}") from None
+
+
+def bench_image(h: int = 480, w: int = 640) -> np.ndarray:
+    """A fixed random photo-sized image (random pixels: no stage can short-cut on constant input)."""
+    return np.random.default_rng(0).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
