@@ -69,12 +69,18 @@ def check_query(query: str, max_positions: int | None = None) -> str:
     return query
 
 
-def prompt_text(query: str, mode: str) -> str:
-    if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
-    query = check_query(query)
+def llava_v1_text(query: str, mode: str) -> str:
+    """LISA's llava_v1 prompt around `query` as given (no checks: the tokenizer corpus wraps texts a user may not
+    send); single-pass appends the answer " [SEG].". The one place the template is written."""
     text = f"{SYSTEM} USER: {IM_START}{IMAGE_TOKEN}{IM_END}\n{query} {INSTRUCTION} ASSISTANT:"
     return text + (f" {SINGLE_PASS_ANSWER}" if mode == "single-pass" else "")
+
+
+def prompt_text(query: str, mode: str) -> str:
+    """The prompt of a user's query: mode and query checked (`check_query`), then `llava_v1_text`."""
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    return llava_v1_text(check_query(query), mode)
 
 
 def token_id(tokenizer, token: str) -> int:

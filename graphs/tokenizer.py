@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from graphs.errors import ArtifactError
-from graphs.prompt import IM_END, IM_START, IMAGE_TOKEN, INSTRUCTION, SEG_TOKEN, SYSTEM
+from graphs.prompt import IM_END, IM_START, IMAGE_TOKEN, llava_v1_text
 
 FAST_FILE = "tokenizer.json"
 
@@ -56,9 +56,8 @@ def corpus() -> list[tuple[str, bool]]:
     (the prefix with BOS, the suffix without), in both modes, then the raw texts with and without BOS."""
     items: list[tuple[str, bool]] = []
     for query in CORPUS_QUERIES:
-        base = f"{SYSTEM} USER: {IM_START}{IMAGE_TOKEN}{IM_END}\n{query} {INSTRUCTION} ASSISTANT:"
-        for text in (base, base + f" {SEG_TOKEN}."):
-            before, after = text.split(IMAGE_TOKEN)
+        for mode in ("generate", "single-pass"):  # the order the checked-in reference ids were made in
+            before, after = llava_v1_text(query, mode).split(IMAGE_TOKEN)
             items += [(before, True), (after, False)]
     for text in CORPUS_TEXTS:
         items += [(text, True), (text, False)]
