@@ -38,11 +38,14 @@ class OrtRunner(BaseRunner):
             Defaults to "cpu".
         intra_op_threads (int | None): onnxruntime's intra-op thread count. Defaults to None (onnxruntime's
             own default: one per physical core).
+        session_config (dict[str, str] | None): ONNX Runtime session config entries, e.g. the quantized graphs'
+            (`graphs.quantize.ort_session_config`). Defaults to None.
     """
 
     def __init__(self, stage: StageSpec, dims: dict[str, DimRange], onnx_path: str | Path, device: str = "cpu",
-                 intra_op_threads: int | None = None):
+                 intra_op_threads: int | None = None, session_config: dict[str, str] | None = None):
         super().__init__(stage, dims)
+        self.session_config = dict(session_config or {})
         if device not in PROVIDERS:
             raise ToolchainError(f"unknown onnxruntime device {device!r}; choose one of: {', '.join(PROVIDERS)}")
         self.path = Path(onnx_path)
@@ -70,6 +73,8 @@ class OrtRunner(BaseRunner):
         if self.intra_op_threads is not None:
             opts.intra_op_num_threads = int(self.intra_op_threads)
         opts.log_severity_level = 3  # errors only: ORT's warnings (e.g. unused initializers) are not ours to act on
+        for key, value in self.session_config.items():
+            opts.add_session_config_entry(key, value)
         try:
             session = ort.InferenceSession(str(self.path), sess_options=opts, providers=[provider])
         except Exception as exc:  # onnxruntime raises its own pybind classes (InvalidProtobuf, Fail, NoSuchFile ...)

@@ -36,6 +36,7 @@ from engines.pipeline import Pipeline, PipelineResult
 from graphs.errors import ArtifactError, InputError, ToolchainError
 from graphs.image_encoding import image_plan
 from graphs.manifest import Artifact, load_artifact
+from graphs.quantize import ort_session_config
 from graphs.runner import BaseRunner
 from graphs.stages import StageSpec
 
@@ -173,7 +174,7 @@ def runner_factory(artifact: Artifact, backend: str = "onnxruntime", device: str
         from engines.ort_runner import OrtRunner
 
         return OrtRunner(stage, artifact.layout.dims, artifact.graph_path(stage.name), device=device,
-                         intra_op_threads=threads)
+                         intra_op_threads=threads, session_config=ort_session_config(artifact.manifest, stage.graph_name))
 
     return runner_for
 

@@ -12,6 +12,7 @@ from graphs.errors import InputError
 from graphs.shapes import ModelShape
 from graphs.stages import EXPORT_MODES, PRECISIONS, LayoutOptions
 from graphs.trt_ops import DEFAULT_OPSET, EXPORT_OPSET_RANGE
+from tools.quantize_args import QUANT_FLAGS, add_quantize_args, quantize_after_export, quantize_options
 from tools.schedule_args import KNOB_FLAGS, add_schedule_args, schedule_from_args
 
 
@@ -35,6 +36,7 @@ def add_parser(sub, name: str) -> None:
                         "ONNX Runtime parity check, for models too big to run on this host (e.g. LISA-7B on a "
                         "CPU). The manifest records the stages as unchecked; check them later with csprt validate.")
     add_schedule_args(p)
+    add_quantize_args(p)
     p.set_defaults(func=run)
 
 
@@ -42,7 +44,7 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that regenerates this artifact, recorded in its manifest."""
     words = ["csprt", "export", str(args.checkpoint), "--schedule", args.schedule, "--out", str(args.out),
              "--mode", args.mode, "--precision", args.precision]
-    for flag in ("opset", "vision_tower", "max_text_len", "max_new_tokens", "max_seg", *KNOB_FLAGS):
+    for flag in ("opset", "vision_tower", "max_text_len", "max_new_tokens", "max_seg", *KNOB_FLAGS, *QUANT_FLAGS):
         value = getattr(args, flag, None)
         if value is not None:
             words += [f"--{flag.replace('_', '-')}", str(value)]
@@ -82,9 +84,12 @@ def run(args: argparse.Namespace) -> int:
              if getattr(args, k) is not None}
     options = ExportOptions(precision=args.precision, mode=args.mode, trace_only=bool(args.trace_only),
                             cache_dir=str(args.cache) if args.cache else None, **given)
+    quant = quantize_options(args)  # checked before any work
+    say = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     art = export_artifact(args.checkpoint, schedule, args.out, options, vision_tower=args.vision_tower,
-                          command=_command(args), progress=lambda msg: print(f"[csprt] {msg}", file=sys.stderr,
-                                                                             flush=True))
+                          command=_command(args), progress=say)
+    quantize_after_export(art, quant, say)
     print(f"artifact: {art} (schedule {schedule.name}, {args.precision}, mode {args.mode}"
+          + (f", quantized {quant.method} ({quant.format})" if quant.method != "none" else "")
           + (", trace only: parity not checked; run csprt validate" if args.trace_only else "") + ")")
     return 0
