@@ -45,6 +45,7 @@ from graphs.atomic import atomic_path, write_json
 from graphs.errors import ArtifactError, ToolchainError
 from graphs.host_memory import PeakRss
 from graphs.manifest import Artifact, check_stage_names, file_sha256, load_artifact, package_versions, write_manifest
+from graphs.quantize import check_buildable, stage_quantization
 
 BUILD_FORMAT = 1  # bump when a build setting's meaning changes: every cached engine is rebuilt
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -481,7 +482,7 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
         "format": "csprt.engine", "format_version": BUILD_FORMAT, "stage": name,
         "flavor": s.flavor, "trt_version": s.trt_version, "compute_capabilities": list(s.compute_capabilities),
         "graph": graph, "graph_sha256": entry["files"][graph], "graph_files": dict(entry["files"]),
-        "precision": s.precision, "profiles": profiles_to_json(profiles_used),
+        "quantization": stage_quantization(job.artifact.manifest, name), "precision": s.precision, "profiles": profiles_to_json(profiles_used),
         "dims": dims_to_json(stage_dims(spec, job.dims)), "profiles_note": profiles_note(spec),
         "settings": s.to_json(), "build_key": key, "plan": plan_rel, "plan_sha256": digest,
         "plan_bytes": nbytes, "build_seconds": round(seconds, 3),
@@ -525,6 +526,7 @@ def _stage_list(artifact: Artifact, stages) -> list[str]:
 def _resolve(art_dir, precision, flavor, compute_capabilities, shapes, workspace_gb, stages):
     """Check every setting (cheapest first, TensorRT last) -> (artifact, stage names, trt, settings, dims)."""
     artifact = load_artifact(art_dir)
+    check_buildable(artifact.manifest, artifact.rebuild_command)  # MatMulNBits / MatMulInteger: ORT only
     precision = resolve_precision(precision, artifact)
     names = _stage_list(artifact, stages)
     dims = apply_overrides(artifact.layout.dims, parse_shapes(shapes, artifact.layout.dims))

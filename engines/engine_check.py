@@ -1,7 +1,8 @@
 """Is a built engine still good to run? The runtime's one question about engines, without the builder.
 
 `check_engine(art, stage)` returns the plan and its sidecar, or refuses (ArtifactError naming `csprt build ART`)
-an engine that is missing, was built from another graph, by another TensorRT flavor or version, or whose plan
+an engine that is missing, was built for a float graph and the artifact is now quantized or the other way round
+(the sidecar's "quantization"), was built from another graph, by another TensorRT flavor or version, or whose plan
 changed since. `engines.build` writes what this reads; the runtime (`TrtRunner`, the session, the Triton
 repository) imports only this.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from engines.trt import PRETTY, load_trt
 from graphs.errors import ArtifactError
 from graphs.manifest import file_sha256, inside, load_artifact
+from graphs.quantize import describe, stage_quantization
 
 ENGINES_DIR = "engines"
 
@@ -62,6 +64,11 @@ def check_engine(art_dir, stage: str, flavor: str | None = None, version: str | 
     if not isinstance(sidecar, dict) or not inside(artifact.dir, sidecar.get("plan")):
         raise ArtifactError(f"engine sidecar {sidecar_path} names no plan inside the artifact; rebuild with: {fix}")
     plan = artifact.dir / sidecar["plan"]
+    built_for, now = sidecar.get("quantization", "none"), stage_quantization(artifact.manifest, stage)
+    if built_for != now:  # before the graph hashes: say which graph the engine was built for
+        raise ArtifactError(f"engine {sidecar['plan']} was built for {describe(built_for)} of stage {stage!r}, but "
+                            f"this artifact now holds {describe(now)}; an engine never runs another graph; "
+                            f"rebuild with: {fix}")
     built_from = sidecar.get("graph_files") or {}
     changed = sorted(rel for rel in set(entry["files"]) | set(built_from) if built_from.get(rel) != entry["files"].get(rel))
     if changed:

@@ -32,6 +32,7 @@ CLIP_HUB_ID = "openai/clip-vit-large-patch14"  # what LISA's configs name as mm_
 TOKENIZERS = ("sentencepiece", "bpe")
 LAYOUTS = ("v1", "v0")
 CLIPS = ("embedded", "separate", "local")
+LLM_WEIGHTS = ("random", "trained-like")
 WEIGHT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -56,6 +57,9 @@ class TinyOptions:
     # LISA ships bfloat16, so the tiny does too ("fp32" for full-precision values); graphs.tolerance's fp16
     # sam_decoder tolerance was measured on bf16-valued weights.
     weights: str = "bf16"
+    # "trained-like": LLM weights with a trained model's quantization hazards (`trained_like_llm`), for checking
+    # quantized artifacts; "random" (the default) leaves the initializer's Gaussian weights.
+    llm_weights: str = "random"
 
 
 def tiny_shape(opts: TinyOptions = TinyOptions()) -> ModelShape:
@@ -184,8 +188,11 @@ def _make_tiny(out: Path, opts: TinyOptions) -> Path:
     from exporter.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(out, shape.llm.vocab)
+    _choose("LLM weight distribution", opts.llm_weights, LLM_WEIGHTS)
     torch.manual_seed(opts.seed)
     model = LisaModel(shape)
+    if opts.llm_weights == "trained-like":
+        trained_like_llm(model, opts.seed)
     with torch.no_grad():  # the values the file will hold (bfloat16 as LISA ships them), taught below on those
         for p in model.parameters():
             p.copy_(p.to(dtype).float())
@@ -202,6 +209,39 @@ def _make_tiny(out: Path, opts: TinyOptions) -> Path:
         model.vision_tower.save_pretrained(clip_dir)
         write_json(default_clip_processor_config(shape.vision.image_size), clip_dir / "preprocessor_config.json")
     return out
+
+
+def trained_like_llm(model, seed: int = 0, df: float = 4.0, outlier_scale: float = 8.0) -> None:
+    """Give the LLM's weights, in place, what makes a trained LLaMA hard to quantize and random weights easy.
+
+    Gaussian init weights quantize unlike trained ones: they have no tails and no outlier channels, so any
+    method looks lossless. Here, (1) every decoder Linear and the LM head are redrawn from a Student-t with
+    `df` degrees of freedom (kurtosis 6 + 3 at df 4, as trained LLaMA weights are heavy-tailed), at the same
+    standard deviation, so a per-channel or per-block scale is set by a few large weights; (2) a few hidden
+    channels (1 in 32, at least 2) get `outlier_scale` times the RMSNorm gain in every layer, so the activations
+    entering the Linears have the few huge channels of real LLMs ("massive activations", LLM.int8()), which is
+    what per-tensor activation scales (int8 / fp8 Q/DQ) lose precision to. Seeded: the same seed, the same weights.
+
+    Args:
+        model (LisaModel): the freshly initialised model.
+        seed (int): generator seed. Defaults to 0.
+        df (float): Student-t degrees of freedom. Defaults to 4.
+        outlier_scale (float): gain of the outlier channels. Defaults to 8.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    hidden = model.shape.llm.hidden
+    outliers = torch.randperm(hidden, generator=gen)[: max(2, hidden // 32)]
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if p.ndim == 2 and "embed_tokens" not in name:  # decoder Linears and lm_head
+                z = torch.randn(p.shape, generator=gen)
+                chi2 = (torch.randn((int(df), *p.shape), generator=gen) ** 2).sum(0)
+                t = z / torch.sqrt(chi2 / df)
+                p.copy_(t * (p.std() / t.std()))
+            elif name.endswith("layernorm.weight"):
+                p[outliers] *= outlier_scale
 
 
 def separate_clip_dir(out_dir: str | Path) -> Path:

@@ -75,7 +75,8 @@ def peak_tflops(device_name: str | None) -> float | None:
 def make_record(*, schedule: Schedule, shape: ModelShape, backend: str, device: str, text_tokens: int,
                 image_tokens_per_layer: list[int], runs: list[dict[str, float]], e2e_ms: list[float],
                 pipeline_ms: list[float] | None = None, peak_memory_mib: float | None = None,
-                device_name: str | None = None, decode_steps: int | None = None) -> dict:
+                device_name: str | None = None, decode_steps: int | None = None, quantization: str = "none",
+                weights: dict | None = None) -> dict:
     """One (schedule, backend) record from per-repeat timings.
 
     Args:
@@ -83,6 +84,8 @@ def make_record(*, schedule: Schedule, shape: ModelShape, backend: str, device: 
         e2e_ms: wall time of each repeat, image in to masks out.
         pipeline_ms: pipeline backends: the wall time of `Pipeline.run` per repeat, so the runtime's own
             cost between stages is `pipeline - sum(stages)`. None for the torch reference.
+        quantization: how the LLM blocks are quantized ("int8/ort", ...; `graphs.quantize`), "none" for float.
+        weights: the artifact's weight bytes ({"stages": {name: bytes}, "llm", "total"}), None for torch.
     """
     names = sorted({k for r in runs for k in r})
     stages = {k: stats([r.get(k, 0.0) for r in runs]) for k in names}
@@ -119,6 +122,8 @@ def make_record(*, schedule: Schedule, shape: ModelShape, backend: str, device: 
         "peak_fraction": {k: (v / peak if (peak and v) else None) for k, v in achieved.items()},
         "peak_memory_mib": peak_memory_mib,
         "decode_steps": decode_steps,
+        "quantization": quantization,
+        "weights": weights,
     }
     if pipeline_ms is not None:
         between = [p - sum(v for k, v in r.items() if k not in HOST_SPANS) for p, r in zip(pipeline_ms, runs)]
@@ -132,13 +137,16 @@ def ratios(records: list[dict]) -> dict:
     """Pairwise ratios within one run.
 
     Returns:
-        {"schedule_vs_full": {backend: {schedule: {...}}}, "backend_vs_torch": {schedule: {backend: {...}}}}.
+        {"schedule_vs_full": {backend: {schedule: {...}}}, "backend_vs_torch": {schedule: {backend: {...}}}}, and
+        with quantized records "quantized_vs_float": {backend: {schedule: {llm_speedup, end_to_end_speedup,
+        llm_weight_ratio}}} against the float record of the same schedule and backend. Backends are `label`s.
         A speedup is baseline median / this median (>1 is faster). Pairs whose baseline was not
         measured are absent.
     """
-    by = {(r["schedule"], r["backend"]): r for r in records}
+    by = {(r["schedule"], label(r)): r for r in records}
     vs_full: dict[str, dict] = {}
     vs_torch: dict[str, dict] = {}
+    vs_float: dict[str, dict] = {}
     for (sched, backend), r in by.items():
         base = by.get(("full", backend))
         if base is not None:
@@ -155,7 +163,24 @@ def ratios(records: list[dict]) -> dict:
                 "llm_speedup": _speedup(ref["llm_ms"], r["llm_ms"]),
                 "end_to_end_speedup": _speedup(ref["end_to_end_ms"], r["end_to_end_ms"]),
             }
-    return {"schedule_vs_full": vs_full, "backend_vs_torch": vs_torch}
+        fp = by.get((sched, r["backend"]))
+        if r.get("quantization", "none") != "none" and fp is not None:
+            w, fw = r.get("weights"), fp.get("weights")
+            vs_float.setdefault(backend, {})[sched] = {
+                "llm_speedup": _speedup(fp["llm_ms"], r["llm_ms"]),
+                "end_to_end_speedup": _speedup(fp["end_to_end_ms"], r["end_to_end_ms"]),
+                "llm_weight_ratio": w["llm"] / fw["llm"] if w and fw and fw["llm"] else None,
+            }
+    out = {"schedule_vs_full": vs_full, "backend_vs_torch": vs_torch}
+    if vs_float:
+        out["quantized_vs_float"] = vs_float
+    return out
+
+
+def label(record: dict) -> str:
+    """The backend of a record, with its quantization when the graphs are quantized: "onnxruntime int8/ort"."""
+    q = record.get("quantization", "none")
+    return record["backend"] if q == "none" else f"{record['backend']} {q}"
 
 
 def _speedup(base: dict | None, this: dict | None) -> float | None:

@@ -26,8 +26,11 @@ text_hidden_fcs stay float (see docs/benchmarks.md: they are a few % of the weig
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -203,14 +206,32 @@ def describe(tag: str) -> str:
     return "the float graph" if tag == "none" else f"the {tag.replace('/', ' ')} quantized graph"
 
 
+def _with_flags(command: str, flags: dict[str, str]) -> str:
+    """`command` (a csprt export line) with each `--flag value` of `flags` set (replaced, or appended)."""
+    words = shlex.split(command)
+    for flag, value in flags.items():
+        if flag in words[:-1]:
+            words[words.index(flag) + 1] = value
+        else:
+            words += [flag, value]
+    return shlex.join(words)
+
+
 def with_quantize_format(command: str, fmt: str) -> str:
     """`command` (a csprt export line) with --quantize-format set to `fmt`."""
-    words = shlex.split(command)
-    if "--quantize-format" in words[:-1]:
-        words[words.index("--quantize-format") + 1] = fmt
-    else:
-        words += ["--quantize-format", fmt]
-    return shlex.join(words)
+    return _with_flags(command, {"--quantize-format": fmt})
+
+
+def export_command(command: str, opts: QuantOptions) -> str:
+    """The export line that regenerates a quantized artifact: `command` with the --quantize flags of `opts`."""
+    flags = {"--quantize": opts.method, "--quantize-format": opts.format}
+    if opts.method == "int4-wo":
+        flags["--quantize-block-size"] = str(opts.block_size)
+        if opts.format == "ort":
+            flags["--quantize-accuracy-level"] = str(opts.accuracy_level)
+    if opts.calibration is not None and opts.needs_calibration:
+        flags["--calibration"] = str(opts.calibration)
+    return _with_flags(command, flags)
 
 
 def check_buildable(manifest: dict, rebuild_command: str) -> None:
@@ -239,6 +260,18 @@ def weight_bytes(graph_path: str | os.PathLike) -> int:
         else:
             total += onnx.numpy_helper.to_array(t).nbytes
     return total
+
+
+def artifact_weights(manifest: dict, art_dir: str | os.PathLike) -> dict:
+    """Weight bytes of an artifact: {"stages": {name: bytes}, "llm": the decoder blocks', "total"}."""
+    stages = {e["name"]: weight_bytes(Path(art_dir) / e["graph"]) for e in manifest["stages"]}
+    return {"stages": stages, "llm": sum(stages[n] for n in llm_stages(manifest)), "total": sum(stages.values())}
+
+
+def quantization_tag(manifest: dict) -> str:
+    """"int8/ort"-style tag of an artifact's quantization, "none" for a float one."""
+    q = quantization_of(manifest)
+    return f"{q['method']}/{q['format']}" if q else "none"
 
 
 # --- the pass --------------------------------------------------------------------------------------------------
@@ -355,6 +388,22 @@ def internal_error_for(path: Path, what: str):
     return internal_error(f"quantize: {path} {what}")
 
 
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizers print calibration settings to stdout and log advice (pre-processing, skipped
+    nodes) through the root logger: none of it is actionable here; progress is reported per stage instead."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def record(opts: QuantOptions, stages: list[str], calibration: CalibrationSet | None) -> dict:
     """The manifest's "quantization": one place for method, format, bits, block size and calibration hash."""
     import importlib.metadata
@@ -423,7 +472,8 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
         tmpdir = Path(tempfile.mkdtemp(dir=src.parent, prefix=f".{name}.quant."))
         try:
             tmp = tmpdir / src.name
-            quantize_graph(src, tmp, opts, feeds.get(name))
+            with _quiet():
+                quantize_graph(src, tmp, opts, feeds.get(name))
             model = onnx_passes.load_graph(tmp)
             written = onnx_passes.save_with_external_data(model, src, tmp.with_name(tmp.name + ".data"))
         finally:
@@ -431,11 +481,11 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
         entry["files"] = {p.relative_to(art).as_posix(): mf.file_sha256(p)
                           for p in sorted(written, key=lambda p: p.suffix != ".onnx")}
         entry["export_key"] = hashlib.sha256(f"{entry['export_key']}:{opts}".encode()).hexdigest()
-        entry["engines"] = {}
         after = weight_bytes(src)
         say(f"quantize: [{i}/{len(stages)}] {name}: {opts.method} ({opts.format}), weights "
             f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
     manifest["quantization"] = record(opts, stages, calibration)
+    manifest["export"]["command"] = export_command(manifest["export"]["command"], opts)
     manifest["tolerances"]["end_to_end"] = dict(QUANT_E2E_TOLERANCES[opts.method])
     mf.write_manifest(art, manifest)
     return manifest["quantization"]

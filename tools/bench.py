@@ -56,6 +56,10 @@ def add_parser(sub, name: str) -> None:
                    help=f"comma list of {', '.join(SCALING_AXES)}: latency and peak memory vs image tokens "
                         f"(grids {'/'.join(str(g * g) for g in SCALING_GRIDS)}, torch only) and vs text length "
                         f"(--text-len plus {'/'.join(map(str, SCALING_TEXT))} tokens, every backend)")
+    p.add_argument("--quantize", default=None,
+                   help="--shape, pipeline backends: comma list of none, int8, int4-wo (ONNX Runtime's format; "
+                        "TensorRT: the qdq format, e.g. int8:qdq): one artifact per schedule and method, with "
+                        "ratios vs the float one of the same schedule. Defaults to none.")
     p.add_argument("--work", type=Path, default=None,
                    help="--shape: where the random checkpoint and artifacts live. Defaults to ~/.cache/csprt/bench.")
     p.add_argument("--json", type=Path, default=None, help="write the report (schema graphs/bench.schema.json)")
@@ -108,6 +112,10 @@ class Plan:
                 raise InputError(f"artifact {args.artifact} is {self.precision}, not {args.precision}; re-export it "
                                  f"with --precision {args.precision}")
             self.schedules = [self.artifact.schedule.name]
+            if args.quantize is not None:
+                raise InputError("--quantize goes with --shape; an artifact has its own quantization (export "
+                                 "another with csprt export --quantize, or bench --shape)")
+            self.quantize = [None]
             self.checkpoint = args.checkpoint or _manifest_checkpoint(self.artifact)
             default = "onnxruntime,torch" if self.checkpoint else "onnxruntime"
             self.backends = _csv(args.backends or default, BACKENDS, "--backends")
@@ -128,12 +136,27 @@ class Plan:
             self.schedules = _csv(args.schedules or DEFAULT_SCHEDULES, tuple(PRESETS), "--schedules")
             self.backends = _csv(args.backends or "torch,onnxruntime", BACKENDS, "--backends")
             self.checkpoint = None
+            self.quantize = _quantize_list(args.quantize, self.precision)
             self.work = (args.work or Path.home() / ".cache" / "csprt" / "bench") / f"{args.shape}-{self.precision}"
         if not self.schedules or not self.backends:
             raise InputError("nothing to measure: --schedules and --backends need at least one value each")
         if self.precision == "fp16" and "torch" in self.backends and not args.device.startswith("cuda"):
             _say("note: fp16 matmuls on this CPU run at a tiny fraction of fp32 speed; torch fp16 figures on CPU "
                  "say little about a GPU")
+
+
+def _quantize_list(value: str | None, precision: str) -> list:
+    """--quantize "none,int8,int4-wo:qdq" -> [None, QuantOptions(int8), QuantOptions(int4-wo, qdq)], checked."""
+    from graphs.quantize import QuantOptions
+
+    out = []
+    for item in _csv(value or "none", None, "--quantize"):
+        method, _, fmt = item.partition(":")
+        opts = QuantOptions(method=method, format=fmt or None).resolved()
+        if opts.method != "none" and precision != "fp32":
+            raise InputError(f"--quantize {item}: quantized artifacts are exported from fp32 graphs; add --precision fp32")
+        out.append(None if opts.method == "none" else opts)
+    return out
 
 
 def _manifest_checkpoint(artifact) -> Path | None:
@@ -175,12 +198,13 @@ def _measure_all(plan: Plan) -> tuple[list[dict], list[dict]]:
     if "torch" in plan.backends:
         torch_model = _torch_model(plan)
     for sched_name in plan.schedules:
-        for backend in plan.backends:
-            _say(f"{sched_name} on {backend}/{args.device}: warm-up x{args.warmup}, timed x{args.repeat}")
-            record, raw = _measure(plan, sched_name, backend, torch_model, args.text_len)
+        for backend, quant in [(b, q) for b in plan.backends for q in (plan.quantize if b != "torch" else [None])]:
+            what = f"{backend}" + (f" {quant.method}/{quant.format}" if quant else "")
+            _say(f"{sched_name} on {what}/{args.device}: warm-up x{args.warmup}, timed x{args.repeat}")
+            record, raw = _measure(plan, sched_name, backend, torch_model, args.text_len, quant)
             records.append(record)
             llm = record["llm_ms"]["median"] if record["llm_ms"] else float("nan")
-            _say(f"{sched_name} on {backend}: llm {llm:.2f} ms, end to end {record['end_to_end_ms']['median']:.2f} ms")
+            _say(f"{sched_name} on {what}: llm {llm:.2f} ms, end to end {record['end_to_end_ms']['median']:.2f} ms")
             if "text" in plan.scaling:
                 for extra in SCALING_TEXT:  # from the prompt as measured: --text-len may be under the template's length
                     n = record["text_tokens"] + extra
@@ -224,21 +248,31 @@ def _torch_model(plan: Plan):
     return random_model(plan.shape, dtype=dtype, device=plan.args.device)
 
 
-def _artifact_for(plan: Plan, sched_name: str) -> Path:
+def _artifact_for(plan: Plan, sched_name: str, quant=None) -> Path:
     if plan.artifact is not None:
         return plan.artifact.dir
     from exporter.export import ExportOptions, export_artifact
+    from graphs.manifest import read_manifest
+    from graphs.quantize import quantization_of
     from graphs.schedule import resolve
 
-    out = plan.work / f"art-{sched_name}-{plan.args.mode}"
+    tag = f"-{quant.method}-{quant.format}" if quant else ""
+    out = plan.work / f"art-{sched_name}-{plan.args.mode}{tag}"
+    previous = read_manifest(out)
+    if quant is not None and previous and quantization_of(previous):  # quantized earlier: its float keys are gone
+        return out
     sched = resolve(sched_name, plan.shape.llm.layers, plan.shape.num_image_tokens)
     export_artifact(plan.checkpoint, sched, out,
                     ExportOptions(precision=plan.precision, mode=plan.args.mode, cache_dir=str(plan.work / "graph-cache")),
                     progress=_say)
+    if quant is not None:
+        from tools.quantize_args import quantize_after_export
+
+        quantize_after_export(out, quant, _say)
     return out
 
 
-def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: int) -> tuple[dict, dict]:
+def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: int, quant=None) -> tuple[dict, dict]:
     from graphs.bench_report import make_record
     from graphs.schedule import resolve
 
@@ -255,10 +289,14 @@ def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: i
         from engines.bench import bench_session
         from engines.session import ArtifactSession
 
-        key = (sched_name, backend)
+        from graphs.quantize import artifact_weights, quantization_tag
+
+        key = (sched_name, backend, quant)
         if key not in plan.sessions:
-            plan.sessions[key] = ArtifactSession(_artifact_for(plan, sched_name), backend=backend,
+            plan.sessions[key] = ArtifactSession(_artifact_for(plan, sched_name, quant), backend=backend,
                                                  device=backend_device(backend, args.device), threads=args.threads)
+        art = plan.sessions[key].artifact
+        extra = {"quantization": quantization_tag(art.manifest), "weights": artifact_weights(art.manifest, art.dir)}
         raw = bench_session(plan.sessions[key], text_len, mode=args.mode, repeat=args.repeat, warmup=args.warmup,
                             max_new_tokens=args.max_new_tokens)
         raw["device_name"] = _gpu_name() if backend_device(backend, args.device).startswith("cuda") else None
@@ -267,7 +305,7 @@ def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: i
                          text_tokens=raw["text_tokens"], image_tokens_per_layer=raw["image_tokens_per_layer"],
                          runs=raw["runs"], e2e_ms=raw["e2e_ms"], pipeline_ms=raw["pipeline_ms"],
                          peak_memory_mib=raw["peak_memory_mib"], device_name=raw.get("device_name"),
-                         decode_steps=raw["decode_steps"])
+                         decode_steps=raw["decode_steps"], **(extra if backend != "torch" else {}))
     return record, raw
 
 
@@ -352,28 +390,39 @@ def _report(plan: Plan, records: list[dict], scaling: list[dict]) -> dict:
               "text_len": args.text_len, "repeat": args.repeat, "warmup": args.warmup, "device": args.device,
               "threads": args.threads,
               "schedules": plan.schedules, "backends": plan.backends, "scaling": plan.scaling,
+              "quantize": [f"{q.method}/{q.format}" if q else "none" for q in plan.quantize],
               "command": "csprt bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None}
     return make_report(config=config, machine=_machine(plan), records=records, scaling=scaling)
 
 
 def format_table(report: dict) -> str:
     """Medians per (schedule, backend), with the pairwise ratios of the same run."""
+    from graphs.bench_report import label
+
     vs_full, vs_torch = report["ratios"]["schedule_vs_full"], report["ratios"]["backend_vs_torch"]
+    vs_float = report["ratios"].get("quantized_vs_float", {})
 
     def fmt(x, spec=".2f"):
         return "-" if x is None else format(x, spec)
 
-    head = (f"{'schedule':<9} {'backend':<12} {'img tok/L':>9} {'llm ms':>9} {'e2e ms':>9} {'betw %':>7} "
-            f"{'LLM FLOPs -%':>12} {'llm x full':>10} {'e2e x full':>10} {'e2e x torch':>11} {'llm TFLOP/s':>11}")
+    head = (f"{'schedule':<9} {'backend':<24} {'img tok/L':>9} {'llm ms':>9} {'e2e ms':>9} {'betw %':>7} "
+            f"{'LLM FLOPs -%':>12} {'llm x full':>10} {'e2e x full':>10} {'e2e x torch':>11} {'llm TFLOP/s':>11} "
+            f"{'LLM MB':>9} {'all MB':>9} {'llm x float':>11} {'e2e x float':>11} {'LLM B/float':>11}")
     lines = [head]
     for r in report["records"]:
-        f = vs_full.get(r["backend"], {}).get(r["schedule"], {})
-        t = vs_torch.get(r["schedule"], {}).get(r["backend"], {})
+        name = label(r)
+        f = vs_full.get(name, {}).get(r["schedule"], {})
+        t = vs_torch.get(r["schedule"], {}).get(name, {})
+        q = vs_float.get(name, {}).get(r["schedule"], {})
         llm = r["llm_ms"]["median"] if r["llm_ms"] else None
         betw = r["overhead"]["between_stages_pct"] if r["overhead"] else None
-        lines.append(f"{r['schedule']:<9} {r['backend']:<12} {r['avg_image_tokens_per_layer']:>9.1f} {fmt(llm):>9} "
+        w = r.get("weights") or {}
+        mb = {k: w[k] / 1e6 if k in w else None for k in ("llm", "total")}
+        lines.append(f"{r['schedule']:<9} {name:<24} {r['avg_image_tokens_per_layer']:>9.1f} {fmt(llm):>9} "
                      f"{r['end_to_end_ms']['median']:>9.2f} {fmt(betw, '.1f'):>7} "
                      f"{r['flops_reduction_pct']['llm']:>12.1f} {fmt(f.get('llm_speedup')):>10} "
                      f"{fmt(f.get('end_to_end_speedup')):>10} {fmt(t.get('end_to_end_speedup')):>11} "
-                     f"{fmt(r['achieved_tflops']['llm'], '.3f'):>11}")
+                     f"{fmt(r['achieved_tflops']['llm'], '.3f'):>11} {fmt(mb['llm'], '.1f'):>9} "
+                     f"{fmt(mb['total'], '.1f'):>9} {fmt(q.get('llm_speedup')):>11} {fmt(q.get('end_to_end_speedup')):>11} "
+                     f"{fmt(q.get('llm_weight_ratio'), '.3f'):>11}")
     return "\n".join(lines)

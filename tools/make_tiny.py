@@ -16,12 +16,14 @@ import dataclasses
 
 FORMATS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
 _CHOICES = {"format": FORMATS, "tokenizer": ("sentencepiece", "bpe"), "layout": ("v1", "v0"), "clip": ("embedded", "separate", "local"),
-            "weights": ("bf16", "fp32")}
+            "weights": ("bf16", "fp32"), "llm_weights": ("random", "trained-like")}
 _HELP = {"format": "weight layout", "tokenizer": "tokenizer format (sentencepiece: LISA's files; bpe: a tokenizer.json)",
          "layout": "LISA release layout (v1: one merged checkpoint; v0: LLaVA base + visual_model/text_hidden_fcs .bin)",
          "clip": "where the CLIP tower goes (embedded in the weights; separate: OUT_DIR-clip, for --vision-tower; "
                  "local: OUT_DIR/vision_tower, named by mm_vision_tower)",
-         "weights": "weight dtype (LISA ships bf16)"}
+         "weights": "weight dtype (LISA ships bf16)",
+         "llm_weights": "LLM weight distribution (trained-like: heavy tails and outlier channels, for quantization "
+                        "checks; see exporter.tiny.trained_like_llm)"}
 DTYPES = ("fp16", "fp32")
 
 
