@@ -311,6 +311,41 @@ def gemms_to_matmuls(model) -> int:
     return done
 
 
+def isolate_inputs(model, nodes: list[str]) -> int:
+    """Give the quantized MatMuls' activation inputs a tensor of their own where something else reads it too.
+
+    ONNX Runtime's Q/DQ quantizer puts one QuantizeLinear/DequantizeLinear pair on a tensor and rewires every
+    reader to the DequantizeLinear, so an attention MatMul or a graph output reading the same tensor would see
+    the quantized value. An Identity in front of the quantized readers keeps the others on the float tensor:
+
+        a --> MatMul(W) ,  a --> other          becomes          a --> Identity --> a_q --> MatMul(W) ,  a --> other
+
+    Returns how many tensors were isolated.
+    """
+    from onnx import helper
+
+    wanted = set(nodes)
+    outputs = {o.name for o in model.graph.output}
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(model.graph.node):
+        for name in set(n.input):
+            readers.setdefault(name, []).append(i)
+    done = 0
+    inserts = []
+    for name, idx in readers.items():
+        quantized = [i for i in idx if model.graph.node[i].name in wanted and model.graph.node[i].input[0] == name]
+        if not quantized or (len(quantized) == len(idx) and name not in outputs):
+            continue
+        alias = f"{name}__quantized_input"
+        for i in quantized:
+            model.graph.node[i].input[0] = alias
+        inserts.append((min(quantized), helper.make_node("Identity", [name], [alias], name=f"{alias}_identity")))
+        done += 1
+    for pos, node in sorted(inserts, key=lambda t: -t[0]):  # from the back: earlier positions stay valid
+        model.graph.node.insert(pos, node)
+    return done
+
+
 def np_contiguous_t(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.T)
 
@@ -356,6 +391,7 @@ def quantize_graph(src: Path, dst: Path, opts: QuantOptions, feeds: list[dict] |
                          op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True})
     else:  # qdq int8 / fp8, calibrated
+        isolate_inputs(model, nodes)
         qtype = QuantType.QInt8 if opts.method == "int8" else QuantType.QFLOAT8E4M3FN
         reader = _Feeds(feeds or [], [i.name for i in model.graph.input])
         quantize_static(model, str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
@@ -363,8 +399,12 @@ def quantize_graph(src: Path, dst: Path, opts: QuantOptions, feeds: list[dict] |
                         weight_type=qtype, use_external_data_format=True,
                         # ONNX Runtime takes float8 scales from the activation distribution only
                         calibrate_method=CalibrationMethod.MinMax if opts.method == "int8" else CalibrationMethod.Distribution,
+                        # TensorRT's placement: Q/DQ on the inputs of the quantized MatMuls only (their outputs stay
+                        # float), a pair of its own for each, so another reader of the same tensor (an attention
+                        # MatMul, a residual) keeps the float value
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "MatMulConstBOnly": True, "CalibStridedMinMax": 1})
+                                       "MatMulConstBOnly": True, "CalibStridedMinMax": 1,
+                                       "OpTypesToExcludeOutputQuantization": ["MatMul"], "DedicatedQDQPair": True})
 
 
 def _int4(model, dst: Path, opts: QuantOptions, nodes: list[str]) -> None:
