@@ -141,3 +141,26 @@ def test_a_calibration_file_loads_and_its_hash_follows_the_pixels(tmp_path):
     img[0, 0] = 1
     Image.fromarray(img).save(tmp_path / "a.png")
     assert len(first.samples) == 1 and load_calibration(tmp_path / "c.json").sha256 != first.sha256
+
+
+def test_bench_ratios_set_each_quantization_against_the_float_artifact_of_its_schedule():
+    from exporter.tiny import tiny_shape
+    from graphs.bench_report import make_record, make_report
+    from graphs.schedule import resolve
+
+    shape = tiny_shape()
+    sched = resolve("csp", shape.llm.layers, shape.num_image_tokens)
+
+    def record(quant, llm_ms, llm_bytes):
+        runs = [{"vision": 1.0, "llm_0": llm_ms}] * 2
+        weights = {"stages": {"vision": 100, "llm_0": llm_bytes}, "llm": llm_bytes, "total": 100 + llm_bytes}
+        return make_record(schedule=sched, shape=shape, backend="onnxruntime", device="cpu", text_tokens=30,
+                           image_tokens_per_layer=sched.tokens_per_layer(), runs=runs, e2e_ms=[llm_ms + 2] * 2,
+                           pipeline_ms=[llm_ms + 1] * 2, quantization=quant, weights=weights)
+
+    report = make_report(config={"source": "x", "shape": {}, "mode": "single-pass", "repeat": 2, "warmup": 0,
+                                 "schedules": ["csp"], "backends": ["onnxruntime"]}, machine={
+        "cpu_cores": 2, "gpu": None, "versions": {}}, records=[record("none", 8.0, 1000), record("int4-wo/ort", 4.0, 160)])
+    q = report["ratios"]["quantized_vs_float"]["onnxruntime int4-wo/ort"]["csp"]
+    assert q["llm_speedup"] == 2.0 and q["end_to_end_speedup"] == 10.0 / 6.0 and q["llm_weight_ratio"] == 0.16
+    assert set(report["ratios"]["schedule_vs_full"]) <= {"onnxruntime", "onnxruntime int4-wo/ort"}
