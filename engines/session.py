@@ -174,7 +174,8 @@ def runner_factory(artifact: Artifact, backend: str = "onnxruntime", device: str
         from engines.ort_runner import OrtRunner
 
         return OrtRunner(stage, artifact.layout.dims, artifact.graph_path(stage.name), device=device,
-                         intra_op_threads=threads, session_config=ort_session_config(artifact.manifest, stage.graph_name))
+                         intra_op_threads=threads,
+                         session_config=ort_session_config(artifact.manifest, stage.graph_name))
 
     return runner_for
 

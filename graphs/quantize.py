@@ -402,7 +402,8 @@ def quantize_graph(src: Path, dst: Path, opts: QuantOptions, feeds: list[dict] |
                         nodes_to_quantize=nodes, per_channel=opts.method == "int8", activation_type=qtype,
                         weight_type=qtype, use_external_data_format=True,
                         # ONNX Runtime takes float8 scales from the activation distribution only
-                        calibrate_method=CalibrationMethod.MinMax if opts.method == "int8" else CalibrationMethod.Distribution,
+                        calibrate_method=(CalibrationMethod.MinMax if opts.method == "int8"
+                                          else CalibrationMethod.Distribution),
                         # TensorRT's placement: Q/DQ on the inputs of the quantized MatMuls only (their outputs stay
                         # float), a pair of its own for each, so another reader of the same tensor (an attention
                         # MatMul, a residual) keeps the float value

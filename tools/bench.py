@@ -154,7 +154,8 @@ def _quantize_list(value: str | None, precision: str) -> list:
         method, _, fmt = item.partition(":")
         opts = QuantOptions(method=method, format=fmt or None).resolved()
         if opts.method != "none" and precision != "fp32":
-            raise InputError(f"--quantize {item}: quantized artifacts are exported from fp32 graphs; add --precision fp32")
+            raise InputError(f"--quantize {item}: quantized artifacts are exported from fp32 graphs; "
+                             "add --precision fp32")
         out.append(None if opts.method == "none" else opts)
     return out
 
@@ -423,6 +424,7 @@ def format_table(report: dict) -> str:
                      f"{r['flops_reduction_pct']['llm']:>12.1f} {fmt(f.get('llm_speedup')):>10} "
                      f"{fmt(f.get('end_to_end_speedup')):>10} {fmt(t.get('end_to_end_speedup')):>11} "
                      f"{fmt(r['achieved_tflops']['llm'], '.3f'):>11} {fmt(mb['llm'], '.1f'):>9} "
-                     f"{fmt(mb['total'], '.1f'):>9} {fmt(q.get('llm_speedup')):>11} {fmt(q.get('end_to_end_speedup')):>11} "
+                     f"{fmt(mb['total'], '.1f'):>9} {fmt(q.get('llm_speedup')):>11} "
+                     f"{fmt(q.get('end_to_end_speedup')):>11} "
                      f"{fmt(q.get('llm_weight_ratio'), '.3f'):>11}")
     return "\n".join(lines)

@@ -22,7 +22,8 @@ def _graph(path, seed: int = 0):
     Gemm(x_last [1, K], W3 [V, K], transB=1): a LLaMA block's kinds of MatMul in miniature."""
     rng = np.random.default_rng(seed)
     w1, w2, w3 = (rng.standard_normal(s).astype(np.float32) * 0.1 for s in ((K, N), (N, K), (V, K)))
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Sigmoid", ["h"], ["sg"]), helper.make_node("Mul", ["h", "sg"], ["r"]),
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Sigmoid", ["h"], ["sg"]),
+             helper.make_node("Mul", ["h", "sg"], ["r"]),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
              helper.make_node("MatMul", ["x", "xt"], ["att"], name="act_x_act"),  # activation x activation: stays
              helper.make_node("Gemm", ["last", "w3"], ["logits"], name="head", transB=1)]
@@ -60,7 +61,8 @@ def test_gemm_of_a_weight_becomes_matmul_with_the_same_numbers(tmp_path):
     assert weight_matmuls(model) == ["mm1", "mm2", "head"]  # not the activation x activation MatMul
     onnx.save(model, str(tmp_path / "m.onnx"))
     feed = _feed(1)
-    np.testing.assert_allclose(_run(tmp_path / "m.onnx", feed)["logits"], _run(src, feed)["logits"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_run(tmp_path / "m.onnx", feed)["logits"], _run(src, feed)["logits"], rtol=1e-5,
+                               atol=1e-6)
 
 
 # (method, format) -> the op that carries the quantized weights, and a relative error bound on y
@@ -160,7 +162,8 @@ def test_bench_ratios_set_each_quantization_against_the_float_artifact_of_its_sc
 
     report = make_report(config={"source": "x", "shape": {}, "mode": "single-pass", "repeat": 2, "warmup": 0,
                                  "schedules": ["csp"], "backends": ["onnxruntime"]}, machine={
-        "cpu_cores": 2, "gpu": None, "versions": {}}, records=[record("none", 8.0, 1000), record("int4-wo/ort", 4.0, 160)])
+        "cpu_cores": 2, "gpu": None, "versions": {}},
+        records=[record("none", 8.0, 1000), record("int4-wo/ort", 4.0, 160)])
     q = report["ratios"]["quantized_vs_float"]["onnxruntime int4-wo/ort"]["csp"]
     assert q["llm_speedup"] == 2.0 and q["end_to_end_speedup"] == 10.0 / 6.0 and q["llm_weight_ratio"] == 0.16
     assert set(report["ratios"]["schedule_vs_full"]) <= {"onnxruntime", "onnxruntime int4-wo/ort"}

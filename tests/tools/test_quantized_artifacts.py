@@ -88,7 +88,8 @@ def test_csprt_run_segments_with_a_quantized_artifact(quantized, tmp_path):
 
     Image.fromarray(sample_image()).save(tmp_path / "img.png")
     rc, stdout, stderr = call(["run", str(quantized("int4-wo", "ort")), "--image", str(tmp_path / "img.png"),
-                               "--query", "Where is the cat in this picture?", "--out", str(tmp_path / "out"), "--json"])
+                               "--query", "Where is the cat in this picture?", "--out", str(tmp_path / "out"),
+                               "--json"])
     assert rc == 0, stderr
     assert (tmp_path / "out" / "mask.png").is_file() and json.loads(stdout)["timings_ms"]
 
