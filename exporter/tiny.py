@@ -215,10 +215,9 @@ def trained_like_llm(model, seed: int = 0, df: float = 5.0, outlier_scale: float
     """Give the LLM's weights, in place, what makes a trained LLaMA hard to quantize and random weights easy.
 
     Gaussian init weights quantize unlike trained ones: they have no tails and no outlier channels, so any
-    method looks lossless. Here, (1) every decoder Linear and the LM head are redrawn from a Student-t with
-    `df` degrees of freedom (trained LLaMA weights are heavy-tailed), at the same
-    standard deviation (kurtosis 9 at df 5, against a Gaussian's 3), so a per-channel or per-block scale is set by
-    a few large weights; (2) a few hidden
+    method looks lossless. Here, (1) every decoder Linear and the LM head are redrawn from a Student-t with `df`
+    degrees of freedom (trained LLaMA weights are heavy-tailed; kurtosis 9 at df 5, against a Gaussian's 3) at the
+    same standard deviation, so a per-channel or per-block scale is set by a few large weights; (2) a few hidden
     channels (1 in 32, at least 2) get `outlier_scale` times the RMSNorm gain in every layer, so the activations
     entering the Linears have the few huge channels of real LLMs ("massive activations", LLM.int8()), which is
     what per-tensor activation scales (int8 / fp8 Q/DQ) lose precision to. Seeded: the same seed, the same weights.

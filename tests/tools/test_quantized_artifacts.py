@@ -175,3 +175,19 @@ def test_quantize_flags_are_checked_before_any_export(tiny_ckpt, tmp_path, extra
     lines = error_lines(stderr)
     assert rc == 2 and len(lines) == 1 and expected in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["bench", "--shape", "tiny", "--quantize", "int3"], "choose one of none, int8, int4-wo, fp8"),
+    (["bench", "--shape", "tiny", "--quantize", "int8", "--precision", "fp16"], "add --precision fp32"),
+    (["bench", "--shape", "tiny", "--quantize", "none,none"], "lists a value twice"),
+], ids=["unknown", "fp16", "twice"])
+def test_bench_quantize_list_is_checked_before_any_work(argv, expected):
+    rc, _, stderr = call(argv)
+    lines = error_lines(stderr)
+    assert rc == 2 and len(lines) == 1 and expected in lines[0]
+
+
+def test_bench_of_an_artifact_takes_its_own_quantization(quantized):
+    rc, _, stderr = call(["bench", str(quantized("int8", "ort")), "--quantize", "int4-wo"])
+    assert rc == 2 and "an artifact has its own quantization" in error_lines(stderr)[0]
