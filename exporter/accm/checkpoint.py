@@ -147,17 +147,27 @@ def load_selector(path: Path, shape: AccmShape, dtype: torch.dtype = torch.float
 
 
 def load_text_tower(path: Path, what: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A CLIP text tower with its projection (transformers' CLIPTextModelWithProjection) from an HF directory."""
-    from transformers import CLIPTextModelWithProjection
+    """A CLIP text tower with its projection (transformers' CLIPTextModelWithProjection) from an HF directory.
 
+    A full CLIP directory loads too (its vision weights are left aside, as CLIPTextModelWithProjection does in ACCM).
+    """
+    from transformers import CLIPTextModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report lists the vision weights a full CLIP dir also holds
     try:
         tower, info = CLIPTextModelWithProjection.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                                  output_loading_info=True)
-    except Exception as exc:  # a missing dir, corrupt weights, mis-shaped tensors: transformers raises many kinds
+                                                                  output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as exc:  # a missing dir, corrupt weights: transformers raises many kinds
         raise CheckpointError(f"cannot load the {what} from {path}: {type(exc).__name__}: {exc}") from None
-    bad = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+    finally:
+        hf_logging.set_verbosity(level)
+    bad = [f"missing: {k}" for k in info.get("missing_keys", [])]
+    bad += [f"wrong shape: {m[0]} expected {tuple(m[2])}, found {tuple(m[1])}" if isinstance(m, tuple) and len(m) == 3
+            else f"wrong shape: {m}" for m in info.get("mismatched_keys", [])]
     if bad:
-        raise CheckpointError(f"{what} {path} lacks or mis-shapes weights: {', '.join(sorted(bad)[:_MAX_LISTED])}")
+        raise CheckpointError(f"{what} {path} does not match its config.json: {'; '.join(sorted(bad)[:_MAX_LISTED])}")
     for name, p in tower.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise CheckpointError(f"{what} {path}: {name} has NaN/Inf values")
