@@ -28,16 +28,20 @@ def plain_beam_search(gpt, embeds, stop_id, beams, max_tokens):
             stopped = [int(t) == stop_id for t in tok]
             embeds_per = [torch.cat([embeds[0], wte(t[None])]) for t in tok]
         else:
-            cands = []
+            rows = []
             for b in range(beams):
-                length = lengths[b] if stopped[b] else lengths[b] + 1
-                if stopped[b]:
-                    cands.append((float(scores[b]) / length, b, 0, length))
-                    continue
-                for v in range(logp.shape[1]):
-                    cands.append((float(scores[b] + logp[b, v]) / length, b, v, length))
-            # the flat topk over beams x vocab: highest average, lower flat index first on ties
-            cands.sort(key=lambda c: (-c[0], c[1] * logp.shape[1] + c[2]))
+                if stopped[b]:  # only token 0, at log p 0: score and length stay
+                    row = torch.full_like(logp[b], -float("inf"))
+                    row[0] = scores[b] / lengths[b]
+                else:
+                    row = (scores[b] + logp[b]) / (lengths[b] + 1)
+                rows.append(row)
+            flat = torch.stack(rows).view(-1)
+            # the flat top-k over beams x vocab: highest average first, lower flat index first on ties
+            cands = []
+            for i in torch.argsort(-flat, stable=True)[:beams].tolist():
+                b, v = divmod(i, logp.shape[1])
+                cands.append((float(flat[i]), b, v, lengths[b] if stopped[b] else lengths[b] + 1))
             new = cands[:beams]
             seqs = [seqs[b] + [v] for _, b, v, _ in new]
             embeds_per = [torch.cat([embeds_per[b], wte(torch.tensor([v]))]) for _, b, v, _ in new]
