@@ -82,6 +82,16 @@ def make_tiny_accm(ckpt_dir: str | Path, vision_tower, seed: int = 0) -> Path:
     Returns:
         Path: the ACCM directory.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar: noise for three tiny files
+    try:
+        return _write(Path(ckpt_dir) / ACCM_SUBDIR, vision_tower, seed)
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def _write(out: Path, vision_tower, seed: int) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer, GPT2Tokenizer
 
@@ -91,7 +101,6 @@ def make_tiny_accm(ckpt_dir: str | Path, vision_tower, seed: int = 0) -> Path:
     from graphs.atomic import atomic_path, write_json
     from graphs.preprocessing import default_clip_processor_config
 
-    out = Path(ckpt_dir) / ACCM_SUBDIR
     write_gpt2_tokenizer(out / GPT2_DIR)
     for d in (CLIP_DIR, LONGCLIP_DIR):
         write_clip_tokenizer(out / d)
