@@ -98,7 +98,7 @@ def _write(out: Path, vision_tower, seed: int) -> Path:
     from exporter.accm.checkpoint import (CAPTION_FILE, CLIP_DIR, CONFIG_FILE, GPT2_DIR, LONGCLIP_DIR, SELECTOR_FILE,
                                           size_config)
     from exporter.accm.model import CaptionModel, Selector
-    from graphs.atomic import atomic_path, write_json
+    from graphs.atomic import write_json
     from graphs.preprocessing import default_clip_processor_config
 
     write_gpt2_tokenizer(out / GPT2_DIR)
@@ -112,10 +112,8 @@ def _write(out: Path, vision_tower, seed: int) -> Path:
     caption = CaptionModel(shape)
     _teach_stop(caption, gpt_tok.encode(".")[0])
     caption.gpt.save_pretrained(out / GPT2_DIR)
-    with atomic_path(out / CAPTION_FILE) as tmp:
-        torch.save(caption.state_dict(), tmp)
-    with atomic_path(out / SELECTOR_FILE) as tmp:
-        torch.save(Selector(shape).state_dict(), tmp)
+    _save(caption.state_dict(), out / CAPTION_FILE)
+    _save(Selector(shape).state_dict(), out / SELECTOR_FILE)
     CLIPTextModelWithProjection(_text_config(shape.longclip_text, clip_tok)).save_pretrained(out / LONGCLIP_DIR)
 
     vcfg = vision_tower.config.to_dict()
@@ -126,6 +124,17 @@ def _write(out: Path, vision_tower, seed: int) -> Path:
     write_json(default_clip_processor_config(vision_tower.config.image_size), out / CLIP_DIR / "preprocessor_config.json")
     write_json(size_config(shape), out / CONFIG_FILE)
     return out
+
+
+def _save(state: dict, path: Path) -> None:
+    """torch.save to a file object: the archive's inner folder is then "archive", not the temp file's random name,
+    so the same seed gives the same bytes."""
+    import torch
+
+    from graphs.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def _teach_stop(caption, stop_id: int) -> None:
