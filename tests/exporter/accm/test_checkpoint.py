@@ -159,3 +159,21 @@ def test_longclip_weights_mis_shaped(accm_copy):
     save_file(state, path, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="LongCLIP text tower .* missing: text_projection.weight"):
         load_accm(accm_copy)
+
+
+def test_tiny_accm_files_are_deterministic(lisa, tmp_path):
+    from exporter.accm.tiny import make_tiny_accm
+
+    a, b = (make_tiny_accm(tmp_path / name, lisa.model.vision_tower) for name in ("a", "b"))
+    for rel in (CAPTION_FILE, SELECTOR_FILE, "gpt2/model.safetensors", "longclip/model.safetensors",
+                "clip/model.safetensors", "gpt2/vocab.json", "gpt2/merges.txt"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_tiny_full_clip_carries_the_lisa_vision_tower(tiny_accm, lisa):
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel.from_pretrained(tiny_accm[1] / "clip")
+    got, want = tower.state_dict(), lisa.model.vision_tower.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
