@@ -108,3 +108,54 @@ def pick_tokens(cls_attn: torch.Tensor, text_embeds: torch.Tensor, patch_embeds:
     indices = merge_picks(outliers, text, budget, n)
     chosen = set(indices)
     return Picks(indices=indices, outliers=outliers, text=text, kept_out=[i for i in range(n) if i not in chosen])
+
+
+def pick_indices_static(cls_attn: torch.Tensor, text_embeds: torch.Tensor, patch_embeds: torch.Tensor, budget: int,
+                        n_text: int) -> torch.Tensor:
+    """The set `pick_tokens` picks, ascending, with static shapes and no data-dependent control flow (exportable).
+
+    The same rules as masks over the N tokens (ACCM's random pad is csprt's lowest-remaining pad here too):
+
+        outliers  cls_attn > Q3 + 1.5 IQR, quartiles by linear interpolation of the sorted values
+        text      scatter of the top-k distances
+        trim      of the union, keep those with at most `budget` picked at or above their index
+        grid      index % ceil(N / missing) == 0 and not picked (never more than `missing` of them)
+        rest      the lowest other indices, as many as are still missing
+        indices   TopK of (picked * 2N - index): the picked ones, ascending
+
+    Args:
+        cls_attn (Tensor): [N] merged CLS attention.
+        text_embeds (Tensor): [1, P].
+        patch_embeds (Tensor): [N, P].
+        budget (int): tokens kept.
+        n_text (int): text picks.
+
+    Returns:
+        Tensor: [budget] int64, ascending.
+    """
+    n = cls_attn.shape[0]
+    x = cls_attn.float()
+    s = torch.sort(x).values
+    q = []
+    for p in (0.25, 0.75):  # numpy's linear percentile at static positions
+        pos = p * (n - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, n - 1)
+        q.append(s[lo] + (pos - lo) * (s[hi] - s[lo]))
+    picked = (x > q[1] + 1.5 * (q[1] - q[0])).long()                                   # [N]
+    t = text_embeds.float() / text_embeds.float().norm(dim=-1, keepdim=True)
+    v = patch_embeds.float() / patch_embeds.float().norm(dim=-1, keepdim=True)
+    dist = ((t**2).sum(1, keepdim=True) + (v**2).sum(1) - 2 * t @ v.T)[0]              # [N]
+    top = dist.topk(min(n_text, n)).indices
+    picked = torch.maximum(picked, torch.zeros_like(picked).scatter(0, top, 1))
+    at_or_above = torch.flip(torch.cumsum(torch.flip(picked, [0]), 0), [0])
+    keep = picked * (at_or_above <= budget).long()
+    missing = budget - keep.sum()
+    idx = torch.arange(n, device=x.device)
+    step = (n + missing.clamp(min=1) - 1) // missing.clamp(min=1)
+    grid = (idx % step == 0).long() * (1 - keep) * (missing > 0).long()
+    still = missing - grid.sum()
+    rest = (1 - keep) * (1 - grid)
+    rest = rest * (torch.cumsum(rest, 0) <= still).long()
+    chosen = keep + grid + rest                                                        # exactly `budget` ones
+    return (chosen * 2 * n - idx).topk(budget).indices

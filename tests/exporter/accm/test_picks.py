@@ -62,3 +62,21 @@ def test_pick_tokens_partitions_the_grid():
     p = pick_tokens(torch.rand(64), torch.randn(1, 8), torch.randn(64, 8), budget=6, n_text=2)
     assert len(p.indices) == 6 and set(p.text) <= set(p.indices) | set(p.kept_out)
     assert sorted(p.indices + p.kept_out) == list(range(64)) and p.kept_out == sorted(p.kept_out)
+
+
+def _case(seed, n, p=8):
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.rand(n, generator=g) * 0.01
+    k = int(torch.randint(0, 12, (1,), generator=g))
+    attn[torch.randperm(n, generator=g)[:k]] += torch.rand(k, generator=g)  # 0..11 outliers
+    return attn, torch.randn(1, p, generator=g), torch.randn(n, p, generator=g)
+
+
+@pytest.mark.parametrize("n,budget,n_text", [(64, 4, 2), (64, 2, 1), (256, 16, 9), (256, 8, 5), (64, 12, 3)])
+def test_static_picks_equal_the_reference(n, budget, n_text):
+    from exporter.accm.picks import pick_indices_static
+
+    for seed in range(20):
+        attn, text, patches = _case(seed, n)
+        want = pick_tokens(attn, text, patches, budget, n_text).sorted_indices
+        assert pick_indices_static(attn, text, patches, budget, n_text).tolist() == want, seed
