@@ -33,6 +33,39 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(-1).log()
 
 
+def beam_step(logp: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor, stopped: torch.Tensor, stop_id,
+              beams: int):
+    """One ranking step of ClipCap's beam search, static shapes (the `accm_beam_step` graph traces this).
+
+    Args:
+        logp (Tensor): [beams, V] log-probabilities of each beam's next token.
+        scores (Tensor): [beams] summed log-probabilities. The first step starts from [0, -inf, ...] with
+            lengths 0, which makes it ClipCap's first step (the top `beams` tokens of beam 0).
+        lengths (Tensor): [beams] float lengths.
+        stopped (Tensor): [beams] bool.
+        stop_id: the stop token's id (int or [1] int64 tensor).
+        beams (int): beam width.
+
+    Returns:
+        (token [beams], source [beams], scores, lengths, stopped): the winners, the beams they extend, their state.
+    """
+    col0 = torch.arange(logp.shape[1], device=logp.device)[None] == 0
+    stopped_row = torch.where(col0, torch.zeros_like(logp), torch.full_like(logp, -float("inf")))
+    logp = torch.where(stopped[:, None], stopped_row, logp)
+    lengths = lengths + (~stopped).to(lengths.dtype)
+    best, flat = ((scores[:, None] + logp) / lengths[:, None]).reshape(-1).topk(beams)
+    source, token = flat // logp.shape[1], flat % logp.shape[1]
+    lengths = lengths[source]
+    return token, source, best * lengths, lengths, stopped[source] | (token == stop_id)
+
+
+def first_step_state(beams: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, lengths, stopped) before the first step: only beam 0 is live, nothing is generated yet."""
+    scores = torch.full((beams,), -float("inf"), device=device)
+    scores[0] = 0.0
+    return scores, torch.zeros(beams, device=device), torch.zeros(beams, dtype=torch.bool, device=device)
+
+
 @torch.no_grad()
 def beam_search(gpt, prefix_embeds: torch.Tensor, stop_id: int, beams: int = 3, max_tokens: int = 67) -> BeamResult:
     """Decode `beams` captions from `prefix_embeds` with GPT-2 and a KV cache.
@@ -48,29 +81,19 @@ def beam_search(gpt, prefix_embeds: torch.Tensor, stop_id: int, beams: int = 3, 
 
     cache = DynamicCache()
     out = gpt(inputs_embeds=prefix_embeds, past_key_values=cache, use_cache=True)
-    logp = log_probs(out.logits[:, -1])[0]                              # [V]
-    scores, tokens = logp.topk(beams)                                   # [beams]
-    tokens = tokens[:, None]                                            # [beams, 1]
+    logp = log_probs(out.logits[:, -1]).expand(beams, -1)                  # [beams, V]: beam 0 is the live one
+    scores, lengths, stopped = first_step_state(beams, logp.device)
     cache.batch_repeat_interleave(beams)
-    lengths = torch.ones(beams, device=logp.device)
-    stopped = tokens[:, 0] == stop_id
-    steps = 1
-    while steps < max_tokens and not bool(stopped.all()):
-        out = gpt(input_ids=tokens[:, -1:], past_key_values=cache, use_cache=True)
-        logp = log_probs(out.logits[:, -1])                             # [beams, V]
-        logp[stopped] = -float("inf")
-        logp[stopped, 0] = 0.0
-        total = scores[:, None] + logp
-        lengths = lengths + (~stopped).float()
-        best, flat = (total / lengths[:, None]).view(-1).topk(beams)
-        source, token = flat // logp.shape[1], flat % logp.shape[1]
-        lengths = lengths[source]
+    tokens = torch.zeros((beams, 0), dtype=torch.long, device=logp.device)
+    for step in range(max_tokens):
+        if step:
+            logp = log_probs(gpt(input_ids=tokens[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1])
+        token, source, scores, lengths, stopped = beam_step(logp, scores, lengths, stopped, stop_id, beams)
         tokens = torch.cat([tokens[source], token[:, None]], dim=1)
-        scores = best * lengths
-        stopped = stopped[source] | (token == stop_id)
         cache.reorder_cache(source)
-        steps += 1
+        if bool(stopped.all()):
+            break
     final = scores / lengths
     order = final.argsort(descending=True).tolist()
     return BeamResult(ids=[tokens[b, :int(lengths[b])].tolist() for b in order], scores=[float(final[b]) for b in order],
-                      steps=steps)
+                      steps=tokens.shape[1])
