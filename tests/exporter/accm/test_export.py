@@ -53,3 +53,85 @@ def test_selector_graph_on_onnxruntime(accm_models, tmp_path):
     short[:, -1] = eot
     with torch.no_grad():
         assert np.allclose(sess.run(None, {"candidate_ids": short.numpy()})[0], graph(short).numpy(), atol=1e-5)
+
+
+def _sess(path):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    return lambda feed: dict(zip(names, s.run(None, {i.name: feed[i.name] for i in s.get_inputs()})))
+
+
+@pytest.fixture(scope="module")
+def caption_graphs(accm_models, tmp_path_factory):
+    """accm_mapper, accm_gpt2 and accm_beam_step of the tiny ACCM, exported once."""
+    from exporter.accm.export import BeamStepGraph, Gpt2CacheGraph, MapperGraph
+
+    a, d = accm_models, tmp_path_factory.mktemp("accm_graphs")
+    gpt = a.caption.gpt
+    layers, heads = gpt.config.n_layer, gpt.config.n_head
+    hd = gpt.config.n_embd // heads
+    q = torch.tensor([a.gpt_tokenizer.encode("where is the cat?")])
+    kept = torch.randn(60, a.shape.clip_projection)
+    qd, md = torch.export.Dim("question_len", min=1, max=64), torch.export.Dim("kept_out", min=1, max=1024)
+    mapper = export_graph(MapperGraph(a.caption.clip_project), (q, kept), d / "accm_mapper.onnx",
+                          ["question_ids", "kept_out"], ["token_ids", "row_embeds", "use_embeds"],
+                          dynamic=({1: qd}, {0: md}))
+    names = [f"{k}_{i}" for i in range(layers) for k in ("key", "value")]
+    bd, rd, cd = (torch.export.Dim(n, min=1, max=m) for n, m in (("batch", 8), ("rows", 128), ("cache", 256)))
+    past = tuple(torch.randn(3, heads, 9, hd) for _ in names)
+    args = (torch.randint(0, 50, (3, 2)), torch.randn(3, 2, gpt.config.n_embd), torch.tensor([[0, 1]] * 3),
+            torch.tensor([5]), *past)
+    gpt2 = export_graph(Gpt2CacheGraph(gpt), args, d / "accm_gpt2.onnx",
+                        ["token_ids", "row_embeds", "use_embeds", "past_len", *[f"past_{n}" for n in names]],
+                        ["logp", *names], dynamic=({0: bd, 1: rd}, {0: bd, 1: rd}, {0: bd, 1: rd}, None,
+                                                   *({0: bd, 2: cd} for _ in names)))
+    step_args = (torch.randn(3, gpt.config.vocab_size).log_softmax(-1), torch.tensor([0.0, -float("inf"), -float("inf")]),
+                 torch.zeros(3), torch.zeros(3, dtype=torch.bool), torch.tensor([7]))
+    step = export_graph(BeamStepGraph(3), step_args, d / "accm_beam_step.onnx",
+                        ["logp", "scores", "lengths", "stopped", "stop_id"],
+                        ["token", "source", "scores_out", "lengths_out", "stopped_out"])
+    return {"mapper": _sess(mapper), "gpt2": _sess(gpt2), "step": _sess(step), "dims": (layers, heads, hd)}
+
+
+def test_gpt2_cache_graph_equals_gpt2(accm_models):
+    from exporter.accm.beam import log_probs
+    from exporter.accm.export import Gpt2CacheGraph, MapperGraph
+
+    a = accm_models
+    gpt = a.caption.gpt
+    q = torch.tensor([a.gpt_tokenizer.encode("where is the cat?")])
+    kept = torch.randn(1, 50, a.shape.clip_projection)
+    with torch.no_grad():
+        tok, rows, use = MapperGraph(a.caption.clip_project)(q, kept[0])
+        heads, hd = gpt.config.n_head, gpt.config.n_embd // gpt.config.n_head
+        empty = [torch.zeros(1, heads, 1, hd) for _ in range(2 * gpt.config.n_layer)]
+        out = Gpt2CacheGraph(gpt)(tok, rows, use, torch.tensor([0]), *empty)
+        want = log_probs(gpt(inputs_embeds=a.caption.prefix_embeds(q, kept)).logits[:, -1])
+        assert torch.allclose(out[0], want, atol=1e-5)
+
+
+# "." ends the tiny's captions within a few tokens; "<|endoftext|>" never comes, so all 12 steps run.
+@pytest.mark.parametrize("seed,stop_text,max_tokens", [(0, ".", 67), (1, ".", 67), (2, "<|endoftext|>", 12)])
+def test_caption_decode_on_onnxruntime_equals_the_reference(accm_models, caption_graphs, seed, stop_text, max_tokens):
+    """mapper -> gpt2 prefill -> (beam step, cache reorder, gpt2 on 3 rows)*: the reference's ids and scores."""
+    from exporter.accm.beam import beam_search
+    from graphs.accm_loop import beam_loop
+
+    a, g = accm_models, caption_graphs
+    q = torch.tensor([a.gpt_tokenizer.encode("where is the cat?")])
+    kept = torch.randn(40 + seed, a.shape.clip_projection, generator=torch.Generator().manual_seed(seed))
+    stop = a.gpt_tokenizer.convert_tokens_to_ids(stop_text) if stop_text.startswith("<") else a.gpt_tokenizer.encode(stop_text)[0]
+    with torch.no_grad():
+        want = beam_search(a.caption.gpt, a.caption.prefix_embeds(q, kept[None]), stop, beams=3, max_tokens=max_tokens)
+    prefill = g["mapper"]({"question_ids": q.numpy(), "kept_out": kept.numpy()})
+    layers, heads, hd = g["dims"]
+    ids, scores = beam_loop(g["gpt2"], lambda f: _renamed(g["step"](f)), prefill, layers, heads, hd, stop,
+                            max_tokens=max_tokens)
+    assert ids == want.ids and len({tuple(i) for i in ids}) == 3
+    if max_tokens == 12:
+        assert [len(i) for i in ids] == [12, 12, 12]
+    assert scores == pytest.approx(want.scores, abs=1e-4)
+
+
+def _renamed(out):
+    return {k.removesuffix("_out"): v for k, v in out.items()}
