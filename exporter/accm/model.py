@@ -161,4 +161,5 @@ class Selector(nn.Module):
         The encoder is sequence-first: the C candidates are its sequence, one batch (selector_transformer.py).
         """
         x = self.transformer_encoder(features.to(self.head.weight.dtype)[:, None])  # [C, 1, D]
-        return self.head(x)[:, 0, 0].softmax(-1)
+        # softmax over [1, C], not a 1-D tensor: TensorRT-RTX's parser rejects a 1-D Softmax
+        return self.head(x)[:, :, 0].transpose(0, 1).softmax(-1)[0]

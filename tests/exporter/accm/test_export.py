@@ -1,4 +1,4 @@
-"""ACCM's first graphs on ONNX Runtime equal torch: the picks (the same indices) and the selector."""
+"""ACCM's graphs on ONNX Runtime equal torch (picks, selector, the caption decode loop), and build with TensorRT-RTX."""
 
 import numpy as np
 import onnxruntime as ort
@@ -18,10 +18,19 @@ def _case(seed, n, p=16):
     return attn, torch.randn(1, p, generator=g), torch.randn(n, p, generator=g)
 
 
-def test_picks_graph_on_onnxruntime(tmp_path):
-    path = export_graph(PicksGraph(budget=16, n_text=9), _case(0, 256), tmp_path / "accm_picks.onnx",
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("accm_onnx")
+
+
+@pytest.fixture(scope="module")
+def picks_onnx(onnx_dir):
+    return export_graph(PicksGraph(budget=16, n_text=9), _case(0, 256), onnx_dir / "accm_picks.onnx",
                         ["cls_attn", "text_embeds", "patch_embeds"], ["image_indices"])
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_picks_graph_on_onnxruntime(picks_onnx):
+    sess = ort.InferenceSession(str(picks_onnx), providers=["CPUExecutionProvider"])
     for seed in range(12):
         attn, text, patches = _case(seed, 256)
         got = sess.run(None, {"cls_attn": attn.numpy(), "text_embeds": text.numpy(),
@@ -29,9 +38,20 @@ def test_picks_graph_on_onnxruntime(tmp_path):
         assert got.tolist() == pick_tokens(attn, text, patches, 16, 9).sorted_indices, seed
 
 
-def test_selector_graph_on_onnxruntime(accm_models, tmp_path):
+TEXTS = [selector_text("Where is the cat?", c) for c in ("a cat on a sofa.", "a dog.", "two chairs near a window.")]
+
+
+@pytest.fixture(scope="module")
+def selector_onnx(accm_models, onnx_dir):
     a = accm_models
-    texts = [selector_text("Where is the cat?", c) for c in ("a cat on a sofa.", "a dog.", "two chairs near a window.")]
+    ids = a.longclip_tokenizer(TEXTS, padding=True, truncation=True, max_length=248, return_tensors="pt")["input_ids"]
+    dim = torch.export.Dim("selector_len", min=2, max=248)
+    return export_graph(SelectorGraph(a.longclip_text, a.selector), (ids,), onnx_dir / "accm_selector.onnx",
+                        ["candidate_ids"], ["probs"], dynamic=({1: dim},))
+
+
+def test_selector_graph_on_onnxruntime(accm_models, selector_onnx):
+    a, texts = accm_models, TEXTS
     enc = a.longclip_tokenizer(texts, padding=True, truncation=True, max_length=248, return_tensors="pt")
     ids = enc["input_ids"]
     eot = a.longclip_tokenizer.eos_token_id
@@ -43,10 +63,7 @@ def test_selector_graph_on_onnxruntime(accm_models, tmp_path):
         feats = torch.stack([a.longclip_text(input_ids=a.longclip_tokenizer(t, return_tensors="pt")["input_ids"])
                              .text_embeds[0] for t in texts])
         assert torch.allclose(want, a.selector(feats), atol=1e-5)
-    dim = torch.export.Dim("selector_len", min=2, max=248)
-    path = export_graph(graph, (ids,), tmp_path / "accm_selector.onnx", ["candidate_ids"], ["probs"],
-                        dynamic=({1: dim},))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(selector_onnx), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"candidate_ids": ids.numpy()})[0]
     assert np.allclose(got, want.numpy(), atol=1e-5) and got.sum() == pytest.approx(1.0, abs=1e-5)
     short = ids[:, :ids.shape[1] - 1].clone()  # another length through the same graph
@@ -62,11 +79,11 @@ def _sess(path):
 
 
 @pytest.fixture(scope="module")
-def caption_graphs(accm_models, tmp_path_factory):
+def caption_graphs(accm_models, onnx_dir):
     """accm_mapper, accm_gpt2 and accm_beam_step of the tiny ACCM, exported once."""
     from exporter.accm.export import BeamStepGraph, Gpt2CacheGraph, MapperGraph
 
-    a, d = accm_models, tmp_path_factory.mktemp("accm_graphs")
+    a, d = accm_models, onnx_dir
     gpt = a.caption.gpt
     layers, heads = gpt.config.n_layer, gpt.config.n_head
     hd = gpt.config.n_embd // heads
@@ -135,3 +152,41 @@ def test_caption_decode_on_onnxruntime_equals_the_reference(accm_models, caption
 
 def _renamed(out):
     return {k.removesuffix("_out"): v for k, v in out.items()}
+
+
+@pytest.mark.trt
+def test_accm_graphs_build_with_tensorrt_rtx(accm_models, onnx_dir, picks_onnx, selector_onnx, caption_graphs):
+    """Every ACCM graph parses (strongly typed) and builds for SM86 on this CPU-only host, over its dims' range."""
+    from engines.trt import load_trt
+
+    trt = load_trt("auto")[0]
+    gpt = accm_models.caption.gpt
+    heads, hd, d, v = gpt.config.n_head, gpt.config.n_embd // gpt.config.n_head, gpt.config.n_embd, gpt.config.vocab_size
+    kv = {f"past_{k}_{i}": [(1, heads, 1, hd), (3, heads, 100, hd), (8, heads, 256, hd)]
+          for i in range(gpt.config.n_layer) for k in ("key", "value")}
+    rows = lambda *tail: [(1, 1, *tail), (3, 1, *tail), (8, 128, *tail)]  # noqa: E731
+    p = accm_models.shape.clip_projection
+    profiles = {
+        "accm_picks": {"cls_attn": [(256,)] * 3, "text_embeds": [(1, 16)] * 3, "patch_embeds": [(256, 16)] * 3},
+        "accm_selector": {"candidate_ids": [(3, 2), (3, 64), (3, 248)]},
+        "accm_mapper": {"question_ids": [(1, 1), (1, 16), (1, 64)], "kept_out": [(1, p), (240, p), (1024, p)]},
+        "accm_gpt2": {"token_ids": rows(), "row_embeds": rows(d), "use_embeds": rows(), "past_len": [(1,)] * 3, **kv},
+        "accm_beam_step": {"logp": [(3, v)] * 3, "scores": [(3,)] * 3, "lengths": [(3,)] * 3, "stopped": [(3,)] * 3,
+                           "stop_id": [(1,)] * 3},
+    }
+    logger = trt.Logger(trt.Logger.ERROR)
+    for name, shapes in profiles.items():
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        assert parser.parse_from_file(str(onnx_dir / f"{name}.onnx")), [str(parser.get_error(i))
+                                                                         for i in range(parser.num_errors)]
+        config = builder.create_builder_config()
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            profile.set_shape(network.get_input(i).name, *shapes[network.get_input(i).name])
+        config.add_optimization_profile(profile)
+        if hasattr(config, "num_compute_capabilities"):  # TensorRT-RTX: ahead of time, no GPU needed
+            config.num_compute_capabilities = 1
+            config.set_compute_capability(trt.ComputeCapability.SM86, 0)
+        assert builder.build_serialized_network(network, config) is not None, name
