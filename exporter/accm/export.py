@@ -3,6 +3,9 @@
 Not wired into `csprt export` yet (docs/accm.md, "Not built yet"): these are the graphs a later layout
 will name, each traced with torch.onnx.export (dynamo) and checked on ONNX Runtime against torch.
 
+    accm_vision     clip_pixels [1, 3, S, S] -> image_embeds [N, H] (LISA's projector over every token), cls_attn [N]
+                    (merged, last layer), patch_embeds [N, P] (CLIP's visual_projection per patch): replaces `vision`
+    accm_clip_text  question_ids [1, q] (CLIP tokens) -> text_embeds [1, P]
     accm_picks      cls_attn [N], text_embeds [1, P], patch_embeds [N, P] -> image_indices [budget] (ascending)
     accm_mapper     question_ids [1, q], kept_out [M, P] -> token_ids, row_embeds, use_embeds  [1, q + 20(, D)]
     accm_gpt2       token_ids [B, rows], row_embeds [B, rows, D], use_embeds [B, rows], past_len [1],
@@ -29,7 +32,34 @@ import torch
 from torch import nn
 
 from exporter.accm.beam import beam_step, log_probs
-from exporter.accm.picks import pick_indices_static
+from exporter.accm.picks import merged_cls_attention, pick_indices_static
+
+
+class AccmVisionGraph(nn.Module):
+    """LISA's CLIP tower and projector with what ACCM reads from the same forward (module docstring)."""
+
+    def __init__(self, model, visual_projection: nn.Module):
+        super().__init__()
+        self.tower, self.projector, self.visual_projection = model.vision_tower, model.mm_projector, visual_projection
+        self.select_layer = model.shape.vision.select_layer
+
+    def forward(self, clip_pixels):
+        out = self.tower(pixel_values=clip_pixels, output_hidden_states=True)
+        image_embeds = self.projector(out.hidden_states[self.select_layer][0, 1:])             # [N, H]
+        cls_attn = merged_cls_attention(self.tower, out.hidden_states[-2])                    # [N]
+        patch = self.visual_projection(self.tower.post_layernorm(out.last_hidden_state)[0, 1:])  # [N, P]
+        return image_embeds, cls_attn, patch
+
+
+class ClipTextGraph(nn.Module):
+    """CLIP's text tower on the question: [1, q] ids -> [1, P] projected embedding (the text picks' query)."""
+
+    def __init__(self, clip_text: nn.Module):
+        super().__init__()
+        self.clip_text = clip_text
+
+    def forward(self, question_ids):
+        return self.clip_text(input_ids=question_ids).text_embeds
 
 
 class PicksGraph(nn.Module):

@@ -78,7 +78,7 @@ def test_beams_that_stop_early(accm_models):
     a = accm_models
     stop = a.gpt_tokenizer.encode(".")[0]
     q = torch.tensor([a.gpt_tokenizer.encode("where is the cat?")])
-    for seed in range(4):
+    for seed in range(2):
         torch.manual_seed(seed)
         embeds = a.caption.prefix_embeds(q, torch.randn(1, 30, a.shape.clip_projection))
         got = beam_search(a.caption.gpt, embeds, stop, beams=3, max_tokens=67)

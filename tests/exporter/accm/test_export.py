@@ -7,6 +7,7 @@ import torch
 
 from exporter.accm.export import PicksGraph, SelectorGraph, export_graph
 from exporter.accm.picks import pick_tokens
+from exporter.export import sample_image
 from graphs.accm import selector_text
 
 
@@ -25,17 +26,18 @@ def onnx_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def picks_onnx(onnx_dir):
-    return export_graph(PicksGraph(budget=16, n_text=9), _case(0, 256), onnx_dir / "accm_picks.onnx",
+    """The tiny accm-36's picks graph: N = 64, budget 4, 2 text picks (P = 16, the tiny CLIP's projection)."""
+    return export_graph(PicksGraph(budget=4, n_text=2), _case(0, 64), onnx_dir / "accm_picks.onnx",
                         ["cls_attn", "text_embeds", "patch_embeds"], ["image_indices"])
 
 
 def test_picks_graph_on_onnxruntime(picks_onnx):
     sess = ort.InferenceSession(str(picks_onnx), providers=["CPUExecutionProvider"])
     for seed in range(12):
-        attn, text, patches = _case(seed, 256)
+        attn, text, patches = _case(seed, 64)
         got = sess.run(None, {"cls_attn": attn.numpy(), "text_embeds": text.numpy(),
                               "patch_embeds": patches.numpy()})[0]
-        assert got.tolist() == pick_tokens(attn, text, patches, 16, 9).sorted_indices, seed
+        assert got.tolist() == pick_tokens(attn, text, patches, 4, 2).sorted_indices, seed
 
 
 TEXTS = [selector_text("Where is the cat?", c) for c in ("a cat on a sofa.", "a dog.", "two chairs near a window.")]
@@ -167,7 +169,7 @@ def test_accm_graphs_build_with_tensorrt_rtx(accm_models, onnx_dir, picks_onnx, 
     rows = lambda *tail: [(1, 1, *tail), (3, 1, *tail), (8, 128, *tail)]  # noqa: E731
     p = accm_models.shape.clip_projection
     profiles = {
-        "accm_picks": {"cls_attn": [(256,)] * 3, "text_embeds": [(1, 16)] * 3, "patch_embeds": [(256, 16)] * 3},
+        "accm_picks": {"cls_attn": [(64,)] * 3, "text_embeds": [(1, p)] * 3, "patch_embeds": [(64, p)] * 3},
         "accm_selector": {"candidate_ids": [(3, 2), (3, 64), (3, 248)]},
         "accm_mapper": {"question_ids": [(1, 1), (1, 16), (1, 64)], "kept_out": [(1, p), (240, p), (1024, p)]},
         "accm_gpt2": {"token_ids": rows(), "row_embeds": rows(d), "use_embeds": rows(), "past_len": [(1,)] * 3, **kv},
@@ -190,3 +192,55 @@ def test_accm_graphs_build_with_tensorrt_rtx(accm_models, onnx_dir, picks_onnx, 
             config.num_compute_capabilities = 1
             config.set_compute_capability(trt.ComputeCapability.SM86, 0)
         assert builder.build_serialized_network(network, config) is not None, name
+
+
+def test_accm_chain_on_onnxruntime_chooses_the_references_caption(lisa, accm_models, onnx_dir, picks_onnx,
+                                                                   selector_onnx, caption_graphs):
+    """vision -> CLIP text -> picks -> mapper -> GPT-2 beams -> selector on ONNX Runtime, the host owning the
+    tokenizers: the same picks, candidates, scores, choice and splice as AccmReference, for two questions."""
+    from exporter.accm.export import AccmVisionGraph, ClipTextGraph
+    from exporter.accm.reference import AccmReference
+    from exporter.preprocess import clip_pixels
+    from graphs.accm_loop import beam_loop
+    from graphs.schedule import resolve
+
+    a, m = accm_models, lisa.model
+    schedule = resolve("accm-36", lisa.shape.llm.layers, lisa.shape.num_image_tokens)
+    ref = AccmReference(m, lisa.tokenizer, lisa.image_processor_config, schedule, a)
+    image = sample_image()
+    pixels = clip_pixels(image, lisa.image_processor_config)
+    vision = _sess(export_graph(AccmVisionGraph(m, a.visual_projection), (pixels,), onnx_dir / "accm_vision.onnx",
+                                ["clip_pixels"], ["image_embeds", "cls_attn", "patch_embeds"]))
+    q_dim = torch.export.Dim("question_len", min=2, max=77)
+    ids0 = a.clip_tokenizer("where is it?", return_tensors="pt")["input_ids"]
+    clip_text = _sess(export_graph(ClipTextGraph(a.clip_text), (ids0,), onnx_dir / "accm_clip_text.onnx",
+                                   ["question_ids"], ["text_embeds"], dynamic=({1: q_dim},)))
+    assert (schedule.stages[0].budget, schedule.accm.text_picks) == (4, 2)  # picks_onnx's
+    picks = _sess(picks_onnx)
+    g = caption_graphs
+    layers, heads, hd = g["dims"]
+    selector = _sess(selector_onnx)
+    stop = a.gpt_tokenizer.encode(".")[0]
+    with torch.no_grad():
+        want_embeds = m.mm_projector(m.vision_features(pixels)[0][0])
+    for query in ("Where is the cat in this picture?", "Which object is red?"):
+        want = ref(image, query).accm
+        v = vision({"clip_pixels": pixels.numpy()})
+        assert np.allclose(v["image_embeds"], want_embeds.numpy(), atol=1e-5)
+        t = clip_text({"question_ids": a.clip_tokenizer(query, truncation=True, max_length=77,
+                                                        return_tensors="np")["input_ids"]})
+        idx = picks({"cls_attn": v["cls_attn"], "text_embeds": t["text_embeds"], "patch_embeds": v["patch_embeds"]})
+        assert idx["image_indices"].tolist() == want.picks.sorted_indices
+        kept = np.setdiff1d(np.arange(v["patch_embeds"].shape[0]), idx["image_indices"])
+        prefill = g["mapper"]({"question_ids": np.array([a.gpt_tokenizer.encode(query)]),
+                               "kept_out": v["patch_embeds"][kept]})
+        ids, scores = beam_loop(g["gpt2"], lambda f: _renamed(g["step"](f)), prefill, layers, heads, hd, stop)
+        assert ids == want.candidate_ids and scores == pytest.approx(want.beam_scores, abs=1e-4)
+        captions = [a.gpt_tokenizer.decode(i) for i in ids]  # host step: GPT-2 ids -> text
+        texts = [selector_text(query, c) for c in captions]
+        cand = a.longclip_tokenizer(texts, padding=True, truncation=True, max_length=248, return_tensors="np")
+        probs = selector({"candidate_ids": cand["input_ids"]})["probs"]
+        assert np.allclose(probs, want.selector_probs, atol=1e-5) and int(np.argmax(probs)) == want.chosen
+        splice = lisa.tokenizer("additional information: " + captions[int(np.argmax(probs))],
+                                add_special_tokens=False)["input_ids"]  # host step: text -> LLM ids
+        assert splice == want.splice_ids
