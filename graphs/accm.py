@@ -35,8 +35,9 @@ SELECTOR_STRIP = ("\nAnswer with the option's letter from the given choices dire
                   "\nAnswer the question using a single word or phrase.")
 CLIP_TEXT_POSITIONS = 77      # clip_encoder.py truncates the question to 77 tokens, EOS last
 LONGCLIP_POSITIONS = 248      # longclip.tokenize(..., truncate=True): context length 248
-# ACCM's (visual tokens of 576, text picks) pairs, clip_encoder.py comments: (144, 70), (72, 40), (36, 20), (18, 12).
+# ACCM's (visual tokens of 576, text picks) pairs, clip_encoder.py l.152-153: (144, 70), (72, 40), (36, 20), (18, 12).
 ACCM_GRID_TOKENS = 576
+CAPTION_BUDGET = 96  # LLM tokens for the splice: 67 GPT-2 tokens of English are about 85 LLaMA tokens
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from graphs.accm import ACCM_GRID_TOKENS, BEAMS, CAPTION_BUDGET, MAX_CAPTION_TOKENS
 from graphs.errors import ScheduleError
 
 SCHEDULE_FORMAT = 1
@@ -57,12 +58,11 @@ class AccmKnobs:
     """ACCM's caption compensation (graphs/accm.py, docs/accm.md), for a schedule whose first op is "accm"."""
 
     text_picks: int                # top-k of the CLIP text picks (ACCM's text_num, scaled to N like the budget)
-    beams: int = 3                 # beam search width; every beam is a selector candidate
-    max_caption_tokens: int = 67   # GPT-2 tokens per caption (ACCM's entry_length), the stop token included
+    beams: int = BEAMS             # beam search width (3); every beam is a selector candidate
+    max_caption_tokens: int = MAX_CAPTION_TOKENS  # GPT-2 tokens per caption (67, ACCM's entry_length), "." included
     # LLM tokens the splice ("additional information: " + caption, no BOS) may take: the static room an
-    # exported prompt keeps for it, and what `csprt flops` counts. 67 GPT-2 tokens of English are about 85
-    # LLaMA tokens; a longer splice is refused (InputError), never cut.
-    caption_budget: int = 96
+    # exported prompt keeps for it, and what `csprt flops` counts. A longer splice is refused (InputError), never cut.
+    caption_budget: int = CAPTION_BUDGET
 
     def check(self) -> None:
         for name in ("text_picks", "beams", "max_caption_tokens", "caption_budget"):
@@ -241,8 +241,8 @@ PRESETS: dict[str, Preset] = {
 ACCM_PRESETS: dict[str, Preset] = {
     # ACCM's (visual, text picks) budgets of 576 CLIP-336 tokens, (36, 20) and (18, 12), at the same fractions of N:
     # on LISA's 256 tokens accm-36 keeps 16 with 9 text picks, accm-18 keeps 8 with 5.
-    "accm-36": Preset((StagePreset("accm", 1.0, 36 / 576),), accm_text=20 / 576),
-    "accm-18": Preset((StagePreset("accm", 1.0, 18 / 576),), accm_text=12 / 576),
+    "accm-36": Preset((StagePreset("accm", 1.0, 36 / ACCM_GRID_TOKENS),), accm_text=20 / ACCM_GRID_TOKENS),
+    "accm-18": Preset((StagePreset("accm", 1.0, 18 / ACCM_GRID_TOKENS),), accm_text=12 / ACCM_GRID_TOKENS),
 }
 
 
