@@ -157,7 +157,8 @@ def _renamed(out):
 
 
 @pytest.mark.trt
-def test_accm_graphs_build_with_tensorrt_rtx(accm_models, onnx_dir, picks_onnx, selector_onnx, caption_graphs):
+def test_accm_graphs_build_with_tensorrt_rtx(lisa, accm_models, onnx_dir, picks_onnx, selector_onnx, caption_graphs,
+                                             vision_onnx, clip_text_onnx):
     """Every ACCM graph parses (strongly typed) and builds for SM86 on this CPU-only host, over its dims' range."""
     from engines.trt import load_trt
 
@@ -168,7 +169,10 @@ def test_accm_graphs_build_with_tensorrt_rtx(accm_models, onnx_dir, picks_onnx, 
           for i in range(gpt.config.n_layer) for k in ("key", "value")}
     rows = lambda *tail: [(1, 1, *tail), (3, 1, *tail), (8, 128, *tail)]  # noqa: E731
     p = accm_models.shape.clip_projection
+    size = lisa.shape.vision.image_size
     profiles = {
+        "accm_vision": {"clip_pixels": [(1, 3, size, size)] * 3},
+        "accm_clip_text": {"question_ids": [(1, 2), (1, 16), (1, 77)]},
         "accm_picks": {"cls_attn": [(64,)] * 3, "text_embeds": [(1, p)] * 3, "patch_embeds": [(64, p)] * 3},
         "accm_selector": {"candidate_ids": [(3, 2), (3, 64), (3, 248)]},
         "accm_mapper": {"question_ids": [(1, 1), (1, 16), (1, 64)], "kept_out": [(1, p), (240, p), (1024, p)]},
@@ -194,11 +198,29 @@ def test_accm_graphs_build_with_tensorrt_rtx(accm_models, onnx_dir, picks_onnx, 
         assert builder.build_serialized_network(network, config) is not None, name
 
 
-def test_accm_chain_on_onnxruntime_chooses_the_references_caption(lisa, accm_models, onnx_dir, picks_onnx,
-                                                                   selector_onnx, caption_graphs):
+@pytest.fixture(scope="module")
+def vision_onnx(lisa, accm_models, onnx_dir):
+    from exporter.accm.export import AccmVisionGraph
+    from exporter.preprocess import clip_pixels
+
+    pixels = clip_pixels(sample_image(), lisa.image_processor_config)
+    return export_graph(AccmVisionGraph(lisa.model, accm_models.visual_projection), (pixels,),
+                        onnx_dir / "accm_vision.onnx", ["clip_pixels"], ["image_embeds", "cls_attn", "patch_embeds"])
+
+
+@pytest.fixture(scope="module")
+def clip_text_onnx(accm_models, onnx_dir):
+    from exporter.accm.export import ClipTextGraph
+
+    ids = accm_models.clip_tokenizer("where is it?", return_tensors="pt")["input_ids"]
+    return export_graph(ClipTextGraph(accm_models.clip_text), (ids,), onnx_dir / "accm_clip_text.onnx",
+                        ["question_ids"], ["text_embeds"], dynamic=({1: torch.export.Dim("question_len", min=2, max=77)},))
+
+
+def test_accm_chain_on_onnxruntime_chooses_the_references_caption(lisa, accm_models, picks_onnx, selector_onnx,
+                                                                   caption_graphs, vision_onnx, clip_text_onnx):
     """vision -> CLIP text -> picks -> mapper -> GPT-2 beams -> selector on ONNX Runtime, the host owning the
     tokenizers: the same picks, candidates, scores, choice and splice as AccmReference, for two questions."""
-    from exporter.accm.export import AccmVisionGraph, ClipTextGraph
     from exporter.accm.reference import AccmReference
     from exporter.preprocess import clip_pixels
     from graphs.accm_loop import beam_loop
@@ -209,12 +231,7 @@ def test_accm_chain_on_onnxruntime_chooses_the_references_caption(lisa, accm_mod
     ref = AccmReference(m, lisa.tokenizer, lisa.image_processor_config, schedule, a)
     image = sample_image()
     pixels = clip_pixels(image, lisa.image_processor_config)
-    vision = _sess(export_graph(AccmVisionGraph(m, a.visual_projection), (pixels,), onnx_dir / "accm_vision.onnx",
-                                ["clip_pixels"], ["image_embeds", "cls_attn", "patch_embeds"]))
-    q_dim = torch.export.Dim("question_len", min=2, max=77)
-    ids0 = a.clip_tokenizer("where is it?", return_tensors="pt")["input_ids"]
-    clip_text = _sess(export_graph(ClipTextGraph(a.clip_text), (ids0,), onnx_dir / "accm_clip_text.onnx",
-                                   ["question_ids"], ["text_embeds"], dynamic=({1: q_dim},)))
+    vision, clip_text = _sess(vision_onnx), _sess(clip_text_onnx)
     assert (schedule.stages[0].budget, schedule.accm.text_picks) == (4, 2)  # picks_onnx's
     picks = _sess(picks_onnx)
     g = caption_graphs
