@@ -88,7 +88,13 @@ class AccmReference(Reference):
     def caption(self, picks: Picks, patch_embeds: torch.Tensor, query: str):
         """The beam search's candidates for the tokens pruned away (BeamResult)."""
         a, knobs = self.accm, self.schedule.accm
-        q_ids = torch.tensor([a.gpt_tokenizer.encode(query)], device=self.device)
+        q = a.gpt_tokenizer.encode(query)
+        room = a.shape.gpt_positions - a.shape.prefix_length - knobs.max_caption_tokens
+        if len(q) > room:
+            raise InputError(f"the question is {len(q)} GPT-2 tokens; ACCM's caption model has {a.shape.gpt_positions} "
+                             f"positions, room for {room} question tokens besides its {a.shape.prefix_length} prefix "
+                             f"rows and {knobs.max_caption_tokens} caption tokens; shorten the question")
+        q_ids = torch.tensor([q], device=self.device)
         kept_out = patch_embeds[picks.kept_out][None]
         prefix = a.caption.prefix_embeds(q_ids, kept_out.to(next(a.caption.parameters()).dtype))
         stop = a.gpt_tokenizer.encode(STOP_TEXT)[0]

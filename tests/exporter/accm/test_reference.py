@@ -110,3 +110,9 @@ def test_splice_goes_after_the_image_newline(lisa, system, tokenizer):
     assert tok.decode(suffix[at:], skip_special_tokens=False).strip().startswith(QUERY)
     assert (SYSTEM in tok.decode(prefix)) == system
     assert at == (2 if tokenizer == "bpe" else 1)
+
+
+def test_question_longer_than_gpt2_positions_is_refused(lisa, accm_models):
+    # the tiny GPT-2 has 256 positions: 256 - 20 prefix rows - 67 caption tokens leaves 169 for the question
+    with pytest.raises(InputError, match=r"the question is \d+ GPT-2 tokens; .* room for 169 question tokens"):
+        _ref(lisa, accm_models, _schedule(lisa))(sample_image(), "where is the cat? " * 60)
