@@ -46,7 +46,7 @@ from graphs import manifest as mf
 from graphs import onnx_checks, onnx_passes
 from graphs.atomic import exclusive_lock
 from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config
-from graphs.errors import ArtifactError, ParityError, ToolchainError, internal_error
+from graphs.errors import ArtifactError, ParityError, ScheduleError, ToolchainError, internal_error
 from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from graphs.prompt import SEG_TOKEN, token_id, tokenize_prompt
 from graphs.schedule import Schedule
@@ -487,6 +487,9 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
         progress (callable | None): called with one line per stage. Defaults to silent.
     """
     say = progress or (lambda _msg: None)
+    if schedule.accm is not None:
+        raise ScheduleError(f"schedule {schedule.name!r} is an ACCM schedule, which csprt cannot export yet (its "
+                            "caption graphs are not built, issue 14); run it on the PyTorch reference (docs/accm.md)")
     art = Path(out)
     if art.exists() and not art.is_dir():
         raise ArtifactError(f"--out {art} exists and is not a directory; choose a directory path")

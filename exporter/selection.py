@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from graphs.errors import InputError
+from graphs.errors import InputError, ScheduleError
 
 
 # Ties. ONNX breaks TopK/ArgMax ties by lower index, torch.topk documents no order, and TensorRT documents none
@@ -261,6 +261,9 @@ def first_stage_indices(schedule, stage, feats: torch.Tensor, cls_attn: torch.Te
         Tensor: [budget] int64, ascending.
     """
     n = feats.shape[0]
+    if stage.op == "accm":
+        raise ScheduleError(f"schedule {schedule.name!r} starts with ACCM's picks, which need ACCM's own models: "
+                            "run it with exporter.accm.reference.AccmReference (docs/accm.md)")
     if stage.op == "all":
         return torch.arange(n, device=feats.device)
     if stage.op == "kcenter":

@@ -193,18 +193,25 @@ def flops_report(shape: ModelShape, schedule: Schedule, text_tokens: int = DEFAU
     L, N = shape.llm.layers, shape.num_image_tokens
     schedule.check_against(L, N)
     per_layer = schedule.tokens_per_layer()
-    llm = llm_flops(shape, per_layer, text_tokens)
+    caption = schedule.accm.caption_budget if schedule.accm else 0  # ACCM's caption: text at every layer
+    llm = llm_flops(shape, per_layer, text_tokens + caption)
     llm_full = llm_flops(shape, [N] * L, text_tokens)
-    text_only = llm_flops(shape, [0] * L, text_tokens)
+    text_only = llm_flops(shape, [0] * L, text_tokens + caption)
     image = {c: llm[c] - text_only[c] for c in CONVENTIONS}
-    image_full = {c: llm_full[c] - text_only[c] for c in CONVENTIONS}
+    text_full = llm_flops(shape, [0] * L, text_tokens) if caption else text_only
+    image_full = {c: llm_full[c] - text_full[c] for c in CONVENTIONS}
 
     same = {"vision": vision_flops(shape), "projector": projector_flops(shape),
             "sam_encoder": sam_encoder_flops(shape), "sam_decoder": sam_decoder_flops(shape)}
+    if schedule.accm is not None:
+        from graphs.accm_flops import accm_flops
+
+        a = schedule.accm
+        same.update(accm_flops(shape, schedule.stages[0].budget, a.beams, a.max_caption_tokens))
     flops = {name: {c: value for c in CONVENTIONS} for name, value in same.items()}
     flops["llm"], flops["llm_image_tokens"] = llm, image
     flops["total"] = {c: sum(same.values()) + llm[c] for c in CONVENTIONS}
-    total_full = sum(same.values()) + llm_full["fastv"]
+    total_full = sum(v for k, v in same.items() if k in _COMPONENTS) + llm_full["fastv"]
     image_only = _image_only_kinds(shape, schedule)
     skipped = {c: sum(flops[comp][c] for kind in image_only.values() for comp in STAGE_KIND_COMPONENTS.get(kind, ()))
                for c in CONVENTIONS}
@@ -214,6 +221,7 @@ def flops_report(shape: ModelShape, schedule: Schedule, text_tokens: int = DEFAU
         "n_layers": L,
         "n_image_tokens": N,
         "text_tokens": text_tokens,
+        **({"caption_tokens": caption} if schedule.accm else {}),
         "tokens_per_layer": per_layer,
         "avg_image_tokens_per_layer": schedule.avg_image_tokens(),
         "image_token_reduction_pct": schedule.reduction_pct(),
@@ -225,7 +233,7 @@ def flops_report(shape: ModelShape, schedule: Schedule, text_tokens: int = DEFAU
             "fastv": "4nd^2 + 2n^2d + 2ndm per LLM layer (FastV paper; multiply-accumulates)",
             "swiglu": "4nd^2 + 2n^2d + 3ndm per LLM layer (LLaMA's 3-matrix FFN)",
         },
-        "flops": {name: flops[name] for name in _COMPONENTS},
+        "flops": {name: flops[name] for name in (*_COMPONENTS[:-1], *[k for k in flops if k not in _COMPONENTS], "total")},
         # A further question about an image already encoded (ArtifactSession.encode_image, the serve cache)
         # skips the image-only stages, derived from the layout's wiring (graphs.image_encoding).
         "cached_question": {"image_only_stages": list(image_only), "skipped_flops": skipped,
@@ -235,6 +243,8 @@ def flops_report(shape: ModelShape, schedule: Schedule, text_tokens: int = DEFAU
 
 def _image_only_kinds(shape: ModelShape, schedule: Schedule) -> dict[str, str]:
     """Image-only stage name -> kind, from the single-pass layout of `schedule` at `shape`."""
+    if schedule.accm is not None:  # not exportable yet: CLIP and SAM read only the image, ACCM's picks the question
+        return {"vision": "vision", "sam_encoder": "sam_encoder"}
     from graphs.image_encoding import image_only_stages
     from graphs.stages import LayoutOptions, build_layout
 

@@ -10,6 +10,9 @@ of image tokens (its budget) and names the selection op applied on entry:
     scatter   all N tokens re-enter (`scatter_mode`)               N     (after a cluster stage)
     prune     top-k by attention of `prune_query` at the previous
               stage's last layer, original order kept              N_p   (<= previous budget)
+    accm      ACCM's picks (CLS-attention outliers + CLIP text
+              picks, filled to the budget) and a caption of the
+              rest spliced into the prompt (`accm` knobs)          budget (first stage only)
 
 Presets are fractions of the layer count L and image-token count N, resolved against a model shape,
 so `csp` means the same thing on a 4-layer test model and on LISA-13B. Resolved schedules serialise
@@ -24,16 +27,17 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from graphs.accm import ACCM_GRID_TOKENS, BEAMS, CAPTION_BUDGET, MAX_CAPTION_TOKENS
 from graphs.errors import ScheduleError
 
 SCHEDULE_FORMAT = 1
-OPS = ("all", "cluster", "kcenter", "scatter", "prune")
+OPS = ("all", "cluster", "kcenter", "scatter", "prune", "accm")
 CLUSTER_METHODS = ("uniform", "cls_attention", "kmeans", "random", "seg_first")
 SCATTER_MODES = ("delta", "copy", "embedding")
 # seg: the [SEG]-predicting position (generate mode: the last prompt token); last: the last
 # position; mean: mean over all query rows (FastV's convention).
 PRUNE_QUERIES = ("seg", "last", "mean")
-FIRST_STAGE_ONLY = ("cluster", "kcenter")
+FIRST_STAGE_ONLY = ("cluster", "kcenter", "accm")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,23 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class AccmKnobs:
+    """ACCM's caption compensation (graphs/accm.py, docs/accm.md), for a schedule whose first op is "accm"."""
+
+    text_picks: int                # top-k of the CLIP text picks (ACCM's text_num, scaled to N like the budget)
+    beams: int = BEAMS             # beam search width (3); every beam is a selector candidate
+    max_caption_tokens: int = MAX_CAPTION_TOKENS  # GPT-2 tokens per caption (67, ACCM's entry_length), "." included
+    # LLM tokens the splice ("additional information: " + caption, no BOS) may take: the static room an
+    # exported prompt keeps for it, and what `csprt flops` counts. A longer splice is refused (InputError), never cut.
+    caption_budget: int = CAPTION_BUDGET
+
+    def check(self) -> None:
+        for name in ("text_picks", "beams", "max_caption_tokens", "caption_budget"):
+            if getattr(self, name) < 1:
+                raise ScheduleError(f"accm {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Schedule:
     name: str
     n_layers: int            # L of the model it was resolved against
@@ -61,6 +82,7 @@ class Schedule:
     scatter_mode: str = "delta"
     prune_query: str = "seg"
     kcenter_lambda: float = 0.5  # weight of grid distance vs feature distance in EVTP k-center
+    accm: AccmKnobs | None = None  # set exactly when the first op is "accm"; left out of the JSON when None
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -97,6 +119,11 @@ class Schedule:
             raise ScheduleError(f"kcenter_lambda must be in [0, 1], got {self.kcenter_lambda}")
         if not self.stages:
             raise ScheduleError(f"schedule {self.name!r} has no stages")
+        if (self.stages[0].op == "accm") != (self.accm is not None):
+            raise ScheduleError(f"schedule {self.name!r}: a first stage with op 'accm' and the 'accm' knobs go "
+                                "together; use the accm-36 or accm-18 preset as a starting point")
+        if self.accm is not None:
+            self.accm.check()
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ScheduleError(f"schedule {self.name!r} has duplicate stage names: {names}")
@@ -147,6 +174,8 @@ class Schedule:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        if data["accm"] is None:  # schedules without ACCM serialise exactly as before it existed
+            del data["accm"]
         data["format"] = SCHEDULE_FORMAT
         return data
 
@@ -163,6 +192,8 @@ class Schedule:
             )
         try:
             stages = tuple(Stage(**s) for s in data.pop("stages"))
+            if data.get("accm") is not None:
+                data["accm"] = AccmKnobs(**data["accm"])
             return cls(stages=stages, **data).check()
         except (TypeError, KeyError) as exc:
             raise ScheduleError(f"schedule JSON is malformed: {exc}") from None
@@ -190,6 +221,7 @@ class Preset:
     stages: tuple[StagePreset, ...]
     knobs: dict = field(default_factory=dict)
     budget_rounding: str = "round"  # EVTP specifies k = ceil(0.2 N)
+    accm_text: float | None = None  # ACCM's text picks as a fraction of N (sets the `accm` knobs)
 
 
 PRESETS: dict[str, Preset] = {
@@ -204,6 +236,19 @@ PRESETS: dict[str, Preset] = {
     # FastV: K=2, R=50%, ranked by the attention all queries pay at layer K-1.
     "fastv": Preset((StagePreset("all", 2 / 32, 1.0), StagePreset("prune", 1.0, 0.5)), knobs={"prune_query": "mean"}),
 }
+# ACCM presets need ACCM's own models (exporter/accm) besides the checkpoint, so they stay out of PRESETS, which
+# every LISA-only path (export, bench, the preset-wide tests) iterates; `resolve` and `load_schedule` take both.
+ACCM_PRESETS: dict[str, Preset] = {
+    # ACCM's (visual, text picks) budgets of 576 CLIP-336 tokens, (36, 20) and (18, 12), at the same fractions of N:
+    # on LISA's 256 tokens accm-36 keeps 16 with 9 text picks, accm-18 keeps 8 with 5.
+    "accm-36": Preset((StagePreset("accm", 1.0, 36 / ACCM_GRID_TOKENS),), accm_text=20 / ACCM_GRID_TOKENS),
+    "accm-18": Preset((StagePreset("accm", 1.0, 18 / ACCM_GRID_TOKENS),), accm_text=12 / ACCM_GRID_TOKENS),
+}
+
+
+def preset_names() -> list[str]:
+    """Every preset name `resolve` accepts."""
+    return [*PRESETS, *ACCM_PRESETS]
 
 
 def resolve(name: str, n_layers: int, n_image_tokens: int, **knobs) -> Schedule:
@@ -212,9 +257,10 @@ def resolve(name: str, n_layers: int, n_image_tokens: int, **knobs) -> Schedule:
     Stage boundaries round to the nearest layer but every stage keeps at least one layer, so
     the same preset works on a 4-layer test model. Keyword knobs override the preset's.
     """
-    if name not in PRESETS:
-        raise ScheduleError(f"unknown schedule {name!r}; choose one of: {', '.join(PRESETS)} (or a schedule .json file)")
-    preset = PRESETS[name]
+    if name not in PRESETS and name not in ACCM_PRESETS:
+        raise ScheduleError(f"unknown schedule {name!r}; choose one of: {', '.join(preset_names())} "
+                            "(or a schedule .json file)")
+    preset = PRESETS.get(name) or ACCM_PRESETS[name]
     n_stages = len(preset.stages)
     if n_layers < n_stages:
         raise ScheduleError(f"schedule {name!r} needs at least {n_stages} decoder layers, the model has {n_layers}")
@@ -226,6 +272,8 @@ def resolve(name: str, n_layers: int, n_image_tokens: int, **knobs) -> Schedule:
         budget = math.ceil(raw - 1e-9) if preset.budget_rounding == "ceil" else round(raw)
         stages.append(Stage(name=f"llm_{i}", start=start, end=end, op=sp.op, budget=max(1, min(budget, n_image_tokens))))
         start = end
+    if preset.accm_text is not None and "accm" not in knobs:
+        knobs = {**knobs, "accm": AccmKnobs(text_picks=max(1, round(preset.accm_text * n_image_tokens)))}
     try:
         sched = Schedule(name=name, n_layers=n_layers, n_image_tokens=n_image_tokens, stages=tuple(stages),
                          **{**preset.knobs, **knobs})
@@ -236,7 +284,7 @@ def resolve(name: str, n_layers: int, n_image_tokens: int, **knobs) -> Schedule:
 
 def load_schedule(spec: str, n_layers: int, n_image_tokens: int, **knobs) -> Schedule:
     """A preset name, or the path of a schedule JSON file (as written into artifacts)."""
-    if spec in PRESETS:
+    if spec in PRESETS or spec in ACCM_PRESETS:
         return resolve(spec, n_layers, n_image_tokens, **knobs)
     path = Path(spec)
     if spec.endswith(".json") or path.is_file():

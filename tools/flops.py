@@ -16,7 +16,7 @@ from pathlib import Path
 from graphs.checkpoint_config import read_checkpoint_config
 from graphs.errors import ToolchainError
 from graphs.flops import CONVENTIONS, DEFAULT_TEXT_TOKENS, flops_report
-from graphs.schedule import PRESETS, load_schedule
+from graphs.schedule import load_schedule, preset_names
 from graphs.shapes import SHAPES, ModelShape, shape_named
 
 
@@ -29,7 +29,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                         "(relative to the checkpoint)")
     p.add_argument("--shape", metavar="NAME", help=f"a named model shape instead of a checkpoint: {', '.join(SHAPES)}")
     p.add_argument("--schedule", required=True, metavar="NAME_OR_JSON",
-                   help=f"a preset ({', '.join(PRESETS)}) or a schedule .json file")
+                   help=f"a preset ({', '.join(preset_names())}) or a schedule .json file")
     p.add_argument("--text-tokens", type=int, metavar="N",
                    help=f"text tokens besides the image. Defaults to {DEFAULT_TEXT_TOKENS}")
     p.add_argument("--json", action="store_true", help="print only the JSON report")
@@ -64,16 +64,19 @@ def shape_from_checkpoint(checkpoint: Path, vision_tower: str | None = None) -> 
 
 def format_report(report: dict, source: str) -> str:
     """A short human-readable table of `flops_report`'s output (GFLOPs, FastV convention)."""
+    width = max(18, *(len(name) + 2 for name in report["flops"]))
     lines = [
         f"schedule {report['schedule']} on {source}: L={report['n_layers']} layers, "
         f"N={report['n_image_tokens']} image tokens, {report['text_tokens']} text tokens",
         f"image tokens / layer  {report['avg_image_tokens_per_layer']:.2f} of {report['n_image_tokens']} "
         f"({report['image_token_reduction_pct']:.1f}% fewer)",
+        *([f"caption tokens       {report['caption_tokens']} (ACCM's splice budget, text at every layer)"]
+          if "caption_tokens" in report else []),
         "",
-        f"{'GFLOPs (MACs)':<18}" + "".join(f"{c:>12}" for c in CONVENTIONS),
+        f"{'GFLOPs (MACs)':<{width}}" + "".join(f"{c:>12}" for c in CONVENTIONS),
     ]
     for name, per in report["flops"].items():
-        lines.append(f"{name:<18}" + "".join(f"{per[c] / 1e9:>12.2f}" for c in CONVENTIONS))
+        lines.append(f"{name:<{width}}" + "".join(f"{per[c] / 1e9:>12.2f}" for c in CONVENTIONS))
     lines += [
         "",
         f"saved vs full       image-token FLOPs {report['image_token_flops_reduction_pct']:.1f}%, "

@@ -46,6 +46,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                    help="write a random-weight checkpoint of this named model shape instead of the tiny one "
                         "(sharded safetensors, written tensor by tensor; LISA-7B fp16 is about 15 GB)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype of a --shape checkpoint, default fp16")
+    p.add_argument("--accm", action="store_true", default=None,
+                   help="also write tiny ACCM models in ACCM's released layouts to OUT_DIR/accm (docs/accm.md)")
     p.set_defaults(func=run)
     return p
 
@@ -58,6 +60,8 @@ def run(args) -> int:
     chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(TinyOptions)
               if getattr(args, f.name, None) is not None}
     if getattr(args, "shape", None):
+        if getattr(args, "accm", None):
+            raise ToolchainError("--accm writes tiny ACCM models for the tiny checkpoint; drop --shape (or --accm)")
         return _run_shape(args, chosen)
     if getattr(args, "dtype", None):
         raise ToolchainError("--dtype applies to --shape checkpoints; the tiny checkpoint takes --weights bf16|fp32")
@@ -74,6 +78,11 @@ def run(args) -> int:
         print(f"  {f}")
     if opts.clip == "separate":
         print(f"CLIP vision tower: {separate_clip_dir(out)} (pass --vision-tower {separate_clip_dir(out)})")
+    if getattr(args, "accm", None):
+        from exporter.accm.tiny import make_tiny_accm_for
+
+        accm = make_tiny_accm_for(out, separate_clip_dir(out) if opts.clip == "separate" else None, seed=opts.seed)
+        print(f"ACCM models (caption model, selector, GPT-2, LongCLIP, full CLIP): {accm}")
     return 0
 
 

@@ -46,6 +46,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="torch backend only. Defaults to fp32.")
     p.add_argument("--instance-masks", type=Path, default=None,
                    help=".npy [M, grid, grid] instance masks for --cluster-method seg_first")
+    p.add_argument("--accm", type=Path, default=None, metavar="DIR",
+                   help="ACCM directory (caption model, selector, GPT-2, LongCLIP; docs/accm.md) for an accm-* schedule "
+                        "on a checkpoint; its full CLIP directory is --vision-tower, else DIR/clip")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory. Defaults to ./out.")
     p.add_argument("--json", action="store_true", help="print result.json to stdout (several queries: a list)")
     add_schedule_args(p, default=None)
@@ -77,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         if args.backend == "torch":
             raise InputError(f"{args.target} is an exported artifact; --backend torch runs a checkpoint directory "
                              "(pass the checkpoint instead, or choose --backend onnxruntime or tensorrt)")
+        if args.accm is not None:
+            raise InputError("--accm runs ACCM on a checkpoint's PyTorch reference; ACCM artifacts cannot be exported "
+                             "yet (docs/accm.md): pass the checkpoint directory instead")
         answers = _run_artifact(args, image)
     else:
         if args.backend not in (None, "torch"):
@@ -135,13 +141,15 @@ def _run_checkpoint(args: argparse.Namespace, image):
     if args.schedule is None:
         args.schedule = "csp"
     schedule = schedule_from_args(args, shape.llm.layers, shape.num_image_tokens)
+    _check_accm_args(args, schedule)
     masks_in = _instance_masks(args.instance_masks)
     _progress(f"loading {args.target}")
     loaded = load_checkpoint(args.target, vision_tower=args.vision_tower, dtype=getattr(torch, DTYPES[args.dtype]),
                              device=device)
     _progress(f"schedule {schedule.name}: {schedule.avg_image_tokens():.1f} image tokens/layer "
               f"({schedule.reduction_pct():.1f}% saved)")
-    ref = Reference(loaded.model, loaded.tokenizer, loaded.image_processor_config, schedule)
+    ref = _accm_reference(args, loaded, schedule, device) if schedule.accm is not None else \
+        Reference(loaded.model, loaded.tokenizer, loaded.image_processor_config, schedule)
     max_new = args.max_new_tokens if args.max_new_tokens is not None else 32
     answers = []
     for query in args.query:  # the reference runs every stage per query (no image encoding is kept)
@@ -150,8 +158,33 @@ def _run_checkpoint(args: argparse.Namespace, image):
         result = {"query": query, "answer": out.answer, "generated_ids": out.generated_ids,
                   "image_tokens_per_layer": out.image_tokens_per_layer, "timings_ms": out.timings_ms,
                   "schedule": schedule.to_dict(), "backend": "torch"}
+        if getattr(out, "accm", None) is not None:
+            c = out.accm
+            result["accm"] = {"candidates": c.candidates, "beam_scores": c.beam_scores,
+                              "selector_probs": c.selector_probs, "chosen": c.chosen, "caption": c.caption,
+                              "picks": c.picks.sorted_indices}
         answers.append((result, out.masks))
     return answers
+
+
+def _check_accm_args(args: argparse.Namespace, schedule) -> None:
+    """--accm and an ACCM schedule go together, checked before anything loads."""
+    if schedule.accm is None and args.accm is not None:
+        raise InputError(f"--accm goes with an ACCM schedule (accm-36, accm-18), not {schedule.name!r}; drop --accm")
+    if schedule.accm is not None and args.accm is None:
+        raise InputError(f"schedule {schedule.name!r} needs ACCM's models: pass --accm DIR (make a tiny one with "
+                         "`csprt make-tiny OUT --accm`, then --accm OUT/accm)")
+
+
+def _accm_reference(args: argparse.Namespace, loaded, schedule, device: str):
+    """The ACCM reference for an accm-* schedule (docs/accm.md)."""
+    from exporter.accm.checkpoint import load_accm
+    from exporter.accm.reference import AccmReference
+
+    _progress(f"loading ACCM models from {args.accm}")
+    accm = load_accm(args.accm, args.vision_tower, loaded.shape.vision.hidden,
+                     dtype=next(loaded.model.parameters()).dtype, device=device)
+    return AccmReference(loaded.model, loaded.tokenizer, loaded.image_processor_config, schedule, accm)
 
 
 def _write_outputs(args: argparse.Namespace, image, masks, partial: dict, out_dir: Path) -> dict:
@@ -177,6 +210,8 @@ def _write_outputs(args: argparse.Namespace, image, masks, partial: dict, out_di
     }
     if "image_cache" in partial:
         result["image_cache"] = partial["image_cache"]
+    if "accm" in partial:  # ACCM's candidate captions and the selector's choice
+        result["accm"] = partial["accm"]
     write_json(result, out_dir / "result.json")
     _progress(f"wrote {out_dir / 'mask.png'}, {out_dir / 'overlay.png'}, {out_dir / 'result.json'}")
     if not args.json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from graphs.schedule import CLUSTER_METHODS, PRESETS, PRUNE_QUERIES, SCATTER_MODES, Schedule, load_schedule
+from graphs.schedule import CLUSTER_METHODS, PRUNE_QUERIES, SCATTER_MODES, Schedule, load_schedule, preset_names
 
 KNOB_FLAGS = ("cluster_method", "kmeans_iters", "seed", "scatter_mode", "prune_query", "kcenter_lambda")
 
@@ -12,7 +12,7 @@ KNOB_FLAGS = ("cluster_method", "kmeans_iters", "seed", "scatter_mode", "prune_q
 def add_schedule_args(p: argparse.ArgumentParser, default: str | None = "csp") -> None:
     g = p.add_argument_group("schedule")
     g.add_argument("--schedule", default=default,
-                   help=f"preset ({', '.join(PRESETS)}) or a schedule .json file. Defaults to {default}.")
+                   help=f"preset ({', '.join(preset_names())}) or a schedule .json file. Defaults to {default}.")
     g.add_argument("--cluster-method", choices=CLUSTER_METHODS, default=None)
     g.add_argument("--kmeans-iters", type=int, default=None)
     g.add_argument("--seed", type=int, default=None, help="seed of cluster_method=random")
