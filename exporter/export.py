@@ -46,6 +46,7 @@ from graphs import manifest as mf
 from graphs import onnx_checks, onnx_passes
 from graphs.atomic import exclusive_lock
 from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config
+from graphs.dims import eval_dim
 from graphs.errors import ArtifactError, ParityError, ToolchainError, internal_error
 from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from graphs.prompt import SEG_TOKEN, token_id, tokenize_prompt
@@ -282,7 +283,7 @@ def spec_feed(spec: StageSpec, layout: Layout, host: dict[str, torch.Tensor], se
             budget = layout.stage(f"entry_{s.name.split('_')[-1]}").output("image_indices_out").shape[0]
             dims[f"rows_{s.name}"] = dims["prefix_len"] + budget + dims["suffix_len"]
             dims[f"cache_{s.name}"] = dims[f"rows_{s.name}"] + 3
-    sizes = {t.name: tuple(_dim_size(d, dims) for d in t.shape) for t in spec.inputs}
+    sizes = {t.name: tuple(eval_dim(d, dims) for d in t.shape) for t in spec.inputs}
     n_image = layout.stage("vision").outputs[0].shape[0]  # image_embeds [N, H]
     args = []
     for t in spec.inputs:
@@ -298,15 +299,6 @@ def spec_feed(spec: StageSpec, layout: Layout, host: dict[str, torch.Tensor], se
             x = _index_input(t.name, size, sizes, n_image, dims, seg_token_id)
         args.append(x)
     return tuple(args)
-
-
-def _dim_size(d, dims: dict[str, int]) -> int:
-    if isinstance(d, int):
-        return d
-    if d in dims:
-        return dims[d]
-    # An expression of named dims, e.g. "prefix_len + 64 + suffix_len" (generate-mode KV lengths).
-    return sum(int(term) if term.strip().isdigit() else dims[term.strip()] for term in d.split("+"))
 
 
 def _index_input(name: str, size: tuple[int, ...], sizes: dict[str, tuple], n_image: int, dims: dict[str, int],
