@@ -42,6 +42,7 @@ from exporter.graph_cache import GraphCache
 from exporter.preprocess import clip_pixels, sam_pixels
 from exporter.streaming import StagedWeights
 from exporter.wrappers import make_wrapper
+from graphs import artifact_dir
 from graphs import manifest as mf
 from graphs import onnx_checks, onnx_passes
 from graphs.atomic import exclusive_lock
@@ -487,12 +488,18 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
     # One export at a time per artifact: a second one is refused at once, naming the first, instead of two
     # writers interleaving their graphs and one of them failing later with a misleading error.
     with exclusive_lock(art.parent / f".{art.name}.export.lock", f"csprt export to {art}"):
-        return _export(art, checkpoint, schedule, options, vision_tower, command, say)
+        # Into a new generation beside the artifact, which keeps running and serving until this one is complete
+        # and swapped in (graphs/artifact_dir.py); a killed export leaves the artifact as it was.
+        gen = artifact_dir.begin_generation(art, mf.is_artifact_dir(art))
+        _export(gen, checkpoint, schedule, options, vision_tower, command, say, shown=art)
+        artifact_dir.publish(art, gen)
+        say(f"export: wrote {art / mf.MANIFEST_NAME}")
+        return art
 
 
 def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, vision_tower, command: str,
-            say: Callable[[str], None]) -> Path:
-    """`export_artifact` under its lock."""
+            say: Callable[[str], None], shown: Path) -> Path:
+    """`export_artifact` under its lock, into the generation directory `art` (`shown`: the path the user named)."""
     cfg = read_checkpoint_config(checkpoint, vision_tower)
     shape = cfg.shape
     schedule = schedule.check_against(shape.llm.layers, shape.num_image_tokens)
@@ -521,15 +528,15 @@ def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, v
         mf.invalidate(art)  # from here until the manifest is rewritten, the directory is not an artifact
         processor = read_clip_processor_config(cfg.clip_dir, shape)
         host = _host_sample(shape, processor, sample_image(), ids, TORCH_DTYPES[options.precision], layout)
-        run = _StageRun(art=art, schedule=schedule, layout=layout, options=options, seg_id=seg_id, keys=keys,
-                        host=host, files=files, parity=parity, say=say,
+        run = _StageRun(art=art, shown=shown, schedule=schedule, layout=layout, options=options, seg_id=seg_id,
+                        keys=keys, host=host, files=files, parity=parity, say=say,
                         cache=GraphCache(options.cache_dir) if options.cache_dir else None)
         run.export(cfg, [s.name for s in todo])
 
     tok_files = tok_export.write(art / "tokenizer")
     manifest = mf.new_manifest(
         layout=layout, shape=shape, schedule=schedule, precision=options.precision, opset=options.opset,
-        export={"command": command or f"csprt export {cfg.ckpt_dir} --schedule {schedule.name} --out {art}",
+        export={"command": command or f"csprt export {cfg.ckpt_dir} --schedule {schedule.name} --out {shown}",
                 "checkpoint": str(cfg.ckpt_dir), "vision_tower": str(vision_tower) if vision_tower else None,
                 "mode": options.mode, "options": dataclasses.asdict(options), "versions": versions},
         tokenizer={"dir": "tokenizer", "seg_token_id": seg_id, "eos_token_id": tokenizer.eos_token_id,
@@ -549,8 +556,7 @@ def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, v
     mf.write_manifest(art, manifest)
     unchecked = [name for name, p in parity.items() if not parity_checked(p)]
     if unchecked:
-        say(f"export: parity NOT checked for {', '.join(unchecked)} (trace only); check it with: csprt validate {art}")
-    say(f"export: wrote {art / mf.MANIFEST_NAME}")
+        say(f"export: parity NOT checked for {', '.join(unchecked)} (trace only); check it with: csprt validate {shown}")
     return art
 
 
@@ -571,6 +577,7 @@ class _StageRun:
     """The per-stage loop of `export_artifact`: hold the stage's weights, feed, trace, save, check."""
 
     art: Path
+    shown: Path  # the artifact path the user named (art is the generation being written)
     schedule: Schedule
     layout: Layout
     options: ExportOptions
@@ -609,7 +616,7 @@ class _StageRun:
         hit = self.cache.get(self.keys[name], self.art) if self.cache and todo else None
         if hit and chain is None:
             self.files[name] = {rel: mf.file_sha256(self.art / rel) for rel in hit[0]}
-            self.parity[name] = hit[1] if parity_checked(hit[1]) else _unchecked_parity(self.art)
+            self.parity[name] = hit[1] if parity_checked(hit[1]) else _unchecked_parity(self.shown)
             return "from the graph cache"
         make = lambda model: make_wrapper(model, self.schedule, spec, self.seg_id)  # noqa: E731
         args = chain.feed(spec) if chain else spec_feed(spec, self.layout, self.host, self.seg_id)
@@ -629,7 +636,7 @@ class _StageRun:
                                         release=lambda: staged.hold((), f"{name} written"))
         del program
         gc.collect()
-        self.parity[name] = self._check(spec, args, expected) if chain else _unchecked_parity(self.art)
+        self.parity[name] = self._check(spec, args, expected) if chain else _unchecked_parity(self.shown)
         if self.cache:
             self.cache.put(self.keys[name], self.art, list(self.files[name]), self.parity[name])
         if chain is None:

@@ -344,7 +344,11 @@ def invalidate(art_dir: str | os.PathLike) -> None:
 def is_artifact_dir(path: str | os.PathLike) -> bool:
     """A directory meant as an artifact: it has a manifest, or graphs/ and no checkpoint config.json
     (an interrupted export, which `load_artifact` then reports as such)."""
+    from graphs.artifact_dir import interrupted
+
     p = Path(path)
+    if interrupted(p):  # a first export to p was killed: only its partial generation exists
+        return True
     return p.is_dir() and ((p / MANIFEST_NAME).is_file() or ((p / GRAPHS_DIR).is_dir() and not (p / "config.json").exists()))
 
 
@@ -421,11 +425,18 @@ def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
     Raises:
         ArtifactError: one sentence saying what is wrong and the command that regenerates the artifact.
     """
+    from graphs.artifact_dir import interrupted
+
     art = Path(art_dir)
     fix = GENERIC_REBUILD.format(dir=art)
     if not art.is_dir():
+        if interrupted(art):
+            raise ArtifactError(f"{art} has no {MANIFEST_NAME}: an export was interrupted before it finished; "
+                                f"re-run the export: {fix}")
         what = "is not a directory" if art.exists() else "does not exist"
         raise ArtifactError(f"artifact directory {art} {what}; create it with: {fix}")
+    if art.is_symlink():  # one generation (graphs/artifact_dir.py) for everything this Artifact reads
+        art = art.resolve()
     path = art / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{art} has no {MANIFEST_NAME}: it is not a csprt artifact, or an export was "
