@@ -126,7 +126,8 @@ def layout_from_dict(d: dict) -> Layout:
 def dim_problems(layout: Layout, shape: ModelShape) -> list[str]:
     """Named dims whose range is disordered or beyond what the model could ever feed: no dim of a graph (text,
     rows, cache, [SEG] count, instances) exceeds the model's positions, so a larger max is a corrupt or
-    tampered manifest, and would reach TensorRT profiles and Triton configs."""
+    tampered manifest, and would reach TensorRT profiles and Triton configs. The decode loop's token limit and
+    position limit are held to the model's positions too."""
     limit = shape.llm.max_positions
     out = []
     for name, r in layout.dims.items():
@@ -134,6 +135,11 @@ def dim_problems(layout: Layout, shape: ModelShape) -> list[str]:
             out.append(f"dim {name!r} has range min {r.min}, opt {r.opt}, max {r.max}: expected 1 <= min <= opt <= max")
         elif r.max > limit:
             out.append(f"dim {name!r} has max {r.max}, beyond the model's {limit} positions")
+    lp = layout.loop
+    if lp is not None and not 1 <= lp.max_new_tokens <= limit:
+        out.append(f"loop max_new_tokens is {lp.max_new_tokens}: expected 1 to the model's {limit} positions")
+    if lp is not None and lp.max_positions not in (0, limit):
+        out.append(f"loop max_positions is {lp.max_positions}, not the model's {limit}")
     return out
 
 

@@ -61,3 +61,18 @@ def test_runtime_preprocessing_imports_no_transformers_or_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_a_served_request_imports_no_transformers_or_torch(export_tiny, tmp_path):
+    """What `csprt serve` runs (load, warm-up with a decode step, one request) with transformers and torch
+    unimportable: the runtime needs neither (startup time: README, Serving)."""
+    code = ("import sys, numpy as np\n"
+            "sys.modules['transformers'] = None; sys.modules['torch'] = None\n"
+            "from engines.serving import load_session\n"
+            f"s = load_session({str(export_tiny())!r})\n"
+            "seg = s.segment(np.zeros((40, 30, 3), np.uint8), 'Where is the cat?', mode='generate', max_new_tokens=2)\n"
+            "s.close()\n"
+            "print('ok', len(seg.generated_ids))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]

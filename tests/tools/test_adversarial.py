@@ -261,6 +261,8 @@ def _artifact():
                                     ["precision 'fp16'"]),
         "resealed-dim-beyond-positions": ("artifact", _tampered(lambda m: m["dims"]["suffix_len"].update(
             max=10**9), reseal=True), ["positions"]),
+        "resealed-max-new-tokens-huge": ("artifact", _tampered(lambda m: m["loop"].update(max_new_tokens=10**6),
+                                                               reseal=True), ["max_new_tokens"]),
         "resealed-dim-disordered": ("artifact", _tampered(lambda m: m["dims"]["suffix_len"].update(min=50, max=5),
                                                           reseal=True), ["expected 1 <= min"]),
         "resealed-dim-expression-code": ("artifact", _tampered(lambda m: stage(m, "seg_head")["inputs"][0].update(
