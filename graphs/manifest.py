@@ -386,11 +386,17 @@ def reusable_files(previous: dict | None, art_dir: str | os.PathLike, stage: str
 
 @dataclass(frozen=True)
 class Artifact:
-    dir: Path
+    dir: Path  # where its files are read: one generation (graphs/artifact_dir.py), the link resolved
     manifest: dict
     layout: Layout
     shape: ModelShape
     schedule: Schedule
+    named: Path | None = None  # the path it was loaded by, for messages and commands; None: `dir`
+
+    @property
+    def path(self) -> Path:
+        """The artifact path as the user named it (`csprt build PATH` etc.)."""
+        return self.named or self.dir
 
     @property
     def precision(self) -> str:
@@ -441,6 +447,7 @@ def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
                                 f"re-run the export: {fix}")
         what = "is not a directory" if art.exists() else "does not exist"
         raise ArtifactError(f"artifact directory {art} {what}; create it with: {fix}")
+    named = art
     if art.is_symlink():  # one generation (graphs/artifact_dir.py) for everything this Artifact reads
         art = art.resolve()
     path = art / MANIFEST_NAME
@@ -482,7 +489,7 @@ def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
     problems += precision_problems(layout, manifest["precision"])
     if problems:
         raise ArtifactError(f"{path}: {problems[0]}; re-export with: {fix}")
-    artifact = Artifact(dir=art, manifest=manifest, layout=layout, shape=shape, schedule=schedule)
+    artifact = Artifact(dir=art, manifest=manifest, layout=layout, shape=shape, schedule=schedule, named=named)
     if verify:
         _verify_files(artifact, fix)
         _check_graph_io(artifact, fix)
@@ -550,7 +557,7 @@ def _verify_files(artifact: Artifact, fix: str) -> None:
         for rel, digest in entry["files"].items():
             path = artifact.dir / rel
             if not path.is_file():
-                raise ArtifactError(f"{rel} (stage {entry['name']!r}) is missing from {artifact.dir}; "
+                raise ArtifactError(f"{rel} (stage {entry['name']!r}) is missing from {artifact.path}; "
                                     f"re-export with: {fix}")
             if file_sha256(path) != digest:
                 raise ArtifactError(f"{rel} changed since export (hash mismatch); re-export with: {fix}")
