@@ -3,7 +3,7 @@
     parent/
       art -> .art.csprt/3        a relative link, replaced atomically (a rename over it) when an export completes
       .art.csprt/3/              the current generation: manifest.json, graphs/, tokenizer/, engines/
-      .art.csprt/2/              the previous one, kept until the next export completes: a reader that resolved
+      .art.csprt/2/              the previous one, kept until the next export begins: a reader that resolved
                                  the link just before a swap finishes on the files it started with
       .art.csprt/4.partial/      an export in progress, or killed: never loaded, removed by the next export
       .art.export.lock           the export lock (graphs.atomic.exclusive_lock)
@@ -67,11 +67,12 @@ def begin_generation(out: str | os.PathLike, is_artifact: bool) -> Path:
     if out.is_dir() and not out.is_symlink() and not is_artifact and any(out.iterdir()):
         raise ArtifactError(f"--out {out} is a directory with other content than a csprt artifact; choose a new "
                             "path (csprt export creates it) or empty it first")
-    gens = generations_dir(out)
+    gens = generations_dir(out).absolute()
     gens.mkdir(parents=True, exist_ok=True)
-    for p in gens.iterdir():
-        if p.name.endswith(PARTIAL):
-            shutil.rmtree(p, ignore_errors=True)
+    current = out.resolve() if out.is_symlink() else None
+    for p in gens.iterdir():  # killed exports, and generations before the current one: at most two on disk
+        if p.resolve() != current:
+            _remove(p)
     partial = gens / f"{max(_numbers(gens), default=0) + 1}{PARTIAL}"
     if is_artifact and out.is_dir():
         _link_tree(out.resolve(), partial)
@@ -97,7 +98,7 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def publish(out: str | os.PathLike, partial: Path) -> Path:
     """Make the completed generation `partial` the artifact `out`: one atomic rename of the link. The generation
-    that was current is kept as the previous one; older ones are removed. Returns the generation directory.
+    that was current is kept as the previous one (until the next export begins). Returns the generation directory.
 
     Args:
         out (path): the artifact path the user named.
@@ -121,7 +122,7 @@ def publish(out: str | os.PathLike, partial: Path) -> Path:
         os.rename(link, previous)
     else:
         os.replace(link, out)
-    keep = {final.name, previous.name if previous is not None and previous.parent == gens else None}
+    keep = {final.name, previous.name if previous is not None and previous.parent.resolve() == gens.resolve() else None}
     for p in gens.iterdir():
         if p.name not in keep and not p.name.endswith(PARTIAL):
             _remove(p)
