@@ -44,18 +44,18 @@ def test_export_killed_at_a_random_moment(tiny_ckpt, export_tiny, tmp_path, tria
     shutil.copytree(export_tiny("csp", "both"), out)
     before = load_artifact(out).manifest["seal"]
     after_s = random.Random(SEED * 100 + trial).uniform(*EXPORT_KILL_S)
-    # --max-new-tokens 7: every stage's export key changes, so the export is rewriting graphs when it dies
-    rc = _killed(["export", str(tiny_ckpt), "--schedule", "csp", "--mode", "both", "--max-new-tokens", "7",
+    # --precision fp16: every graph is traced and written again, so the export is mid-work when it dies
+    rc = _killed(["export", str(tiny_ckpt), "--schedule", "csp", "--mode", "both", "--precision", "fp16",
                   "--out", str(out)], after_s)
     try:
         art = load_artifact(out)  # every file hashed
     except ArtifactError as exc:  # refusing is allowed; loading something wrong is not
         assert "re-export with" in str(exc) or "re-run the export" in str(exc), str(exc)
         return
-    if rc is None:  # killed: the artifact is the one it was
-        assert art.manifest["seal"] == before, f"killed at {after_s:.1f} s: the artifact changed"
-    else:
-        assert rc == 0 and art.layout.loop.max_new_tokens == 7, (rc, after_s)
+    # Right means the artifact it was, or the complete new one (killed after the swap, before the process exited)
+    old, new = art.manifest["seal"] == before, art.precision == "fp16"
+    assert old or new, f"killed at {after_s:.1f} s: a loadable artifact that is neither the old nor the new one"
+    assert rc in (None, 0) and (rc is None or new), (rc, after_s)
 
 
 @pytest.mark.trt
