@@ -556,7 +556,8 @@ def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, v
     mf.write_manifest(art, manifest)
     unchecked = [name for name, p in parity.items() if not parity_checked(p)]
     if unchecked:
-        say(f"export: parity NOT checked for {', '.join(unchecked)} (trace only); check it with: csprt validate {shown}")
+        say(f"export: parity NOT checked for {', '.join(unchecked)} (trace only); "
+            f"check it with: csprt validate {shown}")
     return art
 
 

@@ -28,7 +28,8 @@ def _parse(dim: str) -> ast.expr:
     try:
         tree = ast.parse(dim, mode="eval").body
     except SyntaxError:
-        raise DimError(f"dim expression {dim!r} does not parse; expected ints and named dims joined by + and *") from None
+        raise DimError(f"dim expression {dim!r} does not parse; expected ints and named dims joined by + and *"
+                       ) from None
     for node in ast.walk(tree):
         ok = (isinstance(node, ast.Name) or isinstance(node, (ast.Add, ast.Mult, ast.Load))
               or (isinstance(node, ast.Constant) and type(node.value) is int and node.value >= 0)

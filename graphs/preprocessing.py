@@ -120,7 +120,7 @@ def clip_processor_settings(config: dict) -> dict:
     size, crop = cfg["size"], cfg["crop_size"]
     cfg["size"] = {"shortest_edge": size} if isinstance(size, int) else size
     cfg["crop_size"] = {"height": crop, "width": crop} if isinstance(crop, int) else crop
-    ok = (isinstance(cfg["size"], dict) and (set(cfg["size"]) == {"shortest_edge"} or set(cfg["size"]) == {"height", "width"})
+    ok = (isinstance(cfg["size"], dict) and set(cfg["size"]) in ({"shortest_edge"}, {"height", "width"})
           and all(isinstance(v, int) and v > 0 for v in cfg["size"].values())
           and isinstance(cfg["crop_size"], dict) and set(cfg["crop_size"]) == {"height", "width"}
           and all(isinstance(v, int) and v > 0 for v in cfg["crop_size"].values())
