@@ -3,7 +3,7 @@
     parent/
       art -> .art.csprt/3        a relative link, replaced atomically (a rename over it) when an export completes
       .art.csprt/3/              the current generation: manifest.json, graphs/, tokenizer/, engines/
-      .art.csprt/2/              the previous one, kept until the next export begins: a reader that resolved
+      .art.csprt/2/              the previous one, kept until the next export completes: a reader that resolved
                                  the link just before a swap finishes on the files it started with
       .art.csprt/4.partial/      an export in progress, or killed: never loaded, removed by the next export
       .art.export.lock           the export lock (graphs.atomic.exclusive_lock)
@@ -69,9 +69,8 @@ def begin_generation(out: str | os.PathLike, is_artifact: bool) -> Path:
                             "path (csprt export creates it) or empty it first")
     gens = generations_dir(out).absolute()
     gens.mkdir(parents=True, exist_ok=True)
-    current = out.resolve() if out.is_symlink() else None
-    for p in gens.iterdir():  # killed exports, and generations before the current one: at most two on disk
-        if p.resolve() != current:
+    for p in gens.iterdir():  # killed exports; the previous generation stays until this one is published
+        if p.name.endswith(PARTIAL):
             _remove(p)
     partial = gens / f"{max(_numbers(gens), default=0) + 1}{PARTIAL}"
     if is_artifact and out.is_dir():
@@ -98,7 +97,8 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def publish(out: str | os.PathLike, partial: Path) -> Path:
     """Make the completed generation `partial` the artifact `out`: one atomic rename of the link. The generation
-    that was current is kept as the previous one (until the next export begins). Returns the generation directory.
+    that was current is kept as the previous one (until the next export completes); older ones are removed.
+    Returns the generation directory.
 
     Args:
         out (path): the artifact path the user named.

@@ -28,8 +28,12 @@ def test_generations_swap_and_keep_the_previous_one(tmp_path):
     second = _export(out, "v2")
     assert (out / "graphs/x.onnx").read_text() == "v2" and (held / "graphs/x.onnx").read_text() == "v1"
     assert sorted(p.name for p in generations_dir(out).iterdir()) == [first.name, second.name]
-    _export(out, "v3")
-    assert sorted(p.name for p in generations_dir(out).iterdir()) == ["2", "3"]  # at most two on disk
+    third = begin_generation(out, True)  # the next export begins at once: the held generation is still there
+    assert (held / "graphs/x.onnx").read_text() == "v1" and (third / "graphs/x.onnx").read_text() == "v2"
+    (third / "manifest.json").unlink()
+    (third / "manifest.json").write_text("v3")
+    publish(out, third)
+    assert sorted(p.name for p in generations_dir(out).iterdir()) == ["2", "3"]  # current and previous
 
 
 def test_a_killed_export_leaves_the_artifact_and_is_cleaned_up(tmp_path):
