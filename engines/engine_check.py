@@ -48,14 +48,14 @@ def check_engine(art_dir, stage: str, flavor: str | None = None, version: str | 
         _, found, found_version = load_trt(flavor or "auto")
         flavor, version = flavor or found, version or found_version
     entry = artifact.stage_entry(stage)
-    fix = f"csprt build {shlex.quote(str(artifact.dir))}"
+    fix = f"csprt build {shlex.quote(str(artifact.path))}"
     _, sidecar_rel = engine_paths(flavor, stage)
     listed = entry["engines"].get(flavor)
     sidecar_path = artifact.dir / (listed["sidecar"] if listed else sidecar_rel)
     if listed is None or not sidecar_path.is_file():
         others = [f"{PRETTY.get(f, f)} {e.get('trt_version')}" for f, e in entry["engines"].items() if f != flavor]
         also = f" (it has {', '.join(others)} engines, which never load into another flavor)" if others else ""
-        raise ArtifactError(f"stage {stage!r} has no {PRETTY.get(flavor, flavor)} engine in {artifact.dir}{also}; "
+        raise ArtifactError(f"stage {stage!r} has no {PRETTY.get(flavor, flavor)} engine in {artifact.path}{also}; "
                             f"build it with: {fix}")
     try:
         sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from graphs.dims import is_named
 from graphs.errors import ArtifactError, ToolchainError
 from graphs.stages import DimRange, StageSpec
 
@@ -128,10 +129,10 @@ def input_shapes(stage: StageSpec, name: str, dims: dict[str, DimRange]) -> Inpu
     for dim in spec.shape:
         if isinstance(dim, int):
             r = DimRange(dim, dim, dim)
-        elif dim.isidentifier() and dim in dims:
+        elif is_named(dim) and dim in dims:
             r = dims[dim]
         else:
-            what = "an expression dim" if not dim.isidentifier() else "a dim that is not in the manifest's dims"
+            what = "an expression dim" if not is_named(dim) else "a dim that is not in the manifest's dims"
             raise ArtifactError(f"stage {stage.name!r} input {name!r} has {what} ({dim!r}); an engine input needs "
                                 "static or named dims; re-export the artifact")
         lo.append(r.min)

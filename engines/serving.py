@@ -351,12 +351,38 @@ def load_session(art_dir, backend: str = "onnxruntime", device: str | None = Non
         image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)  # [H, W, 3]
         for mode in session.artifact.modes:
             t0 = time.perf_counter()
-            session.segment(image, "warm-up", mode=mode, max_new_tokens=1 if mode == "generate" else None)
-            progress(f"{label}warm-up {mode}: {(time.perf_counter() - t0) * 1000:.0f} ms")
+            steps = warm_up(session, image, mode)
+            what = f" ({steps} decode step{'s' if steps != 1 else ''})" if mode == "generate" else ""
+            progress(f"{label}warm-up {mode}: {(time.perf_counter() - t0) * 1000:.0f} ms{what}")
     except BaseException:
         session.close()
         raise
     return session
+
+
+def warm_up(session, image: np.ndarray, mode: str) -> int:
+    """One request of `mode` on `image`; in generate mode two tokens with the stop tokens set aside, so one decode
+    step (each block at one row, writing its KV cache in place) runs whatever the first token is, and the first
+    generate request does not pay for it. Returns the decode steps run.
+
+    The layout is swapped for the call only (load time, one thread): requests always see the artifact's own.
+    """
+    import dataclasses
+
+    pipeline, layout = session.pipeline, session.pipeline.layout
+    loop = layout.loop
+    if mode != "generate" or loop is None or loop.max_new_tokens < 2:
+        seg = session.segment(image, "warm-up", mode=mode, max_new_tokens=1 if mode == "generate" else None)
+        return int(seg.timings_ms.get("decode_steps", 0))
+    max_seg = layout.dims["num_seg"].max if "num_seg" in layout.dims else 2
+    # with one [SEG] allowed, two [SEG] tokens would be refused after the step: then no token counts as [SEG]
+    warm = dataclasses.replace(loop, stop_token_ids=(), seg_token_id=loop.seg_token_id if max_seg >= 2 else -1)
+    pipeline.layout = dataclasses.replace(layout, loop=warm)
+    try:
+        seg = session.segment(image, "warm-up", mode=mode, max_new_tokens=2)
+    finally:
+        pipeline.layout = layout
+    return int(seg.timings_ms.get("decode_steps", 0))
 
 
 # -- PyTriton glue ---------------------------------------------------------------------------
@@ -418,6 +444,27 @@ def install_per_request_errors() -> None:
 
     get_proxy_model_files._csprt = True
     Model.get_proxy_model_files = get_proxy_model_files
+
+
+def patch_model_store(model_store) -> None:
+    """Append PROXY_PATCH to the proxy model PyTriton wrote into a local model store (`Triton(...,
+    triton_lifecycle_policy=TritonLifecyclePolicy(local_model_store=True))`, where tritonserver loads it at its
+    start: `install_per_request_errors` covers only models loaded through the API). Idempotent.
+
+    Args:
+        model_store (path): the workspace's model store, after `bind`.
+    """
+    from pathlib import Path
+
+    path = Path(model_store) / MODEL_NAME / "1" / "model.py"
+    source = path.read_bytes()
+    if PROXY_PATCH in source:
+        return
+    if b"def _wrap_response(" not in source or b"get_config_from_handshake_server" not in source:
+        raise ToolchainError("this PyTriton's proxy model lacks what csprt patches (_wrap_response, "
+                             "get_config_from_handshake_server); csprt serve needs "
+                             "nvidia-pytriton==0.7.0 (pip install -e '.[serve]')")
+    path.write_bytes(source + PROXY_PATCH)
 
 
 def bind(triton, models: Sequence[SegmentModel], max_batch_size: int) -> None:

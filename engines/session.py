@@ -134,9 +134,9 @@ def check_backend(artifact: Artifact, backend: str, device: str | None = None) -
     if why:
         raise InputError(f"--backend tensorrt runs engines on an NVIDIA GPU; none is visible ({why}); "
                          "use --backend onnxruntime")
-    fix = f"csprt build {shlex.quote(str(artifact.dir))}"
+    fix = f"csprt build {shlex.quote(str(artifact.path))}"
     if not any(entry.get("engines") for entry in artifact.manifest["stages"]):
-        raise ArtifactError(f"artifact {artifact.dir} has no TensorRT engines; build them with: {fix}")
+        raise ArtifactError(f"artifact {artifact.path} has no TensorRT engines; build them with: {fix}")
     from engines.engine_check import check_engine
     from engines.trt import load_trt
 

@@ -133,7 +133,7 @@ def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[l
     """Stage models from `csprt build` engines -> (models, flavor, TensorRT version)."""
     from engines.engine_check import check_engine
 
-    fix = f"csprt build {shlex.quote(str(artifact.dir))}"
+    fix = f"csprt build {shlex.quote(str(artifact.path))}"
     chosen = flavor or "tensorrt"
     stages = artifact.layout.stages
     missing = [s.name for s in stages if chosen not in artifact.stage_entry(s.name)["engines"]]
@@ -141,14 +141,14 @@ def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[l
         rtx_only = flavor is None and all("tensorrt-rtx" in artifact.stage_entry(s.name)["engines"] for s in stages)
         if rtx_only:
             raise ArtifactError(
-                f"{artifact.dir} has TensorRT-RTX engines only; stock Triton's tensorrt backend links data-center "
+                f"{artifact.path} has TensorRT-RTX engines only; stock Triton's tensorrt backend links data-center "
                 f"TensorRT and cannot load them: build TensorRT engines on the GPU host ({fix} --flavor tensorrt), "
                 "or pass --flavor tensorrt-rtx for a Triton build with a TensorRT-RTX backend (backends/tensorrt_rtx)")
-        raise ArtifactError(f"{len(missing)} of {len(stages)} stages of {artifact.dir} have no {PRETTY[chosen]} engine "
+        raise ArtifactError(f"{len(missing)} of {len(stages)} stages of {artifact.path} have no {PRETTY[chosen]} engine "
                             f"({', '.join(missing)}); build them with: {fix} --flavor {chosen}")
     versions = {artifact.stage_entry(s.name)["engines"][chosen]["trt_version"] for s in stages}
     if len(versions) != 1:
-        raise ArtifactError(f"the {PRETTY[chosen]} engines of {artifact.dir} come from several versions "
+        raise ArtifactError(f"the {PRETTY[chosen]} engines of {artifact.path} come from several versions "
                             f"({', '.join(sorted(versions))}); one Triton loads one version: rebuild with: {fix}")
     version = versions.pop()
     models = []

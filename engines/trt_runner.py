@@ -21,7 +21,6 @@ before anything runs. Buffers are torch CUDA tensors; torch is imported on activ
 
 from __future__ import annotations
 
-import ast
 import math
 import time
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from engines.trt import CaptureLogger
 from engines.gpu_plan import CAPTURE, REPLAY, GraphCache, graph_key, graph_mode, unknown_dims
 from engines.profiles import InputShapes, Profile, profiles_from_json
 from engines.trt import load_trt
+from graphs import dims
+from graphs.dims import DimError
 from graphs.errors import ArtifactError, InputError, ToolchainError, internal_error
 from graphs.manifest import load_artifact
 from graphs.runner import BaseRunner, bind_dims
@@ -48,28 +49,10 @@ def eval_dim(dim: int | str, sizes: dict[str, int]) -> int:
 
     Only + and * are allowed: both grow with every dim, so dims at their maxima give the maximum size.
     """
-    if isinstance(dim, int):
-        return dim
-
-    def walk(node) -> int:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name):
-            if node.id not in sizes:
-                raise internal_error(f"dim {dim!r} names {node.id!r}, which has no size")
-            return sizes[node.id]
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-            a, b = walk(node.left), walk(node.right)
-            return a + b if isinstance(node.op, ast.Add) else a * b
-        raise internal_error(f"dim expression {dim!r}: only ints, named dims, + and * are allowed")
-
     try:
-        tree = ast.parse(dim, mode="eval")
-    except SyntaxError:
-        raise internal_error(f"dim expression {dim!r} does not parse") from None
-    return walk(tree)
+        return dims.eval_dim(dim, sizes)
+    except DimError as exc:  # the layout was checked at load: a dim that does not evaluate is a csprt bug
+        raise internal_error(str(exc)) from None
 
 
 @dataclass(frozen=True)

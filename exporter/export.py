@@ -42,10 +42,12 @@ from exporter.graph_cache import GraphCache
 from exporter.preprocess import clip_pixels, sam_pixels
 from exporter.streaming import StagedWeights
 from exporter.wrappers import make_wrapper
+from graphs import artifact_dir
 from graphs import manifest as mf
 from graphs import onnx_checks, onnx_passes
 from graphs.atomic import exclusive_lock
 from graphs.checkpoint_config import read_checkpoint_config, read_clip_processor_config
+from graphs.dims import eval_dim
 from graphs.errors import ArtifactError, ParityError, ScheduleError, ToolchainError, internal_error
 from graphs.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from graphs.prompt import SEG_TOKEN, token_id, tokenize_prompt
@@ -282,7 +284,7 @@ def spec_feed(spec: StageSpec, layout: Layout, host: dict[str, torch.Tensor], se
             budget = layout.stage(f"entry_{s.name.split('_')[-1]}").output("image_indices_out").shape[0]
             dims[f"rows_{s.name}"] = dims["prefix_len"] + budget + dims["suffix_len"]
             dims[f"cache_{s.name}"] = dims[f"rows_{s.name}"] + 3
-    sizes = {t.name: tuple(_dim_size(d, dims) for d in t.shape) for t in spec.inputs}
+    sizes = {t.name: tuple(eval_dim(d, dims) for d in t.shape) for t in spec.inputs}
     n_image = layout.stage("vision").outputs[0].shape[0]  # image_embeds [N, H]
     args = []
     for t in spec.inputs:
@@ -298,15 +300,6 @@ def spec_feed(spec: StageSpec, layout: Layout, host: dict[str, torch.Tensor], se
             x = _index_input(t.name, size, sizes, n_image, dims, seg_token_id)
         args.append(x)
     return tuple(args)
-
-
-def _dim_size(d, dims: dict[str, int]) -> int:
-    if isinstance(d, int):
-        return d
-    if d in dims:
-        return dims[d]
-    # An expression of named dims, e.g. "prefix_len + 64 + suffix_len" (generate-mode KV lengths).
-    return sum(int(term) if term.strip().isdigit() else dims[term.strip()] for term in d.split("+"))
 
 
 def _index_input(name: str, size: tuple[int, ...], sizes: dict[str, tuple], n_image: int, dims: dict[str, int],
@@ -471,7 +464,8 @@ def _graph_passes(model_proto, spec: StageSpec):
 # -- the export -------------------------------------------------------------------------------
 def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str | os.PathLike,
                     options: ExportOptions = ExportOptions(), vision_tower: str | os.PathLike | None = None,
-                    command: str = "", progress: Callable[[str], None] | None = None) -> Path:
+                    command: str = "", progress: Callable[[str], None] | None = None,
+                    finish: Callable[[Path], None] | None = None) -> Path:
     """Export every stage graph of `schedule` and write the manifest. Returns the artifact dir.
 
     Weights stream: the model is built on `meta` and each stage reads only the checkpoint tensors its
@@ -485,6 +479,8 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
         vision_tower (path | None): CLIP directory. Defaults to the checkpoint config's.
         command (str): the command line that regenerates this artifact (recorded in the manifest).
         progress (callable | None): called with one line per stage. Defaults to silent.
+        finish (callable | None): a last pass over the complete new generation's directory before it is swapped
+            in (`csprt export --quantize`), so a reader never sees it half-done. Defaults to None.
     """
     say = progress or (lambda _msg: None)
     if schedule.accm is not None:
@@ -498,12 +494,20 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
     # One export at a time per artifact: a second one is refused at once, naming the first, instead of two
     # writers interleaving their graphs and one of them failing later with a misleading error.
     with exclusive_lock(art.parent / f".{art.name}.export.lock", f"csprt export to {art}"):
-        return _export(art, checkpoint, schedule, options, vision_tower, command, say)
+        # Into a new generation beside the artifact, which keeps running and serving until this one is complete
+        # and swapped in (graphs/artifact_dir.py); a killed export leaves the artifact as it was.
+        gen = artifact_dir.begin_generation(art, mf.is_artifact_dir(art))
+        _export(gen, checkpoint, schedule, options, vision_tower, command, say, shown=art)
+        if finish is not None:
+            finish(gen)
+        artifact_dir.publish(art, gen)
+        say(f"export: wrote {art / mf.MANIFEST_NAME}")
+        return art
 
 
 def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, vision_tower, command: str,
-            say: Callable[[str], None]) -> Path:
-    """`export_artifact` under its lock."""
+            say: Callable[[str], None], shown: Path) -> Path:
+    """`export_artifact` under its lock, into the generation directory `art` (`shown`: the path the user named)."""
     cfg = read_checkpoint_config(checkpoint, vision_tower)
     shape = cfg.shape
     schedule = schedule.check_against(shape.llm.layers, shape.num_image_tokens)
@@ -532,15 +536,15 @@ def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, v
         mf.invalidate(art)  # from here until the manifest is rewritten, the directory is not an artifact
         processor = read_clip_processor_config(cfg.clip_dir, shape)
         host = _host_sample(shape, processor, sample_image(), ids, TORCH_DTYPES[options.precision], layout)
-        run = _StageRun(art=art, schedule=schedule, layout=layout, options=options, seg_id=seg_id, keys=keys,
-                        host=host, files=files, parity=parity, say=say,
+        run = _StageRun(art=art, shown=shown, schedule=schedule, layout=layout, options=options, seg_id=seg_id,
+                        keys=keys, host=host, files=files, parity=parity, say=say,
                         cache=GraphCache(options.cache_dir) if options.cache_dir else None)
         run.export(cfg, [s.name for s in todo])
 
     tok_files = tok_export.write(art / "tokenizer")
     manifest = mf.new_manifest(
         layout=layout, shape=shape, schedule=schedule, precision=options.precision, opset=options.opset,
-        export={"command": command or f"csprt export {cfg.ckpt_dir} --schedule {schedule.name} --out {art}",
+        export={"command": command or f"csprt export {cfg.ckpt_dir} --schedule {schedule.name} --out {shown}",
                 "checkpoint": str(cfg.ckpt_dir), "vision_tower": str(vision_tower) if vision_tower else None,
                 "mode": options.mode, "options": dataclasses.asdict(options), "versions": versions},
         tokenizer={"dir": "tokenizer", "seg_token_id": seg_id, "eos_token_id": tokenizer.eos_token_id,
@@ -560,8 +564,8 @@ def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, v
     mf.write_manifest(art, manifest)
     unchecked = [name for name, p in parity.items() if not parity_checked(p)]
     if unchecked:
-        say(f"export: parity NOT checked for {', '.join(unchecked)} (trace only); check it with: csprt validate {art}")
-    say(f"export: wrote {art / mf.MANIFEST_NAME}")
+        say(f"export: parity NOT checked for {', '.join(unchecked)} (trace only); "
+            f"check it with: csprt validate {shown}")
     return art
 
 
@@ -582,6 +586,7 @@ class _StageRun:
     """The per-stage loop of `export_artifact`: hold the stage's weights, feed, trace, save, check."""
 
     art: Path
+    shown: Path  # the artifact path the user named (art is the generation being written)
     schedule: Schedule
     layout: Layout
     options: ExportOptions
@@ -620,7 +625,7 @@ class _StageRun:
         hit = self.cache.get(self.keys[name], self.art) if self.cache and todo else None
         if hit and chain is None:
             self.files[name] = {rel: mf.file_sha256(self.art / rel) for rel in hit[0]}
-            self.parity[name] = hit[1] if parity_checked(hit[1]) else _unchecked_parity(self.art)
+            self.parity[name] = hit[1] if parity_checked(hit[1]) else _unchecked_parity(self.shown)
             return "from the graph cache"
         make = lambda model: make_wrapper(model, self.schedule, spec, self.seg_id)  # noqa: E731
         args = chain.feed(spec) if chain else spec_feed(spec, self.layout, self.host, self.seg_id)
@@ -640,7 +645,7 @@ class _StageRun:
                                         release=lambda: staged.hold((), f"{name} written"))
         del program
         gc.collect()
-        self.parity[name] = self._check(spec, args, expected) if chain else _unchecked_parity(self.art)
+        self.parity[name] = self._check(spec, args, expected) if chain else _unchecked_parity(self.shown)
         if self.cache:
             self.cache.put(self.keys[name], self.art, list(self.files[name]), self.parity[name])
         if chain is None:

@@ -10,6 +10,11 @@ The stage I/O, wiring, named dims and decode loop are `graphs.stages.Layout`, se
 the manifest adds per-stage files with their sha256, export keys and tolerances, plus the model,
 schedule, tokenizer and pre/postprocessing metadata. `manifest.json` is written last and removed
 first (`invalidate`), so a directory that is being rewritten never loads.
+
+The manifest is sealed: `seal` is the sha256 of its own canonical JSON (`manifest_seal`), written by
+`write_manifest` and checked first at load, so a hand edit (of preprocessing, a dim bound, a tolerance) is
+refused instead of changing results silently. The graphs and tokenizer files are covered by their sha256 in it.
+The seal is a checksum against edits and corruption, not a signature: whoever can run csprt can reseal.
 """
 
 from __future__ import annotations
@@ -19,17 +24,17 @@ import importlib.metadata
 import importlib.resources
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from graphs.atomic import write_json
+from graphs.dims import DimError, dim_names
 from graphs.errors import ArtifactError, ToolchainError, internal_error
 from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
-from graphs.stages import CACHE_SOURCE, DimRange, Layout, Loop, StageSpec, TensorSpec
+from graphs.stages import CACHE_SOURCE, PRECISIONS, DimRange, Layout, Loop, StageSpec, TensorSpec
 
 SCHEMA_VERSION = 2  # 2: weights once (embed / entry_<i> / llm_<i> blocks), static KV cache, loop steps
 FORMAT = "csprt.artifact"
@@ -37,7 +42,8 @@ MANIFEST_NAME = "manifest.json"
 GRAPHS_DIR = "graphs"
 TOKENIZER_DIR = "tokenizer"
 GENERIC_REBUILD = "csprt export CHECKPOINT --schedule NAME --out {dir}"
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SEAL_KEY = "seal"
+ALWAYS_FP32 = ("row_scores",)  # float outputs kept float32 whatever the precision (softmax attention per row)
 
 
 # --- Layout <-> JSON ------------------------------------------------------------------------------
@@ -120,7 +126,8 @@ def layout_from_dict(d: dict) -> Layout:
 def dim_problems(layout: Layout, shape: ModelShape) -> list[str]:
     """Named dims whose range is disordered or beyond what the model could ever feed: no dim of a graph (text,
     rows, cache, [SEG] count, instances) exceeds the model's positions, so a larger max is a corrupt or
-    tampered manifest, and would reach TensorRT profiles and Triton configs."""
+    tampered manifest, and would reach TensorRT profiles and Triton configs. The decode loop's token limit and
+    position limit are held to the model's positions too."""
     limit = shape.llm.max_positions
     out = []
     for name, r in layout.dims.items():
@@ -128,7 +135,21 @@ def dim_problems(layout: Layout, shape: ModelShape) -> list[str]:
             out.append(f"dim {name!r} has range min {r.min}, opt {r.opt}, max {r.max}: expected 1 <= min <= opt <= max")
         elif r.max > limit:
             out.append(f"dim {name!r} has max {r.max}, beyond the model's {limit} positions")
+    lp = layout.loop
+    if lp is not None and not 1 <= lp.max_new_tokens <= limit:
+        out.append(f"loop max_new_tokens is {lp.max_new_tokens}: expected 1 to the model's {limit} positions")
+    if lp is not None and lp.max_positions not in (0, limit):
+        out.append(f"loop max_positions is {lp.max_positions}, not the model's {limit}")
     return out
+
+
+def precision_problems(layout: Layout, precision: str) -> list[str]:
+    """Float tensors of the layout whose dtype is not the declared `precision`'s (`ALWAYS_FP32` excepted)."""
+    want = PRECISIONS[precision]
+    tensors = [("host input", t) for t in layout.host_inputs]
+    tensors += [(f"stage {s.name!r} tensor", t) for s in layout.stages for t in (*s.inputs, *s.outputs)]
+    return [f"{what} {t.name!r} is {t.dtype}, but the manifest declares precision {precision!r} ({want})"
+            for what, t in tensors if t.dtype.startswith("float") and t.dtype != want and t.name not in ALWAYS_FP32]
 
 
 def layout_problems(layout: Layout) -> list[str]:
@@ -157,9 +178,11 @@ def layout_problems(layout: Layout) -> list[str]:
     tensors += [(f"stage {s.name!r} tensor", t) for s in layout.stages for t in (*s.inputs, *s.outputs)]
     for what, t in tensors:
         for dim in t.shape:
-            if isinstance(dim, str):
+            try:
                 problems += [f"{what} {t.name!r} uses dim {name!r}, which is not in dims"
-                             for name in _IDENT.findall(dim) if name not in layout.dims]
+                             for name in dim_names(dim) if name not in layout.dims]
+            except DimError as exc:
+                problems.append(f"{what} {t.name!r}: {exc}")
     return problems
 
 
@@ -294,12 +317,26 @@ def graph_files(art_dir: str | os.PathLike, graph_relpath: str) -> dict[str, str
     return {rel: file_sha256(art / rel) for rel in rels}
 
 
+def manifest_seal(manifest: dict) -> str:
+    """Hex sha256 of `manifest` without its `seal` key, as canonical JSON (sorted keys, no spaces, ASCII)."""
+    body = {k: v for k, v in manifest.items() if k != SEAL_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def sealed(manifest: dict) -> dict:
+    """`manifest` in its JSON form (tuples become lists) with its `seal` (re)computed."""
+    body = {k: v for k, v in json.loads(json.dumps(manifest)).items() if k != SEAL_KEY}
+    return {**body, SEAL_KEY: manifest_seal(body)}
+
+
 def write_manifest(art_dir: str | os.PathLike, manifest: dict) -> Path:
-    """Validate `manifest` against the schema, then write `<art_dir>/manifest.json` atomically.
+    """Seal `manifest`, validate it against the schema, then write `<art_dir>/manifest.json` atomically.
 
     An invalid manifest is a csprt bug, so it raises an internal error, not a user-facing one.
     """
-    problems = schema_errors(json.loads(json.dumps(manifest)))  # validate the JSON form: tuples become arrays
+    manifest = sealed(manifest)
+    problems = schema_errors(manifest)
     if problems:
         raise internal_error(f"manifest does not match manifest.schema.json at {problems[0]}")
     return write_json(manifest, Path(art_dir) / MANIFEST_NAME)
@@ -313,7 +350,11 @@ def invalidate(art_dir: str | os.PathLike) -> None:
 def is_artifact_dir(path: str | os.PathLike) -> bool:
     """A directory meant as an artifact: it has a manifest, or graphs/ and no checkpoint config.json
     (an interrupted export, which `load_artifact` then reports as such)."""
+    from graphs.artifact_dir import interrupted
+
     p = Path(path)
+    if interrupted(p):  # a first export to p was killed: only its partial generation exists
+        return True
     return p.is_dir() and ((p / MANIFEST_NAME).is_file() or ((p / GRAPHS_DIR).is_dir() and not (p / "config.json").exists()))
 
 
@@ -345,11 +386,17 @@ def reusable_files(previous: dict | None, art_dir: str | os.PathLike, stage: str
 
 @dataclass(frozen=True)
 class Artifact:
-    dir: Path
+    dir: Path  # where its files are read: one generation (graphs/artifact_dir.py), the link resolved
     manifest: dict
     layout: Layout
     shape: ModelShape
     schedule: Schedule
+    named: Path | None = None  # the path it was loaded by, for messages and commands; None: `dir`
+
+    @property
+    def path(self) -> Path:
+        """The artifact path as the user named it (`csprt build PATH` etc.)."""
+        return self.named or self.dir
 
     @property
     def precision(self) -> str:
@@ -390,11 +437,19 @@ def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
     Raises:
         ArtifactError: one sentence saying what is wrong and the command that regenerates the artifact.
     """
+    from graphs.artifact_dir import interrupted
+
     art = Path(art_dir)
     fix = GENERIC_REBUILD.format(dir=art)
     if not art.is_dir():
+        if interrupted(art):
+            raise ArtifactError(f"{art} has no {MANIFEST_NAME}: an export was interrupted before it finished; "
+                                f"re-run the export: {fix}")
         what = "is not a directory" if art.exists() else "does not exist"
         raise ArtifactError(f"artifact directory {art} {what}; create it with: {fix}")
+    named = art
+    if art.is_symlink():  # one generation (graphs/artifact_dir.py) for everything this Artifact reads
+        art = art.resolve()
     path = art / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{art} has no {MANIFEST_NAME}: it is not a csprt artifact, or an export was "
@@ -416,6 +471,7 @@ def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
     if version < SCHEMA_VERSION:
         raise ArtifactError(f"{path} was written by an older csprt (schema {version}, this csprt reads "
                             f"{SCHEMA_VERSION}); re-export with: {fix}")
+    _check_seal(manifest, path, fix)
     problems = schema_errors(manifest)
     if problems:
         raise ArtifactError(f"{path} does not match the manifest schema at {problems[0]}; re-export with: {fix}")
@@ -430,12 +486,37 @@ def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
                  if e["graph"] not in e["files"]]
     problems += outside_paths(art, manifest)
     problems += dim_problems(layout, shape)
+    problems += precision_problems(layout, manifest["precision"])
     if problems:
         raise ArtifactError(f"{path}: {problems[0]}; re-export with: {fix}")
-    artifact = Artifact(dir=art, manifest=manifest, layout=layout, shape=shape, schedule=schedule)
+    artifact = Artifact(dir=art, manifest=manifest, layout=layout, shape=shape, schedule=schedule, named=named)
     if verify:
         _verify_files(artifact, fix)
+        _check_graph_io(artifact, fix)
     return artifact
+
+
+def _check_seal(manifest: dict, path: Path, fix: str) -> None:
+    seal = manifest.get(SEAL_KEY)
+    if not isinstance(seal, str):
+        raise ArtifactError(f"{path} has no seal (the sha256 of its own contents that csprt writes): it was written "
+                            f"by an older csprt or edited by hand; re-export with: {fix}")
+    if seal != manifest_seal(manifest):
+        raise ArtifactError(f"{path} was edited after csprt wrote it (its contents no longer match its seal); a "
+                            "manifest is not edited by hand (bounds, preprocessing and tolerances are export "
+                            f"options): restore the original file, or re-export with: {fix}")
+
+
+def _check_graph_io(artifact: Artifact, fix: str) -> None:
+    """Each stage graph's inputs and outputs (names, dtypes, ranks, static and named dims) as the manifest
+    declares them, read without the graph's weights (`graph_io`)."""
+    from graphs.onnx_checks import GraphCheckError, check_io, graph_io
+
+    for spec in artifact.layout.stages:
+        try:
+            check_io(graph_io(artifact.graph_path(spec.name)), spec)
+        except GraphCheckError as exc:
+            raise ArtifactError(f"{exc} (the manifest does not describe its graphs); re-export with: {fix}") from None
 
 
 def inside(art: Path, rel) -> bool:
@@ -476,7 +557,7 @@ def _verify_files(artifact: Artifact, fix: str) -> None:
         for rel, digest in entry["files"].items():
             path = artifact.dir / rel
             if not path.is_file():
-                raise ArtifactError(f"{rel} (stage {entry['name']!r}) is missing from {artifact.dir}; "
+                raise ArtifactError(f"{rel} (stage {entry['name']!r}) is missing from {artifact.path}; "
                                     f"re-export with: {fix}")
             if file_sha256(path) != digest:
                 raise ArtifactError(f"{rel} changed since export (hash mismatch); re-export with: {fix}")

@@ -8,11 +8,11 @@ was expected. `check_all` runs them all on a saved graph without loading its wei
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import onnx
 
+from graphs.dims import is_named
 from graphs.errors import ToolchainError
 from graphs.onnx_passes import infer_shapes, iter_nodes, iter_tensors, value_types
 from graphs.stages import StageSpec, TensorSpec
@@ -21,7 +21,6 @@ from graphs.trt_ops import TRT_OPSET_RANGE, TRT_SUPPORTED_OPS
 DEFAULT_DOMAINS = ("", "ai.onnx")
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
                "int64": onnx.TensorProto.INT64}
-_PLAIN_DIM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class GraphCheckError(ToolchainError):
@@ -155,7 +154,7 @@ def _tensor_problems(spec: TensorSpec, value: onnx.ValueInfoProto) -> list[str]:
         got = d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
         if isinstance(want, int) and not (d.HasField("dim_value") and d.dim_value == want):
             out.append(f"axis {axis} expected static {want}, got {got!r}")
-        elif isinstance(want, str) and _PLAIN_DIM.match(want) and d.dim_param != want:
+        elif is_named(want) and d.dim_param != want:
             out.append(f"axis {axis} expected named dim {want!r}, got {got!r}")
     return out
 
@@ -183,3 +182,76 @@ def check_all(path: str | os.PathLike, stage: StageSpec) -> None:
     """
     check_model(path)
     check_model_proto(onnx.load(str(path), load_external_data=False), stage, Path(path).name)
+
+
+# --- a graph's I/O without its weights -------------------------------------------------------------
+# Protobuf field numbers (onnx.proto): ModelProto.graph = 7; GraphProto.initializer = 5, input = 11,
+# output = 12; TensorProto.name = 8.
+_MODEL_GRAPH, _GRAPH_INIT, _GRAPH_INPUT, _GRAPH_OUTPUT, _TENSOR_NAME = 7, 5, 11, 12, 8
+
+
+def _varint(f) -> int:
+    value = shift = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            raise EOFError("truncated varint")
+        value |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(f, end: int):
+    """(field number, offset, length) of each length-delimited field of the message that ends at `end`; other
+    wire types are skipped. The file position is moved past each field whatever the caller reads meanwhile."""
+    while f.tell() < end:
+        tag = _varint(f)
+        wire = tag & 7
+        if wire == 0:
+            _varint(f)
+        elif wire in (1, 5):
+            f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+        elif wire == 2:
+            n = _varint(f)
+            start = f.tell()
+            if start + n > end:
+                raise EOFError("field runs past its message")
+            yield tag >> 3, start, n
+            f.seek(start + n)
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def graph_io(path: str | os.PathLike) -> onnx.ModelProto:
+    """A ModelProto holding only the graph's inputs, outputs and initializer names of the ONNX file `path`.
+
+    The file's protobuf fields are walked and every node and weight is seeked past, so reading a multi-GB graph
+    with inline weights costs a few kB of reads (onnx.load would read all of it). Enough for `check_io`.
+
+    Raises:
+        GraphCheckError: the file is not a readable ONNX model.
+    """
+    from google.protobuf.message import DecodeError
+
+    out = onnx.ModelProto()
+    try:
+        with open(path, "rb") as f:
+            for field, start, n in _fields(f, os.fstat(f.fileno()).st_size):
+                if field != _MODEL_GRAPH:
+                    continue
+                for gfield, gstart, gn in _fields(f, start + n):
+                    if gfield in (_GRAPH_INPUT, _GRAPH_OUTPUT):
+                        f.seek(gstart)
+                        dest = out.graph.input if gfield == _GRAPH_INPUT else out.graph.output
+                        dest.append(onnx.ValueInfoProto.FromString(f.read(gn)))
+                    elif gfield == _GRAPH_INIT:
+                        for tfield, tstart, tn in _fields(f, gstart + gn):
+                            if tfield == _TENSOR_NAME:
+                                f.seek(tstart)
+                                out.graph.initializer.add(name=f.read(tn).decode("utf-8"))
+    except (OSError, EOFError, ValueError, DecodeError) as exc:
+        raise GraphCheckError(f"graph {Path(path).name} is not a readable ONNX model ({exc})") from None
+    return out

@@ -9,7 +9,8 @@ Postprocessing (bilinear upsampling of the mask logits) stays in torch (`exporte
 twin of `F.interpolate` differs from it in the last bits and sometimes by 1e-3 where float rounding picks a
 different source pixel, so it would not be one implementation.
 
-No torch here. The CLIP path imports transformers lazily; its PIL backend needs neither torch nor torchvision.
+No torch and no transformers here: the CLIP processor is rebuilt in PIL + numpy (`clip_pixels_np`), held
+bit for bit to transformers' `CLIPImageProcessorPil` by the tests.
 """
 
 from __future__ import annotations
@@ -77,7 +78,13 @@ def check_aspect_ratio(h: int, w: int, what: str = "image") -> None:
 
 
 def clip_pixels_np(image: np.ndarray, processor_config: dict) -> np.ndarray:
-    """CLIP pixel values exactly as LISA computes them (`CLIPImageProcessor.preprocess`).
+    """CLIP pixel values exactly as LISA computes them (`CLIPImageProcessor.preprocess`), in PIL and numpy.
+
+    The steps and their arithmetic are transformers' PIL backend (`CLIPImageProcessorPil`): shortest edge to
+    `size` with `int(size * long / short)` for the other (PIL, the config's resample), center crop (zero padding
+    when smaller), `x.astype(float64) * rescale_factor` cast to float32, then `(x - mean) / std` in float32.
+    tests/graphs/test_clip_preprocessing.py holds it to transformers' own output, bit for bit; the runtime never
+    imports transformers (nor, through it, torch).
 
     Args:
         image (np.ndarray): uint8 RGB image, shape [H, W, 3].
@@ -88,15 +95,67 @@ def clip_pixels_np(image: np.ndarray, processor_config: dict) -> np.ndarray:
         np.ndarray: float32, shape [1, 3, S, S] with S the config's crop size.
     """
     check_rgb_uint8(image)
-    # Lazy: transformers is heavy, and graphs/ must import with numpy alone. The PIL backend is the
-    # torchvision-free twin of the processor LISA uses; both resize with PIL.
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    cfg = clip_processor_settings(processor_config)
+    x = image
+    if cfg["do_resize"]:
+        x = np.asarray(Image.fromarray(x).resize(_clip_resize_wh(x.shape[:2], cfg["size"]), resample=cfg["resample"]))
+    x = np.moveaxis(x, -1, 0)  # [3, H, W]
+    if cfg["do_center_crop"]:
+        x = _center_crop(x, cfg["crop_size"])
+    if cfg["do_rescale"]:
+        x = (x.astype(np.float64) * cfg["rescale_factor"]).astype(np.float32)
+    if cfg["do_normalize"]:
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float32)
+        mean, std = np.array(cfg["image_mean"], dtype=x.dtype), np.array(cfg["image_std"], dtype=x.dtype)
+        x = ((x.T - mean) / std).T
+    return np.ascontiguousarray(x[None], dtype=np.float32)
 
-    processor = CLIPImageProcessorPil(**processor_config)
-    # Say channels-last outright: left to guess, transformers reads a [1, 1, 3] or [3, W, 3] image as [C, H, W].
-    out = processor(images=image, input_data_format="channels_last", return_tensors="np")
-    out = out["pixel_values"]  # [1, 3, S, S]
-    return np.ascontiguousarray(out, dtype=np.float32)
+
+def clip_processor_settings(config: dict) -> dict:
+    """A CLIP processor config with transformers' defaults filled in and its older int forms (`size: 224`,
+    `crop_size: 224`) read as transformers reads them; InputError naming the key for what it cannot mean."""
+    defaults = default_clip_processor_config(224)
+    cfg = {k: config.get(k, defaults[k]) for k in defaults}
+    size, crop = cfg["size"], cfg["crop_size"]
+    cfg["size"] = {"shortest_edge": size} if isinstance(size, int) else size
+    cfg["crop_size"] = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+    ok = (isinstance(cfg["size"], dict) and set(cfg["size"]) in ({"shortest_edge"}, {"height", "width"})
+          and all(isinstance(v, int) and v > 0 for v in cfg["size"].values())
+          and isinstance(cfg["crop_size"], dict) and set(cfg["crop_size"]) == {"height", "width"}
+          and all(isinstance(v, int) and v > 0 for v in cfg["crop_size"].values())
+          and cfg["resample"] in range(6) and all(len(cfg[k]) == 3 for k in ("image_mean", "image_std")))
+    if not ok:
+        raise InputError(f"CLIP preprocessor config: size {size!r}, crop_size {crop!r}, resample {cfg['resample']!r}, "
+                         f"mean {cfg['image_mean']!r}, std {cfg['image_std']!r} are not a CLIP image processor's "
+                         "(expected size {shortest_edge} or {height, width}, crop_size {height, width}, a PIL resample "
+                         "0-5, 3 means and stds); re-export from a checkpoint with CLIP's preprocessor_config.json")
+    return cfg
+
+
+def _clip_resize_wh(hw: tuple[int, int], size: dict) -> tuple[int, int]:
+    """PIL (width, height) of transformers' `get_resize_output_image_size(default_to_square=False)`."""
+    if "shortest_edge" not in size:
+        return size["width"], size["height"]
+    h, w = hw
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def _center_crop(x: np.ndarray, crop: dict) -> np.ndarray:
+    """transformers' `center_crop` on [C, H, W]: top-left at ((H - h) // 2, (W - w) // 2), zero padding around
+    an image smaller than the crop."""
+    (c, h0, w0), h, w = x.shape, crop["height"], crop["width"]
+    top, left = (h0 - h) // 2, (w0 - w) // 2
+    if top >= 0 and left >= 0:
+        return x[:, top:top + h, left:left + w]
+    nh, nw = max(h, h0), max(w, w0)
+    out = np.zeros((c, nh, nw), dtype=x.dtype)
+    tp, lp = -(-(nh - h0) // 2), -(-(nw - w0) // 2)  # ceil
+    out[:, tp:tp + h0, lp:lp + w0] = x
+    top, left = top + tp, left + lp
+    return out[:, max(0, top):min(nh, top + h), max(0, left):min(nw, left + w)]
 
 
 def sam_resize_hw(hw: tuple[int, int], sam_size: int = SAM_IMAGE_SIZE) -> tuple[int, int]:

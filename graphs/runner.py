@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from graphs.dims import is_named
 from graphs.errors import InputError
 from graphs.stages import DimRange, StageSpec, TensorSpec
 
@@ -36,9 +37,7 @@ def _dim_hint(name: str) -> str:
     return _PAST_HINT if name.startswith(("past_", "cache_")) else "re-export with larger bounds"
 
 
-def is_plain_dim(dim: int | str) -> bool:
-    """True for a named dim ("prefix_len"); False for a static int or an expression ("prefix_len + 16 + suffix_len")."""
-    return isinstance(dim, str) and dim.isidentifier()
+is_plain_dim = is_named  # a named dim ("prefix_len"), not a static int or an expression (graphs/dims.py)
 
 
 def _check_names(stage: StageSpec, feed: dict) -> None:

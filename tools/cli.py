@@ -55,6 +55,7 @@ _HOST_ERRORS = {
     errno.ENOTDIR: "a parent of this path is a file; choose another path",
     errno.EISDIR: "this path is a directory; name a file",
     errno.EMFILE: "raise the open-file limit (ulimit -n)",
+    errno.EEXIST: "a file is in the way of a directory csprt creates; choose another path or move the file",
 }
 
 

@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
                             cache_dir=str(args.cache) if args.cache else None, **given)
     quant = quantize_options(args)  # checked before any work
     say = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    # Quantized inside the new generation, before it is swapped in: a reader never sees a half-quantized artifact.
     art = export_artifact(args.checkpoint, schedule, args.out, options, vision_tower=args.vision_tower,
-                          command=_command(args), progress=say)
-    quantize_after_export(art, quant, say)
+                          command=_command(args), progress=say, finish=lambda gen: quantize_after_export(gen, quant, say))
     print(f"artifact: {art} (schedule {schedule.name}, {args.precision}, mode {args.mode}"
           + (f", quantized {quant.method} ({quant.format})" if quant.method != "none" else "")
           + (", trace only: parity not checked; run csprt validate" if args.trace_only else "") + ")")

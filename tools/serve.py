@@ -16,8 +16,11 @@ responses return together when its last request finishes, so grouping adds laten
 throughput with these graphs: --max-batch-size 1 gives the lowest latency. --instances runs N
 independent copies of the pipeline, each on its own thread.
 
-SIGTERM or SIGINT: Triton stops taking requests, finishes those in flight (up to 30 s), and every
-child process exits before csprt serve does (exit 0). Triton's own logs go to --log-dir.
+/v2/health/ready turns true only once model csprt is loaded and answers (the model is loaded while
+tritonserver starts, before its endpoints open). SIGTERM or SIGINT at any moment (loading, warm-up, Triton
+start, serving) ends csprt serve within 10 s, exit 0: requests in flight finish first (up to 5 s; idle
+keep-alive connections are not waited for), then Triton stops, and no child process is left, zombies
+included (tools/serve_lifecycle.py). Triton's own logs go to --log-dir.
 """
 
 from __future__ import annotations
@@ -27,17 +30,16 @@ import contextlib
 import errno
 import importlib
 import logging
-import signal
 import socket
 import sys
+import shutil
 import tempfile
-import threading
+import time
 from pathlib import Path
 
 from graphs.errors import InputError, ToolchainError
 
 BACKENDS = ("onnxruntime", "tensorrt")
-EXIT_TIMEOUT_S = 30  # in-flight requests get this long to finish after SIGTERM
 DEFAULT_IMAGE_CACHE_MB = 512  # LISA-7B fp16 keeps ~4.7 MB per image (CLIP side + SAM embedding): ~100 images
 
 
@@ -154,61 +156,81 @@ def run(args: argparse.Namespace) -> int:
 
     from engines.image_cache import MIB, ImageCache
     from engines.serving import SegmentModel, load_session
+    from tools.serve_lifecycle import Lifecycle, Stopping
 
-    sessions, cache = [], ImageCache(cache_mb * MIB)
-    try:
-        for i in range(instances):
-            label = f"instance {i + 1}/{instances}: " if instances > 1 else ""
-            sessions.append(load_session(args.artifact, backend, args.device, _progress, label))
-        models = [SegmentModel(s, limits, args.max_new_tokens, cache=cache) for s in sessions]
-        return _serve(models, host, ports, max_batch, log_dir)
-    finally:
-        for s in sessions:
-            s.close()
-        if cache.enabled:
-            _progress(cache.summary())
-            logging.getLogger("csprt.serve").info(cache.summary())
+    sessions, cache, t0 = [], ImageCache(cache_mb * MIB), time.monotonic()
+    with Lifecycle(_progress) as life:
+        try:
+            for i in range(instances):
+                label = f"instance {i + 1}/{instances}: " if instances > 1 else ""
+                sessions.append(load_session(args.artifact, backend, args.device, _progress, label))
+            models = [SegmentModel(s, limits, args.max_new_tokens, cache=cache) for s in sessions]
+            return _serve(models, host, ports, max_batch, log_dir, life, t0)
+        except Stopping as stop:
+            _progress(f"{stop}: stopped before serving")
+            return 0
+        finally:
+            for s in sessions:
+                s.close()
+            if cache.enabled:
+                _progress(cache.summary())
+                logging.getLogger("csprt.serve").info(cache.summary())
 
 
-def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Path) -> int:
-    from pytriton.triton import Triton, TritonConfig
+def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Path, life, t0: float) -> int:
+    """Start Triton with `models` loaded at its start, serve until a signal, stop within the lifecycle's budget."""
+    from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
+    from pytriton.utils.workspace import Workspace
 
-    from engines.serving import MODEL_NAME, bind
+    from engines.serving import MODEL_NAME, bind, patch_model_store
+    from tools.serve_lifecycle import DRAIN_S, TRITON_EXIT_S, stop_triton
 
     config = TritonConfig(http_address=host, http_port=ports["http-port"], grpc_address=host,
                           grpc_port=ports["grpc-port"], metrics_address=host, metrics_port=ports["metrics-port"],
-                          allow_gpu_metrics=False, strict_readiness=True, exit_timeout_secs=EXIT_TIMEOUT_S,
+                          allow_gpu_metrics=False, strict_readiness=True, exit_timeout_secs=TRITON_EXIT_S,
                           log_verbose=0, log_file=log_dir / "tritonserver.log")
-    stop, why = threading.Event(), []
-
-    def on_signal(signum, _frame):
-        why.append(signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # A local model store: the model is written before tritonserver starts and loaded during its start, so its
+    # endpoints open, and /v2/health/ready turns true, only with model csprt loaded (PyTriton's default loads
+    # it through the API after the server reports ready: ready ~2 s before a request could succeed).
+    policy = TritonLifecyclePolicy(launch_triton_on_startup=True, local_model_store=True)
+    workspace = Workspace(Path(tempfile.mkdtemp(prefix="csprt-serve-workspace-")) / "ws")
     _progress(f"starting Triton (logs: {log_dir})")
+    triton = None
     try:
         with _quiet_stdout(log_dir / "pytriton.log"):
-            triton = Triton(config=config)
             try:
-                bind(triton, models, max_batch)
+                triton = Triton(config=config, workspace=workspace, triton_lifecycle_policy=policy)
+                bind(triton, [life.counted(m) for m in models], max_batch)
+                patch_model_store(workspace.model_store_path)
                 try:
                     triton.run()
                 except Exception as e:  # noqa: BLE001 - PyTriton raises several kinds; all mean "did not start"
                     raise ToolchainError(f"Triton did not start ({type(e).__name__}: {e}); "
                                          f"see {log_dir / 'tritonserver.log'}") from None
+                life.serving()
+                if life.stop.is_set():  # signalled between the start and this line
+                    raise _stopped(life)
                 _progress(f"ready on http://{host}:{ports['http-port']} grpc {host}:{ports['grpc-port']} "
                           f"metrics http://{host}:{ports['metrics-port']}/metrics: model {MODEL_NAME!r}, "
                           f"{len(models)} instance(s), max batch size {max_batch}, image cache "
-                          + (f"{models[0].cache.max_bytes // 2**20} MiB" if models[0].cache.enabled else "off"))
-                while not stop.wait(0.5):
+                          + (f"{models[0].cache.max_bytes // 2**20} MiB" if models[0].cache.enabled else "off")
+                          + f"; {time.monotonic() - t0:.1f} s after start")
+                while not life.stop.wait(0.5):
                     if not triton.is_alive():
                         raise ToolchainError(f"Triton stopped unexpectedly; see {log_dir / 'tritonserver.log'}")
-                _progress(f"{why[0]}: stopping; requests in flight get up to {EXIT_TIMEOUT_S} s")
+                _progress(f"{life.why}: stopping; requests in flight get up to {DRAIN_S:g} s")
+                running = life.drain(min(DRAIN_S, life.left() - 4.0))
+                if running:
+                    _progress(f"{running} request(s) still running after {DRAIN_S:g} s; stopping anyway")
             finally:
-                triton.stop()
+                stop_triton(triton, life)
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        shutil.rmtree(workspace.path.parent, ignore_errors=True)
     _progress("stopped")
     return 0
+
+
+def _stopped(life):
+    from tools.serve_lifecycle import Stopping
+
+    return Stopping(life.why)

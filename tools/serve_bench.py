@@ -55,9 +55,13 @@ def free_ports(n: int) -> list[int]:
 
 @contextlib.contextmanager
 def serving(art: str | Path, flags: Sequence[str] = (), log_dir: str | Path | None = None, start_timeout_s: float = 300,
-            stop_timeout_s: float = 90):
+            stop_timeout_s: float = 90, ready: str = "line"):
     """`csprt serve ART` in a subprocess on free ports, ready when the context is entered; SIGTERM on exit
     (SIGKILL to its process group if it outlives stop_timeout_s).
+
+    Args:
+        ready (str): "line": ready once csprt serve prints "ready on"; "probe": once its /v2/health/ready
+            answers 200 (what an orchestrator's readiness probe sees). Defaults to "line".
 
     Yields:
         SimpleNamespace: proc, http / grpc ("host:port"), metrics (URL), stdout / stderr (paths), log_dir.
@@ -72,12 +76,20 @@ def serving(art: str | Path, flags: Sequence[str] = (), log_dir: str | Path | No
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + start_timeout_s
-        while "] ready on " not in err.read_text():
+        def up() -> bool:
+            if ready == "line":
+                return "] ready on " in err.read_text()
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2).status == 200
+            except OSError:
+                return False
+
+        while not up():
             if proc.poll() is not None:
                 raise RuntimeError(f"csprt serve exited with {proc.returncode} before ready:\n{err.read_text()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"csprt serve not ready after {start_timeout_s} s:\n{err.read_text()}")
-            time.sleep(0.5)
+            time.sleep(0.5 if ready == "line" else 0.02)
         yield types.SimpleNamespace(proc=proc, http=f"127.0.0.1:{http}", grpc=f"127.0.0.1:{grpc}",
                                     metrics=f"http://127.0.0.1:{metrics}/metrics", stdout=out, stderr=err,
                                     log_dir=log_dir)

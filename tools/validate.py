@@ -109,7 +109,7 @@ class _Reference:
         progress(f"loading reference {ckpt}")
         ref_ckpt = load_checkpoint(ckpt, tower, attn="eager")
         if ref_ckpt.shape != art.shape:
-            raise InputError(f"checkpoint {ckpt} does not match artifact {art.dir} (other model dimensions); "
+            raise InputError(f"checkpoint {ckpt} does not match artifact {art.path} (other model dimensions); "
                              f"pass the checkpoint it was exported from with --checkpoint")
         stage_model = ref_ckpt.model if art.precision == "fp32" else load_checkpoint(
             ckpt, tower, attn="eager", dtype=TORCH_DTYPES[art.precision]).model

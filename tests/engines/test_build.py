@@ -17,7 +17,7 @@ from engines.profiles import InputShapes
 from engines.trt import load_trt
 from exporter.tiny import tiny_shape
 from graphs.errors import ArtifactError
-from graphs.manifest import MANIFEST_NAME, file_sha256
+from graphs.manifest import MANIFEST_NAME, file_sha256, load_artifact, sealed
 from graphs.schedule import resolve
 from graphs.stages import LayoutOptions, build_layout
 
@@ -176,7 +176,7 @@ def _reexport_graph(art, stage: str) -> None:
     manifest = _manifest(art)
     entry = next(e for e in manifest["stages"] if e["name"] == stage)
     entry["files"][rel] = file_sha256(art / rel)
-    (art / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    (art / MANIFEST_NAME).write_text(json.dumps(sealed(manifest), indent=2), encoding="utf-8")
 
 
 def test_engine_of_a_changed_graph_is_refused_then_rebuilt(built_copy):
@@ -301,12 +301,15 @@ def test_cli_build_with_an_unimportable_graph_exits_2_naming_the_node(built_copy
     from tools.cli import main
 
     art = built_copy("csp")
-    # seg_head replaced by a graph TensorRT cannot import (an ArgMax over a 1-D tensor), as a re-export would
+    # seg_head replaced by a graph TensorRT cannot import (an ArgMax over a 1-D tensor), as a re-export would;
+    # its declared I/O is the stage's, which the artifact check at load compares
+    out_dim = load_artifact(art, verify=False).layout.stage("seg_head").output("seg_embeddings").shape[1]
     model = helper.make_model(helper.make_graph(
         [helper.make_node("ReduceSum", ["seg_hidden", "axis1"], ["rows"], keepdims=0),
-         helper.make_node("ArgMax", ["rows"], ["seg_embeddings"], axis=0, keepdims=1, name="pick_row")], "seg_head",
+         helper.make_node("ArgMax", ["rows"], ["picked"], axis=0, keepdims=1, name="pick_row"),
+         helper.make_node("Cast", ["picked"], ["seg_embeddings"], to=TensorProto.FLOAT)], "seg_head",
         [helper.make_tensor_value_info("seg_hidden", TensorProto.FLOAT, ["num_seg", 64])],
-        [helper.make_tensor_value_info("seg_embeddings", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("seg_embeddings", TensorProto.FLOAT, ["num_seg", out_dim])],
         initializer=[helper.make_tensor("axis1", TensorProto.INT64, [1], [1])]),
         opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
@@ -314,7 +317,7 @@ def test_cli_build_with_an_unimportable_graph_exits_2_naming_the_node(built_copy
     manifest = _manifest(art)
     next(e for e in manifest["stages"] if e["name"] == "seg_head")["files"]["graphs/seg_head.onnx"] = file_sha256(
         art / "graphs/seg_head.onnx")
-    (art / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    (art / MANIFEST_NAME).write_text(json.dumps(sealed(manifest), indent=2), encoding="utf-8")
     capsys.readouterr()
     assert main(["build", str(art), "--stages", "seg_head,sam_decoder"]) == 2
     out, err = capsys.readouterr()

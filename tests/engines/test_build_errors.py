@@ -14,7 +14,7 @@ from engines import trt as trt_shim
 from engines.build import (CaptureLogger, NetworkFromOnnx, build_engines, check_engine, parse_compute_capability,
                            resolve_compute_capabilities, resolve_precision)
 from graphs.errors import ArtifactError, ToolchainError
-from graphs.manifest import load_artifact
+from graphs.manifest import load_artifact, sealed
 
 INSTALL = "pip install tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116 (or 'csprt[trt]')"
 
@@ -141,7 +141,7 @@ def test_reexport_command_replaces_the_precision(export_tiny, tmp_path):
     shutil.copytree(export_tiny("csp", "both"), art)
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["export"]["command"] = "csprt export ck --schedule csp --out 'my art' --mode both --precision fp32"
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    (art / "manifest.json").write_text(json.dumps(sealed(manifest)))
     with pytest.raises(ToolchainError, match=r"re-export with: csprt export ck --schedule csp --out 'my art' --mode "
                                              r"both --precision fp16$"):
         resolve_precision("fp16", load_artifact(art))

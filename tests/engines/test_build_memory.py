@@ -16,7 +16,7 @@ from engines import build_memory as build_mod
 from engines.build import (GIB, MappedWeights, StageMemory, build_engines, check_build_memory,
                            estimate_stage_memory)
 from graphs.errors import ArtifactError, ToolchainError
-from graphs.manifest import MANIFEST_NAME, graph_files, load_artifact
+from graphs.manifest import MANIFEST_NAME, graph_files, load_artifact, sealed
 
 
 def externalize(art: Path, stages=None) -> None:
@@ -30,7 +30,7 @@ def externalize(art: Path, stages=None) -> None:
         onnx.save(onnx.load(str(graph)), str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=graph.name + ".data", size_threshold=1024)
         entry["files"] = graph_files(art, entry["graph"])
-    (art / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    (art / MANIFEST_NAME).write_text(json.dumps(sealed(manifest), indent=2), encoding="utf-8")
 
 
 def test_estimate_counts_inline_and_external_bytes_at_their_ratios(export_tiny, tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 from engines.image_cache import ImageCache, ImageKey, image_key
 from engines.serving import ERROR_OUTPUT, SegmentModel, unpack_masks
 from graphs.errors import InputError
+from graphs.manifest import sealed
 
 Q1, Q2 = "Where is the cat in this picture?", "What would you drink from?"
 
@@ -102,7 +103,7 @@ def other_session(art, tmp_path_factory):
     shutil.copytree(art, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["preprocessing"]["clip"]["image_mean"] = [0.5, 0.5, 0.5]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps(sealed(manifest)))
     with ArtifactSession(copy) as s:
         yield s
 

@@ -11,7 +11,9 @@ from onnx import TensorProto, helper
 from graphs.errors import ArtifactError
 from graphs.manifest import (MANIFEST_NAME, SCHEMA_VERSION, check_stage_names, graph_files, invalidate,
                              layout_from_dict, layout_problems, layout_to_dict, load_artifact, manifest_schema,
-                             new_manifest, read_manifest, reusable_files, schema_errors, write_manifest)
+                             manifest_seal, new_manifest, read_manifest, reusable_files, schema_errors, sealed,
+                             write_manifest)
+from graphs.onnx_checks import ONNX_DTYPES, GraphCheckError, graph_io
 from graphs.onnx_passes import save_model
 from graphs.schedule import resolve
 from graphs.shapes import LlmShape, ModelShape, SamShape, VisionShape
@@ -33,11 +35,12 @@ def _layout(preset="csp", mode="single-pass", precision="fp32", **knobs):
     return sched, build_layout(sched, SHAPE, opts, seg_token_id=SEG, stop_token_ids=(EOS,))
 
 
-def _identity_graph() -> onnx.ModelProto:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
+def _stand_in_graph(stage) -> onnx.ModelProto:
+    """A graph declaring `stage`'s inputs and outputs (what the load check reads) around one weight; no real ops."""
+    def info(t):
+        return helper.make_tensor_value_info(t.name, ONNX_DTYPES[t.dtype], [d for d in t.shape])
     w = helper.make_tensor("w", TensorProto.FLOAT, [300], [0.5] * 300)  # 1.2 KB: goes external when forced
-    g = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    g = helper.make_graph([], stage.name, [info(t) for t in stage.inputs], [info(t) for t in stage.outputs], [w])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -47,7 +50,7 @@ def make_artifact(out, preset="csp", mode="single-pass", external=False):
     files, keys, tols = {}, {}, {}
     for s in layout.stages:
         rel = f"graphs/{s.name}.onnx"
-        save_model(_identity_graph(), out / rel, external_data_threshold_bytes=0 if external else 2**31)
+        save_model(_stand_in_graph(s), out / rel, external_data_threshold_bytes=0 if external else 2**31)
         files[s.name], keys[s.name] = graph_files(out, rel), f"key-{s.name}"
         tols[s.name] = {"atol": {"": 1e-4}, "rtol": {"": 1e-3}}
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
@@ -73,7 +76,7 @@ def art(tmp_path):
 def _rewrite(art, edit):
     m = json.loads((art / MANIFEST_NAME).read_text())
     edit(m)
-    (art / MANIFEST_NAME).write_text(json.dumps(m))
+    (art / MANIFEST_NAME).write_text(json.dumps(sealed(m)))
 
 
 def _load_error(path, **kw) -> str:
@@ -235,3 +238,107 @@ def test_incremental_reuse(art):
     assert reusable_files(prev, art, "llm_0", "key-llm_0") is None
     invalidate(art)
     assert read_manifest(art) is None
+
+
+# --- the sealed manifest (issue 15) ----------------------------------------------------------------------------
+
+def _hand_edit(art, edit):
+    """Edit manifest.json as a person would: no reseal."""
+    m = json.loads((art / MANIFEST_NAME).read_text())
+    edit(m)
+    (art / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
+
+
+def test_written_manifest_carries_its_seal(art):
+    m = json.loads((art / MANIFEST_NAME).read_text())
+    assert m["seal"] == manifest_seal(m) and len(m["seal"]) == 64
+    assert manifest_seal({**m, "seal": "x"}) == m["seal"]  # the seal covers everything but itself
+    reordered = json.loads(json.dumps(dict(reversed(list(m.items())))))
+    assert manifest_seal(reordered) == m["seal"]  # key order and whitespace are not content
+    (art / MANIFEST_NAME).write_text(json.dumps(m, indent=4, sort_keys=True))
+    assert load_artifact(art).precision == "fp32"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["preprocessing"]["sam"].update(size=65),
+    lambda m: m["dims"]["prefix_len"].update(max=16),
+    lambda m: m["tokenizer"].update(seg_token_id=SEG + 1),
+    lambda m: m["tolerances"]["end_to_end"].update(mask_iou_min=0.0),
+    lambda m: m["postprocessing"].update(threshold=0.5),
+], ids=["preprocessing", "dim-bound", "seg-token", "tolerance", "postprocessing"])
+def test_a_hand_edit_is_refused_naming_what_to_do(art, edit):
+    _hand_edit(art, edit)
+    for verify in (True, False):
+        msg = _load_error(art, verify=verify)
+        assert "was edited after csprt wrote it" in msg and "restore the original file" in msg
+        assert msg.endswith(f"re-export with: csprt export ckpt --schedule csp --out {art}")
+
+
+def test_a_manifest_without_its_seal_is_refused(art):
+    _hand_edit(art, lambda m: m.pop("seal"))
+    assert "has no seal" in _load_error(art)
+    _hand_edit(art, lambda m: m.update(seal=["not", "a", "hash"]))
+    assert "has no seal" in _load_error(art)
+
+
+def test_declared_precision_checked_against_the_layout(art):
+    _rewrite(art, lambda m: m.update(precision="fp16"))  # resealed: as if csprt itself had written it wrong
+    msg = _load_error(art, verify=False)
+    assert "is float32, but the manifest declares precision 'fp16' (float16)" in msg
+
+
+def test_graph_io_checked_against_the_manifest_at_load(art):
+    def edit(m):  # the layout says float16 where the graph has float32, in a resealed manifest
+        m["precision"] = "fp16"
+        for s in m["stages"]:
+            for t in (*s["inputs"], *s["outputs"]):
+                if t["dtype"] == "float32" and t["name"] != "row_scores":
+                    t["dtype"] = "float16"
+        for t in m["host_inputs"]:
+            if t["dtype"] == "float32":
+                t["dtype"] = "float16"
+    _rewrite(art, edit)
+    assert load_artifact(art, verify=False).precision == "fp16"  # consistent in itself
+    msg = _load_error(art)
+    assert "stage 'vision' graph I/O does not match its spec" in msg and "expected dtype float16, got float32" in msg
+    assert "the manifest does not describe its graphs" in msg
+
+
+def test_graph_io_named_dims_checked(art):
+    _rewrite(art, lambda m: m["stages"][2]["inputs"][0].update(shape=["suffix_len"]))  # prefix_ids: [prefix_len]
+    msg = _load_error(art)
+    assert "expected named dim 'suffix_len'" in msg
+
+
+def test_a_malformed_dim_expression_is_refused(art):
+    _rewrite(art, lambda m: m["stages"][2]["inputs"][0].update(shape=[1, "__import__('os')", 16]))
+    msg = _load_error(art, verify=False)
+    assert "only non-negative ints, named dims, + and * are allowed" in msg
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_graph_io_reads_inputs_outputs_and_initializer_names_only(tmp_path, external):
+    model = _identity_like(400)
+    path = tmp_path / "g.onnx"
+    save_model(model, path, external_data_threshold_bytes=0 if external else 2**31)
+    got = graph_io(path)
+    assert list(got.graph.input) == list(model.graph.input)
+    assert list(got.graph.output) == list(model.graph.output)
+    assert [t.name for t in got.graph.initializer] == ["w"] and not got.graph.initializer[0].raw_data
+    assert not got.graph.node
+
+
+def test_graph_io_of_a_file_that_is_not_onnx(tmp_path):
+    for i, data in enumerate([b"\x3a\xff\xff\xff\xff\x0f", b"not onnx at all \xff", b"\x3a\x10abc"]):
+        path = tmp_path / f"bad{i}.onnx"
+        path.write_bytes(data)
+        with pytest.raises(GraphCheckError, match=f"graph bad{i}.onnx is not a readable ONNX model"):
+            graph_io(path)
+
+
+def _identity_like(n: int) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["n + 1", 3])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [n], [0.5] * n)
+    g = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])

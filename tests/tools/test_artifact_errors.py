@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from graphs.errors import ArtifactError
-from graphs.manifest import MANIFEST_NAME, check_stage_names, load_artifact
+from graphs.manifest import MANIFEST_NAME, check_stage_names, load_artifact, sealed
 from tests.cli_io import call, error_lines
 from tools import cli
 
@@ -267,7 +267,7 @@ def test_no_traceback_in_real_process(art_copy, image, tmp_path):
 def _edit_manifest(art: Path, edit) -> None:
     m = json.loads((art / MANIFEST_NAME).read_text())
     edit(m)
-    (art / MANIFEST_NAME).write_text(json.dumps(m))
+    (art / MANIFEST_NAME).write_text(json.dumps(sealed(m)))
 
 
 @pytest.mark.parametrize("case", ["tokenizer-dir-up", "tokenizer-dir-absolute", "graph-file-up", "link-out"])

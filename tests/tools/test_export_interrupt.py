@@ -1,7 +1,8 @@
 """An export killed midway never leaves a directory that loads, and re-exports redo only what changed.
 
-`exporter.export` removes manifest.json before rewriting anything and writes it last; stages whose
-export key and file hashes match the previous manifest are reused without loading the checkpoint.
+`exporter.export` writes a new generation beside the artifact (graphs/artifact_dir.py), its manifest.json
+last, and swaps it in only when complete; stages whose export key and file hashes match the previous manifest
+are reused (hard-linked) without loading the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from graphs.artifact_dir import PARTIAL, generations_dir
 from graphs.errors import ArtifactError
 from graphs.manifest import MANIFEST_NAME, load_artifact
 from tests.cli_io import call
@@ -94,9 +96,10 @@ def test_killed_export_never_loads_and_reexport_recovers(tiny_ckpt, export_tiny,
     lines = export_until_killed(tiny_ckpt, out)
     assert any("0 unchanged, 12 to export" in line for line in lines), lines
 
-    # Killed between stages: the first graphs are on disk, the manifest never was.
-    assert not (out / MANIFEST_NAME).exists()
-    written = sorted(p.name for p in (out / "graphs").glob("*.onnx"))
+    # Killed between stages: the first graphs are on disk in the partial generation, the manifest never was, and
+    # the artifact path itself was never created (graphs/artifact_dir.py).
+    assert not out.exists() and not (out / MANIFEST_NAME).exists()
+    written = sorted(p.name for p in generations_dir(out).glob(f"*{PARTIAL}/graphs/*.onnx"))
     assert len(written) >= 2, written
     with pytest.raises(ArtifactError, match="interrupted"):
         load_artifact(out)
@@ -176,3 +179,39 @@ def test_reexport_after_modified_graph_redoes_one_stage(tiny_ckpt, export_tiny, 
                                                                      if k != "llm_1.onnx"}
     reloaded = load_artifact(art, verify=True)
     assert reloaded.stage_entry("llm_1")["files"] == original  # deterministic: the same bytes as the first export
+
+
+def test_run_in_a_loop_during_reexports_never_fails(tiny_ckpt, export_tiny, tmp_path, image):
+    """`csprt run` over and over while two re-exports (real processes) write new generations and swap them in:
+    every run answers (the old generation runs until the new one is complete), the link moves twice, and only the
+    current and the previous generations are kept."""
+    out = tmp_path / "art"
+    shutil.copytree(export_tiny("csp", "both"), out)  # a plain directory, as an older csprt left it
+    _reexport(tiny_ckpt, out, cache=None)  # now a link to a generation; the plain copy is the previous one
+    first = os.readlink(out)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "tools", "export", str(tiny_ckpt), "--schedule", "csp", "--mode", "both",
+            "--out", str(out)]
+    exports: list[subprocess.CompletedProcess] = []
+
+    def reexport_twice():
+        for _ in range(2):
+            exports.append(subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                                          timeout=EXPORT_TIMEOUT_S))
+
+    writer = threading.Thread(target=reexport_twice, daemon=True)
+    writer.start()
+    runs: list[tuple[int, str, bool]] = []  # (exit code, stderr, started while an export was running)
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    while (writer.is_alive() or len(runs) < 2) and time.monotonic() < deadline:
+        during = writer.is_alive()
+        rc, _, err = call(["run", str(out), "--image", str(image), "--query", QUERY,
+                           "--out", str(tmp_path / f"result_{len(runs)}")])
+        runs.append((rc, err, during))
+    writer.join(timeout=60)
+    assert [e.returncode for e in exports] == [0, 0], [e.stderr[-2000:] for e in exports]
+    failed = [err for rc, err, _ in runs if rc != 0]
+    assert not failed and sum(during for *_, during in runs) >= 2, (failed[:1], len(runs))
+    generations = sorted(p.name for p in generations_dir(out).iterdir())
+    assert os.readlink(out) != first and len(generations) == 2, (first, os.readlink(out), generations)
+    assert os.readlink(out).endswith("/" + max(generations, key=int)) and load_artifact(out).dir.name in generations

@@ -1,11 +1,14 @@
 """`csprt serve` end to end: one real server (PyTriton's tritonserver) per module, HTTP and gRPC clients.
 
 The server runs as `python -m tools serve` in a subprocess (tools.serve_bench.serving) on free loopback
-ports with 2 instances and dynamic batching. The SIGTERM test runs last and stops it. Every wait has a deadline.
+ports with 2 instances and dynamic batching; it counts as started when /v2/health/ready first answers 200, and
+a request is sent at that moment. The SIGTERM test runs last and stops it. Signals while loading and while
+Triton starts get servers of their own. Every wait has a deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import io
@@ -23,6 +26,7 @@ from engines.serving import INPUTS, MODEL_NAME, OUTPUTS
 from graphs.imageio import decode_image_bytes, write_mask_png
 from tests.cli_io import call, error_lines
 from tools.serve_bench import free_ports, load, serving, summary
+from tools.serve_lifecycle import SHUTDOWN_S
 from tools.triton_client import client_module, segment
 
 pytestmark = pytest.mark.skipif(
@@ -31,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 START_TIMEOUT_S = 300   # load + warm-up + tritonserver start; ~30 s on 2 busy cores
 REQUEST_TIMEOUT_S = 60
-STOP_TIMEOUT_S = 90     # in-flight grace (30 s) + tritonserver and interpreter shutdown
+STOP_TIMEOUT_S = 90     # a bound for the test's waits; csprt serve's own is SHUTDOWN_S
 MAX_IMAGE_BYTES = 1_000_000
 MAX_IMAGE_PIXELS = 400_000  # chelsea is 451 x 300 = 135,300
 
@@ -58,8 +62,16 @@ def server(export_tiny, tmp_path_factory):
     art = export_tiny()
     flags = ["--instances", "2", "--max-batch-size", "8", "--max-image-bytes", str(MAX_IMAGE_BYTES),
              "--max-image-pixels", str(MAX_IMAGE_PIXELS)]
-    with serving(art, flags, tmp_path_factory.mktemp("serve"), START_TIMEOUT_S, STOP_TIMEOUT_S) as s:
+    with serving(art, flags, tmp_path_factory.mktemp("serve"), START_TIMEOUT_S, STOP_TIMEOUT_S, ready="probe") as s:
         s.art, s.urls = art, {"http": s.http, "grpc": s.grpc}
+        case = CASES[0]
+        try:  # what a readiness probe promises: the first request after it answers
+            s.first_answer = _request(s, "http", _images()[case[0]], case[1], case[2])
+        except Exception as e:  # noqa: BLE001 - test_ready_means_answering reports it
+            s.first_answer = e
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "] ready on " not in s.stderr.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         yield s
 
 
@@ -126,6 +138,18 @@ def test_flag_errors_are_one_line_exit_2(export_tiny, tmp_path):
 
 
 # -- happy path ---------------------------------------------------------------------------------
+def test_ready_means_answering(server, expected):
+    """The request sent the moment /v2/health/ready first said 200 got the right answer (it used to get 404:
+    ready turned true ~2 s before the model was loaded)."""
+    assert not isinstance(server.first_answer, Exception), server.first_answer
+    _check(server.first_answer, expected[CASES[0]])
+
+
+def test_warm_up_covers_a_decode_step(server):
+    warm = re.findall(r"warm-up generate: \d+ ms \((\d+) decode steps?\)", server.stderr.read_text())
+    assert warm == ["1", "1"], server.stderr.read_text()  # both instances
+
+
 def test_ready_with_everything_loaded(server):
     mod, client = _client(server, "http")
     assert client.is_server_ready() and client.is_model_ready(MODEL_NAME)
@@ -312,26 +336,91 @@ def test_sigterm_stops_cleanly(server, expected):
         except InferenceServerException as e:
             outcome.append(f"rejected: {e.message()}")
 
+    import socket
+
+    host, port = server.urls["http"].split(":")
+    idle = socket.create_connection((host, int(port)))
+    idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: csprt\r\nConnection: keep-alive\r\n\r\n")
+    assert b" 200 " in idle.recv(1000)  # an idle keep-alive client stays connected through the shutdown
     t = threading.Thread(target=in_flight, daemon=True)
     t.start()
     time.sleep(0.05)
+    t0 = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     t.join(timeout=STOP_TIMEOUT_S)
-    assert outcome, "the in-flight request neither finished nor failed"
+    assert outcome == ["answered"], outcome  # in flight when the signal came: finished first
     assert server.proc.wait(STOP_TIMEOUT_S) == 0
-
-    def running(p: psutil.Process) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + 5
-    alive = [c for c in children if running(c)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [c for c in alive if running(c)]
-    assert not alive, [" ".join(c.cmdline())[:120] for c in alive]
+    took = time.monotonic() - t0
+    idle.close()
+    assert took < SHUTDOWN_S, f"SIGTERM took {took:.1f} s"
+    assert not _left(children), _left(children)  # no process, zombies included
     assert "SIGTERM: stopping" in server.stderr.read_text() and "] stopped" in server.stderr.read_text()
     summary = re.search(r"image cache: (\d+) hits, (\d+) misses, (\d+) evictions", server.stderr.read_text())
     assert summary and int(summary[1]) > 0 and int(summary[2]) > 0, server.stderr.read_text()
+
+
+def _left(procs) -> list[str]:
+    """Those of `procs` (psutil.Process) that still exist, zombies included (same pid and start time)."""
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} {p.name()} {p.status()}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("moment, sig, group", [("loading stage", signal.SIGTERM, False),
+                                                ("warm-up single-pass", signal.SIGINT, False),
+                                                ("starting Triton", signal.SIGINT, True)],
+                         ids=["sigterm-loading", "sigint-warm-up", "sigint-group-triton-start"])
+def test_signal_at_any_moment_stops_within_the_bound(export_tiny, tmp_path, moment, sig, group):
+    """SIGTERM/SIGINT (to csprt serve, or to its whole process group as Ctrl-C sends it) while it loads, warms up
+    or starts Triton: exit 0 within SHUTDOWN_S, one progress line, no traceback, no process left."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tools.serve_bench import REPO
+
+    http, grpc, metrics = free_ports(3)
+    err = tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "tools", "serve", str(export_tiny()), "--http-port", str(http), "--grpc-port",
+           str(grpc), "--metrics-port", str(metrics), "--log-dir", str(tmp_path / "logs")]
+    with open(err, "w") as fe:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=fe, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    seen: dict[int, psutil.Process] = {}
+    names: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while moment not in err.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.01)
+        if group:  # let tritonserver come up far enough to have started its children
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until:
+                for c in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        names[c.pid] = c.name()
+                        seen[c.pid] = c
+                time.sleep(0.05)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        rc = proc.wait(STOP_TIMEOUT_S)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    text = err.read_text()
+    assert rc == 0 and took < SHUTDOWN_S, (rc, took, text)
+    assert "Traceback" not in text and all(ln.startswith("[csprt serve]") for ln in text.splitlines() if ln), text
+    assert f"{signal.Signals(sig).name}: stop" in text, text
+    assert not _left(seen.values()), _left(seen.values())
+    if group:
+        assert "tritonserver" in names.values(), names  # the signal came with Triton's processes running
