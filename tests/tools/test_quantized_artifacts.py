@@ -121,6 +121,7 @@ def test_engines_never_cross_between_float_and_quantized_graphs(export_tiny, qua
     from engines.build import build_engines
     from engines.engine_check import check_engine
     from graphs.errors import ArtifactError
+    from graphs.manifest import write_manifest
     from graphs.quantize import QuantOptions
     from tools.quantize_args import quantize_after_export
 
@@ -140,7 +141,7 @@ def test_engines_never_cross_between_float_and_quantized_graphs(export_tiny, qua
     entry = next(e for e in manifest["stages"] if e["name"] == "llm_0")
     entry["engines"] = next(e for e in json.loads((art / "manifest.json").read_text())["stages"]
                             if e["name"] == "llm_0")["engines"]
-    (flt / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(flt, manifest)  # resealed: the engine record is what csprt build would have written
     shutil.copytree(art / "engines", flt / "engines")  # a quantized artifact's engines shipped with a float one
     with pytest.raises(ArtifactError, match=r"built for the int8 qdq quantized graph .* now holds the float graph"
                                             rf".*rebuild with: csprt build {flt}"):
