@@ -3,18 +3,19 @@
 Every stage is loaded and one warm-up request per mode runs before Triton starts, so /v2/health/ready
 is true only when the whole pipeline works. Binds to 127.0.0.1 unless --host says otherwise.
 
-The stage graphs have a static batch of 1: Triton's dynamic batcher (--max-batch-size) groups queued
-requests, for the same image or different ones, into one call that runs them one after another;
-identical image bytes in a group are decoded once, and no stage is batched.
+Batching: Triton's dynamic batcher groups requests (up to --max-batch-size, waiting up to
+--max-queue-delay-us for more once one is queued) into one call, and csprt runs the group as ONE batched
+pipeline call (ArtifactSession.segment_batch; one per mode when modes mix). Each request is checked alone
+first: a bad one gets its own error, the rest of its group is answered. --max-batch-size is at most the
+artifact's exported maximum (csprt export --max-batch, default 8); --max-batch-size 1 turns batching off.
 
 --image-cache-mb: the image-only stages' outputs (CLIP side, SAM image embedding) are kept per image
 (key: sha256 of the bytes and the preprocessing settings), so a further question about the same
 image runs only the stages that read the query. One cache serves every instance; least recently
-used entries are evicted past the bound; each response's timings carry image_cache_hit (1 or 0),
-and hits, misses and evictions go to the log (every 100 lookups) and to stderr at shutdown. A group's
-responses return together when its last request finishes, so grouping adds latency and no
-throughput with these graphs: --max-batch-size 1 gives the lowest latency. --instances runs N
-independent copies of the pipeline, each on its own thread.
+used entries are evicted past the bound; cache hits and misses share a batch. Each response's timings
+carry image_cache_hit (1 or 0) and batch_size (requests in its pipeline call); hits, misses and
+evictions go to the log (every 100 lookups) and to stderr at shutdown. --instances runs N independent
+copies of the pipeline, each on its own thread.
 
 SIGTERM or SIGINT: Triton stops taking requests, finishes those in flight (up to 30 s), and every
 child process exits before csprt serve does (exit 0). Triton's own logs go to --log-dir.
@@ -54,8 +55,12 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--instances", type=int, default=None,
                    help="model instances, each with its own pipeline and thread. Defaults to 1.")
     p.add_argument("--max-batch-size", type=int, default=None,
-                   help="requests Triton groups into one call (run one by one: the graphs are batch 1); "
-                        "1 turns grouping off. Defaults to 8.")
+                   help="requests Triton groups into one batched pipeline call, at most the artifact's exported "
+                        "maximum (csprt export --max-batch); 1 turns batching off. Defaults to 8, or the exported "
+                        "maximum if lower.")
+    p.add_argument("--max-queue-delay-us", type=int, default=None,
+                   help="how long Triton's dynamic batcher may hold a request to fill a batch, in microseconds; 0: "
+                        "only requests already queued are grouped. Defaults to 2000 (2 ms).")
     p.add_argument("--max-image-bytes", type=int, default=None, help="per-request encoded image limit. Defaults to 32 MiB.")
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="per-request width x height limit. Defaults to 64 Mi (8192 x 8192).")
@@ -121,9 +126,10 @@ def _log_to(path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.batching import DEFAULT_MAX_QUEUE_DELAY_US, served_max_batch
     from engines.serving import DEFAULT_MAX_IMAGE_BYTES, Limits, fix_libpython_env
     from graphs.imageio import MAX_IMAGE_PIXELS
-    from graphs.manifest import is_artifact_dir
+    from graphs.manifest import is_artifact_dir, load_artifact
 
     if not is_artifact_dir(args.artifact):
         raise InputError(f"{args.artifact} is not an artifact (no manifest.json); export one first: "
@@ -133,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
              "grpc-port": _positive("grpc-port", args.grpc_port, 8001, 1, 65535),
              "metrics-port": _positive("metrics-port", args.metrics_port, 8002, 1, 65535)}
     instances = _positive("instances", args.instances, 1)
-    max_batch = _positive("max-batch-size", args.max_batch_size, 8)
+    max_batch = served_max_batch(args.max_batch_size, load_artifact(args.artifact, verify=False))
+    queue_delay = _positive("max-queue-delay-us", args.max_queue_delay_us, DEFAULT_MAX_QUEUE_DELAY_US, 0)
     limits = Limits(_positive("max-image-bytes", args.max_image_bytes, DEFAULT_MAX_IMAGE_BYTES),
                     _positive("max-image-pixels", args.max_image_pixels, MAX_IMAGE_PIXELS))
     if args.max_new_tokens is not None:
@@ -160,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
         for i in range(instances):
             label = f"instance {i + 1}/{instances}: " if instances > 1 else ""
             sessions.append(load_session(args.artifact, backend, args.device, _progress, label))
-        models = [SegmentModel(s, limits, args.max_new_tokens, cache=cache) for s in sessions]
-        return _serve(models, host, ports, max_batch, log_dir)
+        models = [SegmentModel(s, limits, args.max_new_tokens, cache=cache, max_batch=max_batch) for s in sessions]
+        return _serve(models, host, ports, max_batch, queue_delay, log_dir)
     finally:
         for s in sessions:
             s.close()
@@ -170,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger("csprt.serve").info(cache.summary())
 
 
-def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Path) -> int:
+def _serve(models, host: str, ports: dict[str, int], max_batch: int, queue_delay_us: int, log_dir: Path) -> int:
     from pytriton.triton import Triton, TritonConfig
 
     from engines.serving import MODEL_NAME, bind
@@ -191,7 +198,7 @@ def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Pa
         with _quiet_stdout(log_dir / "pytriton.log"):
             triton = Triton(config=config)
             try:
-                bind(triton, models, max_batch)
+                bind(triton, models, max_batch, queue_delay_us)
                 try:
                     triton.run()
                 except Exception as e:  # noqa: BLE001 - PyTriton raises several kinds; all mean "did not start"
@@ -199,7 +206,8 @@ def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Pa
                                          f"see {log_dir / 'tritonserver.log'}") from None
                 _progress(f"ready on http://{host}:{ports['http-port']} grpc {host}:{ports['grpc-port']} "
                           f"metrics http://{host}:{ports['metrics-port']}/metrics: model {MODEL_NAME!r}, "
-                          f"{len(models)} instance(s), max batch size {max_batch}, image cache "
+                          f"{len(models)} instance(s), max batch size {max_batch} "
+                          f"(queue delay {queue_delay_us} us), image cache "
                           + (f"{models[0].cache.max_bytes // 2**20} MiB" if models[0].cache.enabled else "off"))
                 while not stop.wait(0.5):
                     if not triton.is_alive():
