@@ -103,7 +103,7 @@ def test_written_manifest_validates_and_reloads_the_layout(art):
     assert layout_from_dict(m) == _layout("csp")[1]
     llm0 = next(s for s in m["stages"] if s["name"] == "llm_0")
     assert llm0["graph"] == "graphs/llm_0.onnx" and list(llm0["files"]) == ["graphs/llm_0.onnx"]
-    assert llm0["inputs"][0] == {"name": "hidden", "dtype": "float32", "shape": [1, "rows_llm_0", 16],
+    assert llm0["inputs"][0] == {"name": "hidden", "dtype": "float32", "shape": ["batch", "rows_llm_0", 16],
                                  "from": "entry_0.hidden"}
     assert llm0["cache"][0] == ["past_key_0", "key_0"] and llm0["inputs"][2]["from"] == "cache"
     assert manifest_schema()["$schema"].endswith("2020-12/schema")
