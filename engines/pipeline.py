@@ -355,7 +355,7 @@ class Pipeline:
         width = max(len(g) for g in generated)
         t["loop.generated_ids"] = np.asarray([g + [-1] * (width - len(g)) for g in generated], dtype=np.int64)
         t["loop.seg_hidden"] = chain.stack([r for rows in seg_rows for r in rows], hid)  # [K, H], request order
-        t["loop.seg_batch"] = chain.vector([b for b, rows in enumerate(seg_rows) for _ in rows])  # [K]
+        t["loop.seg_batch"] = chain.vector([b for b, rows in enumerate(seg_rows) for _ in rows])  # [K], sam_decoder's
         res.generated_ids = generated
 
 

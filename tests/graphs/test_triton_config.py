@@ -67,9 +67,11 @@ def test_dims_comments_give_named_shape_and_range():
     layout = _layout("csp-both-fp32")
     r = layout.dims["rows_llm_1"]
     text = stage_config(layout.stage("llm_1"), layout.dims, name="m")
-    assert f"dims: [ 1, -1, 64 ]  # [1, rows_llm_1, 64]; rows_llm_1={r.min}:{r.opt}:{r.max}" in text
+    b = layout.dims["batch"]
+    assert (f"dims: [ -1, -1, 64 ]  # [batch, rows_llm_1, 64]; batch={b.min}:{b.opt}:{b.max}; "
+            f"rows_llm_1={r.min}:{r.opt}:{r.max}") in text
     c = layout.dims["cache_llm_1"]
-    assert f"# [1, 2, cache_llm_1, 16]; cache_llm_1={c.min}:{c.opt}:{c.max}" in text  # the static KV cache
+    assert f"# [batch, 2, cache_llm_1, 16]; batch={b.min}:{b.opt}:{b.max}; cache_llm_1={c.min}:{c.opt}:{c.max}" in text
     assert "max_batch_size 0: Triton adds no batch axis" in text
 
 
