@@ -317,7 +317,7 @@ class Pipeline:
             raise InputError(f"generate: the prompt ends at position {first} and max_new_tokens {limit} would feed "
                              f"positions up to {first + limit - 2}, past the model's maximum {loop.max_positions - 1}; "
                              f"shorten the text or pass max_new_tokens <= {max(loop.max_positions - first + 1, 1)}")
-        max_seg = loop.max_seg or None
+        max_seg = loop.max_seg
         first_row = chain.alloc((batch, 1), "int64")
         generated: list[list[int]] = [[] for _ in range(batch)]
         seg_rows: list[list] = [[] for _ in range(batch)]

@@ -111,7 +111,7 @@ def test_padding_contents_change_no_output(session, images):
 
 def test_generate_batch_one_request_stops_at_step_1_another_runs_20(session, images):
     art = session.artifact
-    layout = dataclasses.replace(art.layout, loop=dataclasses.replace(art.layout.loop, stop_token_ids=(), max_seg=0))
+    layout = dataclasses.replace(art.layout, loop=dataclasses.replace(art.layout.loop, stop_token_ids=(), max_seg=None))
     host = session.host
     with Pipeline(layout, runner_factory(art, threads=1)) as pipe:
         def run(b_images, queries, limits):
