@@ -4,8 +4,8 @@
         bad  -> its own error response
         good -> Item(index, source = image array | cached ImageEncoding, query, mode, max_new_tokens)
     check_query(session, query, mode)  tokenised and held to the exported text ranges, request by request
-    group_items(items, max_batch)      same (mode, max_new_tokens, instance masks or not), arrival order,
-                                       at most max_batch per batch (the artifact's `--max-batch`)
+    group_items(items, max_batch)      same (mode, max_new_tokens), arrival order, at most max_batch per
+                                       batch (the artifact's `--max-batch`)
     run_items(session, items, ...)     one ArtifactSession.segment_batch per batch; hits and misses of the image
                                        cache mix in one batch (arrays among encodings are encoded first)
                                        -> {index: Segmentation | Exception}
@@ -53,20 +53,19 @@ def check_query(session, query: str, mode: str) -> None:
 def group_items(items: list[Item], max_batch: int) -> list[list[Item]]:
     """Items that can share one segment_batch call, in arrival order, at most `max_batch` per batch.
 
-    A batch has one mode and one max_new_tokens (segment_batch takes one of each), and either every image
-    with instance masks or none.
+    A batch has one mode and one max_new_tokens (segment_batch takes one of each).
     """
     if max_batch < 1:
         raise ValueError(f"max_batch {max_batch} < 1")
     groups: dict[tuple, list[Item]] = {}
     for it in items:
-        groups.setdefault((it.mode, it.max_new_tokens, it.instance_masks is not None), []).append(it)
+        groups.setdefault((it.mode, it.max_new_tokens), []).append(it)
     return [g[i:i + max_batch] for g in groups.values() for i in range(0, len(g), max_batch)]
 
 
 def _segment(session, batch: list[Item], keep_encoding: bool) -> list:
-    first = batch[0]
-    masks = [it.instance_masks for it in batch] if first.instance_masks is not None else None
+    first = batch[0]  # instance masks: per array image (seg_first); an encoding has them already (None)
+    masks = [it.instance_masks for it in batch] if any(it.instance_masks is not None for it in batch) else None
     return session.segment_batch([it.source for it in batch], [it.query for it in batch], mode=first.mode,
                                  max_new_tokens=first.max_new_tokens, instance_masks=masks,
                                  keep_encoding=keep_encoding)

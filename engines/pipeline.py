@@ -202,8 +202,8 @@ class Pipeline:
             mode (str): "single-pass" or "generate" (one of `layout.modes`).
             record (bool): keep each stage's feed in `PipelineResult.feeds` (decode: its first step's).
                 Defaults to False.
-            max_new_tokens (int | None): generate-mode limit, at most the exported one. Defaults to None
-                (the exported `loop.max_new_tokens`).
+            max_new_tokens (int | list[int] | None): generate-mode limit, at most the exported one; a list gives
+                each request of the batch its own. Defaults to None (the exported `loop.max_new_tokens`).
             given (dict | None): tensors by source ("<stage>.<output>", "host.<input>") known before the first
                 stage, e.g. an image encoding (engines.session.ImageEncoding). Defaults to None.
             stages (Collection[str] | None): run only these stages of the mode's sequence; the others' outputs
@@ -219,7 +219,8 @@ class Pipeline:
             sequence = [s for s in sequence if s.name in stages]
         self._check_host(host, sequence, mode, given or {})
         loop = self.layout.loop if mode == "generate" else None
-        limit = self._limit(max_new_tokens) if loop is not None else 0
+        limits = self._limits(max_new_tokens) if loop is not None else [0]
+        limit = max(limits)
         res = PipelineResult(outputs={}, tensors={**(given or {}), **{f"host.{k}": v for k, v in host.items()}})
         chain = self.chain
         self.kv.begin(max(limit - 1, 0))  # a generate run feeds at most limit - 1 tokens back
@@ -228,7 +229,7 @@ class Pipeline:
                 outs = self._step(stage, mode, res.tensors, res, record)
                 res.tensors.update({f"{stage.name}.{k}": v for k, v in outs.items()})
                 if loop is not None and stage.name == loop.after:
-                    self._run_loop(res, record, limit)
+                    self._run_loop(res, record, limits)
             for name, src in self.layout.outputs.items():
                 src = src.get(mode) if isinstance(src, dict) else src
                 if src is not None and src in res.tensors:
@@ -261,13 +262,16 @@ class Pipeline:
     def _plain(stage: StageSpec) -> set[str]:
         return {t.name for t in stage.inputs if t.source != CACHE_SOURCE}
 
-    def _limit(self, max_new_tokens: int | None) -> int:
+    def _limits(self, max_new_tokens) -> list[int]:
+        """The decode limit as a list: one value for every request, or each request's own."""
         loop = self.layout.loop
-        limit = loop.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if not 1 <= limit <= loop.max_new_tokens:
-            raise InputError(f"max_new_tokens is {limit}; this artifact was exported for 1 to {loop.max_new_tokens} "
-                             "(re-export with a larger --max-new-tokens)")
-        return limit
+        given = [loop.max_new_tokens] if max_new_tokens is None else (
+            [int(v) for v in max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else [int(max_new_tokens)])
+        for limit in given:
+            if not 1 <= limit <= loop.max_new_tokens:
+                raise InputError(f"max_new_tokens is {limit}; this artifact was exported for 1 to "
+                                 f"{loop.max_new_tokens} (re-export with a larger --max-new-tokens)")
+        return given
 
     def _check_host(self, host: dict, sequence: list[StageSpec], mode: str, given: dict) -> None:
         known = {t.name: t for t in self.layout.host_inputs}
@@ -290,11 +294,11 @@ class Pipeline:
         return tensors[src]
 
     # -- decode loop ----------------------------------------------------------------------------
-    def _run_loop(self, res: PipelineResult, record: bool, limit: int) -> None:
+    def _run_loop(self, res: PipelineResult, record: bool, limits: list[int]) -> None:
         """Greedy decoding of a batch as `exporter.reference.Reference._generate` does it per request
         (see graphs.stages.Loop).
 
-        Every request decodes in the same steps; one that stopped (a stop token, or `limit` tokens) stays in the
+        Every request decodes in the same steps; one that stopped (a stop token, or its limit) stays in the
         batch with `row_lens` 0, so its cache stops growing and its tokens are ignored; the loop ends when every
         request has stopped. Limits are checked before the first step (positions past the model's maximum) or at
         the step they are crossed (more [SEG] tokens than the exported per-request maximum).
@@ -303,13 +307,17 @@ class Pipeline:
         tok, hid = t[loop.token], t[loop.hidden]  # [B] int64, [B, H]
         tok_src = loop.token
         pos = t[loop.position]  # [B]: each request's next position
-        batch = len(chain.tokens(loop.position, pos))
-        first = max(chain.tokens(loop.position, pos))
+        starts = chain.tokens(loop.position, pos)
+        batch, first, limit = len(starts), max(starts), max(limits)
+        if len(limits) not in (1, batch):
+            raise InputError(f"max_new_tokens gives {len(limits)} limits for a batch of {batch}; give one, or one "
+                             "per request")
+        limits = limits * batch if len(limits) == 1 else limits
         if loop.max_positions and first + limit - 1 > loop.max_positions:
             raise InputError(f"generate: the prompt ends at position {first} and max_new_tokens {limit} would feed "
                              f"positions up to {first + limit - 2}, past the model's maximum {loop.max_positions - 1}; "
                              f"shorten the text or pass max_new_tokens <= {max(loop.max_positions - first + 1, 1)}")
-        max_seg = loop.max_seg or None
+        max_seg = loop.max_seg
         first_row = chain.alloc((batch, 1), "int64")
         generated: list[list[int]] = [[] for _ in range(batch)]
         seg_rows: list[list] = [[] for _ in range(batch)]
@@ -328,7 +336,7 @@ class Pipeline:
                                          "per request; re-export with a larger --max-seg, or pass a smaller "
                                          "max_new_tokens")
                     seg_rows[b].append(chain.keep(hid[b]))  # a device row lives in a buffer the next step overwrites
-                if token in loop.stop_token_ids or len(generated[b]) == limit:
+                if token in loop.stop_token_ids or len(generated[b]) == limits[b]:
                     active[b] = False
             if not any(active):
                 break
@@ -347,7 +355,7 @@ class Pipeline:
         width = max(len(g) for g in generated)
         t["loop.generated_ids"] = np.asarray([g + [-1] * (width - len(g)) for g in generated], dtype=np.int64)
         t["loop.seg_hidden"] = chain.stack([r for rows in seg_rows for r in rows], hid)  # [K, H], request order
-        t["loop.seg_batch"] = chain.vector([b for b, rows in enumerate(seg_rows) for _ in rows])  # [K]
+        t["loop.seg_batch"] = chain.vector([b for b, rows in enumerate(seg_rows) for _ in rows])  # [K], sam_decoder's
         res.generated_ids = generated
 
 

@@ -76,12 +76,14 @@ def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "singl
 
 @torch.no_grad()
 def bench_llm_graphs(shape: ModelShape, schedules: list[str], text_tokens: int = 40, reps: int = 50,
-                     dtype=torch.float16) -> dict:
+                     dtype=torch.float16, batch: int = 1) -> dict:
     """LLM-part floor on a GPU: each stage's decoder layers at its static token count, replayed as one CUDA graph.
 
     Selection ops are left out; what remains is what a launch-gap-free runtime (TensorRT, CUDA
     graphs) pays per schedule. Also measures the two ceilings: a device copy the size of the
-    decoder weights (the weight-read floor) and an 8192^3 matmul.
+    decoder weights (the weight-read floor) and an 8192^3 matmul. `batch` requests run together (static
+    schedules keep a batch rectangular): where batch 1 is bound by reading the weights, batch 8 shows
+    what a schedule's FLOPs cut buys once the LLM is compute-bound.
     """
     from exporter.reference import causal_mask
 
@@ -90,7 +92,7 @@ def bench_llm_graphs(shape: ModelShape, schedules: list[str], text_tokens: int =
 
     def stage_fn(stage):
         t = text_tokens + stage.budget
-        h = torch.randn(1, t, shape.llm.hidden, device="cuda", dtype=dtype)
+        h = torch.randn(batch, t, shape.llm.hidden, device="cuda", dtype=dtype)
         pos = torch.arange(t, device="cuda")[None]
         cos, sin = model.llm.model.rotary_emb(h, pos)
         mask = causal_mask(t, dtype, "cuda")
@@ -107,8 +109,9 @@ def bench_llm_graphs(shape: ModelShape, schedules: list[str], text_tokens: int =
         sched = resolve(name, shape.llm.layers, shape.num_image_tokens)
         per = {st.name: graph_median_ms(stage_fn(st), reps) for st in sched.stages}
         total = sum(per.values())
-        flops = 2 * flops_report(shape, sched, text_tokens=text_tokens)["flops"]["llm"]["fastv"]  # MACs -> FLOPs
-        results[name] = {"stages_ms": per, "llm_ms": total, "achieved_tflops": flops / total / 1e9}
+        flops = 2 * batch * flops_report(shape, sched, text_tokens=text_tokens)["flops"]["llm"]["fastv"]  # MACs -> FLOPs
+        results[name] = {"stages_ms": per, "llm_ms": total, "achieved_tflops": flops / total / 1e9,
+                         "images_per_s": 1e3 * batch / total}
     for r in results.values():
         r["speedup_vs_full"] = results["full"]["llm_ms"] / r["llm_ms"] if "full" in results else None
     nbytes = sum(p.numel() * p.element_size() for p in layers.parameters())
@@ -117,7 +120,7 @@ def bench_llm_graphs(shape: ModelShape, schedules: list[str], text_tokens: int =
     copy_ms = graph_median_ms(lambda: dst.copy_(src), reps)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     mm_ms = graph_median_ms(lambda: a @ a, 20)
-    return {"results": results, "decoder_weight_gib": nbytes / 2**30, "weight_copy_ms": copy_ms,
+    return {"results": results, "batch": batch, "decoder_weight_gib": nbytes / 2**30, "weight_copy_ms": copy_ms,
             "weight_read_floor_ms": copy_ms / 2, "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
 
 

@@ -117,7 +117,7 @@ class Loop:
     stop_token_ids: tuple[int, ...]
     seg_token_id: int
     max_positions: int = 0  # the model's position limit (RoPE table); 0: unchecked
-    max_seg: int = 0        # the most [SEG] tokens per request (num_seg is the batch's total); 0: unchecked
+    max_seg: int | None = None  # the most [SEG] tokens per request (num_seg is the batch's total); None: unchecked
     outputs: tuple[str, ...] = ("generated_ids", "seg_hidden")
     feeds: tuple[str, ...] = ("token", "position", "first_row", "row_lens")  # "loop.<x>" sources the steps read
 

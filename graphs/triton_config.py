@@ -211,7 +211,7 @@ def bls_inputs(layout: Layout) -> tuple[BlsTensor, ...]:
     host = {t.name: t for t in layout.host_inputs}
     if "instance_masks" not in host:
         return BLS_INPUTS
-    grid = tuple(host["instance_masks"].shape[1:])  # (g, g): the CLIP token grid
+    grid = tuple(host["instance_masks"].shape[2:])  # (g, g): the CLIP token grid ([batch, instances, g, g])
     masks = BlsTensor("instance_masks", "TYPE_FP32", (-1, *grid), True,
                       "[M, grid, grid] instance masks on the CLIP token grid (schedules clustering with seg_first)")
     return (*BLS_INPUTS, masks)
