@@ -14,6 +14,7 @@ import torch
 
 from exporter.checkpoint import build_random
 from exporter.reference import Reference
+from graphs.errors import InputError
 from graphs.flops import flops_report
 from graphs.preprocessing import default_clip_processor_config
 from graphs.prompt import query_of_length
@@ -35,8 +36,9 @@ def _sync(device) -> None:
 
 @torch.no_grad()
 def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "single-pass", repeat: int = 10,
-                warmup: int = 2, max_new_tokens: int = 16, image: np.ndarray | None = None) -> dict:
-    """Time the PyTorch reference (eager, stage by stage) under `schedule`.
+                warmup: int = 2, max_new_tokens: int = 16, image: np.ndarray | None = None, batch: int = 1) -> dict:
+    """Time the PyTorch reference (eager, stage by stage) under `schedule`; `batch` > 1 runs `Reference.batch`
+    (single-pass).
 
     Returns the same raw dict as `engines.bench.bench_session` (runs, e2e_ms, image_tokens_per_layer,
     text_tokens, peak_memory_mib, decode_steps; pipeline_ms None: the reference has no pipeline).
@@ -50,8 +52,16 @@ def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "singl
     device = ref.device
     query = query_of_length(tokenizer, text_tokens, mode, shape.num_image_tokens, shape.llm.max_positions)
     ids = ref.prompt(query, mode)
+    if batch > 1 and mode != "single-pass":
+        raise InputError("the torch reference batches single-pass only; bench generate mode at --batch 1 on torch")
+
+    def once():
+        if batch > 1:
+            return ref.batch([image] * batch, [ids] * batch)[0]
+        return ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
+
     for _ in range(warmup):
-        ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
+        once()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -60,7 +70,7 @@ def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "singl
         for _ in range(repeat):
             _sync(device)
             t0 = time.perf_counter()
-            out = ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
+            out = once()
             _sync(device)
             e2e.append(1e3 * (time.perf_counter() - t0))
             runs.append(dict(out.timings_ms))

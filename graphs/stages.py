@@ -6,8 +6,8 @@ stages: every input names where its tensor comes from.
 
     host.clip_pixels --> vision --(image_hidden, image_indices, image_embeds, assign)--------+
     host.prefix_ids, host.suffix_ids --> embed --(prefix_embeds, suffix_embeds)--> entry_0 <--+
-    entry_i --(hidden, positions[, query_rows])--> llm_i --(hidden_out[, row_scores])--> entry_{i+1}.block_hidden ...
-    llm_{n-1}.hidden_out (post-norm) --> seg_gather(host.seg_rows) (single-pass) | loop.seg_hidden (generate)
+    entry_i --(hidden, positions, row_lens[, query_rows])--> llm_i --(hidden_out[, row_scores])--> entry_{i+1}.block_hidden ...
+    llm_{n-1}.hidden_out (post-norm) --> seg_gather(host.seg_rows, seg_batch) (single-pass) | loop.seg_hidden (generate)
     host.sam_pixels --> sam_encoder --(image_embeddings)--> sam_decoder <-- seg_head <-----+
     generate, after llm_{n-1}: loop of steps  embed(token) -> llm_0 -> ... -> llm_{n-1} -> next_token
 
@@ -19,13 +19,22 @@ The decode loop's steps (`Loop.steps`) are not graphs of their own: each names t
 (`StageSpec.graph`), so prefill (many rows, empty cache) and decode (one row) share one graph, one
 engine and one loaded session.
 
+Batch. Every graph's leading dim is `batch` (1 to --max-batch): request b is row b everywhere. Static
+schedules give every request the same image rows, so a batch is rectangular; the query suffixes are
+right-padded (`suffix_lens` [B] gives each request's real length) and every per-request row (the last
+prompt row, the [SEG] rows, the prune query, the next position) uses the request's own length. [SEG]
+rows are flat over the batch: `seg_rows`/`seg_batch` [num_seg] (single-pass) or the loop's collected
+rows, and `seg_head`/`sam_decoder` run once per real mask (mask k decodes image seg_batch[k]).
+
 Static KV cache. A block (`StageSpec.cache`) takes its layers' caches as inputs
-`past_{key,value}_<l>` [1, kv_heads, cache_<block>, head_dim], preallocated by the runtime at the
-request's capacity (the block's prefill rows + max_new_tokens - 1, at most the dim's max), plus
-`past_len` [1], how many rows of them are valid. It attends over the valid rows and its new rows
-(causally) and outputs only the new rows' K/V `{key,value}_<l>` [1, kv_heads, rows_<block>, head_dim];
-the runtime writes them into the cache at `past_len` and adds their count. The cache is never
-copied, and one decode shape (rows 1, the request's capacity) serves every step.
+`past_{key,value}_<l>` [B, kv_heads, cache_<block>, head_dim], preallocated by the runtime at the
+batch's capacity (the block's prefill rows + max_new_tokens - 1, at most the dim's max), plus
+`past_len` [B], how many rows of each request's cache are valid, and `row_lens` [B], how many of
+this call's rows are real (a prefill: P + budget + S_b; a decode step: 1, or 0 for a request that has
+stopped). It attends over the valid rows and the real new rows (causally) and outputs only the new
+rows' K/V `{key,value}_<l>` [B, kv_heads, rows_<block>, head_dim]; the runtime writes request b's
+rows into its cache at past_len[b] and adds row_lens[b]. The cache is never copied, and one decode
+shape (rows 1, the batch's capacity) serves every step.
 
 Layout inside every block: hidden rows are [prefix (P) | image rows (the stage's budget, original
 order) | suffix (S)], then generated tokens. Image rows keep their original RoPE positions P + index.
@@ -101,9 +110,13 @@ class Loop:
     """Greedy decoding after stage `after` (generate mode), as `exporter.reference` does it.
 
     tok, hid, pos = prefill's token, hidden, position
-    repeat: emit tok; if tok == seg: collect hid; stop on tok in stop_token_ids or max_new_tokens;
-            run `steps` in order (feeds: "loop.token" = [tok], "loop.position" = [pos], "loop.first_row" = [0],
-            "<step>.<output>" of this step, "cache"); tok, hid = token_output, hidden_output; pos += 1
+    per request b (tok [B], hid [B, H], pos [B]): emit tok[b]; if tok[b] == seg: collect hid[b]; b stops on a
+            stop token or its max_new_tokens; when every request has stopped, the loop ends; otherwise
+            run `steps` in order (feeds: "loop.token" = tok [B, 1], "loop.position" = pos [B, 1],
+            "loop.first_row" = zeros [B, 1], "loop.row_lens" = 1 for a request still decoding, 0 for one that
+            stopped [B], "<step>.<output>" of this step, "cache"); tok, hid = token_output, hidden_output; pos += 1
+    collects "loop.generated_ids" [B, T] (-1 past a request's end), "loop.seg_hidden" [K, H] and
+    "loop.seg_batch" [K] (whose each row is)
     """
 
     steps: tuple[StageSpec, ...]  # each runs an existing graph (`StageSpec.graph`) on one row
