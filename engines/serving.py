@@ -256,6 +256,10 @@ def error_response(message: str, internal: bool = False) -> dict[str, np.ndarray
 
 
 # -- the model callable ----------------------------------------------------------------------
+def _log_batch_failure(exc: Exception) -> None:
+    LOGGER.warning("a batch failed as a whole (%s: %s); running its requests one by one", type(exc).__name__, exc)
+
+
 @dataclass(frozen=True)
 class _Checked:
     """What SegmentModel keeps of a checked request until its batch is done."""
@@ -314,8 +318,7 @@ class SegmentModel:
                 responses[i] = self._error(exc)
         t0 = time.perf_counter()
         keep = self.cache.enabled and any(not info[it.index].hit for it in items)
-        results = run_items(self.session, items, self.max_batch, keep_encoding=keep, on_error=lambda exc: LOGGER.warning(
-            "a batch failed as a whole (%s: %s); running its requests one by one", type(exc).__name__, exc))
+        results = run_items(self.session, items, self.max_batch, keep_encoding=keep, on_error=_log_batch_failure)
         segment_ms = (time.perf_counter() - t0) * 1000
         for it in items:
             responses[it.index] = self._respond(requests[it.index], info[it.index], results[it.index], results,
