@@ -606,3 +606,9 @@ def test_cli(art, tmp_path, monkeypatch):
     assert rc == 2
     [line] = error_lines(err)
     assert line.startswith("csprt triton-repo: error: --out") and "not a Triton repository csprt wrote" in line
+    rc, out, err = call(["triton-repo", str(art), "--out", str(tmp_path / "big"), "--max-batch-size", "16"])
+    [line] = error_lines(err)
+    assert rc == 2 and "exported maximum batch of 8" in line and "csprt export --max-batch 16" in line
+    rc, out, err = call(["triton-repo", str(art), "--out", str(tmp_path / "slow"), "--max-queue-delay-us", "500"])
+    assert rc == 0, err
+    assert parse_config(tmp_path / "slow" / "csprt" / "config.pbtxt").dynamic_batching.max_queue_delay_microseconds == 500
