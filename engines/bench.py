@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from engines.host import HostMeta
 from engines.session import ArtifactSession
 from graphs.bench_report import bench_image
 from graphs.host_memory import PeakRss
@@ -19,8 +20,9 @@ from graphs.prompt import query_of_length
 
 
 def bench_session(session: ArtifactSession, text_tokens: int, mode: str = "single-pass", repeat: int = 10,
-                  warmup: int = 2, max_new_tokens: int | None = None, image: np.ndarray | None = None) -> dict:
-    """Time `repeat` segmentations (after `warmup`) of one artifact session.
+                  warmup: int = 2, max_new_tokens: int | None = None, image: np.ndarray | None = None,
+                  batch: int = 1) -> dict:
+    """Time `repeat` segmentations (after `warmup`) of one artifact session, `batch` requests per run.
 
     Returns:
         dict with runs (stage -> ms per repeat), e2e_ms, pipeline_ms, image_tokens_per_layer,
@@ -32,14 +34,21 @@ def bench_session(session: ArtifactSession, text_tokens: int, mode: str = "singl
     session.check_mode(mode)
     if mode == "generate" and max_new_tokens is None:
         max_new_tokens = min(16, session.artifact.layout.loop.max_new_tokens)
+    session.check_batch(batch)
 
     def once():
         t0 = time.perf_counter()
-        feed, meta = session.host.inputs(image, query, mode)
+        query_feed, _ = session.host.query_batch([query] * batch, mode)
+        image_feed, original_hw, resized_hw = session.host.image_batch([image] * batch)
+        feed = {**query_feed, **image_feed}
         t1 = time.perf_counter()
         result = session.pipeline.run(feed, mode, max_new_tokens=max_new_tokens)
         t2 = time.perf_counter()
-        session.host.masks(result.outputs.get("masks"), meta)
+        owner = result.outputs.get("seg_batch")
+        masks = result.outputs.get("masks")
+        for b in range(batch):  # each request's masks at its image size, as segment_batch does
+            meta = HostMeta(original_hw[b], resized_hw[b], mode, None)
+            session.host.masks(None if masks is None else np.asarray(masks)[np.asarray(owner) == b], meta)
         t3 = time.perf_counter()
         timings = {k: float(v) for k, v in result.timings_ms.items() if k != "decode_steps"}
         timings["preprocess"], timings["postprocess"] = 1e3 * (t1 - t0), 1e3 * (t3 - t2)
@@ -57,7 +66,7 @@ def bench_session(session: ArtifactSession, text_tokens: int, mode: str = "singl
     return {
         "runs": runs, "e2e_ms": e2e, "pipeline_ms": pipe,
         "image_tokens_per_layer": session.image_tokens_per_layer(result),
-        "text_tokens": int(len(feed["prefix_ids"]) + len(feed["suffix_ids"])),
+        "text_tokens": int(feed["prefix_ids"].shape[-1] + feed["suffix_lens"][0]),  # request 0's
         "peak_memory_mib": rss.peak_mib,
         "decode_steps": int(result.timings_ms.get("decode_steps", 0)) if mode == "generate" else None,
     }

@@ -95,21 +95,31 @@ class CudaChain:
         torch = _torch()
         return torch.stack(rows) if rows else like.new_zeros((0, like.shape[-1]))
 
-    def token(self, source: str, value) -> int:
-        """The stop check's host read: a D2H copy of one int64 on the current (main) stream."""
-        return int(value.reshape(-1)[0].item()) if is_tensor(value) else int(value.reshape(-1)[0])
+    def tokens(self, source: str, value) -> list[int]:
+        """The stop check's host read: a D2H copy of the batch's int64 tokens on the current (main) stream."""
+        return [int(v) for v in (value.reshape(-1).tolist() if is_tensor(value) else np.asarray(value).reshape(-1))]
 
-    def scalar(self, value: int):
-        """[1] int64 on the device (past_len, position): an 8-byte upload, not a cache copy."""
-        return _torch().tensor([value], dtype=_torch().int64, device=self.alloc_device)
+    def vector(self, values):
+        """[B] int64 on the device (past_len, positions, row_lens, seg_batch): a few bytes' upload, not a cache copy."""
+        return _torch().tensor(list(values), dtype=_torch().int64, device=self.alloc_device)
+
+    def cat(self, values: list):
+        """Tensors joined along the batch axis (encodings batched together)."""
+        if not is_tensor(values[0]):
+            return np.concatenate(values)
+        return _torch().cat(values)
 
     def alloc(self, shape: tuple[int, ...], dtype: str):
         """A static KV cache buffer on the device (zeros: masked rows stay finite)."""
         return _torch().zeros(shape, dtype=getattr(_torch(), dtype), device=self.alloc_device)
 
-    def write(self, buffer, start: int, rows) -> int:
-        """Write a call's new rows into the cache at `start` on the current stream, in place; returns bytes."""
-        buffer[:, :, start:start + rows.shape[2]].copy_(rows)
+    def write(self, buffer, start, rows) -> int:
+        """Write a call's new rows [B, kv, T, hd] into the cache at each request's start[b] on the current stream,
+        in place (one scatter: no host read of the starts); returns bytes."""
+        torch = _torch()
+        t = rows.shape[2]
+        idx = start.reshape(-1, 1, 1, 1) + torch.arange(t, device=start.device).reshape(1, 1, t, 1)
+        buffer.scatter_(2, idx.expand(rows.shape), rows)
         return rows.numel() * rows.element_size()
 
     def to_host(self, source: str, value):

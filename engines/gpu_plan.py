@@ -84,7 +84,8 @@ def host_reads(layout: Layout, mode: str) -> tuple[str, ...]:
     reads = []
     for src in layout.outputs.values():
         src = src.get(mode) if isinstance(src, dict) else src
-        if src is not None and _producer(src) != "loop":
+        # host.* (seg_batch in single-pass) is on the host already; loop.generated_ids is assembled there
+        if src is not None and _producer(src) != "host" and src != "loop.generated_ids":
             reads.append(src)
     loop = layout.loop
     if loop is not None and mode == "generate":  # plus the first position, once

@@ -1,6 +1,10 @@
 """Host-side I/O of an artifact, without torch: request -> host inputs, and graph outputs -> masks and text.
 
-    image uint8 [H, W, 3], query --inputs()--> {prefix_ids, suffix_ids, clip_pixels, sam_pixels[, seg_rows][, instance_masks]}, meta
+    image uint8 [H, W, 3], query --inputs()--> {prefix_ids, suffix_ids, suffix_lens, clip_pixels, sam_pixels
+                                                [, seg_rows, seg_batch][, instance_masks]}, meta   (a batch of 1)
+    queries --query_batch()--> prefix_ids [B, P] (the template's, tiled), suffix_ids [B, S] right-padded to the
+                               longest, suffix_lens [B], seg_rows / seg_batch [K] flat over the batch
+    images --image_batch()--> clip_pixels / sam_pixels [B, 3, S, S] (instance_masks [B, M, g, g], padded by empty masks)
     sam_decoder.masks [K, S, S] --masks()--> crop [:h', :w'] -> bilinear to [K, H, W] -> logits, logits > 0
     generated ids --answer()--> text
 
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.errors import ArtifactError, InputError
+from graphs.errors import ArtifactError, InputError, internal_error
 from graphs.image_encoding import IMAGE_HOST_INPUTS
 from graphs.preprocessing import clip_pixels_np, resize_bilinear_np, sam_pixels_np
 from graphs.prompt import SINGLE_PASS_ANSWER, PromptIds, tokenize_prompt
@@ -89,17 +93,58 @@ class HostIO:
         return feed, meta
 
     def query_inputs(self, query: str, mode: str) -> tuple[dict[str, np.ndarray], PromptIds]:
-        """The host inputs computed from the query alone (token ids, [SEG] rows), and the prompt's ids."""
-        ids = tokenize_prompt(self.tokenizer, query, mode, self.shape.num_image_tokens, self.shape.llm.max_positions)
+        """The host inputs computed from the query alone (token ids, [SEG] rows), a batch of one, and its ids."""
+        feed, ids = self.query_batch([query], mode)
+        return feed, ids[0]
+
+    def query_batch(self, queries: list[str], mode: str, pad_id: int = 0) -> tuple[dict[str, np.ndarray], list[PromptIds]]:
+        """The host inputs of a batch of queries, and each prompt's ids.
+
+        Every prompt starts with the template's prefix (the same ids); suffixes are right-padded with `pad_id` to
+        the longest, their real lengths in `suffix_lens`. The [SEG] rows are flat over the batch: `seg_rows[k]` is
+        a row of request `seg_batch[k]`'s suffix (ascending by request).
+
+        Args:
+            queries (list[str]): one question per request.
+            mode (str): "single-pass" or "generate".
+            pad_id (int): what fills the padding (no output depends on it). Defaults to 0.
+        """
+        ids = [tokenize_prompt(self.tokenizer, q, mode, self.shape.num_image_tokens, self.shape.llm.max_positions)
+               for q in queries]
         want_seg = self.tok_cfg.get("seg_token_id")
-        if want_seg is not None and ids.seg_token_id != want_seg:
-            raise ArtifactError(f"the tokenizer's [SEG] id is {ids.seg_token_id} but the manifest says {want_seg}; "
+        if want_seg is not None and ids[0].seg_token_id != want_seg:
+            raise ArtifactError(f"the tokenizer's [SEG] id is {ids[0].seg_token_id} but the manifest says {want_seg}; "
                                 "the tokenizer directory was modified, re-run csprt export")
-        values = {"prefix_ids": np.asarray(ids.prefix, dtype=np.int64),
-                  "suffix_ids": np.asarray(ids.suffix, dtype=np.int64)}
+        if len({tuple(i.prefix) for i in ids}) != 1:
+            raise internal_error("prompts of one batch have different prefixes; the template's prefix holds no query")
+        width = max(len(i.suffix) for i in ids)
+        values = {"prefix_ids": np.asarray([i.prefix for i in ids], dtype=np.int64),
+                  "suffix_ids": np.asarray([i.suffix + [pad_id] * (width - len(i.suffix)) for i in ids], dtype=np.int64),
+                  "suffix_lens": np.asarray([len(i.suffix) for i in ids], dtype=np.int64)}
         if mode == "single-pass":  # the suffix row predicting each [SEG] (the position just before it)
-            values["seg_rows"] = np.asarray(ids.seg_rows(), dtype=np.int64)
+            values["seg_rows"] = np.asarray([r for i in ids for r in i.seg_rows()], dtype=np.int64)
+            values["seg_batch"] = np.asarray([b for b, i in enumerate(ids) for _ in i.seg_rows()], dtype=np.int64)
         return self._cast(values, IMAGE_HOST_INPUTS, mode), ids
+
+    def image_batch(self, images: list[np.ndarray], instance_masks: list | None = None
+                    ) -> tuple[dict[str, np.ndarray], list[tuple[int, int]], list[tuple[int, int]]]:
+        """`image_inputs` of several images joined along the batch axis; instance masks padded with empty masks
+        (which change no selection) to the most any image has."""
+        masks = instance_masks if instance_masks is not None else [None] * len(images)
+        if len(masks) != len(images):
+            raise InputError(f"{len(images)} images but {len(masks)} instance mask sets; pass one per image")
+        feeds, original, resized = [], [], []
+        for image, m in zip(images, masks):
+            feed, o, r = self.image_inputs(image, m)
+            feeds.append(feed)
+            original.append(o)
+            resized.append(r)
+        if "instance_masks" in feeds[0]:
+            most = max(f["instance_masks"].shape[1] for f in feeds)
+            for f in feeds:
+                m = f["instance_masks"]
+                f["instance_masks"] = np.pad(m, ((0, 0), (0, most - m.shape[1]), (0, 0), (0, 0)))
+        return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}, original, resized
 
     def image_inputs(self, image: np.ndarray, instance_masks: np.ndarray | None = None
                      ) -> tuple[dict[str, np.ndarray], tuple[int, int], tuple[int, int]]:
@@ -118,7 +163,7 @@ class HostIO:
         """`values` in the manifest's dtypes, for every manifest host input not in `others`."""
         feed = {}
         for name, spec in self.host_inputs.items():
-            if name in others or (name == "seg_rows" and mode != "single-pass"):
+            if name in others or (name in ("seg_rows", "seg_batch") and mode != "single-pass"):
                 continue  # the other half's, or read only by single-pass stages
             if name not in values:
                 raise ArtifactError(f"manifest host input {name!r} is unknown to this csprt; "
@@ -134,7 +179,7 @@ class HostIO:
         masks = np.asarray(masks)
         if masks.ndim != 3 or masks.shape[1:] != (grid, grid) or masks.shape[0] < 1:
             raise InputError(f"instance masks: expected shape [M, {grid}, {grid}] with M >= 1, got {list(masks.shape)}")
-        return masks.astype(np.float32)
+        return masks.astype(np.float32)[None]  # [1, M, grid, grid]: a batch of one
 
     # -- outputs -> masks and text --------------------------------------------------------------
     def masks(self, padded_mask_logits: np.ndarray | None, meta: HostMeta) -> tuple[np.ndarray, np.ndarray]:

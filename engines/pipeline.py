@@ -26,7 +26,7 @@ import numpy as np
 
 from graphs.errors import InputError, internal_error
 from graphs.runner import BaseRunner, is_plain_dim
-from graphs.stages import CACHE_LENGTH, CACHE_SOURCE, Layout, StageSpec, TensorSpec
+from graphs.stages import CACHE_LENGTH, CACHE_SOURCE, ROW_LENS, Layout, StageSpec, TensorSpec
 
 
 @dataclass
@@ -36,7 +36,7 @@ class PipelineResult:
                                                           # device views, valid until the next run)
     feeds: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # record=True: stage -> its feed
     timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> ms; "decode" (all steps), "decode_steps"
-    generated_ids: list[int] = field(default_factory=list)     # generate mode; empty in single-pass
+    generated_ids: list[list[int]] = field(default_factory=list)  # generate mode: per request; empty in single-pass
 
 
 class HostChain:
@@ -59,18 +59,27 @@ class HostChain:
     def stack(self, rows: list, like):
         return np.stack(rows) if rows else np.zeros((0, like.shape[-1]), like.dtype)
 
-    def token(self, source: str, value) -> int:
-        return int(value.reshape(-1)[0])
+    def tokens(self, source: str, value) -> list[int]:
+        return [int(v) for v in np.asarray(value).reshape(-1)]
 
-    def scalar(self, value: int):
-        return np.asarray([value], dtype=np.int64)  # [1] int64 feed (past_len, position, first_row)
+    def vector(self, values) -> np.ndarray:
+        return np.asarray(values, dtype=np.int64)  # [B] int64 feed (past_len, positions, row_lens, seg_batch)
+
+    def cat(self, values: list):
+        return np.concatenate(values)  # along the batch axis
 
     def alloc(self, shape: tuple[int, ...], dtype: str):
         return np.zeros(shape, dtype=dtype)  # a cache buffer; zeros: masked rows stay finite
 
-    def write(self, buffer, start: int, rows) -> int:
-        """Write `rows` [1, kv, T, hd] into `buffer` [1, kv, C, hd] at row `start`, in place. Returns bytes written."""
-        buffer[:, :, start:start + rows.shape[2]] = rows
+    def write(self, buffer, start, rows) -> int:
+        """Write `rows` [B, kv, T, hd] into `buffer` [B, kv, C, hd] at rows start[b].. of each request, in place.
+        Returns bytes written."""
+        start, t = np.asarray(start).reshape(-1), rows.shape[2]
+        if (start == start[0]).all():  # a prefill (every request at 0), or decode steps in lockstep: one slice copy
+            buffer[:, :, start[0]:start[0] + t] = rows
+        else:
+            for b, s in enumerate(start.tolist()):
+                buffer[b, :, s:s + t] = rows[b]
         return rows.nbytes
 
     def to_host(self, source: str, value):
@@ -83,11 +92,13 @@ class HostChain:
 class KvCache:
     """The static KV cache of every block graph: buffers preallocated per request shape, written in place.
 
-    A block's first call in a run (its prefill) sizes its buffers: its rows + `extra` (the decode steps a
-    generate run may take), checked against the cache dim's exported max. The same buffers serve the
-    next request whose capacity is equal (one set per block: bounded), so decode shapes repeat across
-    requests. Nothing here copies a cache: a call's feed holds the buffers themselves, and only the
-    call's new rows are written (`bytes_written`, per call in `last_bytes`).
+    A block's first call in a run (its prefill) sizes its buffers: the batch, its (padded) rows + `extra` (the
+    decode steps a generate run may take), checked against the cache dim's exported max. The same buffers serve
+    the next batch whose shape is equal (one set per block: bounded), so decode shapes repeat across batches.
+    Each request has its own valid length (`past_len` [B], on the chain): a call's rows are written at it, and it
+    advances by the call's `row_lens` (a prefill's real rows, so right padding is overwritten by the first decode
+    step; 1 per decode step, 0 for a finished request). Nothing here copies a cache: a call's feed holds the
+    buffers themselves, and only the call's new rows are written (`bytes_written`, per call in `last_bytes`).
 
     Args:
         layout (Layout): block stages (`StageSpec.cache`) and their cache dims.
@@ -97,7 +108,7 @@ class KvCache:
     def __init__(self, layout: Layout, chain):
         self.layout, self.chain = layout, chain
         self.buffers: dict[str, dict[str, object]] = {}  # graph -> cache input -> buffer
-        self.length: dict[str, int] = {}                 # graph -> valid rows this run
+        self.length: dict[str, object] = {}              # graph -> valid rows per request [B] (chain vector)
         self.extra = 0
         self.bytes_written = 0
         self.last_bytes = 0
@@ -112,7 +123,7 @@ class KvCache:
         if g not in self.length:
             self._allocate(stage, feed)
         out = dict(self.buffers[g])
-        out[CACHE_LENGTH] = self.chain.scalar(self.length[g])
+        out[CACHE_LENGTH] = self.length[g]
         return out
 
     def _allocate(self, stage: StageSpec, feed: dict) -> None:
@@ -120,6 +131,7 @@ class KvCache:
         rows_dim = stage.output(outp).shape[2]
         rows = next(v.shape[axis] for t in stage.inputs if t.source != CACHE_SOURCE and t.name in feed
                     for axis, d in enumerate(t.shape) if d == rows_dim for v in (feed[t.name],))
+        batch = feed[stage.inputs[0].name].shape[0]
         cap_dim = stage.input(inp).shape[2]
         capacity = rows + self.extra
         rng = self.layout.dims.get(cap_dim)
@@ -128,22 +140,20 @@ class KvCache:
                              f"{capacity} rows, more than the exported {rng.max} ({cap_dim}); shorten the text or "
                              "generate fewer tokens, or re-export with a larger --max-text-len / --max-new-tokens")
         old = self.buffers.get(g)
-        if old is None or next(iter(old.values())).shape[2] != capacity:
+        if old is None or tuple(next(iter(old.values())).shape[:3:2]) != (batch, capacity):
             specs = [stage.input(i) for i, _ in stage.cache]
-            self.buffers[g] = {t.name: self.chain.alloc((t.shape[0], t.shape[1], capacity, t.shape[3]), t.dtype)
+            self.buffers[g] = {t.name: self.chain.alloc((batch, t.shape[1], capacity, t.shape[3]), t.dtype)
                                for t in specs}
             self.allocations += 1
-        self.length[g] = 0
+        self.length[g] = self.chain.vector([0] * batch)
 
-    def write(self, stage: StageSpec, outs: dict) -> None:
-        """Write the call's new K/V rows into the buffers at past_len; advance past_len."""
+    def write(self, stage: StageSpec, outs: dict, row_lens) -> None:
+        """Write the call's new K/V rows into the buffers at each request's past_len; advance it by `row_lens` [B]."""
         g, buffers, start = stage.graph_name, self.buffers[stage.graph_name], self.length[stage.graph_name]
         n = 0
-        rows = 0
         for inp, outp in stage.cache:
-            rows = outs[outp].shape[2]
             n += self.chain.write(buffers[inp], start, outs[outp])
-        self.length[g] = start + rows
+        self.length[g] = start + row_lens
         self.last_bytes = n
         self.bytes_written += n
 
@@ -196,8 +206,8 @@ class Pipeline:
             mode (str): "single-pass" or "generate" (one of `layout.modes`).
             record (bool): keep each stage's feed in `PipelineResult.feeds` (decode: its first step's).
                 Defaults to False.
-            max_new_tokens (int | None): generate-mode limit, at most the exported one. Defaults to None
-                (the exported `loop.max_new_tokens`).
+            max_new_tokens (int | list[int] | None): generate-mode limit, at most the exported one; a list gives
+                each request of the batch its own. Defaults to None (the exported `loop.max_new_tokens`).
             given (dict | None): tensors by source ("<stage>.<output>", "host.<input>") known before the first
                 stage, e.g. an image encoding (engines.session.ImageEncoding). Defaults to None.
             stages (Collection[str] | None): run only these stages of the mode's sequence; the others' outputs
@@ -213,7 +223,8 @@ class Pipeline:
             sequence = [s for s in sequence if s.name in stages]
         self._check_host(host, sequence, mode, given or {})
         loop = self.layout.loop if mode == "generate" else None
-        limit = self._limit(max_new_tokens) if loop is not None else 0
+        limits = self._limits(max_new_tokens) if loop is not None else [0]
+        limit = max(limits)
         res = PipelineResult(outputs={}, tensors={**(given or {}), **{f"host.{k}": v for k, v in host.items()}})
         chain = self.chain
         self.kv.begin(max(limit - 1, 0))  # a generate run feeds at most limit - 1 tokens back
@@ -222,7 +233,7 @@ class Pipeline:
                 outs = self._step(stage, mode, res.tensors, res, record)
                 res.tensors.update({f"{stage.name}.{k}": v for k, v in outs.items()})
                 if loop is not None and stage.name == loop.after:
-                    self._run_loop(res, record, limit)
+                    self._run_loop(res, record, limits)
             for name, src in self.layout.outputs.items():
                 src = src.get(mode) if isinstance(src, dict) else src
                 if src is not None and src in res.tensors:
@@ -248,20 +259,23 @@ class Pipeline:
             return _empty_outputs(stage, feed)
         outs = self.chain.infer(stage, self.runner(stage), feed, res.timings_ms)
         if stage.cache:
-            self.kv.write(stage, outs)
+            self.kv.write(stage, outs, feed[ROW_LENS])
         return outs
 
     @staticmethod
     def _plain(stage: StageSpec) -> set[str]:
         return {t.name for t in stage.inputs if t.source != CACHE_SOURCE}
 
-    def _limit(self, max_new_tokens: int | None) -> int:
+    def _limits(self, max_new_tokens) -> list[int]:
+        """The decode limit as a list: one value for every request, or each request's own."""
         loop = self.layout.loop
-        limit = loop.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if not 1 <= limit <= loop.max_new_tokens:
-            raise InputError(f"max_new_tokens is {limit}; this artifact was exported for 1 to {loop.max_new_tokens} "
-                             "(re-export with a larger --max-new-tokens)")
-        return limit
+        given = [loop.max_new_tokens] if max_new_tokens is None else (
+            [int(v) for v in max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else [int(max_new_tokens)])
+        for limit in given:
+            if not 1 <= limit <= loop.max_new_tokens:
+                raise InputError(f"max_new_tokens is {limit}; this artifact was exported for 1 to "
+                                 f"{loop.max_new_tokens} (re-export with a larger --max-new-tokens)")
+        return given
 
     def _check_host(self, host: dict, sequence: list[StageSpec], mode: str, given: dict) -> None:
         known = {t.name: t for t in self.layout.host_inputs}
@@ -284,49 +298,68 @@ class Pipeline:
         return tensors[src]
 
     # -- decode loop ----------------------------------------------------------------------------
-    def _run_loop(self, res: PipelineResult, record: bool, limit: int) -> None:
-        """Greedy decoding as `exporter.reference.Reference._generate` does it (see graphs.stages.Loop).
+    def _run_loop(self, res: PipelineResult, record: bool, limits: list[int]) -> None:
+        """Greedy decoding of a batch as `exporter.reference.Reference._generate` does it per request
+        (see graphs.stages.Loop).
 
-        Limits are checked before the first step (positions past the model's maximum) or at the step they
-        are crossed (more [SEG] tokens than the exported num_seg), never after the whole decode.
+        Every request decodes in the same steps; one that stopped (a stop token, or its limit) stays in the
+        batch with `row_lens` 0, so its cache stops growing and its tokens are ignored; the loop ends when every
+        request has stopped. Limits are checked before the first step (positions past the model's maximum) or at
+        the step they are crossed (more [SEG] tokens than the exported per-request maximum).
         """
         loop, t, chain = self.layout.loop, res.tensors, self.chain
-        tok, hid = t[loop.token], t[loop.hidden]  # [1] int64, [1, H]
+        tok, hid = t[loop.token], t[loop.hidden]  # [B] int64, [B, H]
         tok_src = loop.token
-        pos = chain.token(loop.position, t[loop.position])
-        if loop.max_positions and pos + limit - 1 > loop.max_positions:
-            raise InputError(f"generate: the prompt ends at position {pos} and max_new_tokens {limit} would feed "
-                             f"positions up to {pos + limit - 2}, past the model's maximum {loop.max_positions - 1}; "
-                             f"shorten the text or pass max_new_tokens <= {max(loop.max_positions - pos + 1, 1)}")
-        max_seg = self.layout.dims["num_seg"].max if "num_seg" in self.layout.dims else None
-        first_row = chain.scalar(0)
-        generated: list[int] = []
-        seg_rows: list = []
+        pos = t[loop.position]  # [B]: each request's next position
+        starts = chain.tokens(loop.position, pos)
+        batch, first, limit = len(starts), max(starts), max(limits)
+        if len(limits) not in (1, batch):
+            raise InputError(f"max_new_tokens gives {len(limits)} limits for a batch of {batch}; give one, or one "
+                             "per request")
+        limits = limits * batch if len(limits) == 1 else limits
+        if loop.max_positions and first + limit - 1 > loop.max_positions:
+            raise InputError(f"generate: the prompt ends at position {first} and max_new_tokens {limit} would feed "
+                             f"positions up to {first + limit - 2}, past the model's maximum {loop.max_positions - 1}; "
+                             f"shorten the text or pass max_new_tokens <= {max(loop.max_positions - first + 1, 1)}")
+        max_seg = loop.max_seg
+        first_row = chain.alloc((batch, 1), "int64")
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        seg_rows: list[list] = [[] for _ in range(batch)]
+        active = [True] * batch
         steps = 0
         step_out: dict = {}
         while True:
-            generated.append(chain.token(tok_src, tok))  # the one host read per step: the stop check
-            if generated[-1] == loop.seg_token_id:
-                if max_seg is not None and len(seg_rows) == max_seg:
-                    raise InputError(f"generate: step {len(generated)} emitted [SEG] number {max_seg + 1}; this "
-                                     f"artifact was exported for at most {max_seg} masks per request; re-export with "
-                                     "a larger --max-seg, or pass a smaller max_new_tokens")
-                seg_rows.append(chain.keep(hid[0]))  # a device row lives in a buffer the next step overwrites
-            if generated[-1] in loop.stop_token_ids or len(generated) == limit:
+            for b, token in enumerate(chain.tokens(tok_src, tok)):  # the one host read per step: the stop check
+                if not active[b]:
+                    continue
+                generated[b].append(token)
+                if token == loop.seg_token_id:
+                    if max_seg is not None and len(seg_rows[b]) == max_seg:
+                        raise InputError(f"generate: request {b + 1} emitted [SEG] number {max_seg + 1} at step "
+                                         f"{len(generated[b])}; this artifact was exported for at most {max_seg} masks "
+                                         "per request; re-export with a larger --max-seg, or pass a smaller "
+                                         "max_new_tokens")
+                    seg_rows[b].append(chain.keep(hid[b]))  # a device row lives in a buffer the next step overwrites
+                if token in loop.stop_token_ids or len(generated[b]) == limits[b]:
+                    active[b] = False
+            if not any(active):
                 break
-            step_out = {"loop.token": tok, "loop.position": chain.scalar(pos), "loop.first_row": first_row}
+            step_out = {"loop.token": tok[:, None], "loop.position": pos[:, None], "loop.first_row": first_row,
+                        "loop.row_lens": chain.vector([int(a) for a in active])}
             for step in loop.steps:
                 outs = self._step(step, "generate", {**t, **step_out}, res, record)
                 step_out.update({f"{step.name}.{k}": v for k, v in outs.items()})
             steps += 1
-            pos += 1
+            pos = pos + 1
             tok, hid = step_out[loop.token_output], step_out[loop.hidden_output]
             tok_src = loop.token_output
         if steps:
             t.update({k: v for k, v in step_out.items() if not k.startswith("loop.")})  # the last step's outputs
         res.timings_ms["decode_steps"] = steps
-        t["loop.generated_ids"] = np.asarray(generated, dtype=np.int64)
-        t["loop.seg_hidden"] = chain.stack(seg_rows, hid)  # [K, H]
+        width = max(len(g) for g in generated)
+        t["loop.generated_ids"] = np.asarray([g + [-1] * (width - len(g)) for g in generated], dtype=np.int64)
+        t["loop.seg_hidden"] = chain.stack([r for rows in seg_rows for r in rows], hid)  # [K, H], request order
+        t["loop.seg_batch"] = chain.vector([b for b, rows in enumerate(seg_rows) for _ in rows])  # [K], sam_decoder's
         res.generated_ids = generated
 
 

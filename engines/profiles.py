@@ -4,8 +4,8 @@
     stage_profiles(stage, dims)   # [{"suffix_ids": InputShapes(min=(1,), opt=(32,), max=(128,)), ...}]
 
 Each input dim is a static int (fixed in min/opt/max) or a named dim (a key of `dims`, e.g.
-"prefix_len", "rows_llm_0", "cache_llm_0", and "num_seg", whose size is data-dependent upstream but
-bounded by the export). Expression dims ("prefix_len + 16 + suffix_len") appear only on outputs.
+"batch" (requests per call: min 1, opt `--opt-batch`, max `--max-batch`), "prefix_len", "rows_llm_0",
+"cache_llm_0", and "num_seg", the batch's [SEG] rows, data-dependent upstream but bounded by the export). Expression dims ("prefix_len + 16 + suffix_len") appear only on outputs.
 
 One profile per engine (`PROFILES_NOTE`). A block (`llm_<i>`) serves prefill and decode: its one
 profile spans rows 1 (a decode step) to the prompt maximum and its static cache from 1 to its
@@ -29,8 +29,8 @@ PROFILES_NOTE = {
 _OTHER_NOTE = "one profile: the same graph and shapes serve single-pass and generate mode"
 
 # The export flags that bound each named dim: what to re-export with when an override asks for more.
-_EXPORT_FLAG = {"prefix_len": "--max-text-len", "suffix_len": "--max-text-len", "num_seg": "--max-seg",
-                "instances": "--max-instances"}
+_EXPORT_FLAG = {"prefix_len": "--max-text-len", "suffix_len": "--max-text-len", "num_seg": "--max-seg (or --max-batch)",
+                "instances": "--max-instances", "batch": "--max-batch"}
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,22 @@
 """The artifact's pipeline as a Triton model (PyTriton): request tensors in, masks and text out.
 
-    request  image BYTES [1] (encoded JPEG/PNG/WebP), query BYTES [1], mode BYTES [1]?, return_logits BOOL [1]?
-      -> decode_request (checks) -> image cache (sha256 of the bytes + image settings; engines.image_cache)
-           hit:  ArtifactSession.segment(encoding, query)    the stages that read the query
-           miss: decode, ArtifactSession.segment(image, query, keep_encoding=True) (every stage, batch 1), cache it
-      -> encode_response
+    group of requests (Triton's dynamic batcher, up to --max-batch-size, waiting up to --max-queue-delay-us)
+      -> per request: decode_request, check_query (exported text ranges), image cache (sha256 of the bytes +
+         image settings; engines.image_cache): hit -> its ImageEncoding; miss -> decode the image
+         (a bad request gets its own error here; identical image bytes in a group are decoded once)
+      -> engines.batching.run_items: one ArtifactSession.segment_batch per mode, at most the artifact's
+         --max-batch requests each; hits and misses in one batch; misses' encodings are cached
+      -> encode_response per request
     response mask_png BYTES [1], masks_packed UINT8 [-1], masks_shape INT64 [3], mask_logits FP32 [-1, -1, -1]?,
              answer BYTES [1], generated_ids INT64 [-1], timings BYTES [1] (JSON)
 
 Shapes are per request, without Triton's batch dim (clients send [1, 1] for a BYTES [1] input); an output
-with no elements is left out of the response (PyTriton cannot send zero-size tensors). The stage
-graphs have a static batch of 1, so Triton's dynamic batcher only groups requests into one call of
-`SegmentModel`, which runs them one after another; identical image bytes within a group are decoded once.
+with no elements is left out of the response (PyTriton cannot send zero-size tensors). Each request's
+result equals the request run alone (the stage graphs pad per request and mask the padding).
 
-A bad request gets its own error response (HTTP 400 / gRPC INVALID_ARGUMENT) and leaves the other
-requests of its group alone: PyTriton 0.7.0 would fail the whole group on an exception, so
-`install_per_request_errors` adds a small override to the proxy model PyTriton loads into Triton.
+A bad request (HTTP 400 / gRPC INVALID_ARGUMENT) leaves the other requests of its group alone: PyTriton
+0.7.0 would fail the whole group on an exception, so `install_per_request_errors` adds a small override
+to the proxy model PyTriton loads into Triton.
 
 PyTriton is imported lazily, so `engines` imports without it.
 """
@@ -34,6 +35,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from engines.batching import DEFAULT_MAX_QUEUE_DELAY_US, Item, check_query, run_items
 from graphs.errors import InputError, ToolchainError
 from graphs.imageio import MAX_IMAGE_PIXELS, decode_image_bytes
 from graphs.prompt import MODES, prompt_text
@@ -254,64 +256,112 @@ def error_response(message: str, internal: bool = False) -> dict[str, np.ndarray
 
 
 # -- the model callable ----------------------------------------------------------------------
+def _log_batch_failure(exc: Exception) -> None:
+    LOGGER.warning("a batch failed as a whole (%s: %s); running its requests one by one", type(exc).__name__, exc)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What SegmentModel keeps of a checked request until its batch is done."""
+
+    key: object            # ImageKey, or None with the cache off
+    hit: bool              # the image's encoding came from the cache
+    hw: tuple[int, int]    # the input image's (H, W)
+    return_logits: bool
+    decode_ms: float       # cache lookup and image decoding
+
+
 class SegmentModel:
     """PyTriton inference callable over one ArtifactSession (one per Triton model instance; an instance's
     requests run on its own thread, so a session is never used by two threads).
 
+    A call gets the group Triton's dynamic batcher formed. Each request is checked alone (tensors, query length,
+    image); a bad one gets its own error response. The good ones run as batched pipeline calls
+    (engines.batching: one `segment_batch` per mode, at most `max_batch` requests each).
+
     With an image cache (shared by every instance): the image bytes' hash and the session's image settings are
-    looked up first; a hit skips decoding the image and its image-only stages (`segment(encoding, query)`), a
-    miss runs every stage and caches the encoding that run made. Bytes that fail to decode never enter it.
+    looked up first; a hit skips decoding the image and its image-only stages (its encoding joins the batch),
+    a miss runs every stage and caches the encoding that run made. Bytes that fail to decode never enter it.
 
     Args:
         session (ArtifactSession): loaded and warmed up.
         limits (Limits): per-request limits. Defaults to Limits().
         max_new_tokens (int | None): generate-mode limit. Defaults to None (as csprt run: min(32, exported)).
         cache (ImageCache | None): shared image cache. Defaults to None (off).
+        max_batch (int | None): the most requests per pipeline call; a larger group is split. Defaults to None
+            (the artifact's exported maximum, `session.max_batch`).
     """
 
     LOG_EVERY = 100  # lookups between two cache summaries in the log
 
-    def __init__(self, session, limits: Limits = Limits(), max_new_tokens: int | None = None, cache=None):
+    def __init__(self, session, limits: Limits = Limits(), max_new_tokens: int | None = None, cache=None,
+                 max_batch: int | None = None):
         from engines.image_cache import ImageCache
 
         self.session, self.limits = session, limits
+        self.max_batch = min(max_batch or session.max_batch, session.max_batch)
         self.cache = cache if cache is not None else ImageCache(0)
         loop = session.artifact.layout.loop
         self.max_new_tokens = max_new_tokens if max_new_tokens is not None else min(32, loop.max_new_tokens if loop else 0)
         self.modes = tuple(session.artifact.modes)
 
     def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
-        images: dict[bytes, np.ndarray] = {}  # identical image bytes in one batch are decoded once
-        return [self._one(r, images) for r in requests]
+        """One Triton call (a dynamic-batcher group): each request checked alone, the good ones segmented in
+        batches of up to `max_batch` (engines.batching), one response per request in request order."""
+        responses: list = [None] * len(requests)
+        items, info = [], {}
+        images: dict[bytes, np.ndarray] = {}  # identical image bytes in one group are decoded once
+        for i, request in enumerate(requests):
+            try:
+                items.append(self._check(i, request, images, info))
+            except Exception as exc:  # noqa: BLE001 - this request's error only
+                responses[i] = self._error(exc)
+        t0 = time.perf_counter()
+        keep = self.cache.enabled and any(not info[it.index].hit for it in items)
+        results = run_items(self.session, items, self.max_batch, keep_encoding=keep, on_error=_log_batch_failure)
+        segment_ms = (time.perf_counter() - t0) * 1000
+        for it in items:
+            responses[it.index] = self._respond(requests[it.index], info[it.index], results[it.index], results,
+                                                segment_ms)
+        return responses
 
-    def _one(self, request, images: dict) -> dict[str, np.ndarray]:
+    def _check(self, i: int, request, images: dict, info: dict) -> Item:
+        """Request i alone: its tensors, its query against the exported ranges, its image (cache or decode)."""
+        req = decode_request(request, self.limits, self.modes)
+        check_query(self.session, req.query, req.mode)
+        t0 = time.perf_counter()
+        encoding, key = self._lookup(req.image)
+        if encoding is None:
+            if req.image not in images:
+                images[req.image] = decode_image(req.image, self.limits)
+            source, hw = images[req.image], images[req.image].shape[:2]
+        else:
+            source, hw = encoding, encoding.original_hw
+        info[i] = _Checked(key, encoding is not None, hw, req.return_logits, (time.perf_counter() - t0) * 1000)
+        max_new = self.max_new_tokens if req.mode == "generate" else None
+        return Item(i, source, req.query, req.mode, max_new)
+
+    def _respond(self, request, checked: "_Checked", result, results: dict, segment_ms: float) -> dict[str, np.ndarray]:
+        if isinstance(result, Exception):
+            return self._error(result)
         try:
-            req = decode_request(request, self.limits, self.modes)
-            t0 = time.perf_counter()
-            encoding, key = self._lookup(req.image)
-            if encoding is None:
-                if req.image not in images:
-                    images[req.image] = decode_image(req.image, self.limits)
-                source, hw = images[req.image], images[req.image].shape[:2]
-            else:
-                source, hw = encoding, encoding.original_hw
-            t1 = time.perf_counter()
-            keep = {"keep_encoding": True} if key is not None and encoding is None else {}
-            seg = self.session.segment(source, req.query, mode=req.mode,
-                                       max_new_tokens=self.max_new_tokens if req.mode == "generate" else None, **keep)
-            if encoding is None and key is not None:
-                self.cache.put(key, seg.encoding)
-            t2 = time.perf_counter()
-            timings = {**seg.timings_ms, "decode_image": (t1 - t0) * 1000, "segment": (t2 - t1) * 1000,
-                       "image_cache_hit": int(encoding is not None)}
+            if checked.key is not None and not checked.hit:
+                self.cache.put(checked.key, result.encoding)
+            batch = sum(1 for r in results.values() if getattr(r, "pipeline", None) is result.pipeline)
+            timings = {**result.timings_ms, "decode_image": checked.decode_ms, "segment": segment_ms,
+                       "batch_size": batch, "image_cache_hit": int(checked.hit)}
             wanted = getattr(request, "requested_output_names", None)
-            return encode_response(seg, hw, req.return_logits, timings, wanted)
-        except ToolchainError as exc:
+            return encode_response(result, checked.hw, checked.return_logits, timings, wanted)
+        except Exception as exc:  # noqa: BLE001 - this request's error only
+            return self._error(exc)
+
+    @staticmethod
+    def _error(exc: Exception) -> dict[str, np.ndarray]:
+        if isinstance(exc, ToolchainError):
             return error_response(str(exc))
-        except Exception as exc:  # noqa: BLE001 - a bug must not fail the other requests of the batch
-            LOGGER.error("request failed:\n%s", traceback.format_exc())
-            return error_response(f"csprt internal error (please report; traceback in the server log): "
-                                  f"{type(exc).__name__}: {exc}", internal=True)
+        LOGGER.error("request failed:\n%s", "".join(traceback.format_exception(exc)))
+        return error_response(f"csprt internal error (please report; traceback in the server log): "
+                              f"{type(exc).__name__}: {exc}", internal=True)
 
     def _lookup(self, data: bytes):
         """(cached encoding or None, key or None when the cache is off)."""
@@ -467,15 +517,18 @@ def patch_model_store(model_store) -> None:
     path.write_bytes(source + PROXY_PATCH)
 
 
-def bind(triton, models: Sequence[SegmentModel], max_batch_size: int) -> None:
-    """Bind `models` (one per instance) as MODEL_NAME with Triton's dynamic batcher."""
+def bind(triton, models: Sequence[SegmentModel], max_batch_size: int,
+         max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US) -> None:
+    """Bind `models` (one per instance) as MODEL_NAME with Triton's dynamic batcher: a group of up to
+    `max_batch_size` requests, formed within `max_queue_delay_us` of the first, is one call of a model."""
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     install_per_request_errors()
     inputs = [Tensor(name=n, dtype=_NP[d], shape=s, optional=opt) for n, (d, s, opt, _) in INPUTS.items()]
     outputs = [Tensor(name=n, dtype=_NP[d], shape=s) for n, (d, s, _) in OUTPUTS.items()]
-    # No queue delay: the graphs run batch 1, so waiting to fill a batch only adds latency. Requests queued
-    # while an instance is busy are still grouped into its next call.
-    config = ModelConfig(max_batch_size=max_batch_size, batcher=DynamicBatcher(max_queue_delay_microseconds=0))
+    # Requests queued while an instance is busy are grouped into its next call whatever the delay; the delay
+    # lets requests that arrive close together on an idle server share one batched call too.
+    config = ModelConfig(max_batch_size=max_batch_size,
+                         batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
     triton.bind(model_name=MODEL_NAME, infer_func=list(models), inputs=inputs, outputs=outputs, config=config,
                 strict=False)

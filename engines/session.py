@@ -247,6 +247,19 @@ class ArtifactSession:
             self._image_settings = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
         return self._image_settings
 
+    @property
+    def max_batch(self) -> int:
+        """The most requests one call takes (the `batch` dim's exported max, `csprt export --max-batch`)."""
+        return self.artifact.layout.dims["batch"].max
+
+    def check_batch(self, n: int) -> None:
+        if n < 1:
+            raise InputError("an empty batch: pass at least one image and one query")
+        if n > self.max_batch:
+            raise InputError(f"a batch of {n} requests is more than this artifact's maximum of {self.max_batch}; "
+                             f"run at most {self.max_batch} at a time, or re-export with --max-batch {n} "
+                             f"({self.artifact.rebuild_command} --max-batch {n})")
+
     def encode_image(self, image: np.ndarray, instance_masks=None) -> ImageEncoding:
         """Run the stages that read only the image (SAM's `set_image`); `segment(encoding, query)` runs the rest.
 
@@ -257,8 +270,13 @@ class ArtifactSession:
         Returns:
             ImageEncoding: the tensors a question needs, where the chain keeps them (host or GPU).
         """
+        return self.encode_images([image], None if instance_masks is None else [instance_masks])[0]
+
+    def encode_images(self, images: list[np.ndarray], instance_masks: list | None = None) -> list[ImageEncoding]:
+        """`encode_image` of several images in one batched run of the image-only stages (at most `max_batch`)."""
+        self.check_batch(len(images))
         plan, layout = self.image_plan, self.artifact.layout
-        feed, original_hw, resized_hw = self.host.image_inputs(image, instance_masks)
+        feed, original_hw, resized_hw = self.host.image_batch(images, instance_masks)
         tensors = {f"host.{k}": v for k, v in feed.items()}
         timings: dict[str, float] = {}
         done: set[str] = set()
@@ -269,18 +287,19 @@ class ArtifactSession:
                 tensors.update(result.tensors)
                 timings.update(result.timings_ms)
                 done |= set(todo)
-        return self._encoding(tensors, original_hw, resized_hw, timings)
+        return [self._encoding(tensors, b, original_hw[b], resized_hw[b], timings) for b in range(len(images))]
 
-    def _encoding(self, tensors: dict, original_hw, resized_hw, timings: dict) -> ImageEncoding:
+    def _encoding(self, tensors: dict, b: int, original_hw, resized_hw, timings: dict) -> ImageEncoding:
+        """Request b's encoding out of a batched run's tensors (every kept source has the batch axis first)."""
         chain = self.pipeline.chain  # keep(): a device tensor is cloned out of the engine's reused buffer
-        kept = {src: chain.keep(tensors[src]) for src in self.image_plan.keep}
+        kept = {src: _own(chain.keep(tensors[src][b:b + 1])) for src in self.image_plan.keep}
         _settle(kept)
         stage_ms = {k: v for k, v in timings.items() if k in self.image_plan.stages}
         return ImageEncoding(kept, original_hw, resized_hw, self.image_settings, stage_ms)
 
     def segment(self, image, query: str, mode: str = "single-pass", max_new_tokens: int | None = None,
                 instance_masks=None, record: bool = False, keep_encoding: bool = False) -> Segmentation:
-        """Segment an image for `query`.
+        """Segment an image for `query` (`segment_batch` of one request).
 
         Args:
             image (np.ndarray | ImageEncoding): uint8 RGB [H, W, 3] (every stage runs), or what `encode_image`
@@ -293,48 +312,113 @@ class ArtifactSession:
             keep_encoding (bool): with an image: also return its encoding (`Segmentation.encoding`), taken from
                 this run's tensors. Defaults to False.
         """
+        return self.segment_batch([image], [query], mode, max_new_tokens,
+                                  None if instance_masks is None else [instance_masks], record, keep_encoding)[0]
+
+    def segment_batch(self, images: list, queries: list[str], mode: str = "single-pass",
+                      max_new_tokens: int | None = None, instance_masks: list | None = None, record: bool = False,
+                      keep_encoding: bool = False) -> list[Segmentation]:
+        """Segment a batch: request b is `images[b]` with `queries[b]`, all in one run of each stage graph.
+
+        Each request's result equals what `segment` gives it alone (its masks, its generated ids); the
+        batch shares one `PipelineResult` and its timings. Images may be arrays or encodings (`encode_image`);
+        arrays among encodings are encoded first, in one batched run.
+
+        Args:
+            images (list[np.ndarray | ImageEncoding]): one per request.
+            queries (list[str]): one per request.
+            mode (str): "single-pass" or "generate". Defaults to "single-pass".
+            max_new_tokens (int | None): generate mode's limit, for every request. Defaults to None (the exported one).
+            instance_masks (list | None): per image (arrays only), for seg_first artifacts. Defaults to None.
+            record (bool): keep each stage's feed (validation). Defaults to False.
+            keep_encoding (bool): also return each array image's encoding. Defaults to False.
+
+        Raises:
+            InputError: more requests than `max_batch` (naming `--max-batch`), or images and queries that do not
+                pair up.
+        """
+        images, queries = list(images), list(queries)
+        if len(images) != len(queries):
+            raise InputError(f"{len(images)} images but {len(queries)} queries; pass one query per image")
+        self.check_batch(len(images))
         self.check_mode(mode)
-        if isinstance(image, ImageEncoding):
-            return self._segment_encoded(image, query, mode, max_new_tokens, instance_masks, record)
-        feed, meta = self.host.inputs(image, query, mode, instance_masks=instance_masks)
-        # Before any stage runs: a text over the exported range fails here, naming the dim and the range.
-        check_host_feed(self.artifact.layout, feed)
-        result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens)
-        encoding = None
-        if keep_encoding:
-            tensors = {**result.tensors, **{f"host.{k}": v for k, v in feed.items()}}
-            encoding = self._encoding(tensors, meta.original_hw, meta.resized_hw, result.timings_ms)
-        return self._segmentation(result, meta, mode, encoding)
+        encoded = [isinstance(im, ImageEncoding) for im in images]
+        query_feed, ids = self.host.query_batch(queries, mode)
+        if not any(encoded):
+            image_feed, original_hw, resized_hw = self.host.image_batch(images, instance_masks)
+            feed = {name: {**query_feed, **image_feed}[name] for name in self.host.host_inputs
+                    if name in query_feed or name in image_feed}  # manifest order
+            # Before any stage runs: a text over the exported range fails here, naming the dim and the range.
+            check_host_feed(self.artifact.layout, feed)
+            result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens)
+            encodings = [None] * len(images)
+            if keep_encoding:
+                tensors = {**result.tensors, **{f"host.{k}": v for k, v in feed.items()}}
+                encodings = [self._encoding(tensors, b, original_hw[b], resized_hw[b], result.timings_ms)
+                             for b in range(len(images))]
+        else:
+            encodings = self._encodings(images, instance_masks)
+            original_hw = [e.original_hw for e in encodings]
+            resized_hw = [e.resized_hw for e in encodings]
+            check_host_feed(self.artifact.layout, query_feed)
+            chain = self.pipeline.chain
+            given = {src: chain.cat([e.tensors[src] for e in encodings]) for src in self.image_plan.keep}
+            rest = [s.name for s in self.artifact.layout.stages if s.name not in self.image_plan.stages]
+            result = self.pipeline.run(query_feed, mode, record=record, max_new_tokens=max_new_tokens, given=given,
+                                       stages=rest)
+        metas = [HostMeta(original_hw=o, resized_hw=r, mode=mode, prompt=i)
+                 for o, r, i in zip(original_hw, resized_hw, ids)]
+        return self._segmentations(result, metas, mode, encodings)
 
-    def _segment_encoded(self, enc: ImageEncoding, query: str, mode: str, max_new_tokens, instance_masks,
-                         record: bool) -> Segmentation:
-        if enc.settings != self.image_settings:
-            raise InputError("this image encoding was made by another artifact, backend, device or preprocessing "
-                             "setting; encode the image with this session (encode_image)")
-        if instance_masks is not None:
+    def _encodings(self, images: list, instance_masks) -> list[ImageEncoding]:
+        """Every image as an encoding: the given ones checked, the arrays encoded together in one run."""
+        for im in images:
+            if isinstance(im, ImageEncoding) and im.settings != self.image_settings:
+                raise InputError("this image encoding was made by another artifact, backend, device or preprocessing "
+                                 "setting; encode the image with this session (encode_image)")
+        masks = list(instance_masks) if instance_masks is not None else [None] * len(images)
+        if any(m is not None for im, m in zip(images, masks) if isinstance(im, ImageEncoding)):
             raise InputError("instance masks belong to the image: pass them to encode_image, not with an encoding")
-        feed, ids = self.host.query_inputs(query, mode)
-        check_host_feed(self.artifact.layout, feed)
-        rest = [s.name for s in self.artifact.layout.stages if s.name not in self.image_plan.stages]
-        result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens, given=enc.tensors,
-                                   stages=rest)
-        meta = HostMeta(original_hw=enc.original_hw, resized_hw=enc.resized_hw, mode=mode, prompt=ids)
-        return self._segmentation(result, meta, mode, enc)
+        raw = [b for b, im in enumerate(images) if not isinstance(im, ImageEncoding)]
+        out = list(images)
+        if raw:
+            made = self.encode_images([images[b] for b in raw],
+                                      None if instance_masks is None else [masks[b] for b in raw])
+            for b, enc in zip(raw, made):
+                out[b] = enc
+        return out
 
-    def _segmentation(self, result: PipelineResult, meta: HostMeta, mode: str, encoding) -> Segmentation:
-        logits, masks = self.host.masks(result.outputs.get("masks"), meta)
-        return Segmentation(
-            mask_logits=logits, masks=masks, answer=self.host.answer(result.generated_ids, mode),
-            generated_ids=result.generated_ids, image_tokens_per_layer=self.image_tokens_per_layer(result),
-            timings_ms=result.timings_ms, pipeline=result, meta=meta, encoding=encoding)
+    def _segmentations(self, result: PipelineResult, metas: list[HostMeta], mode: str,
+                       encodings: list) -> list[Segmentation]:
+        """One Segmentation per request: its masks (`seg_batch` says whose each is) and generated ids."""
+        masks = result.outputs.get("masks")
+        owner = result.outputs.get("seg_batch")
+        owner = np.asarray(owner).reshape(-1) if owner is not None else np.zeros(0, np.int64)
+        tokens = self.image_tokens_per_layer(result)
+        out = []
+        for b, meta in enumerate(metas):
+            mine = None if masks is None else np.asarray(masks)[owner == b]
+            logits, binary = self.host.masks(mine, meta)
+            ids = list(result.generated_ids[b]) if result.generated_ids else []
+            out.append(Segmentation(
+                mask_logits=logits, masks=binary, answer=self.host.answer(ids, mode), generated_ids=ids,
+                image_tokens_per_layer=tokens, timings_ms=result.timings_ms, pipeline=result, meta=meta,
+                encoding=encodings[b]))
+        return out
 
     def image_tokens_per_layer(self, result: PipelineResult) -> list[int]:
         counts = []
         blocks = [s for s in self.artifact.layout.stages if s.kind == "llm"]
         for i, stage in enumerate(blocks):  # entry_i gives block i its image rows
-            rows = result.tensors[f"entry_{i}.image_indices_out"].shape[0]
+            rows = result.tensors[f"entry_{i}.image_indices_out"].shape[1]
             counts += [int(rows)] * len(stage.layers)
         return counts
+
+
+def _own(value):
+    """A host slice as its own array (an encoding must not keep its whole batch alive); device tensors are
+    already clones (`CudaChain.keep`)."""
+    return value.copy() if isinstance(value, np.ndarray) else value
 
 
 def _settle(tensors: dict) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from engines.batching import DEFAULT_MAX_QUEUE_DELAY_US, served_max_batch
 from engines.trt import PRETTY
 from graphs.errors import ArtifactError, ToolchainError
 from graphs.manifest import MANIFEST_NAME, Artifact, file_sha256, load_artifact, package_versions
@@ -53,8 +54,8 @@ def bls_template() -> Path:
     return Path(str(importlib.resources.files("engines").joinpath("triton_bls", "model.py")))
 
 
-def _check_options(backend: str, name: str, instances: int, max_batch_size: int, flavor: str | None,
-                   device: str, image_cache_mb: int = 0) -> None:
+def _check_options(backend: str, name: str, instances: int, max_batch_size: int | None, flavor: str | None,
+                   device: str, image_cache_mb: int = 0, max_queue_delay_us: int = 0) -> None:
     if image_cache_mb < 0:
         raise ToolchainError(f"--image-cache-mb {image_cache_mb}: expected 0 (off) or more")
     if backend not in BACKENDS:
@@ -64,8 +65,10 @@ def _check_options(backend: str, name: str, instances: int, max_batch_size: int,
                              "starting with a letter or digit (it is also the directory name)")
     if instances < 1:
         raise ToolchainError(f"--instances {instances}: expected at least 1")
-    if max_batch_size < 0:
-        raise ToolchainError(f"--max-batch-size {max_batch_size}: expected 0 (no batching) or more")
+    if max_batch_size is not None and max_batch_size < 0:
+        raise ToolchainError(f"--max-batch-size {max_batch_size}: expected 0 (no batch axis) or more")
+    if max_queue_delay_us < 0:
+        raise ToolchainError(f"--max-queue-delay-us {max_queue_delay_us}: expected 0 or more")
     if device not in KINDS:
         raise ToolchainError(f"--device {device}: choose one of: {', '.join(KINDS)}")
     if flavor is not None and backend != "tensorrt":
@@ -188,7 +191,8 @@ def _header(artifact: Artifact, what: str, command: str) -> str:
 
 
 def _write_bls(tmp: Path, artifact: Artifact, name: str, models: list[_StageModel], instances: int,
-               max_batch_size: int, command: str, image_cache_mb: int = DEFAULT_IMAGE_CACHE_MB) -> None:
+               max_batch_size: int, command: str, image_cache_mb: int = DEFAULT_IMAGE_CACHE_MB,
+               max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US) -> None:
     version_dir = tmp / name / VERSION
     version_dir.mkdir(parents=True)
     shutil.copyfile(bls_template(), version_dir / "model.py")
@@ -205,7 +209,7 @@ def _write_bls(tmp: Path, artifact: Artifact, name: str, models: list[_StageMode
     header = (_header(artifact, "BLS orchestrator", command) + "\nNeeds csprt installed in the Python backend's "
               "environment (pip install csprt): model.py runs csprt's HostIO and Pipeline, each stage a BLS request.")
     text = bls_config(artifact.layout, name=name, instances=instances, max_batch_size=max_batch_size,
-                      parameters=params, header=header)
+                      max_queue_delay_us=max_queue_delay_us, parameters=params, header=header)
     (tmp / name / "config.pbtxt").write_text(text, encoding="utf-8")
 
 
@@ -242,9 +246,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-DEFAULT_MAX_BATCH_SIZE = 8  # as csprt serve: the same client (tools/triton_client.py, [1, 1] inputs) works with both
-_DEFAULTS = {"backend": "onnxruntime", "name": "csprt", "instances": 1, "max_batch_size": DEFAULT_MAX_BATCH_SIZE,
-             "flavor": None, "image_cache_mb": DEFAULT_IMAGE_CACHE_MB,
+_DEFAULTS = {"backend": "onnxruntime", "name": "csprt", "instances": 1, "max_batch_size": None,
+             "max_queue_delay_us": DEFAULT_MAX_QUEUE_DELAY_US, "flavor": None, "image_cache_mb": DEFAULT_IMAGE_CACHE_MB,
              "device": "gpu", "link": False}
 
 
@@ -260,9 +263,10 @@ def _command(art: Path, out: Path, options: dict) -> str:
 
 
 def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "csprt", instances: int = 1,
-                      max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, flavor: str | None = None, device: str = "gpu", link: bool = False,
-                      progress: Callable[[str], None] | None = None,
-                      image_cache_mb: int = DEFAULT_IMAGE_CACHE_MB) -> dict:
+                      max_batch_size: int | None = None, flavor: str | None = None, device: str = "gpu",
+                      link: bool = False, progress: Callable[[str], None] | None = None,
+                      image_cache_mb: int = DEFAULT_IMAGE_CACHE_MB,
+                      max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US) -> dict:
     """Write a Triton model repository for an artifact: one model per stage and a BLS orchestrator.
 
     Args:
@@ -273,9 +277,11 @@ def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "c
         name (str): the BLS model's name; stage models are `<name>_<stage>`. Defaults to "csprt".
         instances (int): instances of every model. Each stage instance holds its own weights (GPU memory);
             each BLS instance is one request in flight. Defaults to 1.
-        max_batch_size (int): the BLS model's: how many one-image requests Triton's dynamic batcher hands one
-            execute() call, or 0 for no batch axis (clients then send [1], not [1, 1]). Stage models always have
-            0 (their graphs carry batch 1). Defaults to 8, as `csprt serve`.
+        max_batch_size (int | None): the BLS model's: how many one-image requests Triton's dynamic batcher hands
+            one execute() call, run as one batched pipeline call; at most the artifact's exported batch
+            (`csprt export --max-batch`); or 0 for no batch axis (clients then send [1], not [1, 1]). Stage
+            models get the batch axis from the manifest (graphs.triton_config). Defaults to None (8, or the
+            exported maximum if lower, as `csprt serve`).
         flavor (str | None): backend "tensorrt": "tensorrt" (stock Triton) or "tensorrt-rtx" (a Triton whose
             backends/tensorrt_rtx links TensorRT-RTX). Defaults to None ("tensorrt").
         device (str): "gpu" or "cpu" stage instances (cpu: onnxruntime only). Defaults to "gpu".
@@ -285,6 +291,8 @@ def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "c
         image_cache_mb (int): the BLS model's image cache (encodings kept per image for further questions),
             per instance: Triton runs each Python-backend instance in its own process. 0 turns it off.
             Defaults to 512, as `csprt serve`.
+        max_queue_delay_us (int): the BLS model's dynamic batcher: how long it may hold a request to fill a
+            batch. Defaults to 2000, as `csprt serve`.
 
     Returns:
         dict: the repository's csprt_repo.json contents ("repo", "bls_model", "stage_models", ...).
@@ -294,12 +302,14 @@ def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "c
     """
     say = progress or (lambda _msg: None)
     art, out = Path(art_dir), Path(out)
-    _check_options(backend, name, instances, max_batch_size, flavor, device, image_cache_mb)
+    _check_options(backend, name, instances, max_batch_size, flavor, device, image_cache_mb, max_queue_delay_us)
     _check_out(out, art)
     artifact = load_artifact(art)  # verifies every graph file's sha256 before anything is copied
     command = _command(art, out, {"backend": backend, "name": name, "instances": instances,
-                                  "max_batch_size": max_batch_size, "flavor": flavor, "device": device, "link": link,
-                                  "image_cache_mb": image_cache_mb})
+                                  "max_batch_size": max_batch_size, "max_queue_delay_us": max_queue_delay_us,
+                                  "flavor": flavor, "device": device, "link": link, "image_cache_mb": image_cache_mb})
+    if max_batch_size != 0:  # 0: no batch axis on the BLS model
+        max_batch_size = served_max_batch(max_batch_size, artifact)
     trt_version = None
     if backend == "onnxruntime":
         models = _onnx_models(artifact, name)
@@ -312,13 +322,14 @@ def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "c
             say(f"[{i}/{len(models)}] {m.model}: {m.backend} ({', '.join(sorted(m.files.values()))})")
             _write_stage(tmp, artifact, m, instances, device, link, command)
         say(f"{name}: BLS orchestrator (python backend) with the manifest and tokenizer")
-        _write_bls(tmp, artifact, name, models, instances, max_batch_size, command, image_cache_mb)
+        _write_bls(tmp, artifact, name, models, instances, max_batch_size, command, image_cache_mb, max_queue_delay_us)
         marker = {
             "format": REPO_FORMAT, "format_version": REPO_FORMAT_VERSION,
             "csprt_version": package_versions(("csprt",))["csprt"], "command": command,
             "artifact": str(artifact.dir.resolve()), "manifest_sha256": file_sha256(artifact.dir / MANIFEST_NAME),
             "backend": backend, "flavor": flavor, "trt_version": trt_version, "device": device,
-            "instances": instances, "max_batch_size": max_batch_size, "image_cache_mb": image_cache_mb,
+            "instances": instances, "max_batch_size": max_batch_size, "max_queue_delay_us": max_queue_delay_us,
+            "image_cache_mb": image_cache_mb,
             "bls_model": name,
             "stage_models": {m.stage.name: m.model for m in models},
         }

@@ -14,6 +14,7 @@ import torch
 
 from exporter.checkpoint import build_random
 from exporter.reference import Reference
+from graphs.errors import InputError
 from graphs.flops import flops_report
 from graphs.preprocessing import default_clip_processor_config
 from graphs.prompt import query_of_length
@@ -35,8 +36,9 @@ def _sync(device) -> None:
 
 @torch.no_grad()
 def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "single-pass", repeat: int = 10,
-                warmup: int = 2, max_new_tokens: int = 16, image: np.ndarray | None = None) -> dict:
-    """Time the PyTorch reference (eager, stage by stage) under `schedule`.
+                warmup: int = 2, max_new_tokens: int = 16, image: np.ndarray | None = None, batch: int = 1) -> dict:
+    """Time the PyTorch reference (eager, stage by stage) under `schedule`; `batch` > 1 runs `Reference.batch`
+    (single-pass).
 
     Returns the same raw dict as `engines.bench.bench_session` (runs, e2e_ms, image_tokens_per_layer,
     text_tokens, peak_memory_mib, decode_steps; pipeline_ms None: the reference has no pipeline).
@@ -50,8 +52,16 @@ def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "singl
     device = ref.device
     query = query_of_length(tokenizer, text_tokens, mode, shape.num_image_tokens, shape.llm.max_positions)
     ids = ref.prompt(query, mode)
+    if batch > 1 and mode != "single-pass":
+        raise InputError("the torch reference batches single-pass only; bench generate mode at --batch 1 on torch")
+
+    def once():
+        if batch > 1:
+            return ref.batch([image] * batch, [ids] * batch)[0]
+        return ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
+
     for _ in range(warmup):
-        ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
+        once()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -60,7 +70,7 @@ def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "singl
         for _ in range(repeat):
             _sync(device)
             t0 = time.perf_counter()
-            out = ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
+            out = once()
             _sync(device)
             e2e.append(1e3 * (time.perf_counter() - t0))
             runs.append(dict(out.timings_ms))
@@ -76,12 +86,14 @@ def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "singl
 
 @torch.no_grad()
 def bench_llm_graphs(shape: ModelShape, schedules: list[str], text_tokens: int = 40, reps: int = 50,
-                     dtype=torch.float16) -> dict:
+                     dtype=torch.float16, batch: int = 1) -> dict:
     """LLM-part floor on a GPU: each stage's decoder layers at its static token count, replayed as one CUDA graph.
 
     Selection ops are left out; what remains is what a launch-gap-free runtime (TensorRT, CUDA
     graphs) pays per schedule. Also measures the two ceilings: a device copy the size of the
-    decoder weights (the weight-read floor) and an 8192^3 matmul.
+    decoder weights (the weight-read floor) and an 8192^3 matmul. `batch` requests run together (static
+    schedules keep a batch rectangular): where batch 1 is bound by reading the weights, batch 8 shows
+    what a schedule's FLOPs cut buys once the LLM is compute-bound.
     """
     from exporter.reference import causal_mask
 
@@ -90,7 +102,7 @@ def bench_llm_graphs(shape: ModelShape, schedules: list[str], text_tokens: int =
 
     def stage_fn(stage):
         t = text_tokens + stage.budget
-        h = torch.randn(1, t, shape.llm.hidden, device="cuda", dtype=dtype)
+        h = torch.randn(batch, t, shape.llm.hidden, device="cuda", dtype=dtype)
         pos = torch.arange(t, device="cuda")[None]
         cos, sin = model.llm.model.rotary_emb(h, pos)
         mask = causal_mask(t, dtype, "cuda")
@@ -107,8 +119,9 @@ def bench_llm_graphs(shape: ModelShape, schedules: list[str], text_tokens: int =
         sched = resolve(name, shape.llm.layers, shape.num_image_tokens)
         per = {st.name: graph_median_ms(stage_fn(st), reps) for st in sched.stages}
         total = sum(per.values())
-        flops = 2 * flops_report(shape, sched, text_tokens=text_tokens)["flops"]["llm"]["fastv"]  # MACs -> FLOPs
-        results[name] = {"stages_ms": per, "llm_ms": total, "achieved_tflops": flops / total / 1e9}
+        flops = 2 * batch * flops_report(shape, sched, text_tokens=text_tokens)["flops"]["llm"]["fastv"]  # MACs -> FLOPs
+        results[name] = {"stages_ms": per, "llm_ms": total, "achieved_tflops": flops / total / 1e9,
+                         "images_per_s": 1e3 * batch / total}
     for r in results.values():
         r["speedup_vs_full"] = results["full"]["llm_ms"] / r["llm_ms"] if "full" in results else None
     nbytes = sum(p.numel() * p.element_size() for p in layers.parameters())
@@ -117,7 +130,7 @@ def bench_llm_graphs(shape: ModelShape, schedules: list[str], text_tokens: int =
     copy_ms = graph_median_ms(lambda: dst.copy_(src), reps)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     mm_ms = graph_median_ms(lambda: a @ a, 20)
-    return {"results": results, "decoder_weight_gib": nbytes / 2**30, "weight_copy_ms": copy_ms,
+    return {"results": results, "batch": batch, "decoder_weight_gib": nbytes / 2**30, "weight_copy_ms": copy_ms,
             "weight_read_floor_ms": copy_ms / 2, "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
 
 

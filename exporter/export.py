@@ -76,6 +76,8 @@ class ExportOptions:
     max_text_len: int = LayoutOptions.max_text_len
     max_new_tokens: int = LayoutOptions.max_new_tokens
     max_seg: int = LayoutOptions.max_seg
+    max_batch: int = LayoutOptions.max_batch
+    opt_batch: int = LayoutOptions.opt_batch
     external_data_threshold: int = onnx_passes.EXTERNAL_DATA_THRESHOLD
     cache_dir: str | None = None  # a GraphCache shared between exports; None: no cross-artifact reuse
     # Trace each stage on inputs built from the layout instead of running the model, and skip the ONNX
@@ -197,8 +199,9 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
 class _SampleChain:
     """Runs stage wrappers eagerly over a sample request, following the layout's wiring.
 
-    Dynamic dims must be >= 2 in the sample (torch.export specialises sizes 0 and 1), so the sample
-    feeds of stages with a [SEG] axis repeat a row to get two. A block gets an empty static cache
+    Dynamic dims must be >= 2 in the sample (torch.export specialises sizes 0 and 1): the sample is a
+    batch of two requests (the second with the image mirrored and its query one token shorter, right-padded),
+    each with one [SEG] row. A block gets an empty static cache
     (past_len 0) a few rows longer than its prompt rows: its prefill, as the Pipeline runs it.
     """
 
@@ -213,16 +216,16 @@ class _SampleChain:
             src = t.source_for(self.mode)
             if src == CACHE_SOURCE:
                 continue
-            if src.startswith("loop."):  # generate-only artifact: stand-in [SEG] rows from the last hidden state
-                src = self.layout.loop.hidden
-            x = self.tensors[src]
-            if "num_seg" in t.shape:
-                axis = t.shape.index("num_seg")
-                x = torch.cat([x.narrow(axis, 0, 1)] * 2, dim=axis)
+            if src == "loop.seg_batch":  # generate-only artifact: one stand-in [SEG] row per request
+                x = torch.arange(self.tensors["host.suffix_lens"].shape[0])
+            elif src.startswith("loop."):  # ... taken from the last hidden state
+                x = self.tensors[self.layout.loop.hidden]
+            else:
+                x = self.tensors[src]
             args[t.name] = x
         if spec.cache:
             rows = args["hidden"].shape[1]
-            args.update(empty_cache(spec, rows + 3, args["hidden"].dtype))
+            args.update(empty_cache(spec, rows + 3, args["hidden"].dtype, args["hidden"].shape[0]))
         return tuple(args[t.name] for t in spec.inputs)
 
     def run(self, spec: StageSpec, wrapper, args: tuple) -> dict[str, torch.Tensor]:
@@ -234,30 +237,38 @@ class _SampleChain:
         return result
 
 
-def empty_cache(spec: StageSpec, capacity: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def empty_cache(spec: StageSpec, capacity: int, dtype: torch.dtype, batch: int) -> dict[str, torch.Tensor]:
     """A block's cache inputs for a prefill: zero buffers of `capacity` rows and past_len 0."""
-    out = {CACHE_LENGTH: torch.zeros(1, dtype=torch.long)}
+    out = {CACHE_LENGTH: torch.zeros(batch, dtype=torch.long)}
     for inp, _ in spec.cache:
         t = spec.input(inp)
-        out[inp] = torch.zeros((t.shape[0], t.shape[1], capacity, t.shape[3]), dtype=dtype)
+        out[inp] = torch.zeros((batch, t.shape[1], capacity, t.shape[3]), dtype=dtype)
     return out
 
 
 def _host_sample(shape: ModelShape, clip_processor: dict, image: np.ndarray, ids, dtype: torch.dtype,
                  layout: Layout) -> dict[str, torch.Tensor]:
+    """A batch of two requests: the sample image and query, and the image mirrored with the query one token
+    shorter (its suffix right-padded with another id: padding may hold anything)."""
+    images = [image, np.ascontiguousarray(image[:, ::-1])]
+    s = len(ids.suffix)
     host = {
-        "clip_pixels": clip_pixels(image, clip_processor).to(dtype),
-        "sam_pixels": sam_pixels(image, shape.sam.image_size)[0].to(dtype),
-        "prefix_ids": torch.tensor(ids.prefix, dtype=torch.long),
-        "suffix_ids": torch.tensor(ids.suffix, dtype=torch.long),
+        "clip_pixels": torch.cat([clip_pixels(im, clip_processor) for im in images]).to(dtype),
+        "sam_pixels": torch.cat([sam_pixels(im, shape.sam.image_size)[0] for im in images]).to(dtype),
+        "prefix_ids": torch.tensor([ids.prefix] * 2, dtype=torch.long),
+        "suffix_ids": torch.tensor([ids.suffix, ids.suffix[:-1] + ids.suffix[:1]], dtype=torch.long),
+        "suffix_lens": torch.tensor([s, s - 1], dtype=torch.long),
     }
     if any(t.name == "seg_rows" for t in layout.host_inputs):
-        host["seg_rows"] = torch.tensor(ids.seg_rows(), dtype=torch.long)
+        seg = ids.seg_rows()[0]  # the single-pass answer "[SEG]." keeps its [SEG] in the shorter suffix
+        host["seg_rows"] = torch.tensor([seg, seg], dtype=torch.long)
+        host["seg_batch"] = torch.tensor([0, 1], dtype=torch.long)
     if any(t.name == "instance_masks" for t in layout.host_inputs):
         g = shape.vision.grid
-        masks = torch.zeros((2, g, g), dtype=dtype)
-        masks[0, : g // 2, : g // 2] = 1
-        masks[1, g // 2:, g // 3:] = 1
+        masks = torch.zeros((2, 2, g, g), dtype=dtype)
+        masks[:, 0, : g // 2, : g // 2] = 1
+        masks[:, 1, g // 2:, g // 3:] = 1
+        masks[1, 1] = 0  # the second request has one instance (an empty mask pads it)
         host["instance_masks"] = masks
     return host
 
@@ -281,11 +292,11 @@ def spec_feed(spec: StageSpec, layout: Layout, host: dict[str, torch.Tensor], se
     dims = {name: max(2, r.opt) for name, r in layout.dims.items()}  # prefix/suffix_len opt: the sample's
     for s in layout.stages:  # a block's rows are P + its budget + S; its cache a few more (an empty prefill cache)
         if s.cache:
-            budget = layout.stage(f"entry_{s.name.split('_')[-1]}").output("image_indices_out").shape[0]
+            budget = layout.stage(f"entry_{s.name.split('_')[-1]}").output("image_indices_out").shape[1]
             dims[f"rows_{s.name}"] = dims["prefix_len"] + budget + dims["suffix_len"]
             dims[f"cache_{s.name}"] = dims[f"rows_{s.name}"] + 3
     sizes = {t.name: tuple(eval_dim(d, dims) for d in t.shape) for t in spec.inputs}
-    n_image = layout.stage("vision").outputs[0].shape[0]  # image_embeds [N, H]
+    n_image = layout.stage("vision").outputs[0].shape[1]  # image_embeds [B, N, H]
     args = []
     for t in spec.inputs:
         size = sizes[t.name]
@@ -304,19 +315,27 @@ def spec_feed(spec: StageSpec, layout: Layout, host: dict[str, torch.Tensor], se
 
 def _index_input(name: str, size: tuple[int, ...], sizes: dict[str, tuple], n_image: int, dims: dict[str, int],
                  seg_token_id: int) -> torch.Tensor:
-    """Valid values for an integer stage input that no host sample provides."""
-    (n,) = size
+    """Valid values for an integer stage input that no host sample provides (every one has a leading batch dim)."""
+    b, n = size[0], size[-1]
+
+    def per_request(row: torch.Tensor) -> torch.Tensor:
+        return row[None].expand(b, -1).contiguous()
+
     if name in ("image_indices", "image_indices_out"):  # distinct image-token indices, ascending
-        return torch.arange(n) * (n_image // n)
+        return per_request(torch.arange(n) * (n_image // n))
     if name == "assign":  # each image token's representative: a position in this stage's image_indices
-        return torch.arange(n) % sizes["image_indices"][0]
+        return per_request(torch.arange(n) % sizes["image_indices"][1])
     if name == CACHE_LENGTH:  # a prefill: the cache is empty
-        return torch.zeros(1, dtype=torch.long)
+        return torch.zeros(b, dtype=torch.long)
     if name == "positions":  # the block's rows in position order
-        return torch.arange(n)
+        return per_request(torch.arange(n))
+    rows = next((v[1] for k, v in sizes.items() if k == "hidden"), 1)
+    if name == "row_lens":  # every row real
+        return torch.full((b,), rows, dtype=torch.long)
     if name == "query_rows":  # the last prompt row
-        rows = next(v[1] for k, v in sizes.items() if k == "hidden")
-        return torch.full((n,), rows - 1, dtype=torch.long)
+        return torch.full((b, n), rows - 1, dtype=torch.long)
+    if name == "seg_batch":  # [SEG] rows spread over the batch, ascending
+        return torch.arange(n) * dims["batch"] // max(n, 1)
     raise internal_error(f"spec_feed: no rule for integer input {name!r}; add one to exporter.export._index_input")
 
 
@@ -519,7 +538,7 @@ def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, v
     layout = build_layout(schedule, shape, LayoutOptions(
         precision=options.precision, mode=options.mode, max_text_len=options.max_text_len,
         max_new_tokens=options.max_new_tokens, max_seg=options.max_seg, opt_prefix=len(ids.prefix),
-        opt_suffix=len(ids.suffix)), seg_token_id=seg_id, stop_token_ids=(tokenizer.eos_token_id,))
+        opt_suffix=len(ids.suffix), max_batch=options.max_batch, opt_batch=options.opt_batch), seg_token_id=seg_id, stop_token_ids=(tokenizer.eos_token_id,))
 
     weights = _fingerprint(find_weight_files(cfg.ckpt_dir) + [cfg.ckpt_dir / "config.json"]
                            + [p for p in cfg.clip_dir.iterdir() if p.is_file()])

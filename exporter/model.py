@@ -125,7 +125,7 @@ class LisaModel(nn.Module):
         """One low-resolution mask per [SEG] embedding, as LISA drives SAM.
 
         Args:
-            image_embeddings (Tensor): [1, C, g, g].
+            image_embeddings (Tensor): [1, C, g, g], or [K, C, g, g]: one per mask.
             seg_embeddings (Tensor): [K, C], the [SEG] head outputs.
 
         Returns:

@@ -185,6 +185,109 @@ class Reference:
             stage_indices=state["stage_indices"], timings_ms=timer.ms, step_hidden=step_hidden,
         )
 
+    @torch.no_grad()
+    def batch(self, images: list[np.ndarray], queries: list) -> list[ReferenceOutput]:
+        """Single-pass over a batch of requests in one forward pass per stage: what `__call__` gives each alone.
+
+        The template prefix is shared, the suffixes right-padded (causal attention keeps padding out of every
+        real row), each request's selections are its own (its image), and every per-request row (the prune
+        query, the [SEG] rows) uses the request's own length. Generate mode runs per request (`__call__`).
+
+        Args:
+            images (list[ndarray]): [H, W, 3] uint8 RGB, one per request.
+            queries (list[str | PromptIds]): one per request.
+        """
+        m, sched, timer = self.model, self.schedule, _Timer(self.device)
+        ids = [q if isinstance(q, PromptIds) else self.prompt(q, "single-pass") for q in queries]
+        with timer("preprocess"):
+            clip_in = torch.cat([clip_pixels(im, self.clip_cfg) for im in images]).to(self.device, self.dtype)
+            sams = [sam_pixels(im, m.shape.sam.image_size) for im in images]
+            sam_in = torch.cat([x for x, _ in sams]).to(self.device, self.dtype)
+        with timer("vision"):
+            want_cls = sched.stages[0].op == "cluster" and sched.cluster_method == "cls_attention"
+            _, emb, cls_attn = m.vision_features(clip_in, with_cls_attention=want_cls)  # [B, N, H]
+        with timer("sam_encoder"):
+            image_embeddings = m.sam_image_embeddings(sam_in)  # [B, C, g, g]
+        with timer("llm"):
+            normed, rows, counts, stage_indices = self._prefill_batch(emb, cls_attn, ids)
+        outs = []
+        for b, (image, (_, resized_hw)) in enumerate(zip(images, sams)):
+            seg_hidden = normed[b, rows[b]]  # [K, H]
+            with timer("seg_head"):
+                seg_emb = m.seg_head(seg_hidden)
+            with timer("sam_decoder"):
+                low_res = m.sam_decode(image_embeddings[b:b + 1], seg_emb)
+            with timer("postprocess"):
+                logits = postprocess_masks(low_res.float(), resized_hw, image.shape[:2], m.shape.sam.image_size)
+                masks = binarize(logits).cpu().numpy()
+            outs.append(ReferenceOutput(
+                seg_embeddings=seg_emb, seg_hidden=seg_hidden, low_res_logits=low_res, mask_logits=logits,
+                masks=masks, generated_ids=[], answer="[SEG].", image_tokens_per_layer=counts,
+                stage_indices={k: v[b] for k, v in stage_indices.items()}, timings_ms=timer.ms))
+        return outs
+
+    def _prefill_batch(self, emb: torch.Tensor, cls_attn, ids: list[PromptIds]):
+        """Every decoder layer over the batch's rows [prefix | image rows | right-padded suffix].
+
+        Returns (final post-norm rows [B, T, H], each request's [SEG] rows, image rows per layer, stage indices).
+        """
+        m, sched, dev = self.model, self.schedule, self.device
+        b_size, n = emb.shape[0], emb.shape[1]
+        p, s = len(ids[0].prefix), max(len(i.suffix) for i in ids)
+        lens = torch.tensor([len(i.suffix) for i in ids], device=dev)
+        embed = m.llm.model.embed_tokens
+        prefix = embed(torch.tensor([ids[0].prefix] * b_size, device=dev))
+        suffix = embed(torch.tensor([i.suffix + [0] * (s - len(i.suffix)) for i in ids], device=dev))
+        text_pos = (torch.arange(s, device=dev) + p + n)[None].expand(b_size, -1)
+        counts, stage_indices = [], {}
+        h = img_idx = rep_idx = assign = scores = None
+        for i, stage in enumerate(sched.stages):
+            if i == 0:
+                img_idx = selection.first_stage_indices(sched, stage, emb, cls_attn, m.shape.vision.grid, None)
+                if stage.op == "cluster":
+                    rep_idx = img_idx
+                    assign = selection.assign_to_representatives(emb, rep_idx)
+                new_img = selection.gather_rows(emb, img_idx)
+            else:
+                cur = h[:, p:h.shape[1] - s]
+                if stage.op == "scatter":
+                    new_img = selection.scatter_tokens(cur, emb, rep_idx, assign, sched.scatter_mode)
+                    img_idx = torch.arange(n, device=dev)[None].expand(b_size, -1)
+                elif stage.op == "prune":
+                    keep = selection.topk_sorted(scores[:, p:p + cur.shape[1]], stage.budget)
+                    img_idx, new_img = torch.gather(img_idx, 1, keep), selection.gather_rows(cur, keep)
+                else:
+                    new_img = cur
+            h = torch.cat([prefix, new_img, suffix], dim=1) if i == 0 else torch.cat(
+                [h[:, :p], new_img, h[:, h.shape[1] - s:]], dim=1)
+            stage_indices[stage.name] = img_idx.tolist()
+            budget = new_img.shape[1]
+            pos = torch.cat([torch.arange(p, device=dev)[None].expand(b_size, -1), p + img_idx, text_pos], dim=1)
+            cos, sin = m.llm.model.rotary_emb(h, pos)
+            mask = causal_mask(h.shape[1], h.dtype, dev)
+            next_prunes = i + 1 < len(sched.stages) and sched.stages[i + 1].op == "prune"
+            for layer_idx in stage.layers:
+                counts.append(budget)
+                layer = m.decoder_layers[layer_idx]
+                if next_prunes and layer_idx == stage.end - 1:
+                    row_lens = lens + p + budget
+                    scores = selection.query_attention(layer, h, cos, sin, mask.expand(b_size, -1, -1, -1),
+                                                       self._query_rows_batch(ids, p + budget, row_lens), row_lens)
+                h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
+        start = h.shape[1] - s  # the suffix's first row
+        rows = [[start + j for j in i.seg_rows()] for i in ids]
+        return m.llm.model.norm(h), rows, counts, stage_indices
+
+    def _query_rows_batch(self, ids: list[PromptIds], suffix_start: int, row_lens: torch.Tensor) -> torch.Tensor:
+        """[B, R] query rows per request (`_query_rows` with each request's own length)."""
+        query = self.schedule.prune_query
+        if query == "mean":  # every row; rows past a request's length are left out of its mean (row_lens)
+            t = suffix_start + max(len(i.suffix) for i in ids)
+            return torch.arange(t, device=self.device)[None].expand(len(ids), -1)
+        if query == "seg":
+            return torch.tensor([[suffix_start + i.seg_rows()[0]] for i in ids], device=self.device)
+        return (row_lens - 1)[:, None]
+
     def _prefill(self, emb: torch.Tensor, cls_attn, ids: PromptIds, mode: str, instance_masks) -> dict:
         """Run all decoder layers over the prompt. Returns the state the decode loop continues from."""
         m, sched = self.model, self.schedule

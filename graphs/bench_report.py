@@ -75,15 +75,16 @@ def peak_tflops(device_name: str | None) -> float | None:
 def make_record(*, schedule: Schedule, shape: ModelShape, backend: str, device: str, text_tokens: int,
                 image_tokens_per_layer: list[int], runs: list[dict[str, float]], e2e_ms: list[float],
                 pipeline_ms: list[float] | None = None, peak_memory_mib: float | None = None,
-                device_name: str | None = None, decode_steps: int | None = None, quantization: str = "none",
-                weights: dict | None = None) -> dict:
-    """One (schedule, backend) record from per-repeat timings.
+                device_name: str | None = None, decode_steps: int | None = None, batch: int = 1,
+                quantization: str = "none", weights: dict | None = None) -> dict:
+    """One (schedule, backend, batch) record from per-repeat timings.
 
     Args:
         runs: one dict per timed repeat, stage (or span) name -> ms.
         e2e_ms: wall time of each repeat, image in to masks out.
         pipeline_ms: pipeline backends: the wall time of `Pipeline.run` per repeat, so the runtime's own
             cost between stages is `pipeline - sum(stages)`. None for the torch reference.
+        batch: requests per run (every timing is the whole batch's). Defaults to 1.
         quantization: how the LLM blocks are quantized ("int8/ort", ...; `graphs.quantize`), "none" for float.
         weights: the artifact's weight bytes ({"stages": {name: bytes}, "llm", "total"}), None for torch.
     """
@@ -99,12 +100,13 @@ def make_record(*, schedule: Schedule, shape: ModelShape, backend: str, device: 
     report = flops_report(shape, schedule, text_tokens=text_tokens)
     llm = stats(spans["llm"]) if "llm" in spans else None
     e2e = stats(e2e_ms)
-    flops2 = {k: 2 * v["swiglu"] for k, v in report["flops"].items()}
+    flops2 = {k: 2 * batch * v["swiglu"] for k, v in report["flops"].items()}  # the batch's
     achieved = {"llm": flops2["llm"] / llm["median"] / 1e9 if llm else None,
                 "end_to_end": flops2["total"] / e2e["median"] / 1e9}
     peak = peak_tflops(device_name) if device.startswith("cuda") else None
     record = {
         "schedule": schedule.name, "backend": backend, "device": device, "device_name": device_name,
+        "batch": batch, "images_per_s": 1e3 * batch / e2e["median"] if e2e["median"] else None,
         "text_tokens": text_tokens,
         "image_tokens_per_layer": [int(n) for n in image_tokens_per_layer],
         "avg_image_tokens_per_layer": sum(image_tokens_per_layer) / max(1, len(image_tokens_per_layer)),
@@ -137,13 +139,27 @@ def ratios(records: list[dict]) -> dict:
     """Pairwise ratios within one run.
 
     Returns:
-        {"schedule_vs_full": {backend: {schedule: {...}}}, "backend_vs_torch": {schedule: {backend: {...}}}}, and
-        with quantized records "quantized_vs_float": {backend: {schedule: {llm_speedup, end_to_end_speedup,
-        llm_weight_ratio}}} against the float record of the same schedule and backend. Backends are `label`s.
-        A speedup is baseline median / this median (>1 is faster). Pairs whose baseline was not
+        {"schedule_vs_full": {backend: {schedule: {...}}}, "backend_vs_torch": {schedule: {backend: {...}}},
+         "schedule_vs_full_by_batch": {backend: {batch: {schedule: {...}}}}}: the first two at the smallest batch
+        measured, the last at every batch (with images/s); with quantized records also "quantized_vs_float":
+        {backend: {schedule: {llm_speedup, end_to_end_speedup, llm_weight_ratio}}} against the float record of the
+        same schedule and backend at the smallest batch. Backends are `label`s (the backend, with its
+        quantization). A speedup is baseline median / this median (>1 is faster). Pairs whose baseline was not
         measured are absent.
     """
-    by = {(r["schedule"], label(r)): r for r in records}
+    by_batch: dict[str, dict] = {}
+    for r in records:
+        base = next((b for b in records if (b["schedule"], label(b), b.get("batch", 1)) ==
+                     ("full", label(r), r.get("batch", 1))), None)
+        if base is not None:
+            by_batch.setdefault(label(r), {}).setdefault(str(r.get("batch", 1)), {})[r["schedule"]] = {
+                "llm_speedup": _speedup(base["llm_ms"], r["llm_ms"]),
+                "end_to_end_speedup": _speedup(base["end_to_end_ms"], r["end_to_end_ms"]),
+                "images_per_s": r.get("images_per_s"),
+                "llm_flops_bound_speedup": _bound(r["flops_reduction_pct"]["llm"]),
+            }
+    least = min((r.get("batch", 1) for r in records), default=1)
+    by = {(r["schedule"], label(r)): r for r in records if r.get("batch", 1) == least}
     vs_full: dict[str, dict] = {}
     vs_torch: dict[str, dict] = {}
     vs_float: dict[str, dict] = {}
@@ -155,7 +171,7 @@ def ratios(records: list[dict]) -> dict:
                 "llm_speedup": _speedup(base["llm_ms"], r["llm_ms"]),
                 "end_to_end_speedup": _speedup(base["end_to_end_ms"], r["end_to_end_ms"]),
                 "llm_flops_reduction_pct": red,
-                "llm_flops_bound_speedup": 100.0 / (100.0 - red) if red < 100 else None,
+                "llm_flops_bound_speedup": _bound(red),
             }
         ref = by.get((sched, "torch"))
         if ref is not None:
@@ -171,7 +187,7 @@ def ratios(records: list[dict]) -> dict:
                 "end_to_end_speedup": _speedup(fp["end_to_end_ms"], r["end_to_end_ms"]),
                 "llm_weight_ratio": w["llm"] / fw["llm"] if w and fw and fw["llm"] else None,
             }
-    out = {"schedule_vs_full": vs_full, "backend_vs_torch": vs_torch}
+    out = {"schedule_vs_full": vs_full, "backend_vs_torch": vs_torch, "schedule_vs_full_by_batch": by_batch}
     if vs_float:
         out["quantized_vs_float"] = vs_float
     return out
@@ -181,6 +197,10 @@ def label(record: dict) -> str:
     """The backend of a record, with its quantization when the graphs are quantized: "onnxruntime int8/ort"."""
     q = record.get("quantization", "none")
     return record["backend"] if q == "none" else f"{record['backend']} {q}"
+
+
+def _bound(llm_reduction_pct: float) -> float | None:
+    return 100.0 / (100.0 - llm_reduction_pct) if llm_reduction_pct < 100 else None
 
 
 def _speedup(base: dict | None, this: dict | None) -> float | None:

@@ -36,7 +36,8 @@ from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
 from graphs.stages import CACHE_SOURCE, PRECISIONS, DimRange, Layout, Loop, StageSpec, TensorSpec
 
-SCHEMA_VERSION = 2  # 2: weights once (embed / entry_<i> / llm_<i> blocks), static KV cache, loop steps
+SCHEMA_VERSION = 3  # 2: weights once (embed / entry_<i> / llm_<i> blocks), static KV cache, loop steps;
+#                     3: a `batch` dim on every graph (--max-batch), right-padded suffixes, flat [SEG] rows
 FORMAT = "csprt.artifact"
 MANIFEST_NAME = "manifest.json"
 GRAPHS_DIR = "graphs"
@@ -89,7 +90,8 @@ def layout_to_dict(layout: Layout) -> dict:
                 "hidden": lp.hidden, "position": lp.position, "token_output": lp.token_output,
                 "hidden_output": lp.hidden_output, "max_new_tokens": lp.max_new_tokens,
                 "stop_token_ids": list(lp.stop_token_ids), "seg_token_id": lp.seg_token_id,
-                "max_positions": lp.max_positions, "outputs": list(lp.outputs), "feeds": list(lp.feeds)}
+                "max_positions": lp.max_positions, "max_seg": lp.max_seg, "outputs": list(lp.outputs),
+                "feeds": list(lp.feeds)}
     return {
         "host_inputs": [_tensor_to_dict(t) for t in layout.host_inputs],
         "stages": [_stage_to_dict(s) for s in layout.stages],
@@ -112,7 +114,8 @@ def layout_from_dict(d: dict) -> Layout:
         hidden=lp["hidden"], position=lp["position"], token_output=lp["token_output"],
         hidden_output=lp["hidden_output"], max_new_tokens=lp["max_new_tokens"],
         stop_token_ids=tuple(lp["stop_token_ids"]), seg_token_id=lp["seg_token_id"],
-        max_positions=lp["max_positions"], outputs=tuple(lp["outputs"]), feeds=tuple(lp["feeds"]))
+        max_positions=lp["max_positions"], max_seg=lp["max_seg"], outputs=tuple(lp["outputs"]),
+        feeds=tuple(lp["feeds"]))
     return Layout(
         host_inputs=tuple(_tensor_from_dict(t) for t in d["host_inputs"]),
         stages=tuple(_stage_from_dict(s) for s in d["stages"]),

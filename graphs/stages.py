@@ -6,8 +6,8 @@ stages: every input names where its tensor comes from.
 
     host.clip_pixels --> vision --(image_hidden, image_indices, image_embeds, assign)--------+
     host.prefix_ids, host.suffix_ids --> embed --(prefix_embeds, suffix_embeds)--> entry_0 <--+
-    entry_i --(hidden, positions[, query_rows])--> llm_i --(hidden_out[, row_scores])--> entry_{i+1}.block_hidden ...
-    llm_{n-1}.hidden_out (post-norm) --> seg_gather(host.seg_rows) (single-pass) | loop.seg_hidden (generate)
+    entry_i --(hidden, positions, row_lens[, query_rows])--> llm_i --(hidden_out[, row_scores])--> entry_{i+1}.block_hidden ...
+    llm_{n-1}.hidden_out (post-norm) --> seg_gather(host.seg_rows, seg_batch) (single-pass) | loop.seg_hidden (generate)
     host.sam_pixels --> sam_encoder --(image_embeddings)--> sam_decoder <-- seg_head <-----+
     generate, after llm_{n-1}: loop of steps  embed(token) -> llm_0 -> ... -> llm_{n-1} -> next_token
 
@@ -19,13 +19,22 @@ The decode loop's steps (`Loop.steps`) are not graphs of their own: each names t
 (`StageSpec.graph`), so prefill (many rows, empty cache) and decode (one row) share one graph, one
 engine and one loaded session.
 
+Batch. Every graph's leading dim is `batch` (1 to --max-batch): request b is row b everywhere. Static
+schedules give every request the same image rows, so a batch is rectangular; the query suffixes are
+right-padded (`suffix_lens` [B] gives each request's real length) and every per-request row (the last
+prompt row, the [SEG] rows, the prune query, the next position) uses the request's own length. [SEG]
+rows are flat over the batch: `seg_rows`/`seg_batch` [num_seg] (single-pass) or the loop's collected
+rows, and `seg_head`/`sam_decoder` run once per real mask (mask k decodes image seg_batch[k]).
+
 Static KV cache. A block (`StageSpec.cache`) takes its layers' caches as inputs
-`past_{key,value}_<l>` [1, kv_heads, cache_<block>, head_dim], preallocated by the runtime at the
-request's capacity (the block's prefill rows + max_new_tokens - 1, at most the dim's max), plus
-`past_len` [1], how many rows of them are valid. It attends over the valid rows and its new rows
-(causally) and outputs only the new rows' K/V `{key,value}_<l>` [1, kv_heads, rows_<block>, head_dim];
-the runtime writes them into the cache at `past_len` and adds their count. The cache is never
-copied, and one decode shape (rows 1, the request's capacity) serves every step.
+`past_{key,value}_<l>` [B, kv_heads, cache_<block>, head_dim], preallocated by the runtime at the
+batch's capacity (the block's prefill rows + max_new_tokens - 1, at most the dim's max), plus
+`past_len` [B], how many rows of each request's cache are valid, and `row_lens` [B], how many of
+this call's rows are real (a prefill: P + budget + S_b; a decode step: 1, or 0 for a request that has
+stopped). It attends over the valid rows and the real new rows (causally) and outputs only the new
+rows' K/V `{key,value}_<l>` [B, kv_heads, rows_<block>, head_dim]; the runtime writes request b's
+rows into its cache at past_len[b] and adds row_lens[b]. The cache is never copied, and one decode
+shape (rows 1, the batch's capacity) serves every step.
 
 Layout inside every block: hidden rows are [prefix (P) | image rows (the stage's budget, original
 order) | suffix (S)], then generated tokens. Image rows keep their original RoPE positions P + index.
@@ -47,7 +56,8 @@ DTYPES = ("float32", "float16", "int64")
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 EXPORT_MODES = ("single-pass", "generate", "both")
 CACHE_SOURCE = "cache"    # source of a block's cache inputs: the runtime's preallocated buffers
-CACHE_LENGTH = "past_len"  # block input [1]: valid cache rows, where this call's rows are written
+CACHE_LENGTH = "past_len"  # block input [B]: each request's valid cache rows, where this call's rows are written
+ROW_LENS = "row_lens"      # block input [B]: each request's real rows in this call (past_len advances by it)
 
 Dim = int | str  # an int is static; a str is a named dynamic dim (a key of `dims`) or an expression of them
 
@@ -100,9 +110,13 @@ class Loop:
     """Greedy decoding after stage `after` (generate mode), as `exporter.reference` does it.
 
     tok, hid, pos = prefill's token, hidden, position
-    repeat: emit tok; if tok == seg: collect hid; stop on tok in stop_token_ids or max_new_tokens;
-            run `steps` in order (feeds: "loop.token" = [tok], "loop.position" = [pos], "loop.first_row" = [0],
-            "<step>.<output>" of this step, "cache"); tok, hid = token_output, hidden_output; pos += 1
+    per request b (tok [B], hid [B, H], pos [B]): emit tok[b]; if tok[b] == seg: collect hid[b]; b stops on a
+            stop token or its max_new_tokens; when every request has stopped, the loop ends; otherwise
+            run `steps` in order (feeds: "loop.token" = tok [B, 1], "loop.position" = pos [B, 1],
+            "loop.first_row" = zeros [B, 1], "loop.row_lens" = 1 for a request still decoding, 0 for one that
+            stopped [B], "<step>.<output>" of this step, "cache"); tok, hid = token_output, hidden_output; pos += 1
+    collects "loop.generated_ids" [B, T] (-1 past a request's end), "loop.seg_hidden" [K, H] and
+    "loop.seg_batch" [K] (whose each row is)
     """
 
     steps: tuple[StageSpec, ...]  # each runs an existing graph (`StageSpec.graph`) on one row
@@ -116,8 +130,9 @@ class Loop:
     stop_token_ids: tuple[int, ...]
     seg_token_id: int
     max_positions: int = 0  # the model's position limit (RoPE table); 0: unchecked
+    max_seg: int | None = None  # the most [SEG] tokens per request (num_seg is the batch's total); None: unchecked
     outputs: tuple[str, ...] = ("generated_ids", "seg_hidden")
-    feeds: tuple[str, ...] = ("token", "position", "first_row")  # "loop.<x>" sources the steps read
+    feeds: tuple[str, ...] = ("token", "position", "first_row", "row_lens")  # "loop.<x>" sources the steps read
 
     @property
     def stage(self) -> str:
@@ -163,6 +178,8 @@ class LayoutOptions:
         max_instances (int): the most instance masks (cluster_method seg_first). Defaults to 16.
         opt_prefix (int): typical prefix length (the system prompt's). Defaults to 1.
         opt_suffix (int): typical suffix length. Defaults to 1.
+        max_batch (int): the most requests per batch (the `batch` dim of every graph). Defaults to 8.
+        opt_batch (int): the batch size TensorRT profiles tune for. Defaults to 0 (min(4, max_batch)).
     """
 
     precision: str = "fp32"
@@ -173,6 +190,13 @@ class LayoutOptions:
     max_instances: int = 16
     opt_prefix: int = 1
     opt_suffix: int = 1
+    max_batch: int = 8
+    opt_batch: int = 0  # 0: min(4, max_batch)
+
+    @property
+    def batch_range(self) -> "DimRange":
+        """The `batch` dim's profile: 1 to max_batch, opt `opt_batch` (0: min(4, max_batch))."""
+        return _clamp_opt(1, self.opt_batch or min(4, self.max_batch), self.max_batch)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -213,47 +237,56 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
     first = schedule.stages[0]
     seg_first = first.op == "cluster" and schedule.cluster_method == "seg_first"
 
+    B = "batch"  # every graph's leading dim: requests batched together (1 to --max-batch)
     host = [
-        TensorSpec("clip_pixels", f, (1, 3, v.image_size, v.image_size)),
-        TensorSpec("sam_pixels", f, (1, 3, sam.image_size, sam.image_size)),
-        TensorSpec("prefix_ids", "int64", ("prefix_len",)),
-        TensorSpec("suffix_ids", "int64", ("suffix_len",)),
+        TensorSpec("clip_pixels", f, (B, 3, v.image_size, v.image_size)),
+        TensorSpec("sam_pixels", f, (B, 3, sam.image_size, sam.image_size)),
+        # The template prefix is the same for every request (tiled); the query suffix is right-padded to the
+        # batch's longest, with each request's real length in suffix_lens: padding never reaches a real row.
+        TensorSpec("prefix_ids", "int64", (B, "prefix_len")),
+        TensorSpec("suffix_ids", "int64", (B, "suffix_len")),
+        TensorSpec("suffix_lens", "int64", (B,)),
     ]
     if single:
-        # Rows of the suffix just before each [SEG] token (single-pass): the host knows them from its
-        # tokenisation, and as an input K stays a named dim (no data-dependent NonZero in the graphs).
+        # The [SEG] rows of the whole batch, flat: the suffix row just before each [SEG] token and the request it
+        # belongs to (`seg_batch`, ascending). Flat rather than [B, max_seg]: seg_head and the SAM decoder run
+        # once per real mask (no padded masks decoded), a batch without any [SEG] skips them (num_seg 0), and the
+        # host knows the rows from its tokenisation, so K stays an input dim (no data-dependent NonZero).
         host.append(TensorSpec("seg_rows", "int64", ("num_seg",)))
+        host.append(TensorSpec("seg_batch", "int64", ("num_seg",)))
     if seg_first:
-        host.append(TensorSpec("instance_masks", f, ("instances", v.grid, v.grid)))
+        host.append(TensorSpec("instance_masks", f, (B, "instances", v.grid, v.grid)))
     dims = {
+        B: opts.batch_range,
         "prefix_len": _clamp_opt(1, opts.opt_prefix, opts.max_text_len),
         "suffix_len": _clamp_opt(1, opts.opt_suffix, opts.max_text_len),
-        "num_seg": DimRange(1, 1, opts.max_seg),
+        "num_seg": DimRange(1, 1, opts.max_seg * opts.max_batch),  # the batch's total
     }
     if seg_first:
         dims["instances"] = DimRange(1, 1, opts.max_instances)
+    by_name = {t.name: t for t in host}
 
-    vision_in = [TensorSpec("clip_pixels", f, host[0].shape, "host.clip_pixels")]
+    vision_in = [TensorSpec("clip_pixels", f, by_name["clip_pixels"].shape, "host.clip_pixels")]
     if seg_first:
-        vision_in.append(TensorSpec("instance_masks", f, host[-1].shape, "host.instance_masks"))
+        vision_in.append(TensorSpec("instance_masks", f, by_name["instance_masks"].shape, "host.instance_masks"))
     vision_out = [
-        TensorSpec("image_embeds", f, (n, h)),                 # all N projected tokens
-        TensorSpec("image_hidden", f, (1, first.budget, h)),   # the first stage's tokens
-        TensorSpec("image_indices", "int64", (first.budget,)),  # their original indices, ascending
+        TensorSpec("image_embeds", f, (B, n, h)),                 # all N projected tokens
+        TensorSpec("image_hidden", f, (B, first.budget, h)),      # the first stage's tokens
+        TensorSpec("image_indices", "int64", (B, first.budget)),  # their original indices, ascending
     ]
     if first.op == "cluster":
-        vision_out.append(TensorSpec("assign", "int64", (n,)))  # each token's representative (position in indices)
+        vision_out.append(TensorSpec("assign", "int64", (B, n)))  # each token's representative (position in indices)
     stages = [StageSpec("vision", "vision", tuple(vision_in), tuple(vision_out))]
     stages.append(StageSpec(
-        "sam_encoder", "sam_encoder", (TensorSpec("sam_pixels", f, host[1].shape, "host.sam_pixels"),),
-        (TensorSpec("image_embeddings", f, (1, sam.out_chans, sam.embed_grid, sam.embed_grid)),)))
+        "sam_encoder", "sam_encoder", (TensorSpec("sam_pixels", f, by_name["sam_pixels"].shape, "host.sam_pixels"),),
+        (TensorSpec("image_embeddings", f, (B, sam.out_chans, sam.embed_grid, sam.embed_grid)),)))
 
-    kv = lambda t: (1, llm.kv_heads, t, hd)  # noqa: E731  [1, kv_heads, T, head_dim]
+    kv = lambda t: (B, llm.kv_heads, t, hd)  # noqa: E731  [B, kv_heads, T, head_dim]
     text = ("prefix_len", "suffix_len")
     stages.append(StageSpec(
-        "embed", "embed", (TensorSpec("prefix_ids", "int64", ("prefix_len",), "host.prefix_ids"),
-                           TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids")),
-        (TensorSpec("prefix_embeds", f, (1, "prefix_len", h)), TensorSpec("suffix_embeds", f, (1, "suffix_len", h)))))
+        "embed", "embed", (TensorSpec("prefix_ids", "int64", (B, "prefix_len"), "host.prefix_ids"),
+                           TensorSpec("suffix_ids", "int64", (B, "suffix_len"), "host.suffix_ids")),
+        (TensorSpec("prefix_embeds", f, (B, "prefix_len", h)), TensorSpec("suffix_embeds", f, (B, "suffix_len", h)))))
     n_stages = len(schedule.stages)
     blocks: list[StageSpec] = []
     for i, st in enumerate(schedule.stages):
@@ -264,37 +297,40 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
         qdim = rows if schedule.prune_query == "mean" else 1  # every row, or the one query row
         b_in = first.budget if i == 0 else schedule.stages[i - 1].budget
         if i == 0:
-            ins = [TensorSpec("prefix_embeds", f, (1, "prefix_len", h), "embed.prefix_embeds"),
-                   TensorSpec("suffix_embeds", f, (1, "suffix_len", h), "embed.suffix_embeds"),
-                   TensorSpec("image_hidden", f, (1, b_in, h), "vision.image_hidden"),
-                   TensorSpec("image_indices", "int64", (b_in,), "vision.image_indices")]
+            ins = [TensorSpec("prefix_embeds", f, (B, "prefix_len", h), "embed.prefix_embeds"),
+                   TensorSpec("suffix_embeds", f, (B, "suffix_len", h), "embed.suffix_embeds"),
+                   TensorSpec("image_hidden", f, (B, b_in, h), "vision.image_hidden"),
+                   TensorSpec("image_indices", "int64", (B, b_in), "vision.image_indices")]
         else:
             prev = schedule.stages[i - 1].name
-            ins = [TensorSpec("block_hidden", f, (1, f"rows_{prev}", h), f"{prev}.hidden_out"),
-                   TensorSpec("image_indices", "int64", (b_in,), f"entry_{i - 1}.image_indices_out")]
+            ins = [TensorSpec("block_hidden", f, (B, f"rows_{prev}", h), f"{prev}.hidden_out"),
+                   TensorSpec("image_indices", "int64", (B, b_in), f"entry_{i - 1}.image_indices_out")]
             if st.op == "scatter":
-                ins += [TensorSpec("image_embeds", f, (n, h), "vision.image_embeds"),
-                        TensorSpec("assign", "int64", (n,), "vision.assign")]
+                ins += [TensorSpec("image_embeds", f, (B, n, h), "vision.image_embeds"),
+                        TensorSpec("assign", "int64", (B, n), "vision.assign")]
             elif st.op == "prune":
-                ins.append(TensorSpec("row_scores", "float32", (f"rows_{prev}",), f"{prev}.row_scores"))
+                ins.append(TensorSpec("row_scores", "float32", (B, f"rows_{prev}"), f"{prev}.row_scores"))
         # P and S (and the [SEG] query) come from the ids themselves: entry graphs carry no weights.
-        ins += [TensorSpec(name, "int64", (dim,), f"host.{name}")
+        ins += [TensorSpec(name, "int64", (B, dim), f"host.{name}")
                 for name, dim in zip(("prefix_ids", "suffix_ids"), text)
                 if i > 0 or name == "suffix_ids" and scores]
-        outs = [TensorSpec("hidden", f, (1, rows, h)), TensorSpec("positions", "int64", (rows,)),
-                TensorSpec("image_indices_out", "int64", (st.budget,))]
+        ins.append(TensorSpec("suffix_lens", "int64", (B,), "host.suffix_lens"))
+        outs = [TensorSpec("hidden", f, (B, rows, h)), TensorSpec("positions", "int64", (B, rows)),
+                TensorSpec("image_indices_out", "int64", (B, st.budget)),
+                TensorSpec("row_lens", "int64", (B,))]  # each request's real rows: P + budget + its suffix length
         if scores:
-            outs.append(TensorSpec("query_rows", "int64", (qdim,)))
+            outs.append(TensorSpec("query_rows", "int64", (B, qdim)))
         if i == 0:
-            outs.append(TensorSpec("next_position", "int64", (1,)))  # P + N + S: the first generated token's
+            outs.append(TensorSpec("next_position", "int64", (B,)))  # P + N + S_b: each first generated token's
         stages.append(StageSpec(entry, "entry", tuple(ins), tuple(outs)))
 
-        b_ins = [TensorSpec("hidden", f, (1, rows, h), f"{entry}.hidden"),
-                 TensorSpec("positions", "int64", (rows,), f"{entry}.positions")]
+        b_ins = [TensorSpec("hidden", f, (B, rows, h), f"{entry}.hidden"),
+                 TensorSpec("positions", "int64", (B, rows), f"{entry}.positions"),
+                 TensorSpec("row_lens", "int64", (B,), f"{entry}.row_lens")]
         if scores:
-            b_ins.append(TensorSpec("query_rows", "int64", (qdim,), f"{entry}.query_rows"))
-        b_ins.append(TensorSpec(CACHE_LENGTH, "int64", (1,), CACHE_SOURCE))
-        b_outs = [TensorSpec("hidden_out", f, (1, rows, h))]  # the last block's rows are post-norm
+            b_ins.append(TensorSpec("query_rows", "int64", (B, qdim), f"{entry}.query_rows"))
+        b_ins.append(TensorSpec(CACHE_LENGTH, "int64", (B,), CACHE_SOURCE))
+        b_outs = [TensorSpec("hidden_out", f, (B, rows, h))]  # the last block's rows are post-norm
         pairs = []
         for layer in st.layers:
             for k in ("key", "value"):
@@ -302,9 +338,9 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
                 b_outs.append(TensorSpec(f"{k}_{layer}", f, kv(rows)))  # this call's rows only
                 pairs.append((f"past_{k}_{layer}", f"{k}_{layer}"))
         if scores:
-            b_outs.append(TensorSpec("row_scores", "float32", (rows,)))  # softmax attention paid to each row
+            b_outs.append(TensorSpec("row_scores", "float32", (B, rows)))  # softmax attention paid to each row
         if last:
-            b_outs += [TensorSpec("next_token", "int64", (1,)), TensorSpec("last_hidden", f, (1, h))]
+            b_outs += [TensorSpec("next_token", "int64", (B,)), TensorSpec("last_hidden", f, (B, h))]
         blocks.append(StageSpec(block, "llm", tuple(b_ins), tuple(b_outs), layers=tuple(st.layers),
                                 cache=tuple(pairs)))
         stages.append(blocks[-1])
@@ -316,13 +352,14 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
 
     loop = None
     if generate:
-        steps = [StageSpec("step_embed", "embed", (TensorSpec("prefix_ids", "int64", ("prefix_len",), "loop.token"),
-                                                    TensorSpec("suffix_ids", "int64", ("suffix_len",), "loop.token")),
+        # A decode step embeds each request's token ([B, 1] as both id inputs) and feeds its suffix row on.
+        steps = [StageSpec("step_embed", "embed", (TensorSpec("prefix_ids", "int64", (B, "prefix_len"), "loop.token"),
+                                                    TensorSpec("suffix_ids", "int64", (B, "suffix_len"), "loop.token")),
                            stages[[s.name for s in stages].index("embed")].outputs, graph="embed", loop=True,
                            modes=("generate",))]
         for b in blocks:
-            src = {"hidden": f"{steps[-1].name}.{'prefix_embeds' if len(steps) == 1 else 'hidden_out'}",
-                   "positions": "loop.position", "query_rows": "loop.first_row"}
+            src = {"hidden": f"{steps[-1].name}.{'suffix_embeds' if len(steps) == 1 else 'hidden_out'}",
+                   "positions": "loop.position", "query_rows": "loop.first_row", "row_lens": "loop.row_lens"}
             ins = tuple(TensorSpec(t.name, t.dtype, t.shape, src.get(t.name, t.source)) for t in b.inputs)
             steps.append(StageSpec(f"step_{b.name}", "llm", ins, b.outputs, layers=b.layers, cache=b.cache,
                                    graph=b.name, loop=True, modes=("generate",)))
@@ -330,35 +367,42 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
                     hidden=f"{last_llm}.last_hidden", position="entry_0.next_position",
                     token_output=f"{steps[-1].name}.next_token", hidden_output=f"{steps[-1].name}.last_hidden",
                     max_new_tokens=opts.max_new_tokens, stop_token_ids=tuple(stop_token_ids),
-                    seg_token_id=seg_token_id, max_positions=llm.max_positions)
+                    seg_token_id=seg_token_id, max_positions=llm.max_positions, max_seg=opts.max_seg,
+                    outputs=("generated_ids", "seg_hidden", "seg_batch"))
 
     seg_src: dict[str, str] = {}
+    batch_src: dict[str, str] = {}
     if single:
         stages.append(StageSpec(
             "seg_gather", "seg_gather",
-            (TensorSpec("hidden", f, (1, f"rows_{last_llm}", h), f"{last_llm}.hidden_out"),
-             TensorSpec("suffix_ids", "int64", ("suffix_len",), "host.suffix_ids"),
-             TensorSpec("seg_rows", "int64", ("num_seg",), "host.seg_rows")),
+            (TensorSpec("hidden", f, (B, f"rows_{last_llm}", h), f"{last_llm}.hidden_out"),
+             TensorSpec("suffix_ids", "int64", (B, "suffix_len"), "host.suffix_ids"),
+             TensorSpec("seg_rows", "int64", ("num_seg",), "host.seg_rows"),
+             TensorSpec("seg_batch", "int64", ("num_seg",), "host.seg_batch")),
             (TensorSpec("seg_hidden", f, ("num_seg", h)),),  # final post-norm rows before each [SEG]
             modes=("single-pass",), skip_if_empty="seg_rows"))
         seg_src["single-pass"] = "seg_gather.seg_hidden"
+        batch_src["single-pass"] = "host.seg_batch"
     if generate:
         seg_src["generate"] = "loop.seg_hidden"
+        batch_src["generate"] = "loop.seg_batch"
     stages.append(StageSpec(
         "seg_head", "seg_head", (TensorSpec("seg_hidden", f, ("num_seg", h), _one_or_dict(seg_src)),),
         (TensorSpec("seg_embeddings", f, ("num_seg", shape.out_dim)),), skip_if_empty="seg_hidden"))
     g4 = 4 * sam.embed_grid
     stages.append(StageSpec(
         "sam_decoder", "sam_decoder",
-        (TensorSpec("image_embeddings", f, (1, sam.out_chans, sam.embed_grid, sam.embed_grid), "sam_encoder.image_embeddings"),
-         TensorSpec("seg_embeddings", f, ("num_seg", shape.out_dim), "seg_head.seg_embeddings")),
+        (TensorSpec("image_embeddings", f, (B, sam.out_chans, sam.embed_grid, sam.embed_grid),
+                    "sam_encoder.image_embeddings"),
+         TensorSpec("seg_embeddings", f, ("num_seg", shape.out_dim), "seg_head.seg_embeddings"),
+         TensorSpec("seg_batch", "int64", ("num_seg",), _one_or_dict(batch_src))),  # each mask's image
         (TensorSpec("low_res_masks", f, ("num_seg", g4, g4)),
          TensorSpec("masks", f, ("num_seg", sam.image_size, sam.image_size))),  # upsampled to the padded input
         skip_if_empty="seg_embeddings"))
 
     outputs: dict[str, str | dict[str, str]] = {
         "masks": "sam_decoder.masks", "low_res_masks": "sam_decoder.low_res_masks",
-        "seg_embeddings": "seg_head.seg_embeddings",
+        "seg_embeddings": "seg_head.seg_embeddings", "seg_batch": _one_or_dict(batch_src),
     }
     if generate:
         outputs["generated_ids"] = "loop.generated_ids"

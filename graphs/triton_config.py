@@ -2,10 +2,19 @@
 
     StageSpec llm_0 --stage_config(backend="onnxruntime")--> name: "csprt_llm_0"
                                                               platform: "onnxruntime_onnx"  (or tensorrt_plan)
-                                                              max_batch_size: 0             (graphs carry batch 1)
-                                                              input  { name, TYPE_INT64, dims: [ -1 ] }  # prefix_len
-                                                              parameters { key: "csprt_dims" ... "prefix_len=1:109:256" }
+                                                              max_batch_size: 8    (the batch dim's max: every
+                                                                                    tensor leads with `batch`)
+                                                              input  { name, TYPE_INT64, dims: [ -1 ] }  # [batch, prefix_len]
+                                                              parameters { key: "csprt_dims" ... "batch=1:4:8 prefix_len=1:109:256" }
     Layout --bls_config()--> the Python-backend model taking image/query/mode, returning mask_png/answer/...
+
+A stage whose every input and output leads with the `batch` dim gets Triton's batch axis: max_batch_size
+is the batch dim's max (the engine's, when `csprt build --shapes` narrowed it) and the dims below leave
+it out; a [batch] tensor is dims [1] with an empty reshape. A stage with a tensor that does not lead
+with it (seg_head and sam_decoder: [num_seg, ...], the [SEG] rows of the whole batch, flat) keeps
+max_batch_size 0 and full shapes, its batch dim -1. Either way one request to a stage model is a whole
+batch (the BLS model sends it); Triton batches nothing itself (no dynamic_batching on stage models:
+their requests already are batches, and the KV cache of generate mode belongs to one batch).
 
 Named dims ("prefix_len") and expression dims ("past_llm_0 + step_len") become -1. Their exported
 min/opt/max ranges go into a comment beside each dims line and into the `csprt_dims` parameter (in
@@ -37,10 +46,15 @@ STAGE_BACKENDS = {
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 DIMS_PARAMETER = "csprt_dims"
 
+BATCH_DIM = "batch"  # graphs.stages: every graph's leading dim, requests batched together (1 to --max-batch)
+
 _BATCH_NOTE = (
-    "# max_batch_size 0: Triton adds no batch axis. The stage graphs carry their own batch dim of 1 where they\n"
-    "# have one (e.g. [1, 3, H, W] pixels) and most tensors have none (token ids, [SEG] rows), so the dims below\n"
-    "# are the full tensor shapes. Requests reach these models one at a time through the BLS model.\n")
+    "# max_batch_size {max}: every tensor leads with the batch dim (1 to {max}, csprt export --max-batch), which\n"
+    "# Triton owns: the dims below leave it out. One request is one batch of images from the BLS model.\n")
+_NO_BATCH_NOTE = (
+    "# max_batch_size 0: Triton adds no batch axis. Some tensors here do not lead with the batch dim (the [SEG]\n"
+    "# rows of a whole batch, flat), so the dims below are the full tensor shapes, the batch dim -1. One request\n"
+    "# is one batch of images from the BLS model.\n")
 
 
 @dataclass(frozen=True)
@@ -101,12 +115,15 @@ def _dims_note(t: TensorSpec, dims: dict[str, DimRange]) -> str:
     return "  # [" + ", ".join(map(str, t.shape)) + "]" + (f"; {ranges}" if ranges else "")
 
 
-def _tensor(t: TensorSpec, dims: dict[str, DimRange]) -> str:
+def _tensor(t: TensorSpec, dims: dict[str, DimRange], batched: bool = False) -> str:
+    """One input/output entry; `batched`: Triton owns the leading batch dim (left out; [batch] -> [1], reshape [])."""
     if t.dtype not in TRITON_DTYPES:
         raise internal_error(f"tensor {t.name!r} has dtype {t.dtype!r}, not one of {tuple(TRITON_DTYPES)}")
-    shown = ", ".join(map(str, triton_dims(t.shape)))
+    shape = triton_dims(t.shape[1:] if batched else t.shape)
+    reshape = "\n    reshape: { shape: [ ] }" if batched and not shape else ""
+    shown = ", ".join(map(str, shape or [1]))
     return (f"  {{\n    name: {_quote(t.name)}\n    data_type: {TRITON_DTYPES[t.dtype]}\n"
-            f"    dims: [ {shown} ]{_dims_note(t, dims)}\n  }}")
+            f"    dims: [ {shown} ]{_dims_note(t, dims)}{reshape}\n  }}")
 
 
 def _block(key: str, items: list[str]) -> str:
@@ -138,6 +155,16 @@ def stage_dims_used(stage: StageSpec, dims: dict[str, DimRange], inputs: Iterabl
     return out
 
 
+def stage_max_batch(stage: StageSpec, dims: dict[str, DimRange], inputs: Iterable[str] | None = None) -> int:
+    """Triton's max_batch_size for a stage model: the batch dim's max when every input (of `inputs`, when given)
+    and output leads with the batch dim, else 0 (see the module doc)."""
+    keep = None if inputs is None else set(inputs)
+    tensors = [t for t in stage.inputs if keep is None or t.name in keep] + list(stage.outputs)
+    if BATCH_DIM not in dims or not tensors or any(t.shape[:1] != (BATCH_DIM,) for t in tensors):
+        return 0
+    return dims[BATCH_DIM].max
+
+
 def stage_config(stage: StageSpec, dims: dict[str, DimRange], *, name: str, backend: str = "onnxruntime",
                  instances: int = 1, kind: str = "gpu", inputs: Iterable[str] | None = None, header: str = "") -> str:
     """config.pbtxt of one stage model.
@@ -162,14 +189,15 @@ def stage_config(stage: StageSpec, dims: dict[str, DimRange], *, name: str, back
     if keep is not None and len(ins) != len(keep):
         raise internal_error(f"stage {stage.name!r}: inputs {keep} are not all in the spec")
     used = stage_dims_used(stage, dims, keep)
+    max_batch = stage_max_batch(stage, dims, keep)
     text = _comment(header) if header else ""
     text += f"name: {_quote(name)}\n"
     text += f"platform: {_quote(platform)}\n" if platform else ""
     text += f"backend: {_quote(triton_backend)}\n"
     text += f"default_model_filename: {_quote(filename)}\n"
-    text += _BATCH_NOTE + "max_batch_size: 0\n"
-    text += _block("input", [_tensor(t, dims) for t in ins])
-    text += _block("output", [_tensor(t, dims) for t in stage.outputs])
+    text += (_BATCH_NOTE.format(max=max_batch) if max_batch else _NO_BATCH_NOTE) + f"max_batch_size: {max_batch}\n"
+    text += _block("input", [_tensor(t, dims, bool(max_batch)) for t in ins])
+    text += _block("output", [_tensor(t, dims, bool(max_batch)) for t in stage.outputs])
     text += _instances(instances, kind)
     params = {"csprt_stage": stage.name, "csprt_kind": stage.kind}
     if used:
@@ -183,7 +211,7 @@ def bls_inputs(layout: Layout) -> tuple[BlsTensor, ...]:
     host = {t.name: t for t in layout.host_inputs}
     if "instance_masks" not in host:
         return BLS_INPUTS
-    grid = tuple(host["instance_masks"].shape[1:])  # (g, g): the CLIP token grid
+    grid = tuple(host["instance_masks"].shape[2:])  # (g, g): the CLIP token grid ([batch, instances, g, g])
     masks = BlsTensor("instance_masks", "TYPE_FP32", (-1, *grid), True,
                       "[M, grid, grid] instance masks on the CLIP token grid (schedules clustering with seg_first)")
     return (*BLS_INPUTS, masks)
@@ -196,15 +224,18 @@ def _bls_tensor(t: BlsTensor) -> str:
 
 
 def bls_config(layout: Layout, *, name: str, instances: int = 1, max_batch_size: int = 0,
-               parameters: dict[str, str] | None = None, header: str = "") -> str:
+               max_queue_delay_us: int = 0, parameters: dict[str, str] | None = None, header: str = "") -> str:
     """config.pbtxt of the BLS orchestrator (Python backend, KIND_CPU: it tokenizes and resizes on the host).
 
     Args:
         layout (Layout): the artifact's layout (for its seg_first instance_masks input).
         name (str): the Triton model name.
         instances (int): instance count: requests in flight at once. Defaults to 1.
-        max_batch_size (int): 0, or the most requests Triton's dynamic batcher hands one `execute` call;
-            each request still carries one image (batch dim 1). Defaults to 0.
+        max_batch_size (int): 0, or the most requests Triton's dynamic batcher hands one `execute` call
+            (which runs them as one batched pipeline call); each request carries one image (batch dim 1).
+            Defaults to 0.
+        max_queue_delay_us (int): how long the dynamic batcher may hold a request to fill a batch.
+            Defaults to 0.
         parameters (dict[str, str] | None): extra `parameters` entries. Defaults to None.
         header (str): comment lines to put first. Defaults to "".
     """
@@ -214,8 +245,10 @@ def bls_config(layout: Layout, *, name: str, instances: int = 1, max_batch_size:
     text += f"name: {_quote(name)}\nbackend: \"python\"\n"
     if max_batch_size:
         text += ("# Each request carries one image: dims below get Triton's batch axis, of size 1 per request;\n"
-                 "# the dynamic batcher hands up to max_batch_size requests to one execute() call.\n"
-                 f"max_batch_size: {max_batch_size}\ndynamic_batching {{ }}\n")
+                 "# the dynamic batcher hands up to max_batch_size requests to one execute() call, which runs\n"
+                 "# them as one batched pipeline call (one request per stage model for the whole batch).\n"
+                 f"max_batch_size: {max_batch_size}\n"
+                 f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n")
     else:
         text += "# max_batch_size 0: one image per request, dims as written (no batch axis).\nmax_batch_size: 0\n"
     text += _block("input", [_bls_tensor(t) for t in bls_inputs(layout)])

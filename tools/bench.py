@@ -40,6 +40,9 @@ def add_parser(sub, name: str) -> None:
                    help="comma list of torch, onnxruntime, tensorrt. Defaults to torch,onnxruntime "
                         "(an artifact: onnxruntime, plus torch when its checkpoint is found).")
     p.add_argument("--mode", choices=MODES, default="single-pass", help="Defaults to single-pass.")
+    p.add_argument("--batch", default=None,
+                   help="requests per run, comma-separated (e.g. 1,4,8): every schedule and backend at each, with "
+                        "images/s and csp vs full per batch. Defaults to 1.")
     p.add_argument("--text-len", type=int, default=40, help="text tokens besides the image. Defaults to 40.")
     p.add_argument("--repeat", type=int, default=10, help="timed repeats. Defaults to 10.")
     p.add_argument("--warmup", type=int, default=2, help="untimed repeats first. Defaults to 2.")
@@ -98,6 +101,7 @@ class Plan:
         if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
             raise InputError(f"--device {args.device!r}: choose cpu or cuda")
         self.scaling = _csv(args.scaling, SCALING_AXES, "--scaling")
+        self.batches = _batches(args.batch)
         self.args, self.sessions = args, {}
         if args.artifact is not None:
             from graphs.manifest import load_artifact
@@ -160,6 +164,19 @@ def _quantize_list(value: str | None, precision: str) -> list:
     return out
 
 
+def _batches(value: str | None) -> list[int]:
+    """--batch "1,4,8" -> [1, 4, 8]; one line on anything else."""
+    if value is None:
+        return [1]
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--batch {value!r}: expected batch sizes separated by commas, e.g. 1,4,8") from None
+    if not out or min(out) < 1 or len(set(out)) != len(out):
+        raise InputError(f"--batch {value!r}: expected distinct batch sizes >= 1, e.g. 1,4,8")
+    return out
+
+
 def _manifest_checkpoint(artifact) -> Path | None:
     path = artifact.manifest.get("export", {}).get("checkpoint")
     return Path(path) if path and Path(path, "config.json").is_file() else None
@@ -198,20 +215,22 @@ def _measure_all(plan: Plan) -> tuple[list[dict], list[dict]]:
         plan.checkpoint = _random_checkpoint(plan)
     if "torch" in plan.backends:
         torch_model = _torch_model(plan)
-    for sched_name in plan.schedules:
-        for backend, quant in [(b, q) for b in plan.backends for q in (plan.quantize if b != "torch" else [None])]:
-            what = f"{backend}" + (f" {quant.method}/{quant.format}" if quant else "")
-            _say(f"{sched_name} on {what}/{args.device}: warm-up x{args.warmup}, timed x{args.repeat}")
-            record, raw = _measure(plan, sched_name, backend, torch_model, args.text_len, quant)
-            records.append(record)
-            llm = record["llm_ms"]["median"] if record["llm_ms"] else float("nan")
-            _say(f"{sched_name} on {what}: llm {llm:.2f} ms, end to end {record['end_to_end_ms']['median']:.2f} ms")
-            if "text" in plan.scaling:
-                for extra in SCALING_TEXT:  # from the prompt as measured: --text-len may be under the template's length
-                    n = record["text_tokens"] + extra
-                    _say(f"scaling: {sched_name} on {backend}, {n} text tokens")
-                    point, _ = _measure(plan, sched_name, backend, torch_model, n)
-                    scaling.append(_scaling_point("text_tokens", point["text_tokens"], point, plan.shape.num_image_tokens))
+    for sched_name, backend, quant, batch in ((s, b, q, n) for s in plan.schedules for b in plan.backends
+                                              for q in (plan.quantize if b != "torch" else [None])
+                                              for n in plan.batches):
+        what = f"{backend}" + (f" {quant.method}/{quant.format}" if quant else "")
+        _say(f"{sched_name} on {what}/{args.device}, batch {batch}: warm-up x{args.warmup}, timed x{args.repeat}")
+        record, raw = _measure(plan, sched_name, backend, torch_model, args.text_len, batch, quant)
+        records.append(record)
+        llm = record["llm_ms"]["median"] if record["llm_ms"] else float("nan")
+        _say(f"{sched_name} on {what}, batch {batch}: llm {llm:.2f} ms, end to end "
+             f"{record['end_to_end_ms']['median']:.2f} ms, {record['images_per_s']:.2f} images/s")
+        if "text" in plan.scaling and batch == plan.batches[0] and quant is None:
+            for extra in SCALING_TEXT:  # from the prompt as measured: --text-len may be under the template's length
+                n = record["text_tokens"] + extra
+                _say(f"scaling: {sched_name} on {backend}, {n} text tokens")
+                point, _ = _measure(plan, sched_name, backend, torch_model, n)
+                scaling.append(_scaling_point("text_tokens", point["text_tokens"], point, plan.shape.num_image_tokens))
     if "image-tokens" in plan.scaling:
         scaling += _image_token_scaling(plan)
     return records, scaling
@@ -263,17 +282,19 @@ def _artifact_for(plan: Plan, sched_name: str, quant=None) -> Path:
     if quant is not None and previous and quantization_of(previous):  # quantized earlier: its float keys are gone
         return out
     sched = resolve(sched_name, plan.shape.llm.layers, plan.shape.num_image_tokens)
-    export_artifact(plan.checkpoint, sched, out,
-                    ExportOptions(precision=plan.precision, mode=plan.args.mode, cache_dir=str(plan.work / "graph-cache")),
-                    progress=_say)
+    finish = None
     if quant is not None:
         from tools.quantize_args import quantize_after_export
 
-        quantize_after_export(out, quant, _say)
+        finish = lambda gen: quantize_after_export(gen, quant, _say)  # noqa: E731  inside the new generation
+    export_artifact(plan.checkpoint, sched, out,
+                    ExportOptions(precision=plan.precision, mode=plan.args.mode, cache_dir=str(plan.work / "graph-cache")),
+                    progress=_say, finish=finish)
     return out
 
 
-def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: int, quant=None) -> tuple[dict, dict]:
+def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: int,
+             batch: int = 1, quant=None) -> tuple[dict, dict]:
     from graphs.bench_report import make_record
     from graphs.schedule import resolve
 
@@ -285,7 +306,7 @@ def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: i
 
         model, tokenizer = torch_model
         raw = bench_torch(model, tokenizer, sched, text_len, mode=args.mode, repeat=args.repeat, warmup=args.warmup,
-                          max_new_tokens=args.max_new_tokens)
+                          max_new_tokens=args.max_new_tokens, batch=batch)
     else:
         from engines.bench import bench_session
         from engines.session import ArtifactSession
@@ -299,14 +320,14 @@ def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: i
         art = plan.sessions[key].artifact
         extra = {"quantization": quantization_tag(art.manifest), "weights": artifact_weights(art.manifest, art.dir)}
         raw = bench_session(plan.sessions[key], text_len, mode=args.mode, repeat=args.repeat, warmup=args.warmup,
-                            max_new_tokens=args.max_new_tokens)
+                            max_new_tokens=args.max_new_tokens, batch=batch)
         raw["device_name"] = _gpu_name() if backend_device(backend, args.device).startswith("cuda") else None
     record = make_record(schedule=sched, shape=plan.shape, backend=backend,
                          device=backend_device(backend, args.device),
                          text_tokens=raw["text_tokens"], image_tokens_per_layer=raw["image_tokens_per_layer"],
                          runs=raw["runs"], e2e_ms=raw["e2e_ms"], pipeline_ms=raw["pipeline_ms"],
                          peak_memory_mib=raw["peak_memory_mib"], device_name=raw.get("device_name"),
-                         decode_steps=raw["decode_steps"], **(extra if backend != "torch" else {}))
+                         decode_steps=raw["decode_steps"], batch=batch, **(extra if backend != "torch" else {}))
     return record, raw
 
 
@@ -390,41 +411,46 @@ def _report(plan: Plan, records: list[dict], scaling: list[dict]) -> dict:
               "shape": plan.shape.to_dict(), "precision": plan.precision, "mode": args.mode,
               "text_len": args.text_len, "repeat": args.repeat, "warmup": args.warmup, "device": args.device,
               "threads": args.threads,
-              "schedules": plan.schedules, "backends": plan.backends, "scaling": plan.scaling,
+              "schedules": plan.schedules, "backends": plan.backends, "scaling": plan.scaling, "batch": plan.batches,
               "quantize": [f"{q.method}/{q.format}" if q else "none" for q in plan.quantize],
               "command": "csprt bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None}
     return make_report(config=config, machine=_machine(plan), records=records, scaling=scaling)
 
 
 def format_table(report: dict) -> str:
-    """Medians per (schedule, backend), with the pairwise ratios of the same run."""
+    """Medians per (schedule, backend, batch) with images/s, and the pairwise ratios of the same run: each schedule
+    vs full at the same batch, each backend vs torch and each quantized artifact vs its float one at the smallest
+    batch."""
     from graphs.bench_report import label
 
-    vs_full, vs_torch = report["ratios"]["schedule_vs_full"], report["ratios"]["backend_vs_torch"]
+    vs_torch = report["ratios"]["backend_vs_torch"]
     vs_float = report["ratios"].get("quantized_vs_float", {})
+    by_batch = report["ratios"].get("schedule_vs_full_by_batch", {})
+    least = min((r.get("batch", 1) for r in report["records"]), default=1)
 
     def fmt(x, spec=".2f"):
         return "-" if x is None else format(x, spec)
 
-    head = (f"{'schedule':<9} {'backend':<24} {'img tok/L':>9} {'llm ms':>9} {'e2e ms':>9} {'betw %':>7} "
-            f"{'LLM FLOPs -%':>12} {'llm x full':>10} {'e2e x full':>10} {'e2e x torch':>11} {'llm TFLOP/s':>11} "
-            f"{'LLM MB':>9} {'all MB':>9} {'llm x float':>11} {'e2e x float':>11} {'LLM B/float':>11}")
+    head = (f"{'schedule':<9} {'backend':<24} {'batch':>5} {'img tok/L':>9} {'llm ms':>9} {'e2e ms':>9} {'img/s':>8} "
+            f"{'betw %':>7} {'LLM FLOPs -%':>12} {'llm x full':>10} {'e2e x full':>10} {'e2e x torch':>11} "
+            f"{'llm TFLOP/s':>11} {'LLM MB':>9} {'all MB':>9} {'llm x float':>11} {'e2e x float':>11} "
+            f"{'LLM B/float':>11}")
     lines = [head]
     for r in report["records"]:
-        name = label(r)
-        f = vs_full.get(name, {}).get(r["schedule"], {})
-        t = vs_torch.get(r["schedule"], {}).get(name, {})
-        q = vs_float.get(name, {}).get(r["schedule"], {})
-        llm = r["llm_ms"]["median"] if r["llm_ms"] else None
-        betw = r["overhead"]["between_stages_pct"] if r["overhead"] else None
+        batch, name = r.get("batch", 1), label(r)
+        f = by_batch.get(name, {}).get(str(batch), {}).get(r["schedule"], {})
+        t = vs_torch.get(r["schedule"], {}).get(name, {}) if batch == least else {}
+        q = vs_float.get(name, {}).get(r["schedule"], {}) if batch == least else {}
         w = r.get("weights") or {}
         mb = {k: w[k] / 1e6 if k in w else None for k in ("llm", "total")}
-        lines.append(f"{r['schedule']:<9} {name:<24} {r['avg_image_tokens_per_layer']:>9.1f} {fmt(llm):>9} "
-                     f"{r['end_to_end_ms']['median']:>9.2f} {fmt(betw, '.1f'):>7} "
-                     f"{r['flops_reduction_pct']['llm']:>12.1f} {fmt(f.get('llm_speedup')):>10} "
+        llm = r["llm_ms"]["median"] if r["llm_ms"] else None
+        betw = r["overhead"]["between_stages_pct"] if r["overhead"] else None
+        lines.append(f"{r['schedule']:<9} {name:<24} {batch:>5} {r['avg_image_tokens_per_layer']:>9.1f} "
+                     f"{fmt(llm):>9} {r['end_to_end_ms']['median']:>9.2f} {fmt(r.get('images_per_s')):>8} "
+                     f"{fmt(betw, '.1f'):>7} {r['flops_reduction_pct']['llm']:>12.1f} "
+                     f"{fmt(f.get('llm_speedup')):>10} "
                      f"{fmt(f.get('end_to_end_speedup')):>10} {fmt(t.get('end_to_end_speedup')):>11} "
                      f"{fmt(r['achieved_tflops']['llm'], '.3f'):>11} {fmt(mb['llm'], '.1f'):>9} "
                      f"{fmt(mb['total'], '.1f'):>9} {fmt(q.get('llm_speedup')):>11} "
-                     f"{fmt(q.get('end_to_end_speedup')):>11} "
-                     f"{fmt(q.get('llm_weight_ratio'), '.3f'):>11}")
+                     f"{fmt(q.get('end_to_end_speedup')):>11} {fmt(q.get('llm_weight_ratio'), '.3f'):>11}")
     return "\n".join(lines)

@@ -38,7 +38,8 @@ def plot_report(report: dict, path: str | Path) -> Path:
 
 def _stage_bars(ax, report: dict) -> None:
     records = report["records"]
-    labels = [f"{r['schedule']}\n{r['backend']}" for r in records]
+    labels = [f"{r['schedule']}\n{r['backend']}" + (f"\nb{r['batch']}" if r.get("batch", 1) != 1 else "")
+              for r in records]
     bottoms = [0.0] * len(records)
     for stage in STAGE_ORDER:
         values = [r["spans_ms"].get(stage, {}).get("median", 0.0) for r in records]

@@ -29,6 +29,11 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--max-text-len", type=int, default=None, help=f"most text tokens either side of the image. Defaults to {LayoutOptions.max_text_len}.")
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"generate-mode decode limit. Defaults to {LayoutOptions.max_new_tokens}.")
     p.add_argument("--max-seg", type=int, default=None, help=f"most [SEG] tokens per request. Defaults to {LayoutOptions.max_seg}.")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"most requests per batch: the `batch` dim of every graph. Defaults to {LayoutOptions.max_batch}.")
+    p.add_argument("--opt-batch", type=int, default=None,
+                   help="the batch size TensorRT profiles are tuned for (1 to --max-batch). Defaults to "
+                        "min(4, --max-batch).")
     p.add_argument("--cache", type=Path, default=None,
                    help="graph cache directory shared between exports (same graphs are copied, not re-traced)")
     p.add_argument("--trace-only", action="store_true", default=None,
@@ -44,7 +49,8 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that regenerates this artifact, recorded in its manifest."""
     words = ["csprt", "export", str(args.checkpoint), "--schedule", args.schedule, "--out", str(args.out),
              "--mode", args.mode, "--precision", args.precision]
-    for flag in ("opset", "vision_tower", "max_text_len", "max_new_tokens", "max_seg", *KNOB_FLAGS, *QUANT_FLAGS):
+    for flag in ("opset", "vision_tower", "max_text_len", "max_new_tokens", "max_seg", "max_batch", "opt_batch",
+                 *KNOB_FLAGS, *QUANT_FLAGS):
         value = getattr(args, flag, None)
         if value is not None:
             words += [f"--{flag.replace('_', '-')}", str(value)]
@@ -54,6 +60,7 @@ def _command(args: argparse.Namespace) -> str:
 
 
 MAX_SEG = 256  # far above any answer's [SEG] count; keeps the seg_head/sam_decoder profiles sane
+MAX_BATCH = 256  # far above what one GPU batches for a 7B LVLM; keeps profiles and KV caches sane
 
 
 def check_bounds(args: argparse.Namespace, shape: ModelShape) -> None:
@@ -64,6 +71,8 @@ def check_bounds(args: argparse.Namespace, shape: ModelShape) -> None:
         "max_text_len": (1, room),
         "max_new_tokens": (1, room),
         "max_seg": (1, MAX_SEG),
+        "max_batch": (1, MAX_BATCH),
+        "opt_batch": (1, args.max_batch or LayoutOptions.max_batch),
     }
     for flag, (lo, hi) in limits.items():
         value = getattr(args, flag, None)
@@ -80,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     shape = read_checkpoint_config(args.checkpoint, args.vision_tower).shape
     check_bounds(args, shape)
     schedule = schedule_from_args(args, shape.llm.layers, shape.num_image_tokens)
-    given = {k: getattr(args, k) for k in ("opset", "max_text_len", "max_new_tokens", "max_seg")
+    given = {k: getattr(args, k) for k in ("opset", "max_text_len", "max_new_tokens", "max_seg", "max_batch",
+                                           "opt_batch")
              if getattr(args, k) is not None}
     options = ExportOptions(precision=args.precision, mode=args.mode, trace_only=bool(args.trace_only),
                             cache_dir=str(args.cache) if args.cache else None, **given)

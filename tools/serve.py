@@ -3,18 +3,19 @@
 Every stage is loaded and one warm-up request per mode runs before Triton starts, so /v2/health/ready
 is true only when the whole pipeline works. Binds to 127.0.0.1 unless --host says otherwise.
 
-The stage graphs have a static batch of 1: Triton's dynamic batcher (--max-batch-size) groups queued
-requests, for the same image or different ones, into one call that runs them one after another;
-identical image bytes in a group are decoded once, and no stage is batched.
+Batching: Triton's dynamic batcher groups requests (up to --max-batch-size, waiting up to
+--max-queue-delay-us for more once one is queued) into one call, and csprt runs the group as ONE batched
+pipeline call (ArtifactSession.segment_batch; one per mode when modes mix). Each request is checked alone
+first: a bad one gets its own error, the rest of its group is answered. --max-batch-size is at most the
+artifact's exported maximum (csprt export --max-batch, default 8); --max-batch-size 1 turns batching off.
 
 --image-cache-mb: the image-only stages' outputs (CLIP side, SAM image embedding) are kept per image
 (key: sha256 of the bytes and the preprocessing settings), so a further question about the same
 image runs only the stages that read the query. One cache serves every instance; least recently
-used entries are evicted past the bound; each response's timings carry image_cache_hit (1 or 0),
-and hits, misses and evictions go to the log (every 100 lookups) and to stderr at shutdown. A group's
-responses return together when its last request finishes, so grouping adds latency and no
-throughput with these graphs: --max-batch-size 1 gives the lowest latency. --instances runs N
-independent copies of the pipeline, each on its own thread.
+used entries are evicted past the bound; cache hits and misses share a batch. Each response's timings
+carry image_cache_hit (1 or 0) and batch_size (requests in its pipeline call); hits, misses and
+evictions go to the log (every 100 lookups) and to stderr at shutdown. --instances runs N independent
+copies of the pipeline, each on its own thread.
 
 /v2/health/ready turns true only once model csprt is loaded and answers (the model is loaded while
 tritonserver starts, before its endpoints open). SIGTERM or SIGINT at any moment (loading, warm-up, Triton
@@ -56,8 +57,12 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--instances", type=int, default=None,
                    help="model instances, each with its own pipeline and thread. Defaults to 1.")
     p.add_argument("--max-batch-size", type=int, default=None,
-                   help="requests Triton groups into one call (run one by one: the graphs are batch 1); "
-                        "1 turns grouping off. Defaults to 8.")
+                   help="requests Triton groups into one batched pipeline call, at most the artifact's exported "
+                        "maximum (csprt export --max-batch); 1 turns batching off. Defaults to 8, or the exported "
+                        "maximum if lower.")
+    p.add_argument("--max-queue-delay-us", type=int, default=None,
+                   help="how long Triton's dynamic batcher may hold a request to fill a batch, in microseconds; 0: "
+                        "only requests already queued are grouped. Defaults to 2000 (2 ms).")
     p.add_argument("--max-image-bytes", type=int, default=None, help="per-request encoded image limit. Defaults to 32 MiB.")
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="per-request width x height limit. Defaults to 64 Mi (8192 x 8192).")
@@ -123,9 +128,10 @@ def _log_to(path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engines.batching import DEFAULT_MAX_QUEUE_DELAY_US, served_max_batch
     from engines.serving import DEFAULT_MAX_IMAGE_BYTES, Limits, fix_libpython_env
     from graphs.imageio import MAX_IMAGE_PIXELS
-    from graphs.manifest import is_artifact_dir
+    from graphs.manifest import is_artifact_dir, load_artifact
 
     if not is_artifact_dir(args.artifact):
         raise InputError(f"{args.artifact} is not an artifact (no manifest.json); export one first: "
@@ -135,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
              "grpc-port": _positive("grpc-port", args.grpc_port, 8001, 1, 65535),
              "metrics-port": _positive("metrics-port", args.metrics_port, 8002, 1, 65535)}
     instances = _positive("instances", args.instances, 1)
-    max_batch = _positive("max-batch-size", args.max_batch_size, 8)
+    max_batch = served_max_batch(args.max_batch_size, load_artifact(args.artifact, verify=False))
+    queue_delay = _positive("max-queue-delay-us", args.max_queue_delay_us, DEFAULT_MAX_QUEUE_DELAY_US, 0)
     limits = Limits(_positive("max-image-bytes", args.max_image_bytes, DEFAULT_MAX_IMAGE_BYTES),
                     _positive("max-image-pixels", args.max_image_pixels, MAX_IMAGE_PIXELS))
     if args.max_new_tokens is not None:
@@ -164,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
             for i in range(instances):
                 label = f"instance {i + 1}/{instances}: " if instances > 1 else ""
                 sessions.append(load_session(args.artifact, backend, args.device, _progress, label))
-            models = [SegmentModel(s, limits, args.max_new_tokens, cache=cache) for s in sessions]
-            return _serve(models, host, ports, max_batch, log_dir, life, t0)
+            models = [SegmentModel(s, limits, args.max_new_tokens, cache=cache, max_batch=max_batch) for s in sessions]
+            return _serve(models, host, ports, max_batch, queue_delay, log_dir, life, t0)
         except Stopping as stop:
             _progress(f"{stop}: stopped before serving")
             return 0
@@ -177,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
                 logging.getLogger("csprt.serve").info(cache.summary())
 
 
-def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Path, life, t0: float) -> int:
+def _serve(models, host: str, ports: dict[str, int], max_batch: int, queue_delay_us: int, log_dir: Path, life,
+           t0: float) -> int:
     """Start Triton with `models` loaded at its start, serve until a signal, stop within the lifecycle's budget."""
     from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
     from pytriton.utils.workspace import Workspace
@@ -200,7 +208,7 @@ def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Pa
         with _quiet_stdout(log_dir / "pytriton.log"):
             try:
                 triton = Triton(config=config, workspace=workspace, triton_lifecycle_policy=policy)
-                bind(triton, [life.counted(m) for m in models], max_batch)
+                bind(triton, [life.counted(m) for m in models], max_batch, queue_delay_us)
                 patch_model_store(workspace.model_store_path)
                 try:
                     triton.run()
@@ -212,7 +220,8 @@ def _serve(models, host: str, ports: dict[str, int], max_batch: int, log_dir: Pa
                     raise _stopped(life)
                 _progress(f"ready on http://{host}:{ports['http-port']} grpc {host}:{ports['grpc-port']} "
                           f"metrics http://{host}:{ports['metrics-port']}/metrics: model {MODEL_NAME!r}, "
-                          f"{len(models)} instance(s), max batch size {max_batch}, image cache "
+                          f"{len(models)} instance(s), max batch size {max_batch} "
+                          f"(queue delay {queue_delay_us} us), image cache "
                           + (f"{models[0].cache.max_bytes // 2**20} MiB" if models[0].cache.enabled else "off")
                           + f"; {time.monotonic() - t0:.1f} s after start")
                 while not life.stop.wait(0.5):

@@ -1,13 +1,16 @@
 """Benchmark `csprt serve`: dynamic batching off and on, the image cache off and on; throughput and latency.
 
-    python -m tools.serve_bench ART [--clients 8] [--requests 25 | --total N] [--max-batch-sizes 1,8]
-        [--image-cache-mb 512] [--images 2] [--instances 1] [--protocol http|grpc]
+    python -m tools.serve_bench ART [--clients 8] [--requests 25 | --total N] [--max-batch-sizes 8,1]
+        [--image-cache-mb 512] [--images 2] [--instances 1] [--protocol http|grpc] [--rounds 1]
+        [--max-queue-delay-us US] [--json PATH]
 
 Starts one `csprt serve` per (max batch size, image cache size) on free loopback ports (max batch size
-1 = no grouping, cache 0 = off), sends clients x requests requests (or --total, spread over the
-clients), checks every answer against the first one for the same input, and prints requests/s,
-p50/p99 latency, the mean number of requests Triton grouped per model call (from its metrics) and
-how many requests were image cache hits (from each response's timings).
+1 = no batching, cache 0 = off), all of them before any measurement, then runs the configurations in
+turn, --rounds times (interleaved: 8, 1, 8, 1 ..., so drift on a shared machine hits each alike; an idle
+server costs no CPU). Each run sends clients x requests requests (or --total, spread over the clients),
+checks every answer against the first one for the same input, and prints requests/s, p50/p99 latency,
+the mean number of requests Triton grouped per model call (from its metrics), the mean batch of the
+pipeline calls that answered them and how many were image cache hits (from each response's timings).
 
 Inputs: --images 2 (default) is two photos, single-pass and generate, alternating. --images N > 2 is N
 photos from scikit-image with 4 single-pass questions each, interleaved so that consecutive requests
@@ -129,9 +132,10 @@ def load(server, cases: Sequence[tuple[bytes, str, str]], clients: int = 8, per_
 
     Returns:
         SimpleNamespace: wall_s, latencies_s (list), failures (list of str), mean_batch (requests per model call),
-        cache_hits (responses whose timings say image_cache_hit).
+        cache_hits (responses whose timings say image_cache_hit), pipeline_batch (mean batch_size of the
+        pipeline calls that answered, per request).
     """
-    latencies, failures, hits = [], [], []
+    latencies, failures, hits, batches = [], [], [], []
     requests0, calls0 = _metric(server.metrics, "nv_inference_request_success"), _metric(server.metrics, "nv_inference_exec_count")
     counts = [per_client] * clients if total is None else [total // clients + (i < total % clients) for i in range(clients)]
 
@@ -149,6 +153,7 @@ def load(server, cases: Sequence[tuple[bytes, str, str]], clients: int = 8, per_
                     r = segment(client, mod, *cases[k], timeout_s=timeout_s)
                     latencies.append(time.perf_counter() - t0)
                     hits.append(int(r["timings_ms"].get("image_cache_hit", 0)))
+                    batches.append(int(r["timings_ms"].get("batch_size", 1)))
                     if check is not None:
                         check(k, r)
                 except Exception as e:  # noqa: BLE001 - collected for the caller
@@ -168,14 +173,26 @@ def load(server, cases: Sequence[tuple[bytes, str, str]], clients: int = 8, per_
     requests = _metric(server.metrics, "nv_inference_request_success") - requests0
     calls = _metric(server.metrics, "nv_inference_exec_count") - calls0
     return types.SimpleNamespace(wall_s=wall, latencies_s=list(latencies), failures=failures,
-                                 mean_batch=requests / calls if calls else float("nan"), cache_hits=sum(hits))
+                                 mean_batch=requests / calls if calls else float("nan"), cache_hits=sum(hits),
+                                 pipeline_batch=float(np.mean(batches)) if batches else float("nan"))
+
+
+def figures(stats) -> dict:
+    """requests, wall_s, req_per_s, p50_ms, p99_ms, mean_triton_batch, mean_pipeline_batch, cache_hits, failures."""
+    ms = np.percentile(np.asarray(stats.latencies_s) * 1000, [50, 99]) if stats.latencies_s else (np.nan, np.nan)
+    n = len(stats.latencies_s)
+    return {"requests": n, "wall_s": round(stats.wall_s, 3), "req_per_s": round(n / stats.wall_s, 3),
+            "p50_ms": round(float(ms[0]), 1), "p99_ms": round(float(ms[1]), 1),
+            "mean_triton_batch": round(stats.mean_batch, 3),
+            "mean_pipeline_batch": round(getattr(stats, "pipeline_batch", float("nan")), 3),
+            "cache_hits": stats.cache_hits, "failures": len(stats.failures)}
 
 
 def summary(stats) -> str:
-    ms = np.percentile(np.asarray(stats.latencies_s) * 1000, [50, 99]) if stats.latencies_s else (np.nan, np.nan)
-    n = len(stats.latencies_s)
-    return (f"{n} requests in {stats.wall_s:.1f} s: {n / stats.wall_s:.2f} req/s, p50 {ms[0]:.0f} ms, "
-            f"p99 {ms[1]:.0f} ms, mean Triton batch {stats.mean_batch:.2f}, image cache hits {stats.cache_hits}")
+    f = figures(stats)
+    return (f"{f['requests']} requests in {f['wall_s']:.1f} s: {f['req_per_s']:.2f} req/s, p50 {f['p50_ms']:.0f} ms, "
+            f"p99 {f['p99_ms']:.0f} ms, mean Triton batch {f['mean_triton_batch']:.2f}, mean pipeline batch "
+            f"{f['mean_pipeline_batch']:.2f}, image cache hits {f['cache_hits']}")
 
 
 def _enc(image, fmt, **kw) -> bytes:
@@ -225,12 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=25, help="per client")
     p.add_argument("--total", type=int, default=None, help="requests in all, spread over the clients (instead of --requests)")
-    p.add_argument("--max-batch-sizes", default="1,8", help="comma-separated; 1 = no dynamic batching")
+    p.add_argument("--max-batch-sizes", default="8,1", help="comma-separated, run in this order; 1 = no batching")
     p.add_argument("--image-cache-mb", default=None, help="comma-separated csprt serve --image-cache-mb values; 0 = off. "
                                                           "Defaults to csprt serve's default")
     p.add_argument("--images", type=int, default=2, help="distinct images (see the module doc)")
     p.add_argument("--instances", type=int, default=1)
     p.add_argument("--protocol", choices=("http", "grpc"), default=None, help="Defaults to alternating by client.")
+    p.add_argument("--rounds", type=int, default=1, help="runs of every configuration, interleaved. Defaults to 1.")
+    p.add_argument("--max-queue-delay-us", type=int, default=None, help="csprt serve's. Defaults to its default.")
+    p.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     args = p.parse_args(argv)
 
     cases, first = (default_cases() if args.images == 2 else image_cases(args.images)), {}
@@ -240,22 +260,34 @@ def main(argv: list[str] | None = None) -> int:
         if first.setdefault(k, key) != key:
             raise AssertionError(f"case {k}: result differs from the first one")
 
-    failed = False
     caches = [None] if args.image_cache_mb is None else [int(v) for v in args.image_cache_mb.split(",")]
-    for mbs in (int(v) for v in args.max_batch_sizes.split(",")):
-        for mb in caches:
-            what = f"max batch size {mbs}" + ("" if mb is None else f", image cache {mb} MiB" if mb else ", image cache off")
-            print(f"[serve-bench] {what}, {args.instances} instance(s): starting csprt serve", file=sys.stderr, flush=True)
+    configs = [(int(mbs), mb) for mbs in args.max_batch_sizes.split(",") for mb in caches]
+    runs, failed = [], False
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for mbs, mb in configs:  # every server up (loaded, warmed) before the first measurement
             flags = ["--max-batch-size", str(mbs), "--instances", str(args.instances)]
             flags += [] if mb is None else ["--image-cache-mb", str(mb)]
-            with serving(args.artifact, flags) as server:
-                load(server, [_warmup_case()], clients=2, per_client=2, protocol=args.protocol)  # connections warm
-                stats = load(server, cases, args.clients, args.requests, args.protocol, check=same_as_first,
+            flags += [] if args.max_queue_delay_us is None else ["--max-queue-delay-us", str(args.max_queue_delay_us)]
+            print(f"[serve-bench] starting csprt serve {' '.join(flags)}", file=sys.stderr, flush=True)
+            servers[mbs, mb] = server = stack.enter_context(serving(args.artifact, flags))
+            load(server, [_warmup_case()], clients=2, per_client=2, protocol=args.protocol)  # connections warm
+        for r in range(args.rounds):
+            for mbs, mb in configs:
+                what = f"max batch size {mbs}" + ("" if mb is None else f", image cache {mb} MiB" if mb else ", image cache off")
+                stats = load(servers[mbs, mb], cases, args.clients, args.requests, args.protocol, check=same_as_first,
                              total=args.total)
-            print(f"{what}: {summary(stats)}", flush=True)
-            for f in stats.failures[:5]:
-                print(f"  failed: {f}", flush=True)
-            failed |= bool(stats.failures)
+                print(f"round {r + 1}, {what}, {args.instances} instance(s): {summary(stats)}", flush=True)
+                for f in stats.failures[:5]:
+                    print(f"  failed: {f}", flush=True)
+                failed |= bool(stats.failures)
+                runs.append({"round": r + 1, "max_batch_size": mbs, "image_cache_mb": mb, "instances": args.instances,
+                             "clients": args.clients, **figures(stats)})
+    if args.json is not None:
+        import json
+
+        args.json.write_text(json.dumps({"artifact": str(args.artifact), "argv": sys.argv[1:] if argv is None else argv,
+                                         "runs": runs}, indent=2) + "\n")
     return 1 if failed else 0
 
 

@@ -1,8 +1,8 @@
 """`csprt triton-repo`: a native Triton model repository for an artifact (one model per stage + a BLS orchestrator).
 
     csprt triton-repo ART --out REPO [--backend onnxruntime|tensorrt] [--flavor tensorrt|tensorrt-rtx]
-                      [--name csprt] [--instances N] [--max-batch-size N] [--device gpu|cpu] [--link]
-                      [--image-cache-mb MB]
+                      [--name csprt] [--instances N] [--max-batch-size N] [--max-queue-delay-us US]
+                      [--device gpu|cpu] [--link] [--image-cache-mb MB]
 
 Stage models run the artifact's ONNX graphs (onnxruntime_onnx) or its `csprt build` engines
 (tensorrt_plan); the BLS model (Python backend, csprt installed there) takes `image` + `query` and
@@ -38,8 +38,12 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                    help="instances of every model (each stage instance holds its own weights). Defaults to 1")
     p.add_argument("--max-batch-size", type=int, metavar="N",
                    help="the BLS model's max_batch_size: how many one-image requests Triton's dynamic batcher "
-                        "groups into one call, or 0 for no batch axis (clients send [1] instead of [1, 1]). Stage "
-                        "models always have 0. Defaults to 8, as csprt serve")
+                        "groups into one batched pipeline call, at most the artifact's exported maximum (csprt export "
+                        "--max-batch); 0 for no batch axis (clients send [1] instead of [1, 1]). Defaults to 8, or "
+                        "the exported maximum if lower, as csprt serve")
+    p.add_argument("--max-queue-delay-us", type=int, metavar="US",
+                   help="the BLS model's dynamic batcher: how long it may hold a request to fill a batch, in "
+                        "microseconds. Defaults to 2000, as csprt serve")
     p.add_argument("--device", choices=tuple(KINDS),
                    help="stage model instances on gpu or cpu (cpu: onnxruntime only). Defaults to gpu")
     p.add_argument("--image-cache-mb", type=int, metavar="MB",
@@ -53,7 +57,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in ("backend", "flavor", "name", "instances", "max_batch_size", "device",
-                                           "link", "image_cache_mb") if getattr(args, k) is not None}
+                                           "link", "image_cache_mb", "max_queue_delay_us") if getattr(args, k) is not None}
     progress = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     report = write_triton_repo(args.artifact, args.out, progress=progress, **given)
     trt = f" ({report['flavor']} {report['trt_version']})" if report["trt_version"] else ""

@@ -1,4 +1,4 @@
-"""csprt's BLS orchestrator for Triton's Python backend: one request through an artifact's stage models.
+"""csprt's BLS orchestrator for Triton's Python backend: a group of requests through an artifact's stage models.
 
 `csprt triton-repo` copies this file to <repo>/<name>/1/model.py, beside artifact/ (the manifest and
 tokenizer) and stages.json (stage -> Triton model, and the inputs that model takes). It needs csprt
@@ -6,11 +6,14 @@ installed in the Python backend's environment: the wiring, decode loop, tokenisa
 processing are csprt's own (`engines.pipeline.Pipeline`, `engines.host.HostIO`), so nothing here
 duplicates them. The only Triton-specific step is `TritonStageRunner._infer`, a BLS request:
 
-    request {image, query[, mode, return_logits, max_new_tokens, instance_masks]}
-      --image cache (sha256 of the bytes + settings)--> hit: ArtifactSession.segment(encoding, query)
-                                                        miss: decode, segment(image, query, keep_encoding=True)
-      (HostIO + Pipeline; per stage: pb_utils.InferenceRequest(<name>_<stage>).exec())
-      --> response {mask_png, masks_packed, masks_shape, answer, generated_ids, timings [, mask_logits]}
+    execute(requests): one dynamic-batcher group (config max_batch_size, at most the artifact's --max-batch)
+      per request {image, query[, mode, return_logits, max_new_tokens, instance_masks]}: checked alone
+        (tensors, mode, query against the exported text ranges, image); a bad one gets its own error response
+        --image cache (sha256 of the bytes + settings)--> hit: its encoding; miss: the decoded image
+      engines.batching.run_items: ArtifactSession.segment_batch per mode (hits and misses in one batch),
+        HostIO + Pipeline; per stage ONE BLS request for the whole batch:
+        pb_utils.InferenceRequest(<name>_<stage>, tensors [B, ...]).exec()
+      --> per request {mask_png, masks_packed, masks_shape, answer, generated_ids, timings [, mask_logits]}
 
 The image cache (engines.image_cache, `csprt triton-repo --image-cache-mb`, config parameter
 csprt_image_cache_mb) keeps each image's encoding for further questions about it. Triton's Python backend
@@ -37,6 +40,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
+    from engines.batching import Item, check_query, run_items
     from engines.image_cache import MIB, ImageCache, image_key
     from engines.session import ArtifactSession
     from graphs.errors import ArtifactError, InputError, ToolchainError
@@ -95,7 +99,8 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         here = Path(args["model_repository"]) / args["model_version"]
         config = json.loads(args["model_config"])
-        self.batched = int(config.get("max_batch_size", 0)) > 0  # then every tensor has Triton's batch axis
+        max_batch_size = int(config.get("max_batch_size", 0))
+        self.batched = max_batch_size > 0  # then every tensor has Triton's batch axis
         self.artifact = load_artifact(here / ARTIFACT_DIR, verify=False)  # graphs live in the stage models
         self.layout = self.artifact.layout
         models = json.loads((here / STAGES_FILE).read_text(encoding="utf-8"))["stage_models"]
@@ -110,6 +115,8 @@ class TritonPythonModel:
 
         self.session = ArtifactSession(here / ARTIFACT_DIR, verify=False, runner_for=runner_for)
         self.host, self.pipeline = self.session.host, self.session.pipeline
+        # requests per pipeline call: the dynamic batcher's group (at most the exported batch), split above it
+        self.max_batch = min(max_batch_size or self.session.max_batch, self.session.max_batch)
         self._warm_up()
         loop = self.layout.loop
         self.default_max_new_tokens = min(32, loop.max_new_tokens) if loop else 0  # as csprt run and csprt serve
@@ -131,23 +138,32 @@ class TritonPythonModel:
         self.session.close()
 
     def execute(self, requests) -> list:
-        return [self._respond(r) for r in requests]
+        """A dynamic-batcher group: each request checked alone (a bad one gets its own error response), the good
+        ones run as batched pipeline calls (engines.batching: one segment_batch per mode and max_new_tokens, at
+        most max_batch requests each, every stage one BLS request for the whole batch)."""
+        responses: list = [None] * len(requests)
+        items, checked = [], {}
+        for i, request in enumerate(requests):
+            try:
+                items.append(self._check(i, request, checked))
+            except Exception as exc:  # noqa: BLE001  this request's error only
+                responses[i] = _error_response(exc)
+        t0 = time.perf_counter()
+        keep = self.cache.enabled and any(checked[it.index]["encoding"] is None for it in items)
+        results = run_items(self.session, items, self.max_batch, keep_encoding=keep, on_error=lambda exc: print(
+            f"[csprt] a batch failed as a whole ({type(exc).__name__}: {exc}); running its requests one by one",
+            file=sys.stderr, flush=True))
+        segment_ms = 1e3 * (time.perf_counter() - t0)
+        for it in items:
+            try:
+                responses[it.index] = self._respond(checked[it.index], results[it.index], results, segment_ms)
+            except Exception as exc:  # noqa: BLE001  this request's error only
+                responses[it.index] = _error_response(exc)
+        return responses
 
     # -- one request ----------------------------------------------------------------------------
-    def _respond(self, request):
-        try:
-            return pb_utils.InferenceResponse(output_tensors=self._handle(request))
-        except InputError as exc:  # the client's to fix: HTTP 400 / gRPC INVALID_ARGUMENT
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                str(exc), pb_utils.TritonError.INVALID_ARG))
-        except ToolchainError as exc:  # the deployment's to fix (artifact, stage model)
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
-        except Exception as exc:  # noqa: BLE001  a bug must fail this request, not the whole batch
-            traceback.print_exc(file=sys.stderr)  # into Triton's log
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                f"csprt internal error (please report; traceback in the server log): {type(exc).__name__}: {exc}"))
-
-    def _handle(self, request) -> list:
+    def _check(self, i: int, request, checked: dict) -> Item:
+        """Request i alone: its tensors, mode, query against the exported ranges, its image (cache or decode)."""
         t0 = time.perf_counter()
         data = self._bytes(request, "image")
         query = self._text(request, "query")
@@ -160,33 +176,40 @@ class TritonPythonModel:
         if mode not in self.layout.modes:
             raise InputError(f"mode {mode!r} is not in this artifact (exported for {', '.join(self.layout.modes)}); "
                              f"re-export it with --mode both: {self.artifact.rebuild_command}")
+        check_query(self.session, query, mode)
         key = image_key(data, self.session.image_settings, masks_in) if self.cache.enabled else None
         encoding = self._lookup(key)
         if encoding is None:  # bytes that do not decode fail here, before anything could be cached
             source = decode_image_bytes(data, name="(request input 'image')")
         else:
             source, masks_in = encoding, None  # the instance masks are part of the encoding (and of its key)
-        t1 = time.perf_counter()
-        seg = self.session.segment(source, query, mode, max_new_tokens=int(max_new) if mode == "generate" else None,
-                                   instance_masks=masks_in, keep_encoding=key is not None and encoding is None)
-        if key is not None and encoding is None:
-            self._store(key, seg.encoding)
+        checked[i] = {"t0": t0, "t1": time.perf_counter(), "key": key, "encoding": encoding, "logits": logits_wanted}
+        return Item(i, source, query, mode, int(max_new) if mode == "generate" else None, masks_in)
+
+    def _respond(self, checked: dict, seg, results: dict, segment_ms: float):
+        if isinstance(seg, Exception):
+            return _error_response(seg)
         t2 = time.perf_counter()
+        if checked["key"] is not None and checked["encoding"] is None:
+            self._store(checked["key"], seg.encoding)
         masks = seg.masks
         outputs = {"mask_png": np.array([_png(masks)], dtype=np.object_),
                    "masks_packed": np.packbits(masks.reshape(-1)),  # [ceil(K*H*W / 8)] uint8
                    "masks_shape": np.asarray(masks.shape, dtype=np.int64),  # [3]: K, H, W
                    "answer": np.array([seg.answer.encode("utf-8")], dtype=np.object_),
                    "generated_ids": np.asarray(seg.generated_ids, dtype=np.int64).reshape(-1)}
-        if logits_wanted:
+        if checked["logits"]:
             outputs["mask_logits"] = np.ascontiguousarray(seg.mask_logits, dtype=np.float32)  # [K, H, W]
         t3 = time.perf_counter()
         ms = lambda a, b: 1e3 * (b - a)  # noqa: E731
-        timings = {"decode_image": ms(t0, t1), **seg.timings_ms, "segment": ms(t1, t2), "encode": ms(t2, t3),
-                   "total": ms(t0, t3), "image_cache_hit": int(encoding is not None)}
+        batch = sum(1 for r in results.values() if getattr(r, "pipeline", None) is seg.pipeline)
+        timings = {"decode_image": ms(checked["t0"], checked["t1"]), **seg.timings_ms, "segment": segment_ms,
+                   "encode": ms(t2, t3), "total": ms(checked["t0"], t3), "batch_size": batch,
+                   "image_cache_hit": int(checked["encoding"] is not None)}
         timings = {k: v if isinstance(v, int) else round(float(v), 3) for k, v in timings.items()}  # counts: int
         outputs["timings"] = np.array([json.dumps(timings).encode("utf-8")], dtype=np.object_)
-        return [pb_utils.Tensor(k, v[None] if self.batched else v) for k, v in outputs.items()]
+        tensors = [pb_utils.Tensor(k, v[None] if self.batched else v) for k, v in outputs.items()]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     # -- image cache ------------------------------------------------------------------------------
     def _lookup(self, key):
@@ -247,6 +270,19 @@ class TritonPythonModel:
         if flat.size != 1:
             raise InputError(f"input {name!r} has {flat.size} elements; send exactly one (shape [1])")
         return flat[0].item()
+
+
+def _error_response(exc: Exception):
+    """One request's error response: InputError is the client's to fix (HTTP 400 / gRPC INVALID_ARGUMENT), another
+    ToolchainError the deployment's (artifact, stage model), anything else a bug (traceback into Triton's log)."""
+    if isinstance(exc, InputError):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+            str(exc), pb_utils.TritonError.INVALID_ARG))
+    if isinstance(exc, ToolchainError):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc)))
+    traceback.print_exception(exc, file=sys.stderr)  # into Triton's log
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+        f"csprt internal error (please report; traceback in the server log): {type(exc).__name__}: {exc}"))
 
 
 def _png(masks: np.ndarray) -> bytes:

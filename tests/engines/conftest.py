@@ -1,8 +1,9 @@
 """Toy stage graphs (onnx.helper) and a hand-built Layout wiring them, for the runner and Pipeline tests.
 
     host.a, host.b --> s1 (Add) --sum--> s2 (Identity; source by mode) --y
-    host.ids --> prefill (a block: static cache) --(next_token, last_hidden)--> decode loop: step_prefill runs the
-                 same graph on the token; each call writes its ids as cache rows at past_len
+    host.ids [1, len], host.row_lens --> prefill (a block: static cache; a batch of one) --(next_token, last_hidden)-->
+                 decode loop: step_prefill runs the same graph on the token; each call writes its ids as cache rows
+                 at past_len
     host.seg_rows (single-pass) | loop.seg_hidden (generate) --> head --seg_embeddings--> dec2 <-- s1.sum
 
 Toy semantics: a call's next_token = max(ids) + 1, last_hidden = [token, past_len + len(ids)] (the cache length
@@ -47,19 +48,22 @@ def _ints(name, values):
 F = "float32"
 A = TensorSpec("a", F, (1, "n"))
 B = TensorSpec("b", F, (1, "n"))
-IDS = TensorSpec("ids", "int64", ("len",))
+IDS = TensorSpec("ids", "int64", (1, "len"))
+ROW_LENS = TensorSpec("row_lens", "int64", (1,))
 SEG_ROWS = TensorSpec("seg_rows", F, ("num_seg", 2))
 
 S1 = StageSpec("s1", "vision", (TensorSpec("a", F, (1, "n"), "host.a"), TensorSpec("b", F, (1, "n"), "host.b")),
                (TensorSpec("sum", F, (1, "n")),))
 S2 = StageSpec("s2", "vision", (TensorSpec("x", F, (1, "n"), {"single-pass": "s1.sum", "generate": "host.a"}),),
                (TensorSpec("y", F, (1, "n")),))
-PREFILL = StageSpec("prefill", "llm", (TensorSpec("ids", "int64", ("len",), "host.ids"),
+PREFILL = StageSpec("prefill", "llm", (TensorSpec("ids", "int64", (1, "len"), "host.ids"),
+                                       TensorSpec("row_lens", "int64", (1,), "host.row_lens"),
                                        TensorSpec("past_len", "int64", (1,), "cache"),
                                        TensorSpec("past", F, (1, 1, "cache", 1), "cache")),
                     (TensorSpec("next_token", "int64", (1,)), TensorSpec("last_hidden", F, (1, 2)),
                      TensorSpec("rows", F, (1, 1, "len", 1))), cache=(("past", "rows"),))
-STEP = StageSpec("step_prefill", "llm", (TensorSpec("ids", "int64", ("len",), "loop.token"),) + PREFILL.inputs[1:],
+STEP = StageSpec("step_prefill", "llm", (TensorSpec("ids", "int64", (1, "len"), "loop.token"),
+                                         TensorSpec("row_lens", "int64", (1,), "loop.row_lens")) + PREFILL.inputs[2:],
                  PREFILL.outputs, cache=PREFILL.cache, graph="prefill", loop=True, modes=("generate",))
 HEAD = StageSpec("head", "seg_head",
                  (TensorSpec("seg_hidden", F, ("num_seg", 2), {"single-pass": "host.seg_rows",
@@ -80,7 +84,7 @@ def toy_layout(seg: int = 7, eos: int = 9, max_new_tokens: int = 10, dims: dict 
                 seg_token_id=seg)
     outputs = {"masks": "dec2.masks", "emb": "head.seg_embeddings", "y": "s2.y",
                "generated_ids": {"generate": "loop.generated_ids"}}
-    return Layout(host_inputs=(A, B, IDS, SEG_ROWS), stages=STAGES, dims=dict(dims or DIMS),
+    return Layout(host_inputs=(A, B, IDS, ROW_LENS, SEG_ROWS), stages=STAGES, dims=dict(dims or DIMS),
                   modes=("single-pass", "generate"), outputs=outputs, loop=loop)
 
 
@@ -92,10 +96,10 @@ def write_toy_graphs(out_dir):
         "s1": (S1, [mk("Add", ["a", "b"], ["sum"])], []),
         "s2": (S2, [mk("Identity", ["x"], ["y"])], []),
         "prefill": (PREFILL, [
-            mk("ReduceMax", ["ids"], ["mx"], axes=[0], keepdims=1),
+            mk("ReduceMax", ["ids"], ["mx"], axes=[1], keepdims=0),
             mk("Add", ["mx", "one"], ["next_token"]),
             mk("Cast", ["next_token"], ["tok_f"], to=TensorProto.FLOAT),
-            mk("Shape", ["ids"], ["len_i"]),
+            mk("Shape", ["ids"], ["len_i"], start=1),
             mk("Add", ["len_i", "past_len"], ["tot"]),
             mk("Cast", ["tot"], ["len_f"], to=TensorProto.FLOAT),
             mk("Concat", ["tok_f", "len_f"], ["hid1"], axis=0),

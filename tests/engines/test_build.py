@@ -115,6 +115,8 @@ def test_stage_engine_is_built_with_a_matching_sidecar(built, installed, schedul
         "compute_capabilities": sidecar["compute_capabilities"], "precision": "fp32", "dims": sidecar["dims"],
         "profiles_note": sidecar["profiles_note"]}
     assert check_engine(art, stage) == (plan, sidecar)
+    if stage != "seg_head":  # every other engine takes a batch: 1 to --max-batch, tuned for --opt-batch
+        assert sidecar["dims"]["batch"] == {"min": 1, "opt": 4, "max": 8}
 
 
 @pytest.mark.parametrize("schedule, stage", CASES, ids=IDS)

@@ -58,7 +58,7 @@ def test_host_reads_are_the_outputs_and_the_loop_tokens():
     assert single == ("sam_decoder.masks", "sam_decoder.low_res_masks", "seg_head.seg_embeddings")
     gen = host_reads(layout, "generate")
     # generated_ids is assembled on the host; the first position is read once
-    assert gen == single + ("llm_2.next_token", "entry_0.next_position", "step_llm_2.next_token")
+    assert gen == single + ("loop.seg_batch", "llm_2.next_token", "entry_0.next_position", "step_llm_2.next_token")
     assert host_reads(_layout(mode="single-pass"), "single-pass") == single
 
 
@@ -112,7 +112,7 @@ def test_unknown_dims():
 
 def _toy_host(seg_rows=None):
     a = np.arange(4, dtype=np.float32)[None]
-    host = {"a": a, "b": 10 * a, "ids": np.asarray([3, 5, 1], dtype=np.int64)}
+    host = {"a": a, "b": 10 * a, "ids": np.asarray([[3, 5, 1]], dtype=np.int64), "row_lens": np.asarray([3], np.int64)}
     if seg_rows is not None:
         host["seg_rows"] = np.asarray(seg_rows, dtype=np.float32).reshape(-1, 2)
     return host
@@ -125,9 +125,9 @@ class _ReadLog(CudaChain):
         super().__init__(*args, **kwargs)
         self.reads: list[str] = []
 
-    def token(self, source, value):
+    def tokens(self, source, value):
         self.reads += [source] if isinstance(value, torch.Tensor) else []
-        return super().token(source, value)
+        return super().tokens(source, value)
 
     def to_host(self, source, value):
         self.reads += [source] if isinstance(value, torch.Tensor) else []
@@ -183,7 +183,7 @@ def test_generate_keeps_seg_rows_from_reused_buffers(make_toy_layout, toy_graphs
     with Pipeline(layout, device_ort_runner_for(layout, toy_graphs.__getitem__, cuda.log),
                   chain=CudaChain(layout, "cuda", cuda=cuda, alloc_device="cpu")) as pipe:
         got = pipe.run(_toy_host(), "generate")
-    assert got.generated_ids == [6, 7, 8, 9]
+    assert got.generated_ids == [[6, 7, 8, 9]]
     np.testing.assert_array_equal(got.tensors["loop.seg_hidden"].numpy(), want.tensors["loop.seg_hidden"])  # [[7, 4]]
     assert got.timings_ms["decode"] == 3.0 and got.timings_ms["decode_steps"] == 3  # one event pair per step
 

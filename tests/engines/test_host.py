@@ -58,13 +58,15 @@ def test_inputs_match_prompt_and_preprocessing(tiny_ckpt_st, art_dir, mode):
     feed, meta = io.inputs(image, "Where is the cat?", mode)
     shape = tiny_shape()
     ids = tokenize_prompt(io.tokenizer, "Where is the cat?", mode, shape.num_image_tokens, shape.llm.max_positions)
-    base = {"clip_pixels", "sam_pixels", "prefix_ids", "suffix_ids"}
-    assert set(feed) == (base | {"seg_rows"} if mode == "single-pass" else base)
-    if mode == "single-pass":  # the row before the [SEG] in the suffix
+    base = {"clip_pixels", "sam_pixels", "prefix_ids", "suffix_ids", "suffix_lens"}
+    assert set(feed) == (base | {"seg_rows", "seg_batch"} if mode == "single-pass" else base)
+    if mode == "single-pass":  # the row before the [SEG] in the suffix, of request 0
         np.testing.assert_array_equal(feed["seg_rows"], [j - 1 for j in ids.seg_suffix_positions()])
+        np.testing.assert_array_equal(feed["seg_batch"], [0] * len(ids.seg_suffix_positions()))
         assert feed["seg_rows"].dtype == np.int64
-    np.testing.assert_array_equal(feed["prefix_ids"], ids.prefix)
-    np.testing.assert_array_equal(feed["suffix_ids"], ids.suffix)
+    np.testing.assert_array_equal(feed["prefix_ids"], [ids.prefix])  # a batch of one
+    np.testing.assert_array_equal(feed["suffix_ids"], [ids.suffix])
+    np.testing.assert_array_equal(feed["suffix_lens"], [len(ids.suffix)])
     assert feed["prefix_ids"].dtype == np.int64 and feed["suffix_ids"].dtype == np.int64
     assert (feed["suffix_ids"] == manifest["tokenizer"]["seg_token_id"]).sum() == (mode == "single-pass")
     np.testing.assert_array_equal(feed["clip_pixels"], clip_pixels_np(image, manifest["preprocessing"]["clip"]))
@@ -89,7 +91,7 @@ def test_instance_masks_for_seg_first(tiny_ckpt_st, art_dir):
     masks = np.zeros((2, grid, grid), bool)
     masks[0, :2], masks[1, 4:] = True, True
     feed, _ = io.inputs(_image(), "Where is the cat?", "single-pass", instance_masks=masks)
-    assert feed["instance_masks"].dtype == np.float32 and feed["instance_masks"].shape == (2, grid, grid)
+    assert feed["instance_masks"].dtype == np.float32 and feed["instance_masks"].shape == (1, 2, grid, grid)
     with pytest.raises(InputError, match="clusters with seg_first"):
         io.inputs(_image(), "Where is the cat?", "single-pass")
     with pytest.raises(InputError, match=rf"expected shape \[M, {grid}, {grid}\]"):
@@ -134,3 +136,16 @@ def test_broken_artifacts(tiny_ckpt_st, art_dir, tmp_path):
     wrong = {**manifest, "tokenizer": {**manifest["tokenizer"], "seg_token_id": 3}}
     with pytest.raises(ArtifactError, match=r"\[SEG\] id is \d+ but the manifest says 3"):
         HostIO(wrong, art_dir).inputs(_image(), "Where is the cat?", "single-pass")
+
+
+def test_query_batch_right_pads_suffixes_and_lists_seg_rows_flat(tiny_ckpt_st, art_dir):
+    io = HostIO(_manifest(tiny_ckpt_st), art_dir)
+    queries = ["Where is the cat?", "Where is the big black cat on the left of the sofa?"]
+    feed, ids = io.query_batch(queries, "single-pass", pad_id=5)
+    lens = [len(i.suffix) for i in ids]
+    assert lens[0] < lens[1] and feed["suffix_ids"].shape == (2, lens[1]) and feed["suffix_lens"].tolist() == lens
+    assert (feed["suffix_ids"][0, lens[0]:] == 5).all()  # right padding
+    assert (feed["prefix_ids"][0] == feed["prefix_ids"][1]).all()  # the template's prefix, shared
+    assert feed["seg_batch"].tolist() == [0, 1] and feed["seg_rows"].tolist() == [i.seg_rows()[0] for i in ids]
+    images, _, _ = io.image_batch([_image(), _image(40, 50)])
+    assert images["clip_pixels"].shape[0] == 2 and images["sam_pixels"].shape[0] == 2

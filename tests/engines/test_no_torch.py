@@ -53,10 +53,11 @@ def test_host_tokenizer_without_torch(tmp_path, tiny_ckpt_st):
         manifest = {{"tokenizer": {{"dir": tok_dir}}, "model": {{}},
                      "preprocessing": {{"clip": default_clip_processor_config(224), "sam": {{"image_size": 1024}}}},
                      "host_inputs": [{{"name": n, "dtype": d}} for n, d in [("clip_pixels", "float32"),
-                         ("sam_pixels", "float32"), ("prefix_ids", "int64"), ("suffix_ids", "int64")]]}}
+                         ("sam_pixels", "float32"), ("prefix_ids", "int64"), ("suffix_ids", "int64"),
+                         ("suffix_lens", "int64")]]}}
         io = HostIO(manifest, "/")
         feed, meta = io.inputs(np.zeros((20, 30, 3), np.uint8), "Where is the cat?", "single-pass")
         assert feed["sam_pixels"].shape == (1, 3, 1024, 1024) and meta.resized_hw == (683, 1024)
-        print(io.answer(feed["suffix_ids"].tolist()))
+        print(io.answer(feed["suffix_ids"][0].tolist()))  # request 0 of a batch of one
     """, tmp_path)
     assert "[SEG]" in out

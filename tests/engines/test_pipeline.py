@@ -21,7 +21,8 @@ def _pipeline(layout, graphs, made=None):
 
 def _host(n=4, ids=(3, 5, 1), seg_rows=None):
     a = np.arange(n, dtype=np.float32)[None]
-    host = {"a": a, "b": 10 * a, "ids": np.asarray(ids, dtype=np.int64)}
+    host = {"a": a, "b": 10 * a, "ids": np.asarray([ids], dtype=np.int64),
+            "row_lens": np.asarray([len(ids)], dtype=np.int64)}  # a batch of one
     if seg_rows is not None:
         host["seg_rows"] = np.asarray(seg_rows, dtype=np.float32).reshape(-1, 2)
     return host
@@ -50,20 +51,20 @@ def test_generate_loop_collects_seg_and_stops_on_eos(make_toy_layout, toy_graphs
     host = _host()  # no seg_rows: generate mode does not read it
     with _pipeline(make_toy_layout(seg=7, eos=9), toy_graphs) as pipe:
         res = pipe.run(host, "generate", record=True)
-    assert res.generated_ids == [6, 7, 8, 9]
-    np.testing.assert_array_equal(res.outputs["generated_ids"], [6, 7, 8, 9])
+    assert res.generated_ids == [[6, 7, 8, 9]]
+    np.testing.assert_array_equal(res.outputs["generated_ids"], [[6, 7, 8, 9]])  # [B, T]
     assert res.outputs["generated_ids"].dtype == np.int64
     # token 7 came from the first decode step: cache of 3 prompt rows + the fed token 6
     np.testing.assert_array_equal(res.tensors["loop.seg_hidden"], [[7, 4]])
     cache = pipe.kv.buffers["prefill"]["past"]  # written in place: 3 prompt rows, then one row per step
-    assert cache.shape == (1, 1, 3 + 9, 1) and pipe.kv.length["prefill"] == 6
+    assert cache.shape == (1, 1, 3 + 9, 1) and pipe.kv.length["prefill"].tolist() == [6]
     np.testing.assert_array_equal(cache[0, 0, :6, 0], [3, 5, 1, 6, 7, 8])
     assert res.timings_ms["decode_steps"] == 3 and res.timings_ms["decode"] >= 0
     np.testing.assert_array_equal(res.outputs["y"], host["a"])  # s2.x comes from host.a in generate
     np.testing.assert_array_equal(res.outputs["emb"], [[7, 4, 11]])
     np.testing.assert_array_equal(res.outputs["masks"], 22 + 11 * host["a"])
     first = res.feeds["step_prefill"]  # the first step's feed, as it was then
-    np.testing.assert_array_equal(first["ids"], [6])
+    np.testing.assert_array_equal(first["ids"], [[6]])
     np.testing.assert_array_equal(first["past_len"], [3])
     np.testing.assert_array_equal(first["past"][0, 0, :4, 0], [3, 5, 1, 0])
 
@@ -73,11 +74,11 @@ def test_generate_stops_at_max_new_tokens(make_toy_layout, toy_graphs):
         full = pipe.run(_host(), "generate")
         short = pipe.run(_host(), "generate", max_new_tokens=2)
         one = pipe.run(_host(), "generate", max_new_tokens=1)
-    assert full.generated_ids == list(range(6, 16)) and full.timings_ms["decode_steps"] == 9
+    assert full.generated_ids == [list(range(6, 16))] and full.timings_ms["decode_steps"] == 9
     assert pipe.kv.buffers["prefill"]["past"].shape == (1, 1, 3, 1)  # the last run's (max_new_tokens 1) capacity
-    assert short.generated_ids == [6, 7] and short.timings_ms["decode_steps"] == 1
+    assert short.generated_ids == [[6, 7]] and short.timings_ms["decode_steps"] == 1
     np.testing.assert_array_equal(short.tensors["loop.seg_hidden"], [[7, 4]])
-    assert one.generated_ids == [6] and one.timings_ms["decode_steps"] == 0 and "decode" not in one.timings_ms
+    assert one.generated_ids == [[6]] and one.timings_ms["decode_steps"] == 0 and "decode" not in one.timings_ms
     assert one.tensors["loop.seg_hidden"].shape == (0, 2)
 
 
@@ -91,7 +92,7 @@ def test_max_new_tokens_out_of_range(make_toy_layout, toy_graphs, bad):
 def test_seg_as_first_token_uses_prefill_hidden(make_toy_layout, toy_graphs):
     with _pipeline(make_toy_layout(seg=6, eos=7), toy_graphs) as pipe:
         res = pipe.run(_host(), "generate")
-    assert res.generated_ids == [6, 7]
+    assert res.generated_ids == [[6, 7]]
     np.testing.assert_array_equal(res.tensors["loop.seg_hidden"], [[6, 3]])  # prefill's last_hidden
 
 
@@ -99,7 +100,7 @@ def test_skip_if_empty_without_seg(make_toy_layout, toy_graphs):
     made = []
     with _pipeline(make_toy_layout(seg=100, eos=9), toy_graphs, made) as pipe:
         res = pipe.run(_host(n=5), "generate", record=True)
-    assert res.generated_ids == [6, 7, 8, 9]
+    assert res.generated_ids == [[6, 7, 8, 9]]
     assert res.tensors["loop.seg_hidden"].shape == (0, 2) and res.tensors["loop.seg_hidden"].dtype == np.float32
     assert res.outputs["emb"].shape == (0, 3) and res.outputs["emb"].dtype == np.float32
     assert res.outputs["masks"].shape == (0, 5)  # "n" bound from the skipped stage's feed
@@ -163,10 +164,10 @@ def test_given_tensors_and_a_stage_subset(make_toy_layout, toy_graphs):
         full = pipe.run(host, "generate")
         first = pipe.run({"a": host["a"], "b": host["b"]}, "generate", stages={"s1"})
         assert set(first.timings_ms) == {"s1"} and "s1.sum" in first.tensors
-        rest = pipe.run({"ids": host["ids"], "a": host["a"]}, "generate", given={"s1.sum": first.tensors["s1.sum"]},
+        rest = pipe.run({"ids": host["ids"], "row_lens": host["row_lens"], "a": host["a"]}, "generate", given={"s1.sum": first.tensors["s1.sum"]},
                         stages={"s2", "prefill", "head", "dec2"})
         assert "s1" not in rest.timings_ms and rest.generated_ids == full.generated_ids
         for name, value in full.outputs.items():
             np.testing.assert_array_equal(rest.outputs[name], value)
         with pytest.raises(InputError, match="missing b"):
-            pipe.run({"a": host["a"], "ids": host["ids"]}, "generate", stages={"s1"})
+            pipe.run({"a": host["a"], "ids": host["ids"], "row_lens": host["row_lens"]}, "generate", stages={"s1"})

@@ -57,10 +57,10 @@ def test_pipeline_runs_every_layout(preset, knobs, precision):
         single = pipe.run(host, "single-pass")
         FakeRunner.script = [5, SEG, 7, EOS]
         gen = pipe.run(host, "generate", record=True)
-    assert set(single.outputs) == {"masks", "low_res_masks", "seg_embeddings"}
+    assert set(single.outputs) == {"masks", "low_res_masks", "seg_embeddings", "seg_batch"}
     assert single.outputs["masks"].shape[0] == 1 and single.generated_ids == []
-    assert gen.generated_ids == [5, SEG, 7, EOS] and gen.timings_ms["decode_steps"] == 3
-    assert gen.outputs["generated_ids"].tolist() == [5, SEG, 7, EOS]
+    assert gen.generated_ids == [[5, SEG, 7, EOS]] and gen.timings_ms["decode_steps"] == 3
+    assert gen.outputs["generated_ids"].tolist() == [[5, SEG, 7, EOS]] and gen.outputs["seg_batch"].tolist() == [0]
     np.testing.assert_array_equal(gen.tensors["loop.seg_hidden"][:, 0], [2])  # the step that emitted [SEG]
     assert gen.tensors["loop.seg_hidden"].dtype == np.dtype(layout.stage("seg_head").inputs[0].dtype)
     assert gen.outputs["masks"].shape == (1, shape.sam.image_size, shape.sam.image_size)

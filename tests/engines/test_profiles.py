@@ -64,7 +64,10 @@ def test_block_profile_spans_prefill_and_decode_rows_and_the_cache():
     assert profile["hidden"].min[1] == 1 and profile["hidden"].max[1] == layout.dims["rows_llm_0"].max  # decode .. prompt
     key = profile["past_key_0"]
     assert key.max[2] == layout.dims["cache_llm_0"].max and key.min[2] == 1
-    assert set(stage_dims(block, layout.dims)) == {"rows_llm_0", "cache_llm_0"}
+    assert set(stage_dims(block, layout.dims)) == {"batch", "rows_llm_0", "cache_llm_0"}
+    b = layout.dims["batch"]  # every input's leading dim: min 1, opt --opt-batch, max --max-batch
+    assert (key.min[0], key.opt[0], key.max[0]) == (1, b.opt, b.max) == (1, 4, 8)
+    assert profile["past_len"].max == (b.max,) and profile["row_lens"].min == (1,)
 
 
 def test_profiles_note_says_why_one_profile_suffices():

@@ -145,24 +145,38 @@ def test_encode_response_no_masks(tmp_path):
 
 # -- the model callable ------------------------------------------------------------------------
 class FakeSession:
-    """Records calls; segments into a single mask of the image's top half."""
+    """Records segment_batch calls; segments each image into a single mask of its top half."""
 
-    def __init__(self, fail_on: str | None = None):
-        self.artifact = types.SimpleNamespace(layout=types.SimpleNamespace(loop=types.SimpleNamespace(max_new_tokens=4)),
-                                              modes=("single-pass", "generate"))
-        self.calls, self.fail_on = [], fail_on
+    def __init__(self, fail_on: str | None = None, max_batch: int = 8):
+        self.artifact = types.SimpleNamespace(layout=types.SimpleNamespace(
+            loop=types.SimpleNamespace(max_new_tokens=4), host_inputs=(), dims={}), modes=("single-pass", "generate"))
+        self.host = types.SimpleNamespace(query_batch=self._query_batch)
+        self.calls, self.fail_on, self.max_batch = [], fail_on, max_batch
 
-    def segment(self, image, query, mode="single-pass", max_new_tokens=None):
-        self.calls.append((image.shape, query, mode, max_new_tokens))
-        if query == self.fail_on:
-            raise RuntimeError("boom")
-        if query == "too long":
+    @staticmethod
+    def _query_batch(queries, mode):
+        if any(q == "too long" for q in queries):
             raise InputError("the prompt is too long")
-        h, w = image.shape[:2]
-        masks = np.zeros((1, h, w), bool)
-        masks[:, : h // 2] = True
-        return types.SimpleNamespace(mask_logits=masks.astype(np.float32), masks=masks, answer="[SEG].",
-                                     generated_ids=[1] if mode == "generate" else [], timings_ms={"vision": 0.5})
+        return {}, [None] * len(queries)
+
+    def segment_batch(self, images, queries, mode="single-pass", max_new_tokens=None, instance_masks=None,
+                      keep_encoding=False):
+        self.calls.append(([im.shape for im in images], list(queries), mode, max_new_tokens))
+        if self.fail_on in queries:
+            raise RuntimeError("boom")
+        pipeline, out = object(), []  # one PipelineResult per call, shared by the batch
+        for image in images:
+            h, w = image.shape[:2]
+            masks = np.zeros((1, h, w), bool)
+            masks[:, : h // 2] = True
+            out.append(types.SimpleNamespace(mask_logits=masks.astype(np.float32), masks=masks, answer="[SEG].",
+                                             generated_ids=[1] if mode == "generate" else [], pipeline=pipeline,
+                                             timings_ms={"vision": 0.5}, encoding=None))
+        return out
+
+
+def _timings(response) -> dict:
+    return json.loads(bytes(response["timings"][0, 0]))
 
 
 def test_segment_model_errors_stay_per_request(monkeypatch):
@@ -173,17 +187,36 @@ def test_segment_model_errors_stay_per_request(monkeypatch):
     png = _png()
     out = model([_req(image=png, query=b"a"), _req(image=b"not an image", query=b"b"), _req(image=png, query=b" "),
                  _req(image=png, query=b"too long"), _req(image=png, query=b"crash"),
-                 _req(image=png, query=b"c", mode=b"generate")])
-    assert len(out) == 6
+                 _req(image=png, query=b"c", mode=b"generate"), _req(image=png, query=b"d")])
+    assert len(out) == 7
     ok = [i for i, r in enumerate(out) if ERROR_OUTPUT not in r]
-    assert ok == [0, 5]
+    assert ok == [0, 5, 6]
     codes = [bytes(out[i][ERROR_OUTPUT][0, 0]).decode() for i in (1, 2, 3, 4)]
     assert codes == ["INVALID_ARG"] * 3 + ["INTERNAL"]
     assert b"not an image format" in bytes(out[1][ERROR_OUTPUT][1, 0])
+    assert b"the prompt is too long" in bytes(out[3][ERROR_OUTPUT][1, 0])
     assert b"RuntimeError: boom" in bytes(out[4][ERROR_OUTPUT][1, 0])
     assert decoded.count(png) == 1  # identical image bytes in one batch are decoded once
-    assert session.calls[-1] == ((8, 12, 3), "c", "generate", 4)
+    # one batched call per mode; the failing batch is run again request by request
+    assert [(q, m) for _, q, m, _ in session.calls] == [
+        (["a", "crash", "d"], "single-pass"), (["a"], "single-pass"), (["crash"], "single-pass"),
+        (["d"], "single-pass"), (["c"], "generate")]
+    assert session.calls[-1] == ([(8, 12, 3)], ["c"], "generate", 4)
     assert out[5]["generated_ids"].tolist() == [[1]]
+    assert [_timings(out[i])["batch_size"] for i in ok] == [1, 1, 1]
+
+
+def test_segment_model_batches_a_group_and_splits_it_at_max_batch():
+    session = FakeSession(max_batch=4)
+    png = _png()
+    group = [_req(image=png, query=f"q{i}".encode()) for i in range(6)]
+    out = SegmentModel(session)(group)
+    assert [len(q) for _, q, _, _ in session.calls] == [4, 2]
+    assert [_timings(r)["batch_size"] for r in out] == [4] * 4 + [2] * 2
+    session.calls.clear()
+    out = SegmentModel(session, max_batch=3)(group)  # csprt serve --max-batch-size 3
+    assert [q for _, q, _, _ in session.calls] == [["q0", "q1", "q2"], ["q3", "q4", "q5"]]
+    assert SegmentModel(session, max_batch=16).max_batch == 4  # never above the exported maximum
 
 
 def test_error_response_shape():
@@ -252,3 +285,55 @@ def test_install_per_request_errors_appends_patch():
     files = Model.get_proxy_model_files(fake)
     assert files["file:1/model.py"].endswith(serving.PROXY_PATCH)
     assert files["file:1/model.py"].count(serving.PROXY_PATCH) == 1
+
+
+# -- a served group on the tiny artifact -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_session(export_tiny):
+    from engines.session import ArtifactSession
+
+    with ArtifactSession(export_tiny()) as session:
+        yield session
+
+
+def _photo(name: str) -> bytes:
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(getattr(data, name)()[::4, ::4].copy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_served_group_mixing_bad_and_good_requests(tiny_session):
+    """One Triton call with bad requests among good ones, cache hits and misses, both modes: the bad ones get
+    their own errors; each good one equals the request run alone, from one batched call per mode."""
+    from engines.image_cache import MIB, ImageCache
+
+    cat, person = _photo("chelsea"), _photo("astronaut")
+    model = SegmentModel(tiny_session, cache=ImageCache(64 * MIB))
+    assert ERROR_OUTPUT not in model([_req(image=cat, query=b"warm the cache")])[0]
+    group = [(cat, "Where is the cat?", "single-pass"), (b"GIF89a not an image", "q", "single-pass"),
+             (person, "Segment the person.", "single-pass"), (cat, "cat " * 400, "single-pass"),
+             (cat, "What is on the left?", "generate"), (person, "Where is the face?", "single-pass")]
+    out = model([_req(image=im, query=q.encode(), mode=m.encode(), return_logits=True) for im, q, m in group])
+    errors = {i: bytes(r[ERROR_OUTPUT][1, 0]).decode() for i, r in enumerate(out) if ERROR_OUTPUT in r}
+    assert set(errors) == {1, 3}
+    assert "not an image format" in errors[1] and "suffix_len" in errors[3] and "exported range" in errors[3]
+    for i in (0, 2, 4, 5):
+        image, query, mode = group[i]
+        alone = tiny_session.segment(decode_image(image), query, mode=mode,
+                                     max_new_tokens=model.max_new_tokens if mode == "generate" else None)
+        got = out[i]
+        assert np.array_equal(unpack_masks(got["masks_packed"][0], got["masks_shape"][0]) if "masks_packed" in got
+                              else np.zeros(alone.masks.shape, bool), alone.masks), i
+        if len(alone.masks):
+            np.testing.assert_allclose(got["mask_logits"][0], alone.mask_logits, rtol=0, atol=1e-5)
+        assert got.get("generated_ids", np.zeros((1, 0), np.int64))[0].tolist() == alone.generated_ids
+        assert bytes(got["answer"][0, 0]).decode() == alone.answer
+    timings = {i: _timings(out[i]) for i in (0, 2, 4, 5)}
+    assert {i: t["batch_size"] for i, t in timings.items()} == {0: 3, 2: 3, 4: 1, 5: 3}
+    assert {i: t["image_cache_hit"] for i, t in timings.items()} == {0: 1, 2: 0, 4: 1, 5: 0}
+    stats = model.cache.stats()  # misses: the first cat, the bytes that do not decode, person twice
+    assert (stats["hits"], stats["misses"]) == (2, 4)
+    again = model([_req(image=person, query=b"Segment the person.")])[0]
+    assert _timings(again)["image_cache_hit"] == 1  # the miss's encoding was cached from the batched run

@@ -27,8 +27,9 @@ def reference(tiny_ckpt):
 def _unstoppable(session, max_seg: int = STEPS):
     """The session's pipeline with no stop token and room for every [SEG]: all STEPS tokens are generated."""
     layout = session.pipeline.layout
-    layout.dims["num_seg"] = DimRange(1, 1, max_seg)  # in place: the runners check feeds against this dict
-    session.pipeline.layout = dataclasses.replace(layout, loop=dataclasses.replace(layout.loop, stop_token_ids=()))
+    layout.dims["num_seg"] = DimRange(1, 1, max(max_seg, 1))  # in place: the runners check feeds against this dict
+    session.pipeline.layout = dataclasses.replace(layout, loop=dataclasses.replace(layout.loop, stop_token_ids=(),
+                                                                                   max_seg=max_seg))
     return session.pipeline
 
 
@@ -56,8 +57,8 @@ def test_64_step_decode_equals_reference(export_tiny, reference, preset):
                     resolve(preset, shape.llm.layers, shape.num_image_tokens))
     ids = dataclasses.replace(ref.prompt(SEG_QUERY, "generate"), eos_token_id=-1)
     want = ref(sample_image(), ids, mode="generate", max_new_tokens=STEPS)
-    assert len(res.generated_ids) == STEPS and res.timings_ms["decode_steps"] == STEPS - 1
-    assert res.generated_ids == want.generated_ids
+    assert len(res.generated_ids[0]) == STEPS and res.timings_ms["decode_steps"] == STEPS - 1
+    assert res.generated_ids == [want.generated_ids]  # a batch of one
     np.testing.assert_allclose(res.outputs["seg_embeddings"], want.seg_embeddings.numpy(), atol=1e-4)
 
 
@@ -127,7 +128,7 @@ def test_more_seg_tokens_than_exported_fail_at_their_step(export_tiny):
         real = pipe._step
         pipe._step = lambda stage, *a, **k: (ran.append(stage.loop), real(stage, *a, **k))[1]
 
-    with pytest.raises(InputError, match=r"generate: step 1 emitted \[SEG\] number 1; this artifact was exported for "
-                                         r"at most 0 masks per request; re-export with a larger --max-seg"):
+    with pytest.raises(InputError, match=r"generate: request 1 emitted \[SEG\] number 1 at step 1; this artifact was "
+                                         r"exported for at most 0 masks per request; re-export with a larger --max-seg"):
         _generate(export_tiny("csp", "both"), spy=spy, max_seg=0)
     assert not any(ran)  # no decode step ran: the prefill's token was already one too many

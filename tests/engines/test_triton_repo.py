@@ -26,6 +26,7 @@ from engines.profiles import dims_to_json, profiles_to_json, stage_dims, stage_p
 from engines.session import ArtifactSession
 from engines.triton_repo import REPO_MARKER, bls_template, write_triton_repo
 from graphs.errors import ArtifactError, ToolchainError
+from graphs.imageio import decode_image_bytes
 from graphs.manifest import MANIFEST_NAME, file_sha256, load_artifact, write_manifest
 from graphs.triton_config import BLS_INPUTS, BLS_OUTPUTS, DIMS_PARAMETER, TRITON_DTYPES
 from tests.cli_io import call, error_lines
@@ -99,6 +100,7 @@ class PreferredMemory:
 
 class InferenceRequest:
     models: dict = {}  # model name -> StageModel; Triton's repository, as the test sets it up
+    log: list = []     # (model name, leading dim of its first input) per BLS request, in order
 
     def __init__(self, model_name="", inputs=(), requested_output_names=(), preferred_memory=None):
         self.model_name, self._inputs = model_name, list(inputs)
@@ -112,6 +114,7 @@ class InferenceRequest:
         model = self.models.get(self.model_name)
         if model is None:
             return InferenceResponse([], TritonError(f"Request for unknown model: '{self.model_name}' is not found"))
+        self.log.append((self.model_name, self._inputs[0].as_numpy().shape[:1] if self._inputs else ()))
         try:
             out = model({t.name(): t.as_numpy() for t in self._inputs})
         except Exception as exc:  # noqa: BLE001  Triton turns a model failure into an error response
@@ -134,13 +137,14 @@ def fake_pb_utils() -> types.ModuleType:
 
 def _check_against_config(what: str, tensors: dict, config_tensors, batched: bool = False,
                           may_lack: tuple[str, ...] = ()) -> None:
-    """What Triton checks: exact names (optional inputs, `may_lack` outputs may be absent), dtype, rank, static dims."""
+    """What Triton checks: exact names (optional inputs, `may_lack` outputs may be absent), dtype, rank, static dims
+    (with `batched`, the batch axis first and then the dims, or the reshape's shape when there is one)."""
     want = {t.name: t for t in config_tensors}
     required = {t.name for t in config_tensors if not getattr(t, "optional", False)} - set(may_lack)
     assert set(tensors) <= set(want) and required <= set(tensors), (what, sorted(tensors), sorted(want))
     for name, value in tensors.items():
         t = want[name]
-        dims = ([-1] if batched else []) + list(t.dims)
+        dims = ([-1] if batched else []) + list(t.reshape.shape if t.HasField("reshape") else t.dims)
         assert value.dtype == NP_OF[DT.Name(t.data_type)], (what, name, value.dtype)
         assert value.ndim == len(dims) and all(d in (-1, s) for d, s in zip(dims, value.shape)), (what, name, value.shape)
 
@@ -156,9 +160,12 @@ class StageModel:
         self.runner.activate()
 
     def __call__(self, feed):
-        _check_against_config(self.config.name, feed, self.config.input)
+        batched = self.config.max_batch_size > 0  # then Triton's batch axis leads, at most max_batch_size
+        _check_against_config(self.config.name, feed, self.config.input, batched)
+        sizes = {v.shape[0] for v in feed.values()} if batched else set()
+        assert len(sizes) <= 1 and all(1 <= b <= self.config.max_batch_size for b in sizes), (self.config.name, sizes)
         out = self.runner.infer(feed)
-        _check_against_config(self.config.name, out, self.config.output)
+        _check_against_config(self.config.name, out, self.config.output, batched)
         return out
 
 
@@ -233,7 +240,8 @@ def test_repo_layout(art, repo):
     artifact = load_artifact(art)
     marker = json.loads((out / REPO_MARKER).read_text())
     assert marker == {k: v for k, v in report.items() if k != "repo"}
-    assert (marker["backend"], marker["bls_model"], marker["max_batch_size"]) == ("onnxruntime", "csprt", 8)
+    assert (marker["backend"], marker["bls_model"], marker["max_batch_size"], marker["max_queue_delay_us"]) == (
+        "onnxruntime", "csprt", 8, 2000)
     assert marker["manifest_sha256"] == file_sha256(art / MANIFEST_NAME)
     models = {s.name: f"csprt_{s.name}" for s in artifact.layout.stages}
     assert marker["stage_models"] == models
@@ -261,17 +269,26 @@ def test_repo_layout(art, repo):
 
 
 def test_stage_configs_agree_with_the_manifest(art, repo):
+    """A stage whose every tensor leads with the batch dim has Triton's batch axis (max_batch_size = the exported
+    max, dims without it, [batch] as [1] reshaped to []); the others (flat [SEG] rows) keep full shapes."""
     out, report = repo
     layout = load_artifact(art).layout
+    batched = set()
     for stage in layout.stages:
         cfg = parse_config(out / report["stage_models"][stage.name] / "config.pbtxt")
+        leads = all(t.shape[:1] == ("batch",) for t in (*stage.inputs, *stage.outputs))
+        batched |= {stage.name} if leads else set()
         assert (cfg.name, cfg.platform, cfg.backend, cfg.max_batch_size) == (
-            report["stage_models"][stage.name], "onnxruntime_onnx", "onnxruntime", 0)
+            report["stage_models"][stage.name], "onnxruntime_onnx", "onnxruntime", layout.dims["batch"].max if leads else 0)
+        assert not cfg.HasField("dynamic_batching")  # a stage request already is a batch (from the BLS model)
         for got, specs in ((cfg.input, stage.inputs), (cfg.output, stage.outputs)):
             assert [t.name for t in got] == [s.name for s in specs]
             for t, s in zip(got, specs):
                 assert DT.Name(t.data_type) == TRITON_DTYPES[s.dtype]
-                assert list(t.dims) == [d if isinstance(d, int) else -1 for d in s.shape]
+                shape = [d if isinstance(d, int) else -1 for d in (s.shape[1:] if leads else s.shape)]
+                assert list(t.dims) == (shape or [1]) and t.HasField("reshape") == (leads and not shape)
+                if t.HasField("reshape"):
+                    assert list(t.reshape.shape) == []
         assert model_config_pb2.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_CPU"
         ranges = cfg.parameters[DIMS_PARAMETER].string_value.split() if DIMS_PARAMETER in cfg.parameters else []
         for item in ranges:
@@ -279,12 +296,14 @@ def test_stage_configs_agree_with_the_manifest(art, repo):
             r = layout.dims[name]
             assert lo_opt_hi == f"{r.min}:{r.opt}:{r.max}"
         assert "regenerate rather than edit: csprt triton-repo" in (out / cfg.name / "config.pbtxt").read_text()
+    assert {"vision", "sam_encoder"} <= batched and not {"seg_head", "sam_decoder"} & batched
 
 
 def test_bls_config(repo):
     out, _ = repo
     cfg = parse_config(out / "csprt" / "config.pbtxt")
     assert (cfg.backend, cfg.max_batch_size) == ("python", 8) and cfg.HasField("dynamic_batching")
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
     assert [(t.name, t.optional) for t in cfg.input] == [(t.name, t.optional) for t in BLS_INPUTS]
     assert [t.name for t in cfg.output] == [t.name for t in BLS_OUTPUTS]
     assert cfg.parameters["csprt_image_cache_mb"].string_value == "512"  # model.py's image cache, per instance
@@ -355,6 +374,52 @@ def test_bls_bad_requests_get_error_responses(bls):
     from engines.image_cache import image_key
 
     assert model.cache.get(image_key(b"not an image", model.session.image_settings)) is None  # never cached
+
+
+def test_bls_runs_a_group_as_one_batched_pipeline_call(bls, session):
+    """A dynamic-batcher group with bad requests, an image cache hit beside a miss, and both modes: the bad ones get
+    their own errors; the good single-pass ones are one batch (each stage model one request with batch 2, the image
+    stages only for the miss); every good one equals the request alone."""
+    from skimage import data
+
+    model, _, pb = bls
+    cat, buf = chelsea_png(), io.BytesIO()
+    Image.fromarray(data.astronaut()[::4, ::4].copy()).save(buf, format="PNG")
+    person = buf.getvalue()
+    model.execute([request(pb, image=cat, query=QUERY)])  # the cat's encoding is cached
+    group = [(cat, "Where is the cat?", "single-pass"), (b"not an image", QUERY, "single-pass"),
+             (person, "Segment the person.", "single-pass"), (cat, "cat " * 400, "single-pass"),
+             (cat, "What is on the left?", "generate")]
+    InferenceRequest.log.clear()
+    responses = model.execute([request(pb, image=im, query=q, mode=m, return_logits=np.array([True]))
+                               for im, q, m in group])
+    assert [r.has_error() for r in responses] == [False, True, False, True, False]
+    assert "not an image format" in responses[1].error().message()
+    assert "suffix_len" in responses[3].error().message() and responses[3].error().code() == TritonError.INVALID_ARG
+    calls = {}
+    for name, lead in InferenceRequest.log:
+        calls.setdefault(name, []).append(lead)
+    assert calls["csprt_vision"] == calls["csprt_sam_encoder"] == [(1,)]  # the person only: the cat was a hit
+    assert calls["csprt_embed"][0] == (2,) and set(calls["csprt_embed"][1:]) == {(1,)}  # then generate's
+    for i in (0, 2, 4):
+        image, query, mode = group[i]
+        ref = session.segment(decode_image_bytes(image), query, mode=mode,
+                              max_new_tokens=model.default_max_new_tokens if mode == "generate" else None)
+        got = outputs(responses[i])
+        k, h, w = got["masks_shape"]
+        assert np.array_equal(np.unpackbits(got["masks_packed"], count=k * h * w).reshape(k, h, w).astype(bool),
+                              ref.masks), i
+        np.testing.assert_allclose(got["mask_logits"], ref.mask_logits, rtol=0, atol=1e-5)
+        assert got["generated_ids"].tolist() == ref.generated_ids and got["answer"][0].decode() == ref.answer
+        timings = json.loads(got["timings"][0])
+        assert (timings["batch_size"], timings["image_cache_hit"]) == ({0: 2, 2: 2, 4: 1}[i], int(image == cat))
+
+
+def test_bls_max_batch_size_above_the_exported_batch(art, tmp_path):
+    with pytest.raises(ToolchainError, match=r"--max-batch-size 9 is more than this artifact's exported maximum "
+                                             r"batch of 8.*--max-batch 9"):
+        write_triton_repo(art, tmp_path / "r", max_batch_size=9)
+    assert not (tmp_path / "r").exists()
 
 
 def test_bls_stage_failure_is_an_internal_error(bls, monkeypatch):
@@ -541,3 +606,9 @@ def test_cli(art, tmp_path, monkeypatch):
     assert rc == 2
     [line] = error_lines(err)
     assert line.startswith("csprt triton-repo: error: --out") and "not a Triton repository csprt wrote" in line
+    rc, out, err = call(["triton-repo", str(art), "--out", str(tmp_path / "big"), "--max-batch-size", "16"])
+    [line] = error_lines(err)
+    assert rc == 2 and "exported maximum batch of 8" in line and "csprt export --max-batch 16" in line
+    rc, out, err = call(["triton-repo", str(art), "--out", str(tmp_path / "slow"), "--max-queue-delay-us", "500"])
+    assert rc == 0, err
+    assert parse_config(tmp_path / "slow" / "csprt" / "config.pbtxt").dynamic_batching.max_queue_delay_microseconds == 500

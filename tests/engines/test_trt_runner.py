@@ -39,11 +39,11 @@ def test_buffer_plan_sizes_every_tensor_at_the_maxima():
     dims = layout.dims
     h, kv, hd = 64, 2, 16  # tiny LLM: hidden 64, 2 kv heads, head_dim 64 / 4 heads
     plan = buffer_plan(layout.stage("llm_0"), dims)
-    rows, cache = dims["rows_llm_0"].max, dims["cache_llm_0"].max
-    assert plan["positions"] == BufferSpec("positions", "input", "int64", (rows,), 8 * rows)
-    assert plan["key_0"] == BufferSpec("key_0", "output", "float32", (1, kv, rows, hd), 4 * kv * rows * hd)
-    assert plan["hidden_out"].max_shape == (1, rows, h)
-    assert plan["past_key_0"].max_shape == (1, kv, cache, hd)  # sized, but never allocated: bound in place
+    rows, cache, b = dims["rows_llm_0"].max, dims["cache_llm_0"].max, dims["batch"].max
+    assert plan["positions"] == BufferSpec("positions", "input", "int64", (b, rows), 8 * b * rows)
+    assert plan["key_0"] == BufferSpec("key_0", "output", "float32", (b, kv, rows, hd), 4 * b * kv * rows * hd)
+    assert plan["hidden_out"].max_shape == (b, rows, h) and plan["row_lens"].max_shape == (b,)
+    assert plan["past_key_0"].max_shape == (b, kv, cache, hd)  # sized, but never allocated: bound in place
     assert [b.io for b in plan.values()] == sorted(b.io for b in plan.values())  # inputs first
 
 
@@ -323,7 +323,8 @@ def _block_feed(stage, rows, cache, past_len):
     import torch
 
     h = stage.input("hidden").shape[2]
-    feed = {"hidden": torch.zeros((1, rows, h)), "positions": torch.arange(rows), "past_len": torch.tensor([past_len])}
+    feed = {"hidden": torch.zeros((1, rows, h)), "positions": torch.arange(rows)[None],
+            "row_lens": torch.tensor([rows]), "past_len": torch.tensor([past_len])}
     return {**feed, **cache}
 
 

@@ -51,8 +51,9 @@ def test_entry_runs_at_three_text_lengths(recorded):
     p, s = feed["prefix_embeds"].shape[1], feed["suffix_embeds"].shape[1]
     for lp, ls in [(p, s), (max(2, p // 3), max(3, s // 2)), (5, 2)]:
         cut = {**feed, "prefix_embeds": feed["prefix_embeds"][:, :lp], "suffix_embeds": feed["suffix_embeds"][:, -ls:]}
+        cut["suffix_lens"] = np.full_like(feed["suffix_lens"], ls)
         if "suffix_ids" in cut:
-            cut["suffix_ids"] = feed["suffix_ids"][-ls:]
+            cut["suffix_ids"] = feed["suffix_ids"][:, -ls:]
         out = _compare(session, model, stage, cut)
         assert out["hidden"].shape[1] == lp + feed["image_hidden"].shape[1] + ls
 
@@ -66,7 +67,8 @@ def test_each_block_runs_at_three_row_counts(recorded, mode):
         feed = feeds[mode][stage.name]
         t = feed["hidden"].shape[1]
         for rows in (t, t // 2, 3):
-            cut = {**feed, "hidden": feed["hidden"][:, :rows], "positions": feed["positions"][:rows]}
+            cut = {**feed, "hidden": feed["hidden"][:, :rows], "positions": feed["positions"][:, :rows],
+                   "row_lens": np.minimum(feed["row_lens"], rows)}
             if "query_rows" in cut:
                 cut["query_rows"] = np.minimum(feed["query_rows"], rows - 1)
             out = _compare(session, model, stage, cut)

@@ -139,3 +139,19 @@ def test_schedule_for_another_model_is_refused(loaded):
     sched = resolve("csp", 32, 256)
     with pytest.raises(Exception, match="resolved for L=32"):
         Reference(loaded.model, loaded.tokenizer, loaded.image_processor_config, sched)
+
+
+@pytest.mark.parametrize("name,knobs", [("csp", {}), ("evtp", {}), ("csp", {"prune_query": "mean"})],
+                         ids=["csp", "evtp", "csp-mean-query"])
+@torch.no_grad()
+def test_batched_reference_equals_each_request_alone(loaded, image, name, knobs):
+    """Reference.batch: right-padded suffixes, per-request selections and [SEG] rows; masks equal to alone."""
+    ref = _reference(loaded, name, **knobs)
+    images = [image, np.ascontiguousarray(image[::-1]), np.ascontiguousarray(image[:, ::-1])]
+    queries = [QUERY, "Where?", "What is at the far left side of the picture, below the cat's ear?"]
+    batch = ref.batch(images, queries)
+    for im, q, got in zip(images, queries, batch):
+        alone = ref(im, q, mode="single-pass")
+        assert got.stage_indices == alone.stage_indices
+        assert np.array_equal(got.masks, alone.masks)
+        torch.testing.assert_close(got.seg_hidden, alone.seg_hidden, atol=1e-5, rtol=0)

@@ -201,10 +201,14 @@ def test_spec_feed_is_valid_for_every_stage(tiny_ckpt):
         for t, x in zip(spec.inputs, ex.spec_feed(spec, layout, host, seg)):
             assert str(x.dtype).removeprefix("torch.") == t.dtype, (spec.name, t.name)
             assert all(s >= 2 for s, d in zip(x.shape, t.shape) if isinstance(d, str)), (spec.name, t.name)
-            if t.name.startswith("image_indices"):
-                assert x.unique().numel() == x.numel() and int(x.max()) < n and torch.equal(x, x.sort().values)
+            if t.name.startswith("image_indices"):  # per request: distinct, ascending
+                for row in x:
+                    assert row.unique().numel() == row.numel() and int(row.max()) < n
+                    assert torch.equal(row, row.sort().values)
             if t.name == "seg_rows":
-                assert int(x.max()) < len(host["suffix_ids"])
+                assert int(x.max()) < host["suffix_ids"].shape[1]
+            if t.name == "seg_batch":
+                assert int(x.max()) < layout.dims["batch"].max and torch.equal(x, x.sort().values)
 
 
 # --- graphs over the protobuf limit -----------------------------------------------------------------

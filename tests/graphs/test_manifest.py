@@ -106,9 +106,11 @@ def test_written_manifest_validates_and_reloads_the_layout(art):
     assert layout_from_dict(m) == _layout("csp")[1]
     llm0 = next(s for s in m["stages"] if s["name"] == "llm_0")
     assert llm0["graph"] == "graphs/llm_0.onnx" and list(llm0["files"]) == ["graphs/llm_0.onnx"]
-    assert llm0["inputs"][0] == {"name": "hidden", "dtype": "float32", "shape": [1, "rows_llm_0", 16],
+    assert llm0["inputs"][0] == {"name": "hidden", "dtype": "float32", "shape": ["batch", "rows_llm_0", 16],
                                  "from": "entry_0.hidden"}
-    assert llm0["cache"][0] == ["past_key_0", "key_0"] and llm0["inputs"][2]["from"] == "cache"
+    past_len = next(t for t in llm0["inputs"] if t["name"] == "past_len")
+    assert llm0["cache"][0] == ["past_key_0", "key_0"] and past_len == {"name": "past_len", "dtype": "int64",
+                                                                     "shape": ["batch"], "from": "cache"}
     assert manifest_schema()["$schema"].endswith("2020-12/schema")
     llm0["export_parity"] = {"max_abs": 1e-6}  # optional per-stage record the exporter adds
     llm0["engines"] = {"fp32": {"plan": "engines/llm_0.plan"}}  # free-form until csprt build defines it

@@ -95,9 +95,9 @@ def test_stage_dim_names_cover_named_and_expression_dims():
     sched = resolve("csp", shape.llm.layers, shape.num_image_tokens)
     layout = build_layout(sched, shape, LayoutOptions(mode="generate"), seg_token_id=1, stop_token_ids=(2,))
     names = stage_dim_names(layout.stage("llm_2"))
-    assert names["hidden"] == {1: "rows_llm_2"} and "past_len" not in names
-    assert names["key_31"] == {2: "rows_llm_2"} and names["past_key_31"] == {2: "cache_llm_2"}
-    assert stage_dim_names(layout.stage("entry_2"))["block_hidden"] == {1: "rows_llm_1"}
+    assert names["hidden"] == {0: "batch", 1: "rows_llm_2"} and names["past_len"] == {0: "batch"}
+    assert names["key_31"] == {0: "batch", 2: "rows_llm_2"} and names["past_key_31"] == {0: "batch", 2: "cache_llm_2"}
+    assert stage_dim_names(layout.stage("entry_2"))["block_hidden"] == {0: "batch", 1: "rows_llm_1"}
 
 
 def test_optimize_folds_constants_and_keeps_io():

@@ -11,7 +11,7 @@ from exporter.tiny import tiny_shape
 from graphs.schedule import resolve
 from graphs.stages import LayoutOptions, StageSpec, TensorSpec, build_layout
 from graphs.triton_config import (BLS_INPUTS, BLS_OUTPUTS, DIMS_PARAMETER, TRITON_DTYPES, bls_config, bls_inputs,
-                                  stage_config, triton_dims)
+                                  stage_config, stage_max_batch, triton_dims)
 
 CASES = {  # id -> (preset, schedule knobs, LayoutOptions)
     "csp-both-fp32": ("csp", {}, LayoutOptions(mode="both")),
@@ -37,12 +37,15 @@ def params(cfg) -> dict[str, str]:
     return {k: v.string_value for k, v in cfg.parameters.items()}
 
 
-def assert_matches_spec(cfg_tensors, specs) -> None:
-    """Config inputs or outputs agree with stage specs: same names in order, Triton dtype, dims (-1 for named)."""
+def assert_matches_spec(cfg_tensors, specs, batched: bool = False) -> None:
+    """Config inputs or outputs agree with stage specs: same names in order, Triton dtype, dims (-1 for named);
+    `batched`: without the leading batch dim, which Triton owns ([batch] alone: dims [1], reshape [])."""
     assert [t.name for t in cfg_tensors] == [s.name for s in specs]
     for t, s in zip(cfg_tensors, specs):
         assert DT.Name(t.data_type) == TRITON_DTYPES[s.dtype], s.name
-        assert list(t.dims) == [d if isinstance(d, int) else -1 for d in s.shape], s.name
+        shape = [d if isinstance(d, int) else -1 for d in (s.shape[1:] if batched else s.shape)]
+        assert list(t.dims) == (shape or [1]), s.name
+        assert t.HasField("reshape") == (batched and not shape) and not t.reshape.shape, s.name
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -50,10 +53,12 @@ def test_every_stage_config_parses_and_matches_its_spec(case):
     layout = _layout(case)
     for stage in layout.stages:
         cfg = parse(stage_config(stage, layout.dims, name=f"csprt_{stage.name}", header="a\nb"))
-        assert cfg.name == f"csprt_{stage.name}" and cfg.max_batch_size == 0
+        leads = all(t.shape[:1] == ("batch",) for t in (*stage.inputs, *stage.outputs))
+        assert cfg.name == f"csprt_{stage.name}" and cfg.max_batch_size == (layout.dims["batch"].max if leads else 0)
+        assert not cfg.HasField("dynamic_batching")
         assert (cfg.platform, cfg.backend, cfg.default_model_filename) == ("onnxruntime_onnx", "onnxruntime", "model.onnx")
-        assert_matches_spec(cfg.input, stage.inputs)
-        assert_matches_spec(cfg.output, stage.outputs)
+        assert_matches_spec(cfg.input, stage.inputs, leads)
+        assert_matches_spec(cfg.output, stage.outputs, leads)
         assert [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in cfg.instance_group] == [
             (1, "KIND_GPU")]
         p = params(cfg)
@@ -67,10 +72,23 @@ def test_dims_comments_give_named_shape_and_range():
     layout = _layout("csp-both-fp32")
     r = layout.dims["rows_llm_1"]
     text = stage_config(layout.stage("llm_1"), layout.dims, name="m")
-    assert f"dims: [ 1, -1, 64 ]  # [1, rows_llm_1, 64]; rows_llm_1={r.min}:{r.opt}:{r.max}" in text
+    b = layout.dims["batch"]
+    assert (f"dims: [ -1, 64 ]  # [batch, rows_llm_1, 64]; batch={b.min}:{b.opt}:{b.max}; "
+            f"rows_llm_1={r.min}:{r.opt}:{r.max}") in text
     c = layout.dims["cache_llm_1"]
-    assert f"# [1, 2, cache_llm_1, 16]; cache_llm_1={c.min}:{c.opt}:{c.max}" in text  # the static KV cache
-    assert "max_batch_size 0: Triton adds no batch axis" in text
+    assert f"# [batch, 2, cache_llm_1, 16]; batch={b.min}:{b.opt}:{b.max}; cache_llm_1={c.min}:{c.opt}:{c.max}" in text
+    assert f"max_batch_size {b.max}: every tensor leads with the batch dim" in text
+    text = stage_config(layout.stage("seg_head"), layout.dims, name="m")  # [num_seg, ...]: the batch's [SEG] rows
+    assert "max_batch_size 0: Triton adds no batch axis" in text and "max_batch_size: 0\n" in text
+
+
+def test_stage_max_batch():
+    layout = _layout("csp-both-fp32")
+    narrowed = {**layout.dims, "batch": type(layout.dims["batch"])(1, 2, 4)}  # csprt build --shapes batch=1:2:4
+    assert stage_max_batch(layout.stage("vision"), narrowed) == 4
+    assert stage_max_batch(layout.stage("sam_decoder"), layout.dims) == 0
+    assert {s.name for s in layout.stages if not stage_max_batch(s, layout.dims)} == {"seg_gather", "seg_head",
+                                                                                       "sam_decoder"}
 
 
 def test_triton_dims():
@@ -99,10 +117,11 @@ def test_engine_backends_and_options():
 @pytest.mark.parametrize("case", ["csp-both-fp32", "csp-seg_first-generate"])
 def test_bls_config(case, max_batch_size):
     layout = _layout(case)
-    cfg = parse(bls_config(layout, name="seg", instances=2, max_batch_size=max_batch_size,
+    cfg = parse(bls_config(layout, name="seg", instances=2, max_batch_size=max_batch_size, max_queue_delay_us=1500,
                            parameters={"csprt_version": "1.2.3"}))
     assert (cfg.name, cfg.backend, cfg.platform, cfg.max_batch_size) == ("seg", "python", "", max_batch_size)
     assert cfg.HasField("dynamic_batching") == (max_batch_size > 0)
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == (1500 if max_batch_size else 0)
     got_in = [(t.name, DT.Name(t.data_type), list(t.dims), t.optional) for t in cfg.input]
     assert got_in == [(t.name, t.data_type, list(t.dims), t.optional) for t in bls_inputs(layout)]
     assert [(t.name, DT.Name(t.data_type), list(t.dims)) for t in cfg.output] == [

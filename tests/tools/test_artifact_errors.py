@@ -127,10 +127,12 @@ def test_modified_graph_validate(art_copy):
     assert stdout == ""
 
 
-# schema 1: the layout before weights-once (llm_<i> with entry ops inside, a separate decode graph)
-@pytest.mark.parametrize("version, needles", [(1, ["older csprt", "schema 1", "this csprt reads 2", "re-export with: "]),
-                                              (3, ["newer", "upgrade csprt", "re-export with: "])],
-                         ids=["older", "newer"])
+# schema 1: the layout before weights-once (llm_<i> with entry ops inside, a separate decode graph);
+# schema 2: graphs with a static batch of 1
+@pytest.mark.parametrize("version, needles", [(1, ["older csprt", "schema 1", "this csprt reads 3", "re-export with: "]),
+                                              (2, ["older csprt", "schema 2", "this csprt reads 3", "re-export with: "]),
+                                              (4, ["newer", "upgrade csprt", "re-export with: "])],
+                         ids=["schema-1", "schema-2", "newer"])
 def test_schema_version(art_copy, image, tmp_path, version, needles):
     path = art_copy / MANIFEST_NAME
     manifest = json.loads(path.read_text())

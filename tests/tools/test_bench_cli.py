@@ -112,7 +112,34 @@ def test_text_scaling_drives_every_backend_at_each_length(artifact_report):
         [p["value"] for p in points if p["backend"] == "onnxruntime"]
 
 
+def test_batch_sizes_give_images_per_s_and_schedule_ratios_per_batch(export_tiny, tmp_path):
+    out = tmp_path / "batch.json"
+    rc, stdout, stderr = call(["bench", "--shape", "tiny", "--schedules", "full,csp", "--backends", "torch",
+                               "--batch", "1,3", "--repeat", "2", "--warmup", "0", "--json", str(out)])
+    assert rc == 0, stderr
+    report = json.loads(out.read_text())
+    check_report(report)
+    got = [(r["schedule"], r["batch"]) for r in report["records"]]
+    assert got == [("full", 1), ("full", 3), ("csp", 1), ("csp", 3)] and report["config"]["batch"] == [1, 3]
+    by = {(r["schedule"], r["batch"]): r for r in report["records"]}
+    for (sched, batch), r in by.items():
+        assert r["images_per_s"] == pytest.approx(1e3 * batch / r["end_to_end_ms"]["median"])
+        ratio = report["ratios"]["schedule_vs_full_by_batch"]["torch"][str(batch)][sched]
+        assert ratio["end_to_end_speedup"] == pytest.approx(
+            by[("full", batch)]["end_to_end_ms"]["median"] / r["end_to_end_ms"]["median"])
+        assert ratio["images_per_s"] == r["images_per_s"]
+    assert "batch 3" in stderr and "img/s" in stdout
+    # an artifact on ONNX Runtime: the same request batched
+    rc, stdout, stderr = call(["bench", str(export_tiny()), "--backends", "onnxruntime", "--batch", "2",
+                               "--repeat", "1", "--warmup", "0", "--json", str(out)])
+    assert rc == 0, stderr
+    (r,) = json.loads(out.read_text())["records"]
+    assert r["batch"] == 2 and r["images_per_s"] > 0 and r["stages_ms"]["llm_0"]["median"] > 0
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["bench", "--shape", "tiny", "--batch", "1,x"], "--batch '1,x'"),
+    (["bench", "--shape", "tiny", "--batch", "0"], "--batch '0'"),
     (["bench"], "give an artifact directory or --shape"),
     (["bench", "--shape", "tiny", "--schedules", "full,nope"], "--schedules: unknown 'nope'"),
     (["bench", "--shape", "tiny", "--backends", "tvm"], "--backends: unknown 'tvm'"),

@@ -42,14 +42,25 @@ def opt_feed(manifest: dict, stage: dict, recorded: dict[str, np.ndarray], rng) 
     """A feed with every named dim at its `opt`: static-shaped inputs keep the recorded values (indices stay
     valid), variable-length token ids are drawn below the vocabulary size, floats are random."""
     vocab = manifest["model"]["llm"]["vocab"]
+    dims = manifest["dims"]
+    opt = {d: r["opt"] for d, r in dims.items()}
+    rows = next((t["shape"][1] for t in stage["inputs"] if t["name"] in ("hidden", "block_hidden")), None)
+    limits = {"suffix_lens": opt["suffix_len"], "row_lens": opt.get(rows), "query_rows": opt.get(rows, 1) - 1}
     feed = {}
     for t in stage["inputs"]:
-        shape = tuple(d if isinstance(d, int) else manifest["dims"][d]["opt"] for d in t["shape"])
+        shape = tuple(d if isinstance(d, int) else opt[d] for d in t["shape"])
         if all(isinstance(d, int) for d in t["shape"]):
             assert recorded[t["name"]].shape == shape, (stage["name"], t["name"])
             feed[t["name"]] = recorded[t["name"]]
+        elif t["dtype"] == "int64" and all(isinstance(d, int) or d == "batch" for d in t["shape"][1:]):
+            # per-request indices and lengths (image indices, assignments, lengths): request 0's, repeated over the
+            # batch at opt (clipped to the opt lengths), so every index stays valid
+            value = np.repeat(recorded[t["name"]][:1], shape[0], axis=0)
+            feed[t["name"]] = np.minimum(value, limits[t["name"]]) if limits.get(t["name"]) is not None else value
         elif t["name"] == "seg_rows":  # row indices into the suffix, not token ids
-            feed[t["name"]] = rng.integers(0, manifest["dims"]["suffix_len"]["opt"], size=shape, dtype=np.int64)
+            feed[t["name"]] = rng.integers(0, opt["suffix_len"], size=shape, dtype=np.int64)
+        elif t["name"] == "seg_batch":  # the request of each [SEG] row, ascending
+            feed[t["name"]] = np.sort(rng.integers(0, opt["batch"], size=shape, dtype=np.int64))
         elif t["dtype"] == "int64":
             feed[t["name"]] = rng.integers(3, vocab, size=shape, dtype=np.int64)
         else:

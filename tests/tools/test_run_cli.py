@@ -180,6 +180,42 @@ def test_several_queries_encode_the_image_once(export_tiny, tmp_path):
         assert results[0]["num_seg"] >= 1
 
 
+def test_requests_run_in_batches_each_as_alone(export_tiny, tmp_path):
+    """Three --image/--query pairs in batches of 2 (then --jsonl): result_<n>/ per request, each what the request
+    gives alone (mask.png bytes, ids); --batch over the exported maximum is one line naming --max-batch."""
+    art = export_tiny("csp", "both")
+    cat = _jpeg(tmp_path / "cat")
+    gray = _gray_png(tmp_path / "gray")
+    pairs = [(cat, QUERY), (gray, "What would you drink from?"), (cat, "The left ear")]
+    out = tmp_path / "batched"
+    argv = sum((["--image", str(i), "--query", q] for i, q in pairs), [])
+    rc, stdout, stderr = call(["run", str(art), *argv, "--batch", "2", "--out", str(out), "--json"])
+    assert rc == 0, stderr
+    results = json.loads(stdout)
+    assert [r["query"] for r in results] == [q for _, q in pairs] and [r["batch"] for r in results] == [2, 2, 1]
+    assert [r["image"] for r in results] == [str(i) for i, _ in pairs]
+    assert [r["image_cache"] for r in results] == ["miss", "miss", "hit"]  # the cat's encoding is kept
+    for n, (image, query) in enumerate(pairs, 1):
+        alone = tmp_path / f"alone_{n}"
+        rc, stdout, stderr = call(["run", str(art), "--image", str(image), "--query", query, "--out", str(alone),
+                                   "--json"])
+        assert rc == 0, stderr
+        single = json.loads(stdout)
+        assert (out / f"result_{n}" / "mask.png").read_bytes() == (alone / "mask.png").read_bytes()
+        assert results[n - 1]["mask_areas"] == single["mask_areas"] and results[n - 1]["num_seg"] == 1
+    jsonl = tmp_path / "requests.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": i.name, "query": q}) + "\n" for i, q in pairs))  # relative
+    rc, stdout, stderr = call(["run", str(art), "--jsonl", str(jsonl), "--out", str(tmp_path / "jsonl"), "--json"])
+    assert rc == 0, stderr
+    assert [r["mask_areas"] for r in json.loads(stdout)] == [r["mask_areas"] for r in results]
+    rc, _, stderr = call(["run", str(art), *argv, "--batch", "9", "--out", str(tmp_path / "nine")])
+    line = assert_one_line_error(rc, stderr, ["a batch of 9 requests", "maximum of 8", "--max-batch 9"])
+    assert "csprt export" in line
+    rc, _, stderr = call(["run", str(art), "--image", str(cat), "--image", str(gray), "--query", QUERY,
+                          "--query", QUERY, "--query", QUERY, "--out", str(tmp_path / "odd")])
+    assert_one_line_error(rc, stderr, ["--image given 2 times and --query 3 times"])
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 
 

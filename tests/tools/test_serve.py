@@ -126,6 +126,11 @@ def test_flag_errors_are_one_line_exit_2(export_tiny, tmp_path):
         for argv, message in [
             ([str(tmp_path)], "is not an artifact (no manifest.json)"),
             ([art, "--instances", "0"], "--instances 0: expected >= 1"),
+            ([art, "--max-batch-size", "9"], "--max-batch-size 9 is more than this artifact's exported maximum batch "
+                                             "of 8; pass --max-batch-size 8 or less, or re-export with csprt export "
+                                             "--max-batch 9"),
+            ([art, "--max-batch-size", "0"], "--max-batch-size 0: expected 1 (no batching) or more"),
+            ([art, "--max-queue-delay-us", "-1"], "--max-queue-delay-us -1: expected >= 0"),
             ([art, "--image-cache-mb", "-1"], "--image-cache-mb -1: expected >= 0"),
             ([art, "--http-port", "70000"], "--http-port 70000: expected 1..65535"),
             ([art, "--http-port", str(free), "--grpc-port", str(free)], f"--grpc-port {free} is also --http-port"),
@@ -158,6 +163,7 @@ def test_ready_with_everything_loaded(server):
     assert {t["name"] for t in meta["outputs"]} == set(OUTPUTS)
     config = client.get_model_config(MODEL_NAME)
     assert config["max_batch_size"] == 8 and "dynamic_batching" in config
+    assert int(config["dynamic_batching"]["max_queue_delay_microseconds"]) == 2000
     assert sum(g["count"] for g in config["instance_group"]) == 2
     stages = re.findall(r"loading stage (\w+)", server.stderr.read_text())
     assert len(stages) == 2 * len(set(stages)) and "vision" in stages  # both instances, every stage
@@ -209,6 +215,7 @@ def test_concurrent_clients(server, expected):
                  check=lambda k, r: _check(r, expected[CASES[k]]), timeout_s=REQUEST_TIMEOUT_S)
     assert not stats.failures, "\n".join(stats.failures[:5])
     assert len(stats.latencies_s) == 8 * 25
+    assert 1 <= stats.pipeline_batch <= 8  # each response says how many requests shared its pipeline call
     print(f"\n[serve load] 8 clients: {summary(stats)}")
 
 
