@@ -191,8 +191,10 @@ def _measure_all(plan: Plan) -> tuple[list[dict], list[dict]]:
         plan.checkpoint = _random_checkpoint(plan)
     if "torch" in plan.backends:
         torch_model = _torch_model(plan)
-    for sched_name, backend, batch in ((s, b, n) for s in plan.schedules for b in plan.backends
-                                       for n in plan.batches):
+    # Batch-major: the schedules and backends compared at one batch size run back to back (a shared machine's
+    # load drifts; ratios between neighbours are the fair ones).
+    for sched_name, backend, batch in ((s, b, n) for n in plan.batches for s in plan.schedules
+                                       for b in plan.backends):
         _say(f"{sched_name} on {backend}/{args.device}, batch {batch}: warm-up x{args.warmup}, timed x{args.repeat}")
         record, raw = _measure(plan, sched_name, backend, torch_model, args.text_len, batch)
         records.append(record)
