@@ -346,8 +346,8 @@ class ArtifactSession:
         query_feed, ids = self.host.query_batch(queries, mode)
         if not any(encoded):
             image_feed, original_hw, resized_hw = self.host.image_batch(images, instance_masks)
-            feed = {name: {**query_feed, **image_feed}[name] for name in self.host.host_inputs
-                    if name in query_feed or name in image_feed}  # manifest order
+            merged = {**query_feed, **image_feed}
+            feed = {name: merged[name] for name in self.host.host_inputs if name in merged}  # manifest order
             # Before any stage runs: a text over the exported range fails here, naming the dim and the range.
             check_host_feed(self.artifact.layout, feed)
             result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens)

@@ -215,9 +215,11 @@ def _measure_all(plan: Plan) -> tuple[list[dict], list[dict]]:
         plan.checkpoint = _random_checkpoint(plan)
     if "torch" in plan.backends:
         torch_model = _torch_model(plan)
-    for sched_name, backend, quant, batch in ((s, b, q, n) for s in plan.schedules for b in plan.backends
-                                              for q in (plan.quantize if b != "torch" else [None])
-                                              for n in plan.batches):
+    # Batch-major: the schedules, backends and quantizations compared at one batch size run back to back (a shared
+    # machine's load drifts; ratios between neighbours are the fair ones).
+    for sched_name, backend, quant, batch in ((s, b, q, n) for n in plan.batches for s in plan.schedules
+                                              for b in plan.backends
+                                              for q in (plan.quantize if b != "torch" else [None])):
         what = f"{backend}" + (f" {quant.method}/{quant.format}" if quant else "")
         _say(f"{sched_name} on {what}/{args.device}, batch {batch}: warm-up x{args.warmup}, timed x{args.repeat}")
         record, raw = _measure(plan, sched_name, backend, torch_model, args.text_len, batch, quant)
