@@ -176,6 +176,13 @@ def run(args: argparse.Namespace) -> int:
         except Stopping as stop:
             _progress(f"{stop}: stopped before serving")
             return 0
+        except Exception:
+            # A signal that lands inside a C extension's import or call surfaces as that call's error (an
+            # interrupted `import onnxruntime` is "ImportError: initialization failed"), not as Stopping.
+            if not life.stop.is_set():
+                raise
+            _progress(f"{life.why}: stopped before serving")
+            return 0
         finally:
             for s in sessions:
                 s.close()

@@ -307,7 +307,7 @@ def test_graph_io_checked_against_the_manifest_at_load(art):
 
 
 def test_graph_io_named_dims_checked(art):
-    _rewrite(art, lambda m: m["stages"][2]["inputs"][0].update(shape=["suffix_len"]))  # prefix_ids: [prefix_len]
+    _rewrite(art, lambda m: m["stages"][2]["inputs"][0].update(shape=["batch", "suffix_len"]))  # [batch, prefix_len]
     msg = _load_error(art)
     assert "expected named dim 'suffix_len'" in msg
 
