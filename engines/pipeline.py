@@ -24,6 +24,7 @@ from typing import Callable, Collection
 
 import numpy as np
 
+from graphs.dims import dim_names, eval_dim
 from graphs.errors import InputError, internal_error
 from graphs.runner import BaseRunner, is_plain_dim
 from graphs.stages import CACHE_LENGTH, CACHE_SOURCE, ROW_LENS, Layout, StageSpec, TensorSpec
@@ -364,11 +365,15 @@ class Pipeline:
 
 
 def _empty_outputs(stage: StageSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Zero-size outputs of a skipped stage: named dims take their size from the feed, unknown ones 0."""
+    """Zero-size outputs of a skipped stage: dims (and expressions of them) take their size from the feed; a dim
+    the feed does not size is 0."""
     sizes: dict[str, int] = {}
     for spec in stage.inputs:
         for dim, size in zip(spec.shape, feed[spec.name].shape):
             if is_plain_dim(dim):
                 sizes.setdefault(dim, size)
-    return {o.name: np.zeros(tuple(d if isinstance(d, int) else sizes.get(d, 0) for d in o.shape), dtype=o.dtype)
-            for o in stage.outputs}
+
+    def size(dim) -> int:
+        return eval_dim(dim, sizes) if all(n in sizes for n in dim_names(dim)) else 0
+
+    return {o.name: np.zeros(tuple(size(d) for d in o.shape), dtype=o.dtype) for o in stage.outputs}
