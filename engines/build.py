@@ -41,7 +41,8 @@ from engines.build_memory import (GIB, MappedWeights, StageMemory, external_init
                                   trim_host_memory)
 from engines.engine_check import ENGINES_DIR, check_engine, engine_paths  # noqa: F401 (re-exported)
 from engines.trt import NO_GPU_NOISE, PRETTY, CaptureLogger, load_trt  # noqa: F401 (CaptureLogger re-exported)
-from graphs.atomic import atomic_path, write_json
+from graphs.artifact_dir import export_lock
+from graphs.atomic import atomic_path, exclusive_lock, write_json
 from graphs.errors import ArtifactError, ToolchainError
 from graphs.host_memory import PeakRss
 from graphs.manifest import Artifact, check_stage_names, file_sha256, load_artifact, package_versions, write_manifest
@@ -558,6 +559,11 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
     Stages build one at a time, each within the build memory budget: before building anything, the estimated
     peak of every stage to build (`estimate_stage_memory`) is checked against it.
 
+    The build holds the artifact's export lock (`graphs.artifact_dir.export_lock`) from loading the artifact to
+    writing its manifest: engines go into the current generation, so an export (which would swap in a new one
+    without them) or a second build waits its turn instead of racing it; either is refused at once, naming
+    the one running.
+
     Args:
         art_dir (path): an exported artifact; engines go to `<art_dir>/engines/<flavor>/`.
         precision (str | None): "fp16", "bf16" or "fp32"; must equal the artifact's. Defaults to None (the
@@ -581,10 +587,22 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
         "seconds", "estimated_peak_bytes"}}}.
 
     Raises:
-        ToolchainError: bad settings, TensorRT missing, an unusable artifact, or a stage whose estimated peak is
-            over the budget (before any build; the message names the budget that would fit).
+        ToolchainError: bad settings, TensorRT missing, an unusable artifact, an export or build of it running, or
+            a stage whose estimated peak is over the budget (before any build; the message names the budget that
+            would fit).
         EngineBuildError: some stages failed; the others were built and recorded (`.report`).
     """
+    # An artifact path that is not there takes no lock (and leaves no lock file): load_artifact says what is wrong.
+    lock = (exclusive_lock(export_lock(art_dir), f"csprt build of {art_dir}",
+                           fix="wait for it to finish, then run the build again")
+            if Path(art_dir).is_dir() else contextlib.nullcontext())
+    with lock:
+        return _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timing_cache, workspace_gb,
+                             stages, progress, max_build_memory_gb)
+
+
+def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timing_cache, workspace_gb, stages,
+                  progress, max_build_memory_gb) -> dict:
     say = progress or (lambda _msg: None)
     artifact, names, trt, settings, dims = _resolve(art_dir, precision, flavor, compute_capabilities, shapes,
                                                     workspace_gb, stages)

@@ -34,7 +34,7 @@ from engines.trt import PRETTY
 from graphs.errors import ArtifactError, ToolchainError
 from graphs.manifest import MANIFEST_NAME, Artifact, file_sha256, load_artifact, package_versions
 from graphs.stages import DimRange, StageSpec
-from graphs.triton_config import KINDS, bls_config, stage_config
+from graphs.triton_config import KINDS, bls_config, model_config_pb2, stage_config
 
 REPO_FORMAT = "csprt.triton_repo"
 REPO_FORMAT_VERSION = 1
@@ -78,6 +78,7 @@ def _check_options(backend: str, name: str, instances: int, max_batch_size: int 
     if backend == "tensorrt" and device != "gpu":
         raise ToolchainError("--device cpu: TensorRT engines run on a GPU only; use --backend onnxruntime for CPU "
                              "instances")
+    model_config_pb2()  # Triton's config protobuf (tritonclient) is there, before any work
 
 
 def _check_out(out: Path, art: Path) -> None:

@@ -512,7 +512,7 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
         raise ToolchainError(f"unknown precision {options.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     # One export at a time per artifact: a second one is refused at once, naming the first, instead of two
     # writers interleaving their graphs and one of them failing later with a misleading error.
-    with exclusive_lock(art.parent / f".{art.name}.export.lock", f"csprt export to {art}"):
+    with exclusive_lock(artifact_dir.export_lock(art), f"csprt export to {art}"):
         # Into a new generation beside the artifact, which keeps running and serving until this one is complete
         # and swapped in (graphs/artifact_dir.py); a killed export leaves the artifact as it was.
         gen = artifact_dir.begin_generation(art, mf.is_artifact_dir(art))

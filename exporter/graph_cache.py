@@ -10,12 +10,13 @@ each entry records its files' sha256: an entry whose bytes changed is dropped, n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from graphs.manifest import file_sha256
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -23,14 +24,6 @@ def _copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.cache-tmp")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class GraphCache:
@@ -46,7 +39,7 @@ class GraphCache:
         entry = self.root / key
         try:
             meta = json.loads((entry / "entry.json").read_text())
-            intact = all(_sha256(entry / rel) == digest for rel, digest in meta["files"].items())
+            intact = all(file_sha256(entry / rel) == digest for rel, digest in meta["files"].items())
         except (OSError, ValueError, KeyError, AttributeError):
             intact = False
         if not intact:
@@ -67,7 +60,7 @@ class GraphCache:
             digests = {}
             for rel in files:
                 _copy(art / rel, tmp / rel)
-                digests[rel] = _sha256(tmp / rel)
+                digests[rel] = file_sha256(tmp / rel)
             (tmp / "entry.json").write_text(json.dumps({"files": digests, "parity": parity}))
             os.replace(tmp, entry)
         except OSError:

@@ -6,7 +6,7 @@
       .art.csprt/2/              the previous one, kept until the next export completes: a reader that resolved
                                  the link just before a swap finishes on the files it started with
       .art.csprt/4.partial/      an export in progress, or killed: never loaded, removed by the next export
-      .art.export.lock           the export lock (graphs.atomic.exclusive_lock)
+      .art.export.lock           the export lock (`export_lock`): held by an export, and by a build
 
 An export starts from a clone of the current generation made of hard links (no bytes copied) and rewrites what
 changed in the clone. Every write into an artifact is a temp file renamed into place, so a linked file is
@@ -37,6 +37,14 @@ def generations_dir(out: str | os.PathLike) -> Path:
     """Where the generations of the artifact `out` live: `<parent>/.<name>.csprt`."""
     out = Path(out)
     return out.parent / f".{out.name}.csprt"
+
+
+def export_lock(out: str | os.PathLike) -> Path:
+    """The lock file that serialises the exports and builds of the artifact `out`: `<parent>/.<name>.export.lock`
+    (graphs.atomic.exclusive_lock). Held by `csprt export` while it writes a generation and by `csprt build`
+    while it writes engines into the current one, so neither works on a generation the other is replacing."""
+    out = Path(os.path.abspath(out))
+    return out.parent / f".{out.name}.export.lock"
 
 
 def interrupted(out: str | os.PathLike) -> bool:

@@ -32,18 +32,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+def exclusive_lock(path: str | os.PathLike, what: str,
+                   fix: str = "wait for it to finish, or choose another output directory") -> Iterator[None]:
     """Hold an exclusive advisory lock (flock) on `path` for the block; refuse at once if another process holds it.
 
-    The lock file keeps the holder's pid for the message and is left in place (removing it would race a
+    The lock file keeps the holder's pid and work for the message and is left in place (removing it would race a
     waiter); the kernel releases the lock when the holder exits, even on kill -9.
 
     Args:
         path (str or PathLike): the lock file (created, with its parent).
         what (str): the work it guards, for the message, e.g. "csprt export to out/art".
+        fix (str): what a refused caller should do. Defaults to waiting or another output directory.
 
     Raises:
-        ToolchainError: another process holds the lock.
+        ToolchainError: another process holds the lock (the message names its work and pid).
     """
     import fcntl
 
@@ -56,11 +58,12 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            raise ToolchainError(f"{what} is already running (pid {holder}, lock {lock}); wait for it to finish, "
-                                 "or choose another output directory") from None
+            pid, _, holder = os.pread(fd, 4096, 0).decode(errors="replace").strip().partition(" ")
+            holder = holder.splitlines()[0] if holder else "another csprt process"  # a holder between its two writes
+            raise ToolchainError(f"{what}: {holder} is already running (pid {pid or '?'}, lock {lock}); "
+                                 f"{fix}") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing releases the lock

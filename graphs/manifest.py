@@ -287,18 +287,18 @@ _RACY_NS = 2_000_000_000
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (graphs can be many GB); each file version once per process."""
+    """Hex sha256 of a file, streamed by `hashlib.file_digest` (graphs can be many GB); each file version once per
+    process. The one file hash of csprt: every other module calls it (tools/gpu_unpack, standard library only on a
+    bare machine, calls `hashlib.file_digest` itself)."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if key in _DIGESTS:
         return _DIGESTS[key]
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
-        _DIGESTS[key] = h.hexdigest()
-    return h.hexdigest()
+        _DIGESTS[key] = digest
+    return digest
 
 
 def graph_files(art_dir: str | os.PathLike, graph_relpath: str) -> dict[str, str]:

@@ -4,7 +4,8 @@
                                                               platform: "onnxruntime_onnx"  (or tensorrt_plan)
                                                               max_batch_size: 8    (the batch dim's max: every
                                                                                     tensor leads with `batch`)
-                                                              input  { name, TYPE_INT64, dims: [ -1 ] }  # [batch, prefix_len]
+                                                              # [batch, prefix_len]; batch=1:4:8 prefix_len=...
+                                                              input { name, data_type: TYPE_INT64, dims: -1 }
                                                               parameters { key: "csprt_dims" ... "batch=1:4:8 prefix_len=1:109:256" }
     Layout --bls_config()--> the Python-backend model taking image/query/mode, returning mask_png/answer/...
 
@@ -19,8 +20,11 @@ their requests already are batches, and the KV cache of generate mode belongs to
 Named dims ("prefix_len") and expression dims ("past_llm_0 + step_len") become -1. Their exported
 min/opt/max ranges go into a comment beside each dims line and into the `csprt_dims` parameter (in
 `csprt build --shapes` syntax), which Triton passes through and reports in the model's config
-endpoint. Text is written by hand, so generating a repository needs no tritonclient or protobuf;
-the tests parse it with Triton's own ModelConfig proto.
+endpoint. The config is Triton's own ModelConfig protobuf (tritonclient's model_config_pb2, imported
+on first use: the `serve` extra) printed by protobuf's text_format, one top-level field or repeated
+entry at a time so that csprt's comments can go between them (text_format writes no comments);
+the tests parse the files back with the same proto. Fields at their default (max_batch_size 0, an
+empty platform) are not printed, as text_format does.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from graphs.errors import internal_error
+from graphs.errors import ToolchainError, internal_error
 from graphs.stages import DimRange, Layout, StageSpec, TensorSpec
 
 # manifest dtype -> Triton data type
@@ -49,12 +53,12 @@ DIMS_PARAMETER = "csprt_dims"
 BATCH_DIM = "batch"  # graphs.stages: every graph's leading dim, requests batched together (1 to --max-batch)
 
 _BATCH_NOTE = (
-    "# max_batch_size {max}: every tensor leads with the batch dim (1 to {max}, csprt export --max-batch), which\n"
-    "# Triton owns: the dims below leave it out. One request is one batch of images from the BLS model.\n")
+    "max_batch_size {max}: every tensor leads with the batch dim (1 to {max}, csprt export --max-batch), which\n"
+    "Triton owns: the dims below leave it out. One request is one batch of images from the BLS model.")
 _NO_BATCH_NOTE = (
-    "# max_batch_size 0: Triton adds no batch axis. Some tensors here do not lead with the batch dim (the [SEG]\n"
-    "# rows of a whole batch, flat), so the dims below are the full tensor shapes, the batch dim -1. One request\n"
-    "# is one batch of images from the BLS model.\n")
+    "max_batch_size 0: Triton adds no batch axis (0 is Triton's default, so the field is not written). Some\n"
+    "tensors here do not lead with the batch dim (the [SEG] rows of a whole batch, flat), so the dims below are\n"
+    "the full tensor shapes, the batch dim -1. One request is one batch of images from the BLS model.")
 
 
 @dataclass(frozen=True)
@@ -87,14 +91,38 @@ BLS_OUTPUTS = (
     BlsTensor("timings", "TYPE_STRING", (1,), doc="JSON {step: ms}: decode_image, preprocess, each stage, postprocess, "
                                                   "segment, encode, total; decode_steps (a count)"),
 )
-def _quote(text: str) -> str:
+def model_config_pb2():
+    """Triton's own ModelConfig protobuf module (from tritonclient, csprt's `serve` extra), imported on first use so
+    that importing this module (for BATCH_DIM, KINDS ...) costs nothing.
+
+    Raises:
+        ToolchainError: tritonclient is not installed (one line naming the fix).
+    """
+    try:
+        from tritonclient.grpc import model_config_pb2 as pb
+    except ImportError as e:
+        raise ToolchainError(f"writing Triton's config.pbtxt needs Triton's model-config protobuf from tritonclient "
+                             f"({e}); install it: pip install -e '.[serve]'") from None
+    return pb
+
+
+def _check_text(text: str) -> str:
     if any(not c.isprintable() for c in text):
         raise internal_error(f"config string {text!r} has non-printable characters")
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
 
 
 def _comment(text: str) -> str:
     return "".join(f"# {line}\n" for line in text.replace("\r", "").split("\n"))
+
+
+def _render(pieces: list[tuple[str, object]]) -> str:
+    """config.pbtxt text: each (comment, ModelConfig holding one field or one repeated entry) printed by protobuf's
+    text_format, its comment lines before it. Text-format messages concatenate into their merge, so the file parses
+    as the whole config; only the comments are csprt's own text (text_format prints none)."""
+    from google.protobuf import text_format
+
+    return "".join((_comment(note) if note else "") + text_format.MessageToString(piece) for note, piece in pieces)
 
 
 def triton_dims(shape: tuple[int | str, ...]) -> list[int]:
@@ -112,35 +140,37 @@ def _dims_note(t: TensorSpec, dims: dict[str, DimRange]) -> str:
         return ""
     named = [d for d in t.shape if isinstance(d, str) and d in dims]
     ranges = "; ".join(_range(d, dims[d]) for d in dict.fromkeys(named))
-    return "  # [" + ", ".join(map(str, t.shape)) + "]" + (f"; {ranges}" if ranges else "")
+    return "[" + ", ".join(map(str, t.shape)) + "]" + (f"; {ranges}" if ranges else "")
 
 
-def _tensor(t: TensorSpec, dims: dict[str, DimRange], batched: bool = False) -> str:
-    """One input/output entry; `batched`: Triton owns the leading batch dim (left out; [batch] -> [1], reshape [])."""
+def _tensor(pb, kind: str, t: TensorSpec, dims: dict[str, DimRange], batched: bool = False) -> tuple[str, object]:
+    """One input/output entry (`kind`: "input" or "output"); `batched`: Triton owns the leading batch dim (left out;
+    [batch] -> [1], reshape [])."""
     if t.dtype not in TRITON_DTYPES:
         raise internal_error(f"tensor {t.name!r} has dtype {t.dtype!r}, not one of {tuple(TRITON_DTYPES)}")
     shape = triton_dims(t.shape[1:] if batched else t.shape)
-    reshape = "\n    reshape: { shape: [ ] }" if batched and not shape else ""
-    shown = ", ".join(map(str, shape or [1]))
-    return (f"  {{\n    name: {_quote(t.name)}\n    data_type: {TRITON_DTYPES[t.dtype]}\n"
-            f"    dims: [ {shown} ]{_dims_note(t, dims)}{reshape}\n  }}")
+    piece = pb.ModelConfig()
+    entry = getattr(piece, kind).add(name=_check_text(t.name), data_type=pb.DataType.Value(TRITON_DTYPES[t.dtype]),
+                                     dims=shape or [1])
+    if batched and not shape:
+        entry.reshape.SetInParent()  # reshape { }: the per-request [1] is a scalar in the model
+    return _dims_note(t, dims), piece
 
 
-def _block(key: str, items: list[str]) -> str:
-    return f"{key} [\n" + ",\n".join(items) + "\n]\n"
-
-
-def _parameters(values: dict[str, str]) -> str:
-    return "".join(f"parameters {{\n  key: {_quote(k)}\n  value {{ string_value: {_quote(v)} }}\n}}\n"
-                   for k, v in values.items())
-
-
-def _instances(count: int, kind: str) -> str:
+def _instances(pb, count: int, kind: str) -> object:
     if kind not in KINDS:
         raise internal_error(f"instance kind {kind!r} not in {tuple(KINDS)}")
     if count < 1:
         raise internal_error(f"instance count {count} < 1")
-    return f"instance_group [\n  {{\n    count: {count}\n    kind: {KINDS[kind]}\n  }}\n]\n"
+    return pb.ModelConfig(instance_group=[pb.ModelInstanceGroup(count=count,
+                                                                kind=pb.ModelInstanceGroup.Kind.Value(KINDS[kind]))])
+
+
+def _parameters(pb, values: dict[str, str]) -> object:
+    piece = pb.ModelConfig()
+    for k, v in values.items():
+        piece.parameters[_check_text(k)].string_value = _check_text(v)
+    return piece
 
 
 def stage_dims_used(stage: StageSpec, dims: dict[str, DimRange], inputs: Iterable[str] | None = None) -> dict[str, DimRange]:
@@ -190,20 +220,23 @@ def stage_config(stage: StageSpec, dims: dict[str, DimRange], *, name: str, back
         raise internal_error(f"stage {stage.name!r}: inputs {keep} are not all in the spec")
     used = stage_dims_used(stage, dims, keep)
     max_batch = stage_max_batch(stage, dims, keep)
-    text = _comment(header) if header else ""
-    text += f"name: {_quote(name)}\n"
-    text += f"platform: {_quote(platform)}\n" if platform else ""
-    text += f"backend: {_quote(triton_backend)}\n"
-    text += f"default_model_filename: {_quote(filename)}\n"
-    text += (_BATCH_NOTE.format(max=max_batch) if max_batch else _NO_BATCH_NOTE) + f"max_batch_size: {max_batch}\n"
-    text += _block("input", [_tensor(t, dims, bool(max_batch)) for t in ins])
-    text += _block("output", [_tensor(t, dims, bool(max_batch)) for t in stage.outputs])
-    text += _instances(instances, kind)
+    pb = model_config_pb2()
+    pieces = [(header, pb.ModelConfig(name=_check_text(name)))]
+    if platform:
+        pieces.append(("", pb.ModelConfig(platform=platform)))
+    pieces += [("", pb.ModelConfig(backend=triton_backend)), ("", pb.ModelConfig(default_model_filename=filename)),
+               (_BATCH_NOTE.format(max=max_batch) if max_batch else _NO_BATCH_NOTE,
+                pb.ModelConfig(max_batch_size=max_batch))]
+    pieces += [_tensor(pb, "input", t, dims, bool(max_batch)) for t in ins]
+    pieces += [_tensor(pb, "output", t, dims, bool(max_batch)) for t in stage.outputs]
+    pieces.append(("", _instances(pb, instances, kind)))
     params = {"csprt_stage": stage.name, "csprt_kind": stage.kind}
+    note = ""
     if used:
-        text += "# Exported min:opt:max of each named dim (-1 above), in csprt build --shapes syntax.\n"
+        note = "Exported min:opt:max of each named dim (-1 above), in csprt build --shapes syntax."
         params[DIMS_PARAMETER] = " ".join(_range(k, r) for k, r in used.items())
-    return text + _parameters(params)
+    pieces.append((note, _parameters(pb, params)))
+    return _render(pieces)
 
 
 def bls_inputs(layout: Layout) -> tuple[BlsTensor, ...]:
@@ -217,10 +250,12 @@ def bls_inputs(layout: Layout) -> tuple[BlsTensor, ...]:
     return (*BLS_INPUTS, masks)
 
 
-def _bls_tensor(t: BlsTensor) -> str:
-    opt = "\n    optional: true" if t.optional else ""
-    return (f"  {{\n    # {t.doc}\n    name: {_quote(t.name)}\n    data_type: {t.data_type}\n"
-            f"    dims: [ {', '.join(map(str, t.dims))} ]{opt}\n  }}")
+def _bls_tensor(pb, kind: str, t: BlsTensor) -> tuple[str, object]:
+    piece = pb.ModelConfig()
+    entry = getattr(piece, kind).add(name=t.name, data_type=pb.DataType.Value(t.data_type), dims=t.dims)
+    if t.optional:
+        entry.optional = True
+    return t.doc, piece
 
 
 def bls_config(layout: Layout, *, name: str, instances: int = 1, max_batch_size: int = 0,
@@ -241,17 +276,22 @@ def bls_config(layout: Layout, *, name: str, instances: int = 1, max_batch_size:
     """
     if max_batch_size < 0:
         raise internal_error(f"max_batch_size {max_batch_size} < 0")
-    text = _comment(header) if header else ""
-    text += f"name: {_quote(name)}\nbackend: \"python\"\n"
+    pb = model_config_pb2()
+    pieces = [(header, pb.ModelConfig(name=_check_text(name), backend="python"))]
     if max_batch_size:
-        text += ("# Each request carries one image: dims below get Triton's batch axis, of size 1 per request;\n"
-                 "# the dynamic batcher hands up to max_batch_size requests to one execute() call, which runs\n"
-                 "# them as one batched pipeline call (one request per stage model for the whole batch).\n"
-                 f"max_batch_size: {max_batch_size}\n"
-                 f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n")
+        pieces += [("Each request carries one image: dims below get Triton's batch axis, of size 1 per request;\n"
+                    "the dynamic batcher hands up to max_batch_size requests to one execute() call, which runs\n"
+                    "them as one batched pipeline call (one request per stage model for the whole batch).",
+                    pb.ModelConfig(max_batch_size=max_batch_size)),
+                   ("", pb.ModelConfig(dynamic_batching=pb.ModelDynamicBatching(
+                       max_queue_delay_microseconds=max_queue_delay_us)))]
+        pieces[-1][1].dynamic_batching.SetInParent()  # present even with a 0 delay: it turns the batcher on
     else:
-        text += "# max_batch_size 0: one image per request, dims as written (no batch axis).\nmax_batch_size: 0\n"
-    text += _block("input", [_bls_tensor(t) for t in bls_inputs(layout)])
-    text += _block("output", [_bls_tensor(t) for t in BLS_OUTPUTS])
-    text += _instances(instances, "cpu")
-    return text + _parameters(dict(parameters or {}))
+        pieces.append(("max_batch_size 0 (Triton's default, so not written): one image per request, dims as "
+                       "written (no batch axis).", pb.ModelConfig()))
+    pieces += [_bls_tensor(pb, "input", t) for t in bls_inputs(layout)]
+    pieces += [_bls_tensor(pb, "output", t) for t in BLS_OUTPUTS]
+    pieces.append(("", _instances(pb, instances, "cpu")))
+    if parameters:
+        pieces.append(("", _parameters(pb, dict(parameters))))
+    return _render(pieces)

@@ -42,11 +42,9 @@ class _Joined(io.RawIOBase):
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    # graphs.manifest.file_sha256 is not importable here (standard library only until the wheels are installed)
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_parts(folder: Path) -> tuple[list[Path], dict]:

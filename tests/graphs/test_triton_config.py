@@ -73,13 +73,14 @@ def test_dims_comments_give_named_shape_and_range():
     r = layout.dims["rows_llm_1"]
     text = stage_config(layout.stage("llm_1"), layout.dims, name="m")
     b = layout.dims["batch"]
-    assert (f"dims: [ -1, 64 ]  # [batch, rows_llm_1, 64]; batch={b.min}:{b.opt}:{b.max}; "
-            f"rows_llm_1={r.min}:{r.opt}:{r.max}") in text
+    assert (f"# [batch, rows_llm_1, 64]; batch={b.min}:{b.opt}:{b.max}; rows_llm_1={r.min}:{r.opt}:{r.max}\n"
+            'input {\n  name: "hidden"\n  data_type: TYPE_FP32\n  dims: -1\n  dims: 64\n}') in text  # before its tensor
     c = layout.dims["cache_llm_1"]
     assert f"# [batch, 2, cache_llm_1, 16]; batch={b.min}:{b.opt}:{b.max}; cache_llm_1={c.min}:{c.opt}:{c.max}" in text
     assert f"max_batch_size {b.max}: every tensor leads with the batch dim" in text
     text = stage_config(layout.stage("seg_head"), layout.dims, name="m")  # [num_seg, ...]: the batch's [SEG] rows
-    assert "max_batch_size 0: Triton adds no batch axis" in text and "max_batch_size: 0\n" in text
+    assert "max_batch_size 0: Triton adds no batch axis" in text
+    assert parse(text).max_batch_size == 0 and "\nmax_batch_size:" not in text  # text_format omits a default
 
 
 def test_stage_max_batch():
@@ -149,3 +150,28 @@ def test_bugs_are_internal_errors():
         stage_config(layout.stage("vision"), layout.dims, name="m", inputs=["nope"])
     with pytest.raises(AssertionError, match="internal error"):
         stage_config(layout.stage("vision"), layout.dims, name="bad\nname")
+
+
+def test_text_is_protobufs_own_with_csprt_comments_between_fields():
+    """Every line that is not a comment is text_format's: the comment-free text prints back identically once
+    parsed and printed field by field in the same order (protobuf writes the file, csprt only adds comments)."""
+    layout = _layout("csp-both-fp32")
+    for text in (stage_config(layout.stage("llm_1"), layout.dims, name="m", header="made by a test"),
+                 bls_config(layout, name="seg", max_batch_size=4, parameters={"k": "v"})):
+        assert text.startswith("# made by a test\nname:") or text.startswith('name: "seg"')
+        bare = "".join(line for line in text.splitlines(True) if not line.startswith("#"))
+        cfg = parse(bare)
+        assert cfg == parse(text)
+        assert sorted(bare.split("\n")) == sorted(text_format.MessageToString(cfg).split("\n"))
+    assert "# the question, UTF-8\ninput {\n  name: \"query\"" in bls_config(layout, name="seg")
+
+
+def test_without_tritonclient_one_line_naming_the_fix(monkeypatch):
+    import sys
+
+    from graphs.errors import ToolchainError
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # import of it fails, as when not installed
+    layout = _layout("csp-both-fp32")
+    with pytest.raises(ToolchainError, match=r"needs Triton's model-config protobuf from tritonclient .*"
+                                             r"pip install -e '\.\[serve\]'"):
+        stage_config(layout.stage("vision"), layout.dims, name="m")

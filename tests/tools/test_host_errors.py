@@ -62,3 +62,57 @@ def test_a_second_export_to_the_same_artifact_is_refused_at_once(tiny_ckpt, tmp_
     assert rc == 2 and len(lines) == 1, err
     assert f"is already running (pid {os.getpid()}" in lines[0] and "choose another output directory" in lines[0]
     assert not out.exists() and took < 30
+
+
+def test_a_build_is_refused_while_an_export_of_its_artifact_runs(tmp_path):
+    """csprt build writes engines into the artifact's current generation, which a running export is about to
+    replace with one that lacks them: the two share the export lock, and the build stops at once, naming the
+    export, before reading anything."""
+    import os
+    import time
+
+    from graphs.artifact_dir import export_lock
+    from graphs.atomic import exclusive_lock
+
+    art = tmp_path / "art"
+    art.mkdir()
+    with exclusive_lock(export_lock(art), f"csprt export to {art}"):
+        t0 = time.monotonic()
+        rc, _, err = call(["build", str(art)])
+        took = time.monotonic() - t0
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"csprt build: error: csprt build of {art}: csprt export to {art} is already "
+                               f"running (pid {os.getpid()}, lock {export_lock(art)}); ")
+    assert lines[0].endswith("wait for it to finish, then run the build again")
+    assert list(art.iterdir()) == [] and took < 30
+    rc, _, err = call(["build", str(art)])  # lock free: the build goes on to the artifact (not one here)
+    assert rc == 2 and "is already running" not in err and "manifest" in err, err
+
+
+def test_an_export_is_refused_while_a_build_of_its_artifact_runs(tiny_ckpt, tmp_path, monkeypatch):
+    """The build holds the lock for its whole work (loading the artifact to writing its manifest): an export to
+    the same --out in that time is refused, naming the build; the lock is free again once the build returns."""
+    import os
+
+    from engines import build
+    from graphs.artifact_dir import export_lock
+    from graphs.atomic import exclusive_lock
+
+    art = tmp_path / "art"
+    art.mkdir()
+    seen = {}
+
+    def work(art_dir, *rest):  # the build's work, under its lock
+        seen["export"] = call(["export", str(tiny_ckpt), "--schedule", "full", "--out", str(art)])
+        return {"artifact": str(art_dir)}
+
+    monkeypatch.setattr(build, "_build_locked", work)
+    assert build.build_engines(art) == {"artifact": str(art)}
+    rc, _, err = seen["export"]
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1, err
+    assert f"csprt build of {art} is already running (pid {os.getpid()}" in lines[0]
+    assert "[csprt] export" not in err and list(art.iterdir()) == []
+    with exclusive_lock(export_lock(art), "a later export"):  # released
+        pass
