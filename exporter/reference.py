@@ -242,8 +242,8 @@ class Reference:
                     logits = torch.zeros((0, *image.shape[:2]))
                 masks = binarize(logits).cpu().numpy()
             generated = [] if gen is None else gen["generated"][b]
-            answer = "[SEG]." if gen is None else (
-                self.tokenizer.decode(generated, skip_special_tokens=False).strip() if self.tokenizer is not None else "")
+            answer = "[SEG]." if gen is None else ("" if self.tokenizer is None else
+                                                    self.tokenizer.decode(generated, skip_special_tokens=False).strip())
             outs.append(ReferenceOutput(
                 seg_embeddings=seg_emb, seg_hidden=seg_hidden, low_res_logits=low_res, mask_logits=logits,
                 masks=masks, generated_ids=generated, answer=answer, image_tokens_per_layer=counts,

@@ -1,8 +1,9 @@
 """Batched inference: a batch of requests gives each request what it gets alone (fp32: masks and ids equal; fp16:
 ids equal, masks within graphs.tolerance.BATCH_TOLERANCES).
 
-One session on the shared tiny `csp` artifact (both modes, exported once per test session; its fp16 twin too). Requests differ in
-query length (so suffixes are right-padded), in image (so per-request selections differ) and in [SEG] rows.
+One session on the shared tiny `csp` artifact (both modes, exported once per test session; its fp16 twin too).
+Requests differ in query length (so suffixes are right-padded), in image (so per-request selections differ) and in
+[SEG] rows.
 """
 
 from __future__ import annotations
