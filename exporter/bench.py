@@ -14,7 +14,6 @@ import torch
 
 from exporter.checkpoint import build_random
 from exporter.reference import Reference
-from graphs.errors import InputError
 from graphs.flops import flops_report
 from graphs.preprocessing import default_clip_processor_config
 from graphs.prompt import query_of_length
@@ -38,7 +37,7 @@ def _sync(device) -> None:
 def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "single-pass", repeat: int = 10,
                 warmup: int = 2, max_new_tokens: int = 16, image: np.ndarray | None = None, batch: int = 1) -> dict:
     """Time the PyTorch reference (eager, stage by stage) under `schedule`; `batch` > 1 runs `Reference.batch`
-    (single-pass).
+    (either mode).
 
     Returns the same raw dict as `engines.bench.bench_session` (runs, e2e_ms, image_tokens_per_layer,
     text_tokens, peak_memory_mib, decode_steps; pipeline_ms None: the reference has no pipeline).
@@ -52,12 +51,10 @@ def bench_torch(model, tokenizer, schedule, text_tokens: int, mode: str = "singl
     device = ref.device
     query = query_of_length(tokenizer, text_tokens, mode, shape.num_image_tokens, shape.llm.max_positions)
     ids = ref.prompt(query, mode)
-    if batch > 1 and mode != "single-pass":
-        raise InputError("the torch reference batches single-pass only; bench generate mode at --batch 1 on torch")
 
     def once():
         if batch > 1:
-            return ref.batch([image] * batch, [ids] * batch)[0]
+            return ref.batch([image] * batch, [ids] * batch, mode=mode, max_new_tokens=max_new_tokens)[0]
         return ref(image, ids, mode=mode, max_new_tokens=max_new_tokens)
 
     for _ in range(warmup):

@@ -21,6 +21,7 @@ import torch
 from exporter import selection
 from exporter.model import LisaModel
 from exporter.preprocess import binarize, clip_pixels, postprocess_masks, sam_pixels
+from graphs.errors import InputError
 from graphs.prompt import PromptIds, tokenize_prompt
 from graphs.schedule import Schedule, Stage
 
@@ -186,19 +187,30 @@ class Reference:
         )
 
     @torch.no_grad()
-    def batch(self, images: list[np.ndarray], queries: list) -> list[ReferenceOutput]:
-        """Single-pass over a batch of requests in one forward pass per stage: what `__call__` gives each alone.
+    def batch(self, images: list[np.ndarray], queries: list, mode: str = "single-pass",
+              max_new_tokens: int | list[int] = 32) -> list[ReferenceOutput]:
+        """A batch of requests in one forward pass per stage (and per decode step): what `__call__` gives each alone.
 
         The template prefix is shared, the suffixes right-padded (causal attention keeps padding out of every
-        real row), each request's selections are its own (its image), and every per-request row (the prune
-        query, the [SEG] rows) uses the request's own length. Generate mode runs per request (`__call__`).
+        real row of the prompt; decode steps mask each request's padded cache rows), each request's selections
+        are its own (its image), and every per-request row (the prune query, the [SEG] rows, the first decode
+        input, positions) uses the request's own length. Generate mode decodes greedily for the whole batch, one
+        step per token, with a per-request stop (its stop token or its own limit); a stopped request's later
+        tokens are ignored.
 
         Args:
             images (list[ndarray]): [H, W, 3] uint8 RGB, one per request.
             queries (list[str | PromptIds]): one per request.
+            mode (str): "single-pass" or "generate". Defaults to "single-pass".
+            max_new_tokens (int | list[int]): generate mode's limit, one for all or one per request.
+                Defaults to 32.
         """
         m, sched, timer = self.model, self.schedule, _Timer(self.device)
-        ids = [q if isinstance(q, PromptIds) else self.prompt(q, "single-pass") for q in queries]
+        ids = [q if isinstance(q, PromptIds) else self.prompt(q, mode) for q in queries]
+        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(ids)
+        if len(limits) != len(ids):
+            raise InputError(f"max_new_tokens: {len(limits)} limits for {len(ids)} requests; give one per request "
+                             "or a single int for all")
         with timer("preprocess"):
             clip_in = torch.cat([clip_pixels(im, self.clip_cfg) for im in images]).to(self.device, self.dtype)
             sams = [sam_pixels(im, m.shape.sam.image_size) for im in images]
@@ -208,26 +220,42 @@ class Reference:
             _, emb, cls_attn = m.vision_features(clip_in, with_cls_attention=want_cls)  # [B, N, H]
         with timer("sam_encoder"):
             image_embeddings = m.sam_image_embeddings(sam_in)  # [B, C, g, g]
+        kv = KVStore() if mode == "generate" else None
         with timer("llm"):
-            normed, rows, counts, stage_indices = self._prefill_batch(emb, cls_attn, ids)
+            normed, rows, counts, stage_indices = self._prefill_batch(emb, cls_attn, ids, mode, kv)
+        gen = None
+        if mode == "generate":
+            with timer("llm_decode"):
+                gen = self._generate_batch(normed, kv, ids, limits, emb.shape[1])
         outs = []
         for b, (image, (_, resized_hw)) in enumerate(zip(images, sams)):
-            seg_hidden = normed[b, rows[b]]  # [K, H]
+            seg_hidden = normed[b, rows[b]] if gen is None else gen["seg_hidden"][b]  # [K, H]
             with timer("seg_head"):
                 seg_emb = m.seg_head(seg_hidden)
             with timer("sam_decoder"):
-                low_res = m.sam_decode(image_embeddings[b:b + 1], seg_emb)
+                low_res = (m.sam_decode(image_embeddings[b:b + 1], seg_emb) if len(seg_emb)
+                           else image_embeddings.new_zeros((0, 1, 1)))
             with timer("postprocess"):
-                logits = postprocess_masks(low_res.float(), resized_hw, image.shape[:2], m.shape.sam.image_size)
+                if len(seg_emb):
+                    logits = postprocess_masks(low_res.float(), resized_hw, image.shape[:2], m.shape.sam.image_size)
+                else:
+                    logits = torch.zeros((0, *image.shape[:2]))
                 masks = binarize(logits).cpu().numpy()
+            generated = [] if gen is None else gen["generated"][b]
+            answer = "[SEG]." if gen is None else ("" if self.tokenizer is None else
+                                                    self.tokenizer.decode(generated, skip_special_tokens=False).strip())
             outs.append(ReferenceOutput(
                 seg_embeddings=seg_emb, seg_hidden=seg_hidden, low_res_logits=low_res, mask_logits=logits,
-                masks=masks, generated_ids=[], answer="[SEG].", image_tokens_per_layer=counts,
+                masks=masks, generated_ids=generated, answer=answer, image_tokens_per_layer=counts,
+                kv_image_tokens_per_layer=[] if gen is None else gen["kv_counts"],
+                step_hidden=None if gen is None else gen["step_hidden"][b],
                 stage_indices={k: v[b] for k, v in stage_indices.items()}, timings_ms=timer.ms))
         return outs
 
-    def _prefill_batch(self, emb: torch.Tensor, cls_attn, ids: list[PromptIds]):
-        """Every decoder layer over the batch's rows [prefix | image rows | right-padded suffix].
+    def _prefill_batch(self, emb: torch.Tensor, cls_attn, ids: list[PromptIds], mode: str = "single-pass",
+                       kv: KVStore | None = None):
+        """Every decoder layer over the batch's rows [prefix | image rows | right-padded suffix] (into `kv` when
+        given: generate mode; padded rows are cached too, and each decode step masks them).
 
         Returns (final post-norm rows [B, T, H], each request's [SEG] rows, image rows per layer, stage indices).
         """
@@ -272,21 +300,24 @@ class Reference:
                 if next_prunes and layer_idx == stage.end - 1:
                     row_lens = lens + p + budget
                     scores = selection.query_attention(layer, h, cos, sin, mask.expand(b_size, -1, -1, -1),
-                                                       self._query_rows_batch(ids, p + budget, row_lens), row_lens)
-                h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
+                                                       self._query_rows_batch(ids, p + budget, row_lens, mode),
+                                                       row_lens)
+                h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=kv,
+                          position_embeddings=(cos, sin))
         start = h.shape[1] - s  # the suffix's first row
         rows = [[start + j for j in i.seg_rows()] for i in ids]
         return m.llm.model.norm(h), rows, counts, stage_indices
 
-    def _query_rows_batch(self, ids: list[PromptIds], suffix_start: int, row_lens: torch.Tensor) -> torch.Tensor:
+    def _query_rows_batch(self, ids: list[PromptIds], suffix_start: int, row_lens: torch.Tensor,
+                          mode: str = "single-pass") -> torch.Tensor:
         """[B, R] query rows per request (`_query_rows` with each request's own length)."""
         query = self.schedule.prune_query
         if query == "mean":  # every row; rows past a request's length are left out of its mean (row_lens)
             t = suffix_start + max(len(i.suffix) for i in ids)
             return torch.arange(t, device=self.device)[None].expand(len(ids), -1)
-        if query == "seg":
+        if query == "seg" and mode == "single-pass":
             return torch.tensor([[suffix_start + i.seg_rows()[0]] for i in ids], device=self.device)
-        return (row_lens - 1)[:, None]
+        return (row_lens - 1)[:, None]  # "last", or "seg" in generate mode: each request's last prompt token
 
     def _prefill(self, emb: torch.Tensor, cls_attn, ids: PromptIds, mode: str, instance_masks) -> dict:
         """Run all decoder layers over the prompt. Returns the state the decode loop continues from."""
@@ -363,3 +394,56 @@ class Reference:
         state["step_hidden"] = torch.stack(steps)
         hidden = torch.stack(seg_rows) if seg_rows else last.new_zeros((0, last.shape[-1]))
         return generated, hidden
+
+    def _generate_batch(self, normed: torch.Tensor, kv: KVStore, ids: list[PromptIds], limits: list[int],
+                        n_image: int) -> dict:
+        """Greedy decode for a batch from `_prefill_batch`'s state: one step per token for every request.
+
+        Request b starts from its own last prompt row, at position P + N + its suffix length, and stops at its
+        stop token or after limits[b] tokens; the loop ends when every request has stopped (a stopped request
+        keeps stepping, its tokens are dropped: rows never see each other). Each step's mask hides, per layer,
+        the request's right-padded prompt rows in the cache.
+
+        Returns {"generated": [ids per request], "seg_hidden": [[K, H] per request], "step_hidden":
+        [[n, H] per request], "kv_counts": image rows in each layer's cache}.
+        """
+        m, dev = self.model, self.device
+        lens = [len(i.suffix) for i in ids]
+        b_size, s_max = len(ids), max(lens)
+        start = normed.shape[1] - s_max
+        last = normed[torch.arange(b_size, device=dev), torch.tensor([start + n - 1 for n in lens], device=dev)]
+        pos = torch.tensor([len(ids[0].prefix) + n_image + n for n in lens], device=dev)  # [B]
+        generated, steps, seg = [[] for _ in ids], [[] for _ in ids], [[] for _ in ids]
+        done = [limit <= 0 for limit in limits]
+        fed = 0
+        while not all(done):
+            toks = torch.argmax(m.llm.lm_head(last), dim=-1)  # [B]
+            for b, tok in enumerate(toks.tolist()):
+                if done[b]:
+                    continue
+                generated[b].append(tok)
+                steps[b].append(last[b])
+                if tok == ids[b].seg_token_id:
+                    seg[b].append(last[b])
+                done[b] = tok == ids[b].eos_token_id or len(generated[b]) == limits[b]
+            if all(done):
+                break
+            x = m.llm.model.embed_tokens(toks[:, None])  # [B, 1, H]
+            position = pos[:, None]
+            cos, sin = m.llm.model.rotary_emb(x, position)
+            for layer_idx, layer in enumerate(m.decoder_layers):
+                length = kv.length(layer_idx)
+                suffix_at = length - fed - s_max  # P + this layer's image rows
+                mask = torch.zeros((b_size, 1, 1, length + 1), dtype=x.dtype, device=dev)
+                for b, n in enumerate(lens):
+                    mask[b, :, :, suffix_at + n:suffix_at + s_max] = torch.finfo(x.dtype).min
+                x = layer(x, attention_mask=mask, position_ids=position, past_key_values=kv,
+                          position_embeddings=(cos, sin))
+            last = m.llm.model.norm(x)[:, 0]
+            pos, fed = pos + 1, fed + 1
+        text_rows = len(ids[0].prefix) + s_max + fed
+        empty = last.new_zeros((0, last.shape[-1]))
+        return {"generated": generated,
+                "seg_hidden": [torch.stack(r) if r else empty for r in seg],
+                "step_hidden": [torch.stack(r) if r else empty for r in steps],
+                "kv_counts": [kv.length(i) - text_rows for i in range(len(m.decoder_layers))]}

@@ -23,6 +23,11 @@ STAGE_ATOL_OVERRIDES = {("fp16", "sam_decoder"): 4e-2}
 # mask IoU 0.990 (pixels whose logit is within ~1e-2 of 0 flip), generated ids equal.
 E2E_TOLERANCES = {"fp32": {"mask_logits_atol": 1e-3, "mask_iou_min": 1.0},
                   "fp16": {"mask_logits_atol": 0.05, "mask_iou_min": 0.98}}
+# A request in a batch against the same request alone, on one artifact (issue 12): held to the end-to-end bounds
+# (fp32: masks equal; fp16: mask IoU >= 0.98). Batched GEMMs round in another order. fp16 measured on tiny csp
+# artifacts: worst mask IoU 0.998, mask logits max abs 3.2e-3, ids equal (3 seeds x 5 requests of different query
+# lengths and images, both modes; batch of 5 vs alone).
+BATCH_TOLERANCES = E2E_TOLERANCES
 
 EPS = 2.220446049250313e-16  # Polygraphy adds this to zero expected values before dividing
 

@@ -1,7 +1,9 @@
-"""Batched inference: a batch of requests gives each request what it gets alone (fp32: masks and ids equal).
+"""Batched inference: a batch of requests gives each request what it gets alone (fp32: masks and ids equal; fp16:
+ids equal, masks within graphs.tolerance.BATCH_TOLERANCES).
 
-One session on the shared tiny `csp` artifact (both modes, exported once per test session). Requests differ in
-query length (so suffixes are right-padded), in image (so per-request selections differ) and in [SEG] rows.
+One session on the shared tiny `csp` artifact (both modes, exported once per test session; its fp16 twin too).
+Requests differ in query length (so suffixes are right-padded), in image (so per-request selections differ) and in
+[SEG] rows.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import dataclasses
 import numpy as np
 import pytest
 
+from engines.compare import mask_iou
 from engines.pipeline import Pipeline
 from engines.session import ArtifactSession, runner_factory
 from exporter.export import sample_image
 from graphs.errors import InputError
+from graphs.tolerance import BATCH_TOLERANCES
 
 QUERIES = ("Where is the cat?", "What is on the left side of the red disc in this picture, near the top?", "The disc")
 
@@ -22,6 +26,12 @@ QUERIES = ("Where is the cat?", "What is on the left side of the red disc in thi
 @pytest.fixture(scope="module")
 def session(export_tiny):
     with ArtifactSession(export_tiny("csp", "both"), threads=1) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def session_fp16(export_tiny):
+    with ArtifactSession(export_tiny("csp", "both", "fp16"), threads=1) as s:
         yield s
 
 
@@ -137,3 +147,18 @@ def test_batch_over_the_exported_maximum_names_max_batch(session, images):
     with pytest.raises(InputError, match="--max-batch") as err:
         session.segment_batch([images[0]] * n, ["Where is the cat?"] * n)
     assert f"a batch of {n} requests" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["single-pass", "generate"])
+def test_fp16_batch_masks_match_each_request_alone(session_fp16, images, mode):
+    """fp16: a request's result in a batch of 3 (different query lengths and images) against the same request
+    alone, on one fp16 artifact: ids equal, mask IoU and mask logits within BATCH_TOLERANCES."""
+    tol, s = BATCH_TOLERANCES["fp16"], session_fp16
+    assert s.artifact.precision == "fp16"
+    batch = s.segment_batch(images, list(QUERIES), mode=mode, max_new_tokens=6)
+    for image, query, got in zip(images, QUERIES, batch):
+        alone = s.segment(image, query, mode=mode, max_new_tokens=6)
+        assert got.generated_ids == alone.generated_ids and got.answer == alone.answer
+        assert got.masks.shape == alone.masks.shape and got.masks.shape[0] >= 1
+        assert mask_iou(got.masks, alone.masks) >= tol["mask_iou_min"]
+        assert np.abs(got.mask_logits - alone.mask_logits).max() <= tol["mask_logits_atol"]

@@ -1,6 +1,7 @@
 """The reference forward: `full` equals the plain unpruned composition; every preset's per-layer
 image-token counts (counted from tensors) equal the schedule's."""
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -155,3 +156,40 @@ def test_batched_reference_equals_each_request_alone(loaded, image, name, knobs)
         assert got.stage_indices == alone.stage_indices
         assert np.array_equal(got.masks, alone.masks)
         torch.testing.assert_close(got.seg_hidden, alone.seg_hidden, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_batched_generate_equals_each_request_alone(loaded, image):
+    """Reference.batch in generate mode: greedy decode for the batch with a per-request stop (one request stops
+    at step 1, one runs 20 steps); ids, every step's hidden state and the masks equal each request alone."""
+    ref = _reference(loaded, "csp")  # cluster, scatter and a prune: every per-request selection
+    images = [image, np.ascontiguousarray(image[::-1]), np.ascontiguousarray(image[:, ::-1])]
+    queries = [QUERY, "Where?", "What is at the far left side of the picture, below the cat's ear?"]
+    # the tiny model answers "[SEG]</s>": no stop token, so the limits alone decide where each request stops
+    ids = [dataclasses.replace(ref.prompt(q, "generate"), eos_token_id=-1) for q in queries]
+    assert len({len(i.suffix) for i in ids}) == 3  # right padding differs per request
+    limits = [1, 20, 7]
+    batch = ref.batch(images, ids, mode="generate", max_new_tokens=limits)
+    assert [len(b.generated_ids) for b in batch] == limits
+    for im, q, limit, got in zip(images, ids, limits, batch):
+        alone = ref(im, q, mode="generate", max_new_tokens=limit)
+        assert got.generated_ids == alone.generated_ids and got.answer == alone.answer
+        assert got.stage_indices == alone.stage_indices
+        assert got.kv_image_tokens_per_layer == alone.kv_image_tokens_per_layer
+        # each step's hidden state: a padded cache row seen by a decode step would move these by ~0.4
+        torch.testing.assert_close(got.step_hidden, alone.step_hidden, atol=1e-5, rtol=0)
+        assert got.masks.shape == alone.masks.shape and np.array_equal(got.masks, alone.masks)
+    seg = ids[0].seg_token_id
+    assert [len(b.masks) for b in batch] == [b.generated_ids.count(seg) for b in batch]
+    # with the stop token, each request stops at its own "</s>" and the others go on
+    eos = ref.prompt(QUERY, "generate").eos_token_id
+    stopped = ref.batch(images, queries, mode="generate", max_new_tokens=[1, 20, 20])
+    assert stopped[0].generated_ids == batch[0].generated_ids
+    for im, q, got in zip(images[1:], queries[1:], stopped[1:]):
+        assert got.generated_ids == ref(im, q, mode="generate", max_new_tokens=20).generated_ids
+        assert got.generated_ids[-1] == eos and len(got.generated_ids) < 20
+
+
+def test_batched_reference_limits_are_one_per_request(loaded, image):
+    with pytest.raises(InputError, match="2 limits for 3 requests"):
+        _reference(loaded, "csp").batch([image] * 3, [QUERY] * 3, mode="generate", max_new_tokens=[1, 2])

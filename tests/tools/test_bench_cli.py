@@ -137,6 +137,20 @@ def test_batch_sizes_give_images_per_s_and_schedule_ratios_per_batch(export_tiny
     assert r["batch"] == 2 and r["images_per_s"] > 0 and r["stages_ms"]["llm_0"]["median"] > 0
 
 
+
+def test_torch_batches_generate_mode(tmp_path):
+    """The torch reference batches generate mode too (Reference.batch): a record per batch size, decode timed."""
+    out = tmp_path / "gen.json"
+    rc, stdout, stderr = call(["bench", "--shape", "tiny", "--schedules", "csp", "--backends", "torch", "--mode",
+                               "generate", "--max-new-tokens", "4", "--batch", "3", "--repeat", "1", "--warmup", "0",
+                               "--json", str(out)])
+    assert rc == 0, stderr
+    report = json.loads(out.read_text())
+    check_report(report)
+    (r,) = report["records"]
+    assert report["config"]["mode"] == "generate" and r["batch"] == 3 and 0 <= r["decode_steps"] <= 3
+    assert r["stages_ms"]["llm_decode"]["median"] >= 0
+
 @pytest.mark.parametrize("argv, needle", [
     (["bench", "--shape", "tiny", "--batch", "1,x"], "--batch '1,x'"),
     (["bench", "--shape", "tiny", "--batch", "0"], "--batch '0'"),
