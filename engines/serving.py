@@ -37,7 +37,7 @@ import numpy as np
 
 from engines.batching import DEFAULT_MAX_QUEUE_DELAY_US, Item, check_query, run_items
 from graphs.errors import InputError, ToolchainError
-from graphs.imageio import MAX_IMAGE_PIXELS, decode_image_bytes
+from graphs.imageio import MAX_IMAGE_PIXELS, decode_image_bytes, mask_png_bytes, pack_masks
 from graphs.prompt import MODES, prompt_text
 
 MODEL_NAME = "csprt"
@@ -198,21 +198,6 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
 
 
 # -- responses -------------------------------------------------------------------------------
-def mask_png_bytes(union: np.ndarray) -> bytes:
-    """[H, W] bool -> PNG bytes, encoded exactly as graphs.imageio.write_mask_png writes mask.png."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(union.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def unpack_masks(packed: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Inverse of the masks_packed/masks_shape outputs: -> bool [K, H, W]."""
-    k, h, w = (int(s) for s in shape)
-    return np.unpackbits(np.asarray(packed, np.uint8).reshape(-1), count=k * h * w).reshape(k, h, w).astype(bool)
-
-
 def encode_response(seg, hw: tuple[int, int], return_logits: bool, timings_ms: dict[str, float],
                     wanted: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """One request's outputs, each with the batch dim 1 (see OUTPUTS).
@@ -235,7 +220,7 @@ def encode_response(seg, hw: tuple[int, int], return_logits: bool, timings_ms: d
         union = masks.any(axis=0) if len(masks) else np.zeros(hw, dtype=bool)
         out["mask_png"] = np.array([[mask_png_bytes(union)]], dtype=object)
     if want & {"masks_packed", "masks_shape"}:
-        out["masks_packed"] = np.packbits(masks.reshape(-1))[None]  # [1, ceil(K*H*W / 8)]
+        out["masks_packed"] = pack_masks(masks)[None]  # [1, ceil(K*H*W / 8)]
         out["masks_shape"] = np.asarray([masks.shape], dtype=np.int64)
     if return_logits and "mask_logits" in want:
         out["mask_logits"] = np.asarray(seg.mask_logits, dtype=np.float32)[None]

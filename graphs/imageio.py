@@ -152,8 +152,20 @@ def _check_mask(mask: np.ndarray, hw: tuple[int, int] | None = None) -> np.ndarr
     return mask.astype(bool)
 
 
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+    """A binary mask as the bytes of an 8-bit grayscale PNG with values 0 and 255: `csprt run`'s mask.png and the
+    servers' `mask_png` output are these bytes.
+
+    Args:
+        mask (np.ndarray): bool (or 0/1) [H, W]; True = object.
+    """
+    buf = io.BytesIO()
+    Image.fromarray(_check_mask(mask).astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a binary mask as an 8-bit grayscale PNG with values 0 and 255.
+    """Write a binary mask as an 8-bit grayscale PNG with values 0 and 255 (`mask_png_bytes`), atomically.
 
     Args:
         mask (np.ndarray): bool (or 0/1) [H, W]; True = object.
@@ -162,11 +174,22 @@ def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
     Returns:
         Path: the written file.
     """
-    m = _check_mask(mask)
-    img = Image.fromarray(m.astype(np.uint8) * 255, mode="L")
+    data = mask_png_bytes(mask)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        tmp.write_bytes(data)
     return Path(path)
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """Bool masks [K, H, W] -> the servers' `masks_packed`: np.packbits in C order, big bit order, uint8
+    [ceil(K*H*W / 8)] (`unpack_masks` with the shape inverts it)."""
+    return np.packbits(np.asarray(masks, dtype=bool).reshape(-1))
+
+
+def unpack_masks(packed: np.ndarray, shape) -> np.ndarray:
+    """Inverse of `pack_masks`: `packed` and the masks' (K, H, W) -> bool [K, H, W]."""
+    k, h, w = (int(s) for s in shape)
+    return np.unpackbits(np.asarray(packed, np.uint8).reshape(-1), count=k * h * w).reshape(k, h, w).astype(bool)
 
 
 def write_overlay_png(image: np.ndarray, mask: np.ndarray, path: str | os.PathLike,

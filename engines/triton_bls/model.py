@@ -29,7 +29,6 @@ naming what to fix; it never raises out of `execute`.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
@@ -44,7 +43,7 @@ try:
     from engines.image_cache import MIB, ImageCache, image_key
     from engines.session import ArtifactSession
     from graphs.errors import ArtifactError, InputError, ToolchainError
-    from graphs.imageio import decode_image_bytes
+    from graphs.imageio import decode_image_bytes, mask_png_bytes, pack_masks
     from graphs.manifest import load_artifact
     from graphs.prompt import MODES
     from graphs.runner import BaseRunner
@@ -193,8 +192,9 @@ class TritonPythonModel:
         if checked["key"] is not None and checked["encoding"] is None:
             self._store(checked["key"], seg.encoding)
         masks = seg.masks
-        outputs = {"mask_png": np.array([_png(masks)], dtype=np.object_),
-                   "masks_packed": np.packbits(masks.reshape(-1)),  # [ceil(K*H*W / 8)] uint8
+        union = masks.any(axis=0) if len(masks) else np.zeros(masks.shape[1:], dtype=bool)
+        outputs = {"mask_png": np.array([mask_png_bytes(union)], dtype=np.object_),
+                   "masks_packed": pack_masks(masks),  # [ceil(K*H*W / 8)] uint8
                    "masks_shape": np.asarray(masks.shape, dtype=np.int64),  # [3]: K, H, W
                    "answer": np.array([seg.answer.encode("utf-8")], dtype=np.object_),
                    "generated_ids": np.asarray(seg.generated_ids, dtype=np.int64).reshape(-1)}
@@ -283,16 +283,6 @@ def _error_response(exc: Exception):
     traceback.print_exception(exc, file=sys.stderr)  # into Triton's log
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
         f"csprt internal error (please report; traceback in the server log): {type(exc).__name__}: {exc}"))
-
-
-def _png(masks: np.ndarray) -> bytes:
-    """The union of bool masks [K, H, W] as an 8-bit grayscale PNG, 0 and 255 (what `csprt run` writes)."""
-    from PIL import Image
-
-    union = masks.any(axis=0) if len(masks) else np.zeros(masks.shape[1:], dtype=bool)
-    buf = io.BytesIO()
-    Image.fromarray(union.astype(np.uint8) * 255).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _cache_metrics(model: str) -> dict | None:

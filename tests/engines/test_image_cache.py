@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from engines.image_cache import ImageCache, ImageKey, image_key
-from engines.serving import ERROR_OUTPUT, SegmentModel, unpack_masks
+from engines.serving import ERROR_OUTPUT, SegmentModel
+from graphs.imageio import unpack_masks
 from graphs.errors import InputError
 from graphs.manifest import sealed
 

@@ -13,8 +13,9 @@ from PIL import Image
 
 from engines import serving
 from engines.serving import (ERROR_OUTPUT, Limits, SegmentModel, decode_image, decode_request, encode_response,
-                             error_response, libpython_ld_path, unpack_masks)
+                             error_response, libpython_ld_path)
 from graphs.errors import InputError
+from graphs.imageio import unpack_masks
 from graphs.imageio import write_mask_png
 
 
