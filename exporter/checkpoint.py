@@ -190,11 +190,15 @@ def weight_problem(name: str, t: torch.Tensor, want: torch.dtype) -> str:
     garbage numbers), an integer buffer as an integer, and every value must be finite: one NaN in a weight
     turns every mask into noise with exit 0. Cost: one pass over the weights (a few seconds at LISA-7B).
     """
+    return tensor_problem(keys.module_to_lisa(name), t, want)
+
+
+def tensor_problem(label: str, t: torch.Tensor, want: torch.dtype) -> str:
+    """`weight_problem` for a tensor named `label` as the user's file names it (LISA's and ACCM's loaders)."""
     if t.dtype.is_floating_point != want.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        return f"wrong dtype: {keys.module_to_lisa(name)} is stored as {t.dtype}, expected a {want} tensor"
+        return f"wrong dtype: {label} is stored as {t.dtype}, expected a {want} tensor"
     if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        return f"non-finite values: {keys.module_to_lisa(name)} has {bad} NaN/Inf of {t.numel()}"
+        return f"non-finite values: {label} has {int((~torch.isfinite(t)).sum())} NaN/Inf of {t.numel()}"
     return ""
 
 

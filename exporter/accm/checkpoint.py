@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from exporter.accm.model import CaptionModel, Selector
-from exporter.checkpoint import read_weight_file
+from exporter.checkpoint import read_weight_file, tensor_problem
 from graphs.accm import LONGCLIP_POSITIONS, AccmShape, TextTowerShape
 from graphs.checkpoint_config import read_json
 from graphs.errors import CheckpointError
@@ -69,10 +69,8 @@ def check_state(state: dict[str, torch.Tensor], module: torch.nn.Module, path: P
             problems.append(f"missing: {name} (expected shape {tuple(want.shape)})")
         elif got.shape != want.shape:
             problems.append(f"wrong shape: {name} expected {tuple(want.shape)}, found {tuple(got.shape)}")
-        elif not got.is_floating_point():
-            problems.append(f"wrong dtype: {name} is stored as {got.dtype}, expected a floating-point tensor")
-        elif not bool(torch.isfinite(got).all()):
-            problems.append(f"non-finite values: {name} has {int((~torch.isfinite(got)).sum())} NaN/Inf of {got.numel()}")
+        elif why := tensor_problem(name, got, want.dtype):
+            problems.append(why)
     problems += [f"unexpected: {k}" for k in sorted(state) if k not in expected and not k.endswith(_IGNORED_SUFFIXES)]
     if problems:
         listed = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
@@ -169,8 +167,8 @@ def load_text_tower(path: Path, what: str, dtype: torch.dtype = torch.float32, d
     if bad:
         raise CheckpointError(f"{what} {path} does not match its config.json: {'; '.join(sorted(bad)[:_MAX_LISTED])}")
     for name, p in tower.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise CheckpointError(f"{what} {path}: {name} has NaN/Inf values")
+        if why := tensor_problem(name, p, p.dtype):
+            raise CheckpointError(f"{what} {path}: {why}")
     return tower.to(device).eval()
 
 
@@ -187,8 +185,8 @@ def load_visual_projection(clip_dir: Path, shape: AccmShape, vision_hidden: int,
             if tuple(w.shape) != want:
                 raise CheckpointError(f"wrong shape: {key} in {f} expected {want} (projection, LISA's CLIP width), "
                                       f"found {tuple(w.shape)}")
-            if not w.is_floating_point() or not bool(torch.isfinite(w).all()):
-                raise CheckpointError(f"{key} in {f} is not a finite floating-point tensor")
+            if why := tensor_problem(f"{key} in {f}", w, torch.float32):
+                raise CheckpointError(why)
             proj = torch.nn.Linear(vision_hidden, shape.clip_projection, bias=False)
             with torch.no_grad():
                 proj.weight.copy_(w)
