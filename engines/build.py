@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from engines.profiles import (InputShapes, Profile, apply_overrides, dims_to_json, parse_shapes, profiles_note,
-                              profiles_to_json, stage_dims, stage_profiles)
+from engines.profiles import (InputShapes, Profile, apply_overrides, dims_to_json, parse_shapes, profile_names,
+                              profiles_note, profiles_to_json, stage_dims, stage_profiles)
 from engines.build_memory import (GIB, MappedWeights, StageMemory, external_initializers,  # noqa: F401
                                   check_build_memory, estimate_stage_memory, gib, host_memory_budget,
                                   trim_host_memory)
@@ -413,6 +413,11 @@ class _Job:
     def what(self) -> str:
         return f"stage {self.stage!r} ({self.artifact.stage_entry(self.stage)['graph']})"
 
+    @property
+    def decode(self) -> bool:
+        """A decode loop runs this stage's graph: a block's engine then has a decode profile too."""
+        return self.artifact.layout.decodes(self.stage)
+
 
 def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None) -> Prepared:
     """Parse a stage's graph and create its builder config with the stage's profile, without building."""
@@ -422,7 +427,7 @@ def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None
     builder, network, parser = loader()
     known = {t.name for t in spec.inputs}
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    profiles = stage_profiles(spec, job.dims, inputs=[n for n in inputs if n in known])
+    profiles = stage_profiles(spec, job.dims, inputs=[n for n in inputs if n in known], decode=job.decode)
     config, made = ConfigFromProfiles(trt, profiles, job.settings, timing_cache)(builder, network)
     return Prepared(builder, network, parser, config, made, profiles, loader.weights)
 
@@ -444,7 +449,8 @@ def _cached(art: Path, sidecar_rel: str, key: str, settings: BuildSettings) -> d
 def _cache_state(job: _Job) -> tuple[str, dict | None]:
     """(build key, sidecar of the intact cached plan or None) of a stage."""
     spec = job.artifact.layout.stage(job.stage)
-    key = build_key(job.artifact.stage_entry(job.stage)["files"], job.stage, job.settings, stage_profiles(spec, job.dims))
+    key = build_key(job.artifact.stage_entry(job.stage)["files"], job.stage, job.settings,
+                    stage_profiles(spec, job.dims, decode=job.decode))
     return key, _cached(job.artifact.dir, engine_paths(job.settings.flavor, job.stage)[1], key, job.settings)
 
 
@@ -485,7 +491,8 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
         "graph": graph, "graph_sha256": entry["files"][graph], "graph_files": dict(entry["files"]),
         "quantization": stage_quantization(job.artifact.manifest, name),  # "none" or e.g. "int8/qdq": check_engine
         "precision": s.precision, "profiles": profiles_to_json(profiles_used),
-        "dims": dims_to_json(stage_dims(spec, job.dims)), "profiles_note": profiles_note(spec),
+        "dims": dims_to_json(stage_dims(spec, job.dims)), "profiles_note": profiles_note(spec, job.decode),
+        "profile_names": profile_names(spec, job.decode),
         "settings": s.to_json(), "build_key": key, "plan": plan_rel, "plan_sha256": digest,
         "plan_bytes": nbytes, "build_seconds": round(seconds, 3),
         "build_memory": {**memory.to_json(), "measured_peak_bytes": peak},
@@ -644,7 +651,8 @@ def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timi
                                       "sidecar": str(artifact.dir / sidecar_rel), "plan_bytes": sidecar["plan_bytes"],
                                       "seconds": round(time.perf_counter() - t0, 3),
                                       "estimated_peak_bytes": (sidecar.get("build_memory") or {}).get(
-                                          "estimated_peak_bytes")}
+                                          "estimated_peak_bytes"),
+                                      "profiles": sidecar.get("profile_names") or ["all"]}
             entry = next(e for e in manifest["stages"] if e["name"] == name)
             entry["engines"][flavor] = _manifest_entry(sidecar, sidecar_rel)
     finally:

@@ -2,31 +2,41 @@
 
     dims = apply_overrides(layout.dims, parse_shapes(["suffix_len=1:32:128"], layout.dims))
     stage_profiles(stage, dims)   # [{"suffix_ids": InputShapes(min=(1,), opt=(32,), max=(128,)), ...}]
+    stage_profiles(block, dims, decode=layout.decodes(block.name))   # [prefill, decode]
+    call_profile(profiles, {"hidden": (1, 1, 4096), ...})           # 1: a one-row call takes the decode profile
 
 Each input dim is a static int (fixed in min/opt/max) or a named dim (a key of `dims`, e.g.
 "batch" (requests per call: min 1, opt `--opt-batch`, max `--max-batch`), "prefix_len", "rows_llm_0",
 "cache_llm_0", and "num_seg", the batch's [SEG] rows, data-dependent upstream but bounded by the export). Expression dims ("prefix_len + 16 + suffix_len") appear only on outputs.
 
-One profile per engine (`PROFILES_NOTE`). A block (`llm_<i>`) serves prefill and decode: its one
-profile spans rows 1 (a decode step) to the prompt maximum and its static cache from 1 to its
-capacity. A separate decode profile (rows 1:1:1) is not built yet: whether it beats the shared one
-has not been measured on a GPU.
+One profile per engine, except a block that a decode loop runs (`Layout.decodes`): profile 0
+"prefill" spans rows 1 to the prompt maximum and its static cache from 1 to its capacity (as a
+single-pass block's one profile does); profile 1 "decode" is the same with rows exactly 1, so
+TensorRT tunes the one-row step's kernels for that shape. `call_profile` picks per call: the fitting
+profile with the smallest max (a one-row call: decode), with no read of past_len (which lives on the
+device). An engine built before the decode profile has one and still runs: every call takes profile 0.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from graphs.dims import is_named
-from graphs.errors import ArtifactError, ToolchainError
-from graphs.stages import DimRange, StageSpec
+from graphs.errors import ArtifactError, InputError, ToolchainError
+from graphs.stages import DimRange, StageSpec, rows_dim
 
-# Why each engine has exactly one optimization profile; recorded in every sidecar and manifest engine entry.
+# Why each engine has its profiles; recorded in every sidecar and manifest engine entry.
 PROFILES_NOTE = {
     "llm": ("one profile for prefill and decode: rows_<block> spans 1 (a decode step) to the longest prompt and "
-            "cache_<block> the static KV cache's capacity; a separate decode profile is not built (unmeasured)"),
+            "cache_<block> the static KV cache's capacity (a single-pass artifact's block never decodes)"),
+    "llm-decode": ("two profiles: 0 prefill (rows_<block> 1 to the longest prompt, cache_<block> 1 to the static KV "
+                   "cache's capacity) and 1 decode (rows_<block> exactly 1, the same cache range); the runner takes "
+                   "profile 1 for one-row calls, one execution context per profile"),
 }
 _OTHER_NOTE = "one profile: the same graph and shapes serve single-pass and generate mode"
+PREFILL, DECODE = "prefill", "decode"  # profile names of a decoded block's engine, in profile order
+DECODE_ROWS = 1  # rows of a decode step: the decode profile's rows_<block> min = opt = max
 
 # The export flags that bound each named dim: what to re-export with when an override asks for more.
 _EXPORT_FLAG = {"prefix_len": "--max-text-len", "suffix_len": "--max-text-len", "num_seg": "--max-seg (or --max-batch)",
@@ -52,9 +62,22 @@ class InputShapes:
 Profile = dict[str, InputShapes]  # input name -> shapes
 
 
-def profiles_note(stage: StageSpec) -> str:
-    """Why `stage`'s engine has one optimization profile (for the sidecar's "profiles_note")."""
+def profiles_note(stage: StageSpec, decode: bool = False) -> str:
+    """Why `stage`'s engine has its optimization profiles (for the sidecar's "profiles_note").
+
+    Args:
+        stage (StageSpec): the stage.
+        decode (bool): a decode loop runs its graph (`Layout.decodes`). Defaults to False.
+    """
+    if decode and stage.cache:
+        return PROFILES_NOTE["llm-decode"]
     return PROFILES_NOTE.get(stage.kind, _OTHER_NOTE)
+
+
+def profile_names(stage: StageSpec, decode: bool = False) -> list[str]:
+    """Names of `stage`'s engine profiles in order (the sidecar's "profile_names"): ["prefill", "decode"] for a
+    decoded block, else ["all"]."""
+    return [PREFILL, DECODE] if decode and stage.cache else ["all"]
 
 
 def _reexport_hint(name: str) -> str:
@@ -141,20 +164,57 @@ def input_shapes(stage: StageSpec, name: str, dims: dict[str, DimRange]) -> Inpu
     return InputShapes(tuple(lo), tuple(opt), tuple(hi))
 
 
-def stage_profiles(stage: StageSpec, dims: dict[str, DimRange], inputs=None) -> list[Profile]:
-    """The optimization profiles of `stage`'s engine: one (see `PROFILES_NOTE`).
+def stage_profiles(stage: StageSpec, dims: dict[str, DimRange], inputs=None, decode: bool = False) -> list[Profile]:
+    """The optimization profiles of `stage`'s engine (see the module doc and `PROFILES_NOTE`).
 
     Args:
         stage (StageSpec): the stage.
         dims (dict[str, DimRange]): named dims, overrides applied.
         inputs (Iterable[str] | None): the graph's inputs, when it dropped some the spec lists (exporters
             drop inputs a graph never reads). Defaults to None (every spec input).
+        decode (bool): a decode loop runs this graph (`Layout.decodes`): a block then gets a second, decode
+            profile (rows_<block> = 1). Defaults to False.
 
     Returns:
-        list[dict[str, InputShapes]]: [{input name: min/opt/max shapes}].
+        list[dict[str, InputShapes]]: [{input name: min/opt/max shapes}], in `profile_names` order.
     """
     names = [t.name for t in stage.inputs] if inputs is None else list(inputs)
-    return [{name: input_shapes(stage, name, dims) for name in names}]
+    profiles = [{name: input_shapes(stage, name, dims) for name in names}]
+    if decode and stage.cache:
+        rows = rows_dim(stage)
+        if rows in dims and dims[rows].min > DECODE_ROWS:
+            r = dims[rows]
+            raise ToolchainError(f"--shapes {rows}={r.min}:{r.opt}:{r.max}: min {r.min} leaves out the one-row decode "
+                                 f"steps of block {stage.name!r} (generate mode); keep its min at {DECODE_ROWS}")
+        step = {**dims, rows: DimRange(DECODE_ROWS, DECODE_ROWS, DECODE_ROWS)}
+        profiles.append({name: input_shapes(stage, name, step) for name in names})
+    return profiles
+
+
+def fits(shape, p: InputShapes) -> bool:
+    """True when `shape` lies within `p`'s min and max."""
+    return len(shape) == len(p.min) and all(lo <= s <= hi for s, lo, hi in zip(shape, p.min, p.max))
+
+
+def call_profile(profiles: list[Profile], shapes: dict[str, tuple[int, ...]]) -> int:
+    """The profile a call with input `shapes` runs under: of those whose min/max hold every shape, the one with
+    the smallest max (summed over inputs), first on ties. For a decoded block: a one-row call takes the decode
+    profile, every other call the prefill one; an engine of one profile always takes 0.
+
+    Raises:
+        InputError: no profile fits; names the first input outside each.
+    """
+    misses, fitting = [], []
+    for i, profile in enumerate(profiles):
+        bad = [(n, s, profile[n]) for n, s in shapes.items() if n in profile and not fits(s, profile[n])]
+        if not bad:
+            fitting.append((sum(math.prod(p.max) for p in profile.values()), i))
+            continue
+        n, s, p = bad[0]
+        misses.append(f"profile {i}: input {n!r} shape {tuple(s)} is outside [{p.min}, {p.max}]")
+    if not fitting:
+        raise InputError("no optimization profile fits the feed (" + "; ".join(misses) + ")")
+    return min(fitting)[1]
 
 
 def stage_dims(stage: StageSpec, dims: dict[str, DimRange]) -> dict[str, DimRange]:

@@ -4,7 +4,8 @@
         out = r.infer(feed)                # numpy (or torch CUDA) in, numpy out: validation
         views = r.enqueue(feed, stream)    # numpy or torch CUDA in, device views out, no sync: the Pipeline
 
-    feed --bind_dims (engine dims)--> select_profile --> set_input_shape, copy into the input buffers
+    feed --bind_dims (engine dims)--> call_profile (a block's one-row calls: its decode profile) --> that
+         profile's execution context (one per profile, set once) --> set_input_shape, copy into the input buffers
          (a block's static KV cache is not copied: its tensors' own addresses are bound, `set_tensor_address`)
          --> execute_async_v3 on the stream (a block's one-row decode calls: CUDA graph, captured on the
              second call of a shape after a plain one, replayed after; see engines.gpu_plan.GraphCache)
@@ -31,14 +32,14 @@ import numpy as np
 from engines.engine_check import check_engine
 from engines.trt import CaptureLogger
 from engines.gpu_plan import CAPTURE, REPLAY, GraphCache, graph_key, graph_mode, unknown_dims
-from engines.profiles import InputShapes, Profile, profiles_from_json
+from engines.profiles import call_profile, profiles_from_json
 from engines.trt import load_trt
 from graphs import dims
 from graphs.dims import DimError
 from graphs.errors import ArtifactError, InputError, ToolchainError, internal_error
 from graphs.manifest import load_artifact
 from graphs.runner import BaseRunner, bind_dims
-from graphs.stages import DimRange, StageSpec
+from graphs.stages import DimRange, StageSpec, rows_dim
 
 ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8}
 _NUMPY_OF_TORCH = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.int64": np.int64}
@@ -89,26 +90,6 @@ def engine_dims(dims: dict[str, DimRange], sidecar: dict) -> dict[str, DimRange]
     return {**dims, **own}
 
 
-def select_profile(profiles: list[Profile], shapes: dict[str, tuple[int, ...]]) -> int:
-    """Index of the first profile whose min/max hold every input shape.
-
-    Raises:
-        InputError: no profile fits; names the first input outside each.
-    """
-    misses = []
-    for i, profile in enumerate(profiles):
-        bad = [(n, s, profile[n]) for n, s in shapes.items() if n in profile and not _fits(s, profile[n])]
-        if not bad:
-            return i
-        n, s, p = bad[0]
-        misses.append(f"profile {i}: input {n!r} shape {tuple(s)} is outside [{p.min}, {p.max}]")
-    raise InputError("no optimization profile fits the feed (" + "; ".join(misses) + ")")
-
-
-def _fits(shape, p: InputShapes) -> bool:
-    return len(shape) == len(p.min) and all(lo <= s <= hi for s, lo, hi in zip(shape, p.min, p.max))
-
-
 def checkable(value, where: str = "feed"):
     """`value` as `bind_dims` can check it: numpy as is; a torch tensor as a zero-stride numpy stand-in with its
     shape and dtype (no copy, no device read).
@@ -152,7 +133,8 @@ class TrtRunner(BaseRunner):
         self.graphs = GraphCache()
         self.stream = None             # infer()'s stream; enqueue() takes the caller's
         self.last_events: tuple = ()   # (start, end) CUDA events of the last enqueue
-        self._engine = self._context = None
+        self._engine = self._context = None  # _context: the context of the current call
+        self._contexts: list = []      # one execution context per optimization profile
         self._buffers: dict = {}
         self._inputs: list[str] = []
         self._cache_inputs = {inp for inp, _ in stage.cache}
@@ -171,13 +153,15 @@ class TrtRunner(BaseRunner):
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             self._inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
             self._check_io(names)
-            context = self._create_context(engine)
+            stream = torch.cuda.Stream(self.device)
+            contexts = self._create_contexts(engine, stream)
             dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
             self._buffers = {n: torch.empty(max(1, math.prod(b.max_shape)), dtype=dtypes[b.dtype], device=self.device)
                              for n, b in self.buffers_plan.items() if n in names and n not in self._cache_inputs}
-            for n, buf in self._buffers.items():
-                context.set_tensor_address(n, buf.data_ptr())
-            self._engine, self._context, self.stream = engine, context, torch.cuda.Stream(self.device)
+            for n, buf in self._buffers.items():  # every profile's context runs on the same buffers
+                for context in contexts:
+                    context.set_tensor_address(n, buf.data_ptr())
+            self._engine, self._contexts, self._context, self.stream = engine, contexts, contexts[0], stream
 
     def _deserialize(self):
         logger = CaptureLogger(self.trt)
@@ -189,6 +173,28 @@ class TrtRunner(BaseRunner):
                                 f"{targets}): {errors[-1] if errors else 'no error logged'}; rebuild for it with: "
                                 f"csprt build ART --compute-capability current")
         return engine
+
+    def _create_contexts(self, engine, stream) -> list:
+        """One execution context per optimization profile, each set to its profile once, as TensorRT wants for
+        contexts that take turns (switching one context per call would cost a sync and void captured graphs).
+        An engine of one profile (built before blocks had a decode profile) gets one context and still runs.
+
+        Raises:
+            ArtifactError: the engine's profile count is not its sidecar's (names the rebuild command).
+        """
+        count = getattr(engine, "num_optimization_profiles", len(self.profiles))
+        if count != len(self.profiles):
+            raise ArtifactError(f"stage {self.name!r}: engine {self.plan_path} has {count} optimization profiles, "
+                                f"its sidecar lists {len(self.profiles)}; rebuild with: csprt build ART")
+        contexts = []
+        for i in range(count):
+            context = self._create_context(engine)
+            if count > 1 and not context.set_optimization_profile_async(i, stream.cuda_stream):
+                raise ToolchainError(f"stage {self.name!r}: TensorRT refused optimization profile {i} for a new "
+                                     f"execution context ({self.plan_path})")
+            contexts.append(context)
+        stream.synchronize()
+        return contexts
 
     def _create_context(self, engine):
         """An execution context; under "builtin" graphs, with TensorRT-RTX's own CUDA graph capture on."""
@@ -212,6 +218,7 @@ class TrtRunner(BaseRunner):
     def _deactivate(self) -> None:
         self.graphs = GraphCache()  # graphs first: they point into the context's memory
         self._context = self._engine = self.stream = None
+        self._contexts = []
         self._buffers, self._staged = {}, {}
 
     # -- running --------------------------------------------------------------------------------
@@ -264,12 +271,10 @@ class TrtRunner(BaseRunner):
         import torch
 
         shapes = {n: tuple(feed[n].shape) for n in self._inputs}
-        profile = select_profile(self.profiles, shapes)
-        ctx = self._context
+        profile = call_profile(self.profiles, shapes)
+        ctx = self._context = self._contexts[profile]  # set to `profile` once, at activation
         copied = {"inputs": 0, "cache": 0}
         with torch.cuda.stream(stream):
-            if ctx.active_optimization_profile != profile:
-                ctx.set_optimization_profile_async(profile, stream.cuda_stream)
             addresses = []
             for n in self._inputs:
                 ctx.set_input_shape(n, shapes[n])
@@ -290,8 +295,7 @@ class TrtRunner(BaseRunner):
             return True
         if not self.stage.cache:
             return False
-        rows_dim = self.stage.output(self.stage.cache[0][1]).shape[2]
-        return self.last_dims.get(rows_dim) == 1
+        return self.last_dims.get(rows_dim(self.stage)) == 1
 
     def _bind(self, name: str, value, copied: dict) -> int:
         """Bind a static KV cache input at its own address (no copy); a host array is staged once per call."""

@@ -154,6 +154,10 @@ class Layout:
         steps = self.loop.steps if self.loop is not None else ()
         return _named((*self.stages, *steps), name, "stage")
 
+    def decodes(self, graph: str) -> bool:
+        """True when a decode step (`loop.steps`) runs graph `graph`: its engine gets a decode profile too."""
+        return self.loop is not None and any(s.graph_name == graph and s.cache for s in self.loop.steps)
+
     def graph_stages(self) -> list[StageSpec]:
         """One stage per graph file (the stages themselves: decode steps live in `loop.steps`)."""
         return list(self.stages)
@@ -201,6 +205,13 @@ class LayoutOptions:
     @property
     def modes(self) -> tuple[str, ...]:
         return ("single-pass", "generate") if self.mode == "both" else (self.mode,)
+
+
+def rows_dim(stage: StageSpec) -> str:
+    """The named dim of a block's new rows per call ("rows_llm_0"): 1 in a decode step, the prompt in a prefill."""
+    if not stage.cache:
+        raise internal_error(f"stage {stage.name!r} has no KV cache, hence no rows dim")
+    return stage.output(stage.cache[0][1]).shape[2]
 
 
 def _named(items, name: str, what: str):

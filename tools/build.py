@@ -5,7 +5,8 @@
                     [--timing-cache PATH] [--workspace GB] [--stages a,b] [--max-build-memory GB]
 
 Engines go to ART/engines/<flavor>/<stage>.plan, each with a <stage>.json sidecar (flavour, version,
-targets, graph hash, profiles, settings, build memory), and the manifest lists them. TensorRT-RTX builds on a
+targets, graph hash, profiles, settings, build memory), and the manifest lists them. A block that generate
+mode decodes gets two optimization profiles, prefill and decode (rows 1); `--shapes` narrows both. TensorRT-RTX builds on a
 machine without a GPU; an unchanged rebuild is a cache hit. Stages build one at a time; before the first, every
 stage's estimated peak memory is checked against the budget (--max-build-memory, default: what the host has
 available), and the build refuses in one line, naming the budget that would fit, if one is over.
@@ -75,7 +76,9 @@ def _print_report(report: dict) -> None:
           f"{', '.join(report['compute_capabilities'])}, {report['precision']}; {built} built, "
           f"{len(stages) - built} cached)")
     for name, s in stages.items():
-        print(f"  {name}: {s['plan']} ({s['status']}, {_size(s['plan_bytes'])})")
+        profiles = s.get("profiles") or ["all"]
+        more = f"; profiles {', '.join(profiles)}" if len(profiles) > 1 else ""
+        print(f"  {name}: {s['plan']} ({s['status']}, {_size(s['plan_bytes'])}{more})")
 
 
 def _size(n: int) -> str:

@@ -130,6 +130,8 @@ def trt(ctx: Context, pc: PartClock, shape: str) -> dict:
                                                       "--backend", backends.split(",")[-1], "--mode", mode,
                                                       "--out", str(out)], pc, ctx.log, work))
         results["run"][mode] = _json_file(out / "result.json")
+    steps.append(_decode(ctx, pc, art, results) if gpu else
+                 _skip(ctx, pc, "decode", CSPRT_DECODE + [str(art)], ctx.no_gpu()))
     modes = [] if gpu else ["--mode", "single-pass"]  # a CPU checks the command lines; a GPU both modes
     steps.append(run_step("validate", CSPRT + ["validate", str(art), "--checkpoint", str(ckpt), "--backends",
                                                backends, *modes, "--json"], pc, ctx.log, work, min_s=15))
@@ -224,6 +226,18 @@ def _llm_graphs(ctx: Context, pc: PartClock, results: dict) -> Step:
             results["llm_cuda_graphs"] = json.loads(step.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
             step.status, step.reason = "failed", "no JSON on stdout"
+    return step
+
+
+CSPRT_DECODE = [sys.executable, "-m", "tools.gpu_decode"]
+
+
+def _decode(ctx: Context, pc: PartClock, art: Path, results: dict) -> Step:
+    """Block engines' decode steps: decode profile + CUDA graphs vs plain vs one shared profile (tools.gpu_decode)."""
+    path = ctx.work / pc.name / "decode.json"
+    step = run_step("decode", CSPRT_DECODE + [str(art), "--steps", "32", "--json", str(path)], pc, ctx.log,
+                    ctx.work, min_s=20, cwd=ROOT)
+    results["decode"] = _json_file(path) if step.status == "passed" else None
     return step
 
 

@@ -109,7 +109,12 @@ def test_stage_engine_is_built_with_a_matching_sidecar(built, installed, schedul
     assert sidecar["plan_sha256"] == file_sha256(plan) and sidecar["plan_bytes"] == plan.stat().st_size
     assert sidecar["precision"] == _manifest(art)["precision"] == "fp32"
     assert sidecar["compute_capabilities"] == report["compute_capabilities"]
-    assert len(sidecar["profiles"]) == 1 and sidecar["profiles_note"].startswith("one profile")
+    decoded = load_artifact(art).layout.decodes(stage)  # a block of a `both` artifact: prefill + decode profiles
+    assert decoded == stage.startswith("llm_")
+    assert len(sidecar["profiles"]) == (2 if decoded else 1)
+    assert sidecar["profile_names"] == (["prefill", "decode"] if decoded else ["all"])
+    assert report["stages"][stage]["profiles"] == sidecar["profile_names"]
+    assert sidecar["profiles_note"].startswith("two profiles" if decoded else "one profile")
     assert entry["engines"][flavor] == {
         "sidecar": sidecar_rel, "plan": plan_rel, "build_key": sidecar["build_key"], "trt_version": version,
         "compute_capabilities": sidecar["compute_capabilities"], "precision": "fp32", "dims": sidecar["dims"],
@@ -125,14 +130,17 @@ def test_profile_in_the_config_is_exactly_the_manifest_dims(export_tiny, schedul
     manifest = _manifest(art)
     dims, spec = manifest["dims"], _entry(art, stage)
     prepared = inspect_stage(art, stage)
-    assert prepared.config.num_optimization_profiles == 1 and len(prepared.trt_profiles) == 1
-    got = read_profile(prepared.trt_profiles[0], prepared.network)
-    want = {}
-    for t in spec["inputs"]:
-        if t["name"] in got:
-            want[t["name"]] = InputShapes(*(tuple(d if isinstance(d, int) else dims[d][k] for d in t["shape"])
-                                            for k in ("min", "opt", "max")))
-    assert got == want
+    decoded = stage.startswith("llm_")  # every block of a `both` artifact: profile 1 is its decode profile
+    assert prepared.config.num_optimization_profiles == len(prepared.trt_profiles) == (2 if decoded else 1)
+    for i, profile in enumerate(prepared.trt_profiles):
+        got = read_profile(profile, prepared.network)
+        at = {**dims, f"rows_{stage}": {"min": 1, "opt": 1, "max": 1}} if i == 1 else dims
+        want = {}
+        for t in spec["inputs"]:
+            if t["name"] in got:
+                want[t["name"]] = InputShapes(*(tuple(d if isinstance(d, int) else at[d][k] for d in t["shape"])
+                                                for k in ("min", "opt", "max")))
+        assert got == want, f"profile {i}"
     assert set(got) <= {t["name"] for t in spec["inputs"]} and got  # graph inputs are spec inputs
 
 

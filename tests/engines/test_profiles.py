@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engines.profiles import (PROFILES_NOTE, InputShapes, apply_overrides, parse_shapes, profiles_from_json,
-                              profiles_note, profiles_to_json, stage_dims, stage_profiles)
-from graphs.errors import ArtifactError, ToolchainError
+from engines.profiles import (PROFILES_NOTE, InputShapes, apply_overrides, call_profile, parse_shapes, profile_names,
+                              profiles_from_json, profiles_note, profiles_to_json, stage_dims, stage_profiles)
+from graphs.errors import ArtifactError, InputError, ToolchainError
 from graphs.schedule import resolve
 from graphs.shapes import shape_named
 from graphs.stages import DimRange, LayoutOptions, StageSpec, TensorSpec, build_layout
@@ -70,11 +70,62 @@ def test_block_profile_spans_prefill_and_decode_rows_and_the_cache():
     assert profile["past_len"].max == (b.max,) and profile["row_lens"].min == (1,)
 
 
+@pytest.mark.parametrize("schedule", ["full", "csp"])
+def test_decoded_block_gets_a_prefill_and_a_decode_profile(schedule):
+    """A block a decode loop runs: profile 0 is the one-profile engine's (prefill), profile 1 the same with rows 1."""
+    layout = _layout(schedule, "both")
+    blocks = [s for s in layout.stages if s.cache]
+    assert blocks and all(layout.decodes(b.name) for b in blocks)
+    assert not any(layout.decodes(s.name) for s in layout.stages if not s.cache)  # embed runs a step, no cache
+    for block in blocks:
+        rows = f"rows_{block.name}"
+        prefill, decode = stage_profiles(block, layout.dims, decode=True)
+        assert prefill == stage_profiles(block, layout.dims)[0]
+        for t in block.inputs:
+            step = {**layout.dims, rows: DimRange(1, 1, 1)}
+            assert decode[t.name] == InputShapes(*(_substitute(t.shape, step, k) for k in ("min", "opt", "max")))
+        assert decode["hidden"].min[1] == decode["hidden"].max[1] == 1 and prefill["hidden"].max[1] > 1
+        for cache_in, _ in block.cache:
+            assert decode[cache_in] == prefill[cache_in]  # the same cache range (and batch range) in both
+        assert profile_names(block, True) == ["prefill", "decode"] and "two profiles" in profiles_note(block, True)
+    single = _layout(schedule, "single-pass")
+    assert not any(single.decodes(s.name) for s in single.stages)  # a single-pass block never decodes: one profile
+
+
+def test_shapes_override_narrows_both_profiles():
+    layout = _layout("csp", "both")
+    block = layout.stage("llm_0")
+    dims = apply_overrides(layout.dims, parse_shapes(["cache_llm_0=1:64:128", "rows_llm_0=1:32:64"], layout.dims))
+    prefill, decode = stage_profiles(block, dims, decode=True)
+    assert prefill["past_key_0"].max[2] == decode["past_key_0"].max[2] == 128
+    assert prefill["hidden"].max[1] == 64 and decode["hidden"].max[1] == 1
+    narrow = apply_overrides(layout.dims, parse_shapes(["rows_llm_0=2:32:64"], layout.dims))
+    assert len(stage_profiles(block, narrow)) == 1  # a single-pass block may leave out one-row calls
+    with pytest.raises(ToolchainError, match=r"^--shapes rows_llm_0=2:32:64: min 2 leaves out the one-row decode "
+                                             r"steps of block 'llm_0' \(generate mode\); keep its min at 1$"):
+        stage_profiles(block, narrow, decode=True)
+
+
+def test_call_profile_takes_the_tightest_fitting_profile():
+    prefill = {"x": InputShapes((1, 1), (4, 8), (8, 64)), "c": InputShapes((1, 1), (4, 9), (8, 96))}
+    decode = {"x": InputShapes((1, 1), (4, 1), (8, 1)), "c": InputShapes((1, 1), (4, 9), (8, 96))}
+    assert call_profile([prefill, decode], {"x": (2, 30), "c": (2, 40)}) == 0  # a prefill: only profile 0 fits
+    assert call_profile([prefill, decode], {"x": (2, 1), "c": (2, 40)}) == 1   # one row: the decode profile
+    assert call_profile([prefill], {"x": (2, 1), "c": (2, 40)}) == 0           # an engine of one profile
+    disjoint = [{"x": InputShapes((1, 4), (8, 4), (16, 4))}, {"x": InputShapes((17, 4), (32, 4), (64, 4))}]
+    assert call_profile(disjoint, {"x": (3, 4)}) == 0 and call_profile(disjoint, {"x": (40, 4)}) == 1
+    with pytest.raises(InputError, match=r"^no optimization profile fits the feed \(profile 0: input 'x' shape "
+                                         r"\(65, 4\) is outside \[\(1, 4\), \(16, 4\)\]; profile 1: "):
+        call_profile(disjoint, {"x": (65, 4)})
+
+
 def test_profiles_note_says_why_one_profile_suffices():
     layout = _layout("csp")
     notes = {s.kind: profiles_note(s) for s in layout.stages}
     assert notes["llm"] == PROFILES_NOTE["llm"] and "prefill and decode" in notes["llm"]
     assert "one profile" in notes["vision"]
+    assert profiles_note(layout.stage("vision"), decode=True) == notes["vision"]  # only blocks get two
+    assert profile_names(layout.stage("vision"), True) == ["all"]
 
 
 def test_only_graph_inputs_get_shapes():

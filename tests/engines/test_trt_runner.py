@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engines.profiles import InputShapes
-from engines.trt_runner import BufferSpec, buffer_plan, checkable, engine_dims, eval_dim, select_profile
+from engines.trt_runner import BufferSpec, buffer_plan, checkable, engine_dims, eval_dim
 from exporter.tiny import tiny_shape
 from graphs.errors import InputError
 from graphs.schedule import resolve
@@ -54,15 +54,6 @@ def test_buffer_plan_follows_narrowed_engine_dims():
     assert dims["num_seg"] == DimRange(1, 1, 2) and dims["prefix_len"] == layout.dims["prefix_len"]
     plan = buffer_plan(layout.stage("sam_decoder"), dims)
     assert plan["masks"].max_shape == (2, 128, 128) and plan["masks"].nbytes == 2 * 128 * 128 * 4
-
-
-def test_select_profile():
-    profiles = [{"x": InputShapes((1, 4), (8, 4), (16, 4))}, {"x": InputShapes((17, 4), (32, 4), (64, 4))}]
-    assert select_profile(profiles, {"x": (3, 4)}) == 0
-    assert select_profile(profiles, {"x": (40, 4)}) == 1
-    with pytest.raises(InputError, match=r"^no optimization profile fits the feed \(profile 0: input 'x' shape "
-                                         r"\(65, 4\) is outside \[\(1, 4\), \(16, 4\)\]; profile 1: "):
-        select_profile(profiles, {"x": (65, 4)})
 
 
 def test_torch_tensors_are_checked_through_a_zero_copy_stand_in():
@@ -264,12 +255,16 @@ def test_cuda_graph_decode_matches_plain_decode(gpu_art):
 class _FakeContext:
     """What TrtRunner._run uses of an IExecutionContext; output shapes from the spec at the bound dims."""
 
-    def __init__(self, runner):
-        self.runner, self.active_optimization_profile = runner, 0
-        self.addresses, self.executed = {}, 0
+    def __init__(self, runner, profile=0):
+        self.runner, self.profile = runner, profile
+        self.addresses, self.executed, self.shapes = {}, 0, []
+
+    def set_optimization_profile_async(self, index, handle):
+        self.profile = index
+        return True
 
     def set_input_shape(self, name, shape):
-        pass
+        self.shapes.append((name, tuple(shape)))
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr
@@ -282,7 +277,9 @@ class _FakeContext:
         return True
 
 
-def _fake_block_runner(monkeypatch, capture_ok=True):
+def _fake_block_runner(monkeypatch, capture_ok=True, profiles=2):
+    """A TrtRunner of the csp `both` artifact's llm_0 on fake contexts: `profiles` 2 (prefill + decode, as built
+    now) or 1 (an engine built before the decode profile)."""
     import contextlib
     import math
     import types
@@ -299,12 +296,14 @@ def _fake_block_runner(monkeypatch, capture_ok=True):
     r = object.__new__(TrtRunner)
     BaseRunner.__init__(r, stage, layout.dims)
     r.device, r.graph_mode, r.graphs, r._staged = "cpu", "manual", GraphCache(), {}
-    r.profiles, r.buffers_plan = stage_profiles(stage, layout.dims), buffer_plan(stage, layout.dims)
+    assert layout.decodes(stage.name)
+    r.profiles = stage_profiles(stage, layout.dims, decode=profiles == 2)
+    r.buffers_plan = buffer_plan(stage, layout.dims)
     r._cache_inputs = {i for i, _ in stage.cache}
     r._inputs = [t.name for t in stage.inputs]
     r._buffers = {n: torch.zeros(max(1, math.prod(b.max_shape)), dtype=getattr(torch, b.dtype))
                   for n, b in r.buffers_plan.items() if n not in r._cache_inputs}
-    r._context, r.is_active = _FakeContext(r), True
+    r._contexts, r.is_active = [_FakeContext(r, i) for i in range(profiles)], True
     captures = []
 
     def capture(stream):
@@ -312,7 +311,8 @@ def _fake_block_runner(monkeypatch, capture_ok=True):
         if not capture_ok:
             r.graphs.disable("RuntimeError: operation not permitted when stream is capturing")
             return None
-        return types.SimpleNamespace(replay=lambda: setattr(r._context, "executed", r._context.executed + 1))
+        ctx = r._context  # the graph replays the context it was captured on
+        return types.SimpleNamespace(replay=lambda: setattr(ctx, "executed", ctx.executed + 1))
 
     monkeypatch.setattr(r, "_capture", capture)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -334,26 +334,59 @@ def _cache(stage, capacity):
     return {i: torch.zeros((1, stage.input(i).shape[1], capacity, stage.input(i).shape[3])) for i, _ in stage.cache}
 
 
-def test_block_engine_binds_the_cache_in_place_and_replays_decode_steps(monkeypatch):
+@pytest.mark.parametrize("profiles", [2, 1], ids=["prefill+decode", "one-profile-engine"])
+def test_block_engine_binds_the_cache_in_place_and_replays_decode_steps(monkeypatch, profiles):
+    """Prefill on profile 0's context, one-row steps on the decode profile's (profile 1; an engine built with one
+    profile runs them on profile 0), the same cache buffers bound in both; capture per (profile, shapes)."""
     pytest.importorskip("torch")
     import types
 
-    r, captures = _fake_block_runner(monkeypatch)
+    r, captures = _fake_block_runner(monkeypatch, profiles=profiles)
     stream = types.SimpleNamespace(cuda_stream=0)
     cache = _cache(r.stage, 40)
-    ctx = r._context
+    prefill_ctx, step_ctx = r._contexts[0], r._contexts[-1]
     for request in range(2):  # a later request with the same bounds (the same buffers) replays at once
         for step, rows in enumerate([30] + [1] * 9):
             feed = _block_feed(r.stage, rows, cache, 0 if step == 0 else 29 + step)
             r._check_feed(feed)
             r._run(feed, stream)
+            ctx = prefill_ctx if step == 0 else step_ctx
+            assert r._context is ctx and ctx.shapes[-len(feed):] == [(n, tuple(feed[n].shape)) for n in r._inputs]
             assert {n: ctx.addresses[n] for n in cache} == {n: v.data_ptr() for n, v in cache.items()}
             assert r.last_copied["cache"] == 0  # the cache is bound at its address, never copied
             assert r.last_copied["inputs"] == sum(feed[n].numel() * feed[n].element_size() for n in feed
                                                   if n not in cache)
     assert captures == [1]  # once: after one plain decode step of that shape
     assert len(r.graphs.graphs) == 1 and r.graphs.replays == 7 + 9  # steps 3..9, then all 9 of the next request
-    assert ctx.executed == 2 * 10  # every call ran once (plain, or the captured graph)
+    assert [key[0] for key in r.graphs.graphs] == [profiles - 1]  # keyed by the decode call's profile
+    if profiles == 2:
+        assert (prefill_ctx.executed, step_ctx.executed) == (2, 2 * 9)  # every call ran once, on its profile's
+        assert {c.profile for c in r._contexts} == {0, 1}
+    else:
+        assert prefill_ctx.executed == 2 * 10
+
+
+def test_contexts_one_per_profile_set_once(monkeypatch):
+    """Activation makes one execution context per profile, each set to its profile; a sidecar that disagrees with
+    the engine's profile count is refused with the rebuild command."""
+    pytest.importorskip("torch")
+    import types
+
+    from graphs.errors import ArtifactError
+
+    r, _ = _fake_block_runner(monkeypatch)
+    r.plan_path = "engines/tensorrt-rtx/llm_0.plan"
+    stream = types.SimpleNamespace(cuda_stream=7, synchronize=lambda: None)
+    made = []
+    monkeypatch.setattr(r, "_create_context", lambda engine: made.append(_FakeContext(r, profile=-1)) or made[-1])
+    contexts = r._create_contexts(types.SimpleNamespace(num_optimization_profiles=2), stream)
+    assert contexts == made and [c.profile for c in contexts] == [0, 1]
+    r.profiles = r.profiles[:1]  # an engine built with one profile: one context, left at its default profile
+    (one,) = r._create_contexts(types.SimpleNamespace(num_optimization_profiles=1), stream)
+    assert one is made[-1] and one.profile == -1
+    with pytest.raises(ArtifactError, match=r"^stage 'llm_0': engine engines/tensorrt-rtx/llm_0\.plan has 2 "
+                                            r"optimization profiles, its sidecar lists 1; rebuild with: csprt build ART$"):
+        r._create_contexts(types.SimpleNamespace(num_optimization_profiles=2), stream)
 
 
 def test_failed_capture_falls_back_once_loudly(monkeypatch, caplog):
@@ -371,4 +404,4 @@ def test_failed_capture_falls_back_once_loudly(monkeypatch, caplog):
     assert captures == [1] and r.graphs.disabled.startswith("RuntimeError")
     warnings = [rec.getMessage() for rec in caplog.records if "CUDA graph capture failed" in rec.getMessage()]
     assert len(warnings) == 1 and "without CUDA graphs" in warnings[0]
-    assert r._context.executed == 7  # every step still ran, plainly
+    assert sum(c.executed for c in r._contexts) == 7  # every step still ran, plainly

@@ -50,7 +50,10 @@ def test_cpu_dry_run_runs_what_it_can_and_skips_the_rest_with_one_line_each(dry_
     steps = {s["name"]: s for s in tiny["steps"]}
     assert tiny["status"] == "partial" and steps["build_current"]["status"] == "skipped"
     assert steps["build_current"]["reason"].startswith("needs a CUDA GPU")
-    assert {n: s["status"] for n, s in steps.items() if n != "build_current"} == {
+    assert steps["decode"]["status"] == "skipped" and steps["decode"]["reason"].startswith("needs a CUDA GPU")
+    assert steps["decode"]["command"][1:3] == ["-m", "tools.gpu_decode"]  # the decode profile and CUDA graphs, timed
+    assert steps["decode"]["command"][3].endswith("trt_tiny/artifact")
+    assert {n: s["status"] for n, s in steps.items() if n not in ("build_current", "decode")} == {
         "run_single-pass": "passed", "validate": "passed", "bench": "passed"}
     assert tiny["results"]["validate"]["passed"] is True
     assert list(tiny["results"]["validate"]["backends"]) == ["onnxruntime"]
@@ -58,7 +61,8 @@ def test_cpu_dry_run_runs_what_it_can_and_skips_the_rest_with_one_line_each(dry_
     assert [r["backend"] for r in tiny["results"]["bench"]["tiny-onnxruntime"]["records"]] == ["onnxruntime"]
     for name in ("gpu_tests", "torch_bench", "trt_small"):
         assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("needs a CUDA GPU")
-    skipped = [p["name"] for p in report["parts"] if p["status"] == "skipped"] + ["trt_tiny/build_current"]
+    skipped = [p["name"] for p in report["parts"] if p["status"] == "skipped"] + ["trt_tiny/build_current",
+                                                                                  "trt_tiny/decode"]
     assert [s.split(":")[0] for s in report["skipped"]] == skipped  # one line each
     assert report["wall_s"] < report["budget_s"]
     assert "skipped:" in proc.stdout and "tiny-onnxruntime" in proc.stdout  # the summary and the bench table
@@ -153,3 +157,18 @@ def test_bench_runs_tensorrt_on_cuda_beside_onnxruntime_on_the_cpu(export_tiny):
     assert rc == 2 and error_lines(err) == [error_lines(err)[0]]
     assert error_lines(err)[0].startswith("csprt bench: error: --backend tensorrt runs engines on an NVIDIA GPU; "
                                           "none is visible")
+
+
+def test_gpu_decode_without_a_gpu_is_one_line_and_exit_2(export_tiny, capsys):
+    """tools.gpu_decode (gpu_check's decode step) refuses in one line where it cannot measure."""
+    if has_cuda():
+        pytest.skip("a GPU is present: gpu_check runs tools.gpu_decode itself")
+    from tools import gpu_decode
+
+    art = export_tiny("csp", "both")
+    assert gpu_decode.main([str(art), "--steps", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("gpu_decode: error: --steps 2: need at least 3 (a plain call, the "
+                                               "capture, a replay)")
+    assert gpu_decode.main([str(art)]) == 2
+    assert capsys.readouterr().err.strip() == ("gpu_decode: error: needs a CUDA GPU (torch sees none); run it on the "
+                                               "GPU machine")
