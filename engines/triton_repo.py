@@ -115,6 +115,7 @@ class _StageModel:
     dims: dict[str, DimRange]    # named-dim ranges: the manifest's, or the engine's
     backend: str                 # graphs.triton_config.STAGE_BACKENDS key
     note: str = ""               # an extra config header line
+    profiles: int = 1            # the plan's optimization profiles (a decoded block's: prefill and decode)
 
 
 def _onnx_models(artifact: Artifact, name: str) -> list[_StageModel]:
@@ -162,7 +163,8 @@ def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[l
         dims = {**artifact.layout.dims, **{k: DimRange(**v) for k, v in sidecar.get("dims", {}).items()}}
         note = (f"{PRETTY[chosen]} {version} engine for {', '.join(sidecar['compute_capabilities'])}; Triton's "
                 f"{'TensorRT-RTX' if chosen == 'tensorrt-rtx' else 'TensorRT'} must be exactly this version")
-        models.append(_StageModel(stage, f"{name}_{stage.name}", {plan: "model.plan"}, inputs, dims, chosen, note))
+        models.append(_StageModel(stage, f"{name}_{stage.name}", {plan: "model.plan"}, inputs, dims, chosen, note,
+                                  len(sidecar["profiles"])))
     return models, chosen, version
 
 
@@ -221,7 +223,7 @@ def _write_stage(tmp: Path, artifact: Artifact, m: _StageModel, instances: int, 
     header = _header(artifact, f"Stage {m.stage.name!r} ({m.stage.kind})", command)
     header += f"\n{m.note}" if m.note else ""
     text = stage_config(m.stage, m.dims, name=m.model, backend=m.backend, instances=instances, kind=device,
-                        inputs=m.inputs, header=header)
+                        inputs=m.inputs, header=header, profiles=m.profiles)
     (tmp / m.model / "config.pbtxt").write_text(text, encoding="utf-8")
 
 

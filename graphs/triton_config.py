@@ -157,13 +157,16 @@ def _tensor(pb, kind: str, t: TensorSpec, dims: dict[str, DimRange], batched: bo
     return _dims_note(t, dims), piece
 
 
-def _instances(pb, count: int, kind: str) -> object:
+def _instances(pb, count: int, kind: str, profiles: int = 1) -> object:
     if kind not in KINDS:
         raise internal_error(f"instance kind {kind!r} not in {tuple(KINDS)}")
-    if count < 1:
-        raise internal_error(f"instance count {count} < 1")
-    return pb.ModelConfig(instance_group=[pb.ModelInstanceGroup(count=count,
-                                                                kind=pb.ModelInstanceGroup.Kind.Value(KINDS[kind]))])
+    if count < 1 or profiles < 1:
+        raise internal_error(f"instance count {count} or profile count {profiles} < 1")
+    # A plan of several optimization profiles (a block's prefill and decode): Triton uses only profile 0 unless
+    # the instance group lists them; listed, it picks per request by the input shapes.
+    listed = [str(i) for i in range(profiles)] if profiles > 1 else []
+    return pb.ModelConfig(instance_group=[pb.ModelInstanceGroup(
+        count=count, kind=pb.ModelInstanceGroup.Kind.Value(KINDS[kind]), profile=listed)])
 
 
 def _parameters(pb, values: dict[str, str]) -> object:
@@ -196,7 +199,8 @@ def stage_max_batch(stage: StageSpec, dims: dict[str, DimRange], inputs: Iterabl
 
 
 def stage_config(stage: StageSpec, dims: dict[str, DimRange], *, name: str, backend: str = "onnxruntime",
-                 instances: int = 1, kind: str = "gpu", inputs: Iterable[str] | None = None, header: str = "") -> str:
+                 instances: int = 1, kind: str = "gpu", inputs: Iterable[str] | None = None, header: str = "",
+                 profiles: int = 1) -> str:
     """config.pbtxt of one stage model.
 
     Args:
@@ -210,6 +214,8 @@ def stage_config(stage: StageSpec, dims: dict[str, DimRange], *, name: str, back
         inputs (Iterable[str] | None): the inputs the graph or engine really has, when it dropped spec inputs
             it never reads (Triton rejects a config input the model lacks). Defaults to None (every spec input).
         header (str): comment lines to put first. Defaults to "".
+        profiles (int): the TensorRT plan's optimization profiles, all listed for every instance when more than
+            one (a decoded block's prefill and decode). Defaults to 1.
     """
     if backend not in STAGE_BACKENDS:
         raise internal_error(f"stage backend {backend!r} not in {tuple(STAGE_BACKENDS)}")
@@ -229,7 +235,7 @@ def stage_config(stage: StageSpec, dims: dict[str, DimRange], *, name: str, back
                 pb.ModelConfig(max_batch_size=max_batch))]
     pieces += [_tensor(pb, "input", t, dims, bool(max_batch)) for t in ins]
     pieces += [_tensor(pb, "output", t, dims, bool(max_batch)) for t in stage.outputs]
-    pieces.append(("", _instances(pb, instances, kind)))
+    pieces.append(("", _instances(pb, instances, kind, profiles)))
     params = {"csprt_stage": stage.name, "csprt_kind": stage.kind}
     note = ""
     if used:

@@ -6,6 +6,7 @@
     machine      GPU, CC, driver, torch, CUDA, TensorRT targets, package versions, csprt imports  -
     trt_tiny     tiny artifact: build --compute-capability current, run (both modes),              GPU for tensorrt;
                  validate --backends onnxruntime,tensorrt, bench --backends onnxruntime,tensorrt  else onnxruntime only
+                 then decode: tools.gpu_decode (block engines' decode profile, CUDA graph replay)  GPU
     gpu_tests    pytest -m gpu on the test files that have the marker                             GPU
     torch_bench  bench --shape lisa-7b --backends torch --device cuda: full,csp; batch 8 when      GPU
                  bench has --batch; the other presets and the CUDA-graph LLM floor if time allows

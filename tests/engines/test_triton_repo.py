@@ -544,7 +544,8 @@ def fake_engines(art, dest, flavor, version="10.13.0.35", narrow=None, drop_inpu
         names = [t.name for t in spec.inputs if (spec.name, t.name) != drop_input]
         sidecar = {"format": "csprt.engine", "stage": spec.name, "flavor": flavor, "trt_version": version,
                    "compute_capabilities": ["SM80", "SM86"], "graph": entry["graph"], "graph_files": dict(entry["files"]),
-                   "precision": manifest["precision"], "profiles": profiles_to_json(stage_profiles(spec, dims, names)),
+                   "precision": manifest["precision"], "profiles": profiles_to_json(stage_profiles(
+                       spec, dims, names, decode=artifact.layout.decodes(spec.name))),
                    "dims": dims_to_json(stage_dims(spec, dims)), "plan": plan_rel,
                    "plan_sha256": hashlib.sha256(plan).hexdigest(), "plan_bytes": len(plan)}
         (dest / sidecar_rel).write_text(json.dumps(sidecar))
@@ -570,6 +571,9 @@ def test_tensorrt_plans(art, tmp_path):
         assert (model_dir / "1" / "model.plan").read_bytes() == f"fake tensorrt plan of {stage.name}".encode()
         assert [t.name for t in cfg.input] == [t.name for t in stage.inputs if (stage.name, t.name) != ("entry_1", "suffix_ids")]
         assert "TensorRT 10.13.0.35 engine for SM80, SM86" in (model_dir / "config.pbtxt").read_text()
+        # a decoded block's plan has prefill and decode profiles: both listed, or Triton would use profile 0 only
+        assert list(cfg.instance_group[0].profile) == (["0", "1"] if layout.decodes(stage.name) else [])
+    assert any(layout.decodes(s.name) for s in layout.stages)
     entry_0 = parse_config(tmp_path / "repo" / "csprt_embed" / "config.pbtxt")
     assert "suffix_len=1:32:128" in entry_0.parameters[DIMS_PARAMETER].string_value  # the engine's narrowed profile
     stages = json.loads((tmp_path / "repo" / "csprt" / "1" / "stages.json").read_text())["stage_models"]

@@ -209,6 +209,38 @@ def test_pipeline_matches_onnxruntime(gpu_art, mode):
 
 @pytest.mark.gpu
 @pytest.mark.trt
+def test_built_block_engine_reports_prefill_and_decode_profiles(gpu_art):
+    """The plan itself (deserialized: a GPU) has the sidecar's two profiles; the runner holds one context each and
+    runs a one-row call on the decode profile's."""
+    import torch
+
+    from engines.profiles import call_profile
+    from engines.trt_runner import TrtRunner
+    from graphs.manifest import load_artifact
+
+    layout = load_artifact(gpu_art).layout
+    stage = layout.stage("llm_0")
+    with TrtRunner(stage, gpu_art) as r:
+        engine = r._engine
+        assert engine.num_optimization_profiles == len(r.profiles) == len(r._contexts) == 2
+        for i, profile in enumerate(r.profiles):
+            for name, shapes in profile.items():
+                got = tuple(tuple(s) for s in engine.get_tensor_profile_shape(name, i))
+                assert got == (shapes.min, shapes.opt, shapes.max), (i, name)
+        assert engine.get_tensor_profile_shape("hidden", 1)[2][1] == 1  # decode: one row
+        b, kv, hd = 1, stage.input("past_key_0").shape[1], stage.input("past_key_0").shape[3]
+        feed = {"hidden": torch.zeros((b, 1, stage.input("hidden").shape[2]), device="cuda"),
+                "positions": torch.full((b, 1), 40, device="cuda"), "row_lens": torch.ones(b, dtype=torch.int64,
+                                                                                          device="cuda"),
+                "past_len": torch.full((b,), 39, device="cuda"),
+                **{i: torch.zeros((b, kv, 48, hd), device="cuda") for i, _ in stage.cache}}
+        r.infer(feed)
+        assert r._context is r._contexts[1] == r._contexts[call_profile(r.profiles, {n: tuple(v.shape)
+                                                                                     for n, v in feed.items()})]
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
 def test_cuda_graph_decode_matches_plain_decode(gpu_art):
     """Six one-row decode calls of a block over its static cache (bound at its address; past_len advancing), three
     times over (manual graphs: plain, then captured, then replayed), against the same engine without graphs."""

@@ -102,7 +102,9 @@ def test_engine_backends_and_options():
     stage = layout.stage("llm_1")
     trt = parse(stage_config(stage, layout.dims, name="m", backend="tensorrt", instances=3))
     assert (trt.platform, trt.backend, trt.default_model_filename) == ("tensorrt_plan", "tensorrt", "model.plan")
-    assert trt.instance_group[0].count == 3
+    assert trt.instance_group[0].count == 3 and list(trt.instance_group[0].profile) == []
+    two = parse(stage_config(stage, layout.dims, name="m", backend="tensorrt", profiles=2))  # prefill + decode
+    assert list(two.instance_group[0].profile) == ["0", "1"]
     rtx = parse(stage_config(stage, layout.dims, name="m", backend="tensorrt-rtx", kind="cpu"))
     assert (rtx.platform, rtx.backend) == ("", "tensorrt_rtx")
     assert rtx.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
