@@ -12,8 +12,9 @@ the request's capacity (bound in place, past_len advancing), three ways, each in
              its steps (the runner keeps only profile 0's context; the same plan)
 
 Prints (and writes with --json) {"artifact", "flavor", "trt_version", "steps", "blocks": {block: {"profiles",
-"profile_names", "capacity", "ways": {way: {"profile_used", "graph_mode", "engine_hidden_profiles", "median_ms",
-"first_ms", "replays", "capture_disabled", "max_abs_diff"}}}}}: median_ms over the steps after the first two (a plain call and the
+"profile_names", "capacity", "ways": {way: {"profile_used", "graph_mode", "engine_hidden_profiles",
+"activation_bytes", "context_memory_bytes", "median_ms", "first_ms", "replays", "capture_disabled",
+"max_abs_diff"}}}}}: median_ms over the steps after the first two (a plain call and the
 capture), GPU time between the runner's own events; max_abs_diff against `plain`, over every output of every step.
 `tools.gpu_check` runs it after each TensorRT build (parts trt_tiny and trt_small).
 """
@@ -67,9 +68,13 @@ def run_way(art: Path, stage, feed: dict, valid: int, steps: int, graphs: bool, 
 
     from engines.trt_runner import TrtRunner
 
-    record = {}
     outs, ms, used = [], [], set()
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
     with TrtRunner(stage, art, cuda_graphs=graphs) as r:
+        # device memory the activation took: weights, one context per profile (each with its own scratch memory
+        # unless they share it) and the I/O buffers; the cache is the caller's
+        activation_bytes = free_before - torch.cuda.mem_get_info()[0]
         if shared:  # what a one-profile engine does: every call on profile 0 (a measurement, not a runtime option)
             r.profiles, r._contexts = r.profiles[:1], r._contexts[:1]
         stream = torch.cuda.Stream()
@@ -86,6 +91,8 @@ def run_way(art: Path, stage, feed: dict, valid: int, steps: int, graphs: bool, 
         shapes = [[list(s) for s in engine.get_tensor_profile_shape("hidden", i)]
                   for i in range(engine.num_optimization_profiles)]
         record = {"profile_used": sorted(used), "graph_mode": r.graph_mode, "engine_hidden_profiles": shapes,
+                  "activation_bytes": int(activation_bytes),
+                  "context_memory_bytes": getattr(engine, "device_memory_size_v2", None),
                   "median_ms": round(statistics.median(ms[2:] or ms), 4), "first_ms": round(ms[0], 4),
                   "replays": r.graphs.replays, "capture_disabled": r.graphs.disabled or None}
     return record, outs

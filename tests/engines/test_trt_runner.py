@@ -417,7 +417,8 @@ def test_contexts_one_per_profile_set_once(monkeypatch):
     (one,) = r._create_contexts(types.SimpleNamespace(num_optimization_profiles=1), stream)
     assert one is made[-1] and one.profile == -1
     with pytest.raises(ArtifactError, match=r"^stage 'llm_0': engine engines/tensorrt-rtx/llm_0\.plan has 2 "
-                                            r"optimization profiles, its sidecar lists 1; rebuild with: csprt build ART$"):
+                                            r"optimization profiles, its sidecar lists 1; "
+                                            r"rebuild with: csprt build ART$"):
         r._create_contexts(types.SimpleNamespace(num_optimization_profiles=2), stream)
 
 
