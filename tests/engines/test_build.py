@@ -307,6 +307,25 @@ def test_cli_build_prints_where_engines_went(built_copy, capsys):
     assert "; 0 built, 2 cached)" in capsys.readouterr().out
 
 
+def test_cli_build_shapes_narrow_both_profiles_of_a_decoded_block(built_copy, installed, capsys):
+    """`csprt build --shapes` on a block of a `both` artifact: prefill and decode profiles, both narrowed, printed."""
+    from tools.cli import main
+
+    art = built_copy("csp")
+    assert main(["build", str(art), "--stages", "llm_0", "--shapes", "cache_llm_0=1:8:48", "rows_llm_0=1:8:40"]) == 0
+    out = capsys.readouterr().out
+    assert f"  llm_0: {art}/engines/tensorrt-rtx/llm_0.plan (built, " in out and "; profiles prefill, decode)" in out
+    sidecar = json.loads((art / engine_paths(installed[0], "llm_0")[1]).read_text(encoding="utf-8"))
+    prefill, decode = sidecar["profiles"]
+    assert prefill["past_key_0"]["max"][2] == decode["past_key_0"]["max"][2] == 48
+    assert (prefill["hidden"]["min"][1], prefill["hidden"]["max"][1]) == (1, 40)
+    assert decode["hidden"]["min"][1] == decode["hidden"]["opt"][1] == decode["hidden"]["max"][1] == 1
+    assert sidecar["dims"]["cache_llm_0"] == {"min": 1, "opt": 8, "max": 48}
+    assert main(["build", str(art), "--stages", "llm_0", "--shapes", "rows_llm_0=2:8:40"]) == 2
+    err = capsys.readouterr().err
+    assert "rows_llm_0=2:8:40: min 2 leaves out the one-row decode steps of block 'llm_0'" in err
+
+
 def test_cli_build_with_an_unimportable_graph_exits_2_naming_the_node(built_copy, capsys):
     from tools.cli import main
 
