@@ -22,7 +22,8 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from engines.build_memory import BUILD_BASE, GIB, RATIO_INLINE, RATIO_MAPPED, StageMemory, gib
+from engines import build_memory
+from engines.build_memory import GIB, StageMemory, gib
 from engines.engine_check import ENGINES_DIR
 from engines.profiles import InputShapes, Profile
 from graphs.errors import ToolchainError
@@ -89,7 +90,8 @@ def fits_layers(sidecar: dict, max_layers: int | None, layers: int) -> bool:
 
 
 def _estimate(inline: int, external: int) -> int:
-    return int(BUILD_BASE + RATIO_INLINE * inline + RATIO_MAPPED * external)
+    m = build_memory  # read at call time: the ratios are the one estimate of engines.build_memory
+    return int(m.BUILD_BASE + m.RATIO_INLINE * inline + m.RATIO_MAPPED * external)
 
 
 def _segment_weights(model, cuts) -> list[tuple[int, int]]:
