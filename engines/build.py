@@ -666,7 +666,13 @@ def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timi
         artifact.layout.stage(name)))) else None) for name, (key, hit) in states.items()}
     memory = {name: estimate_stage_memory(artifact, name) for name, (_, hit) in states.items() if hit is None}
     flag = "this host's available memory" if max_build_memory_gb is None else "--max-build-memory"
-    splits = _plan_splits(artifact, memory, budget, max_layers_per_engine, flag)
+    try:
+        splits = _plan_splits(artifact, memory, budget, max_layers_per_engine, flag)
+    except ToolchainError:  # a block over even one layer per engine; a stage that cannot split is named first
+        check_build_memory(artifact, names, {n: m for n, m in memory.items()
+                                             if not splittable(artifact.layout.stage(n))},
+                           budget, max_build_memory_gb is None)
+        raise
     check_build_memory(artifact, names, memory, budget, max_build_memory_gb is None)
     if memory:
         worst = max(memory.values(), key=lambda m: m.peak_bytes)

@@ -56,8 +56,9 @@ def _check_flat(graph) -> None:
 
 
 def shape_derived(graph) -> set[str]:
-    """Tensors computable from tensor shapes and constants alone (recomputed by every piece that reads them)."""
-    const = {t.name for t in graph.initializer}
+    """Tensors computable from tensor shapes and constants alone (recomputed by every piece that reads them).
+    Initializers stored as external data do not count as constants here: they are weights, read by one piece."""
+    const = {t.name for t in graph.initializer if not _is_external(t)}
     derived = set(const)
     for node in graph.node:
         ins = [i for i in node.input if i]
