@@ -94,28 +94,33 @@ def _estimate(inline: int, external: int) -> int:
     return int(m.BUILD_BASE + m.RATIO_INLINE * inline + m.RATIO_MAPPED * external)
 
 
-def _segment_weights(model, cuts) -> list[tuple[int, int]]:
-    """(inline bytes, external bytes) of the initializers each layer segment reads."""
+def _segment_weights(model, cuts, graph_bytes: int) -> list[tuple[int, int]]:
+    """(inline bytes, external bytes) of each layer segment: the initializers it reads, plus its share (by node
+    count) of the rest of the .onnx file (`graph_bytes`), so the segments add up to the stage's estimate."""
     from graphs.onnx_split import _is_external, _tensor_bytes
 
     info = {t.name: (_tensor_bytes(t), _is_external(t)) for t in model.graph.initializer}
+    rest = max(0, graph_bytes - sum(b for b, ext in info.values() if not ext))
+    nodes = max(1, len(model.graph.node))
     out = []
     for seg in segments(model, cuts):
         names = {i for p in seg for i in model.graph.node[p].input if i in info}
-        out.append((sum(info[n][0] for n in names if not info[n][1]), sum(info[n][0] for n in names if info[n][1])))
+        inline = sum(info[n][0] for n in names if not info[n][1]) + rest * len(seg) // nodes
+        out.append((inline, sum(info[n][0] for n in names if info[n][1])))
     return out
 
 
-def choose_groups(weights: list[tuple[int, int]], budget: int, max_layers: int | None) -> list[tuple[int, int]] | None:
-    """The fewest contiguous groups of segments whose estimates fit `budget` (and hold at most `max_layers`
-    segments each); among those, the lowest largest estimate. None when one segment alone is over."""
+def choose_groups(weights: list[tuple[int, int]], budget: int, max_layers: int | None,
+                  at_least: int = 1) -> list[tuple[int, int]] | None:
+    """The fewest (and at least `at_least`) contiguous groups of segments whose estimates fit `budget` (and hold
+    at most `max_layers` segments each); among those, the lowest largest estimate. None when none fits."""
     n = len(weights)
     cap = max_layers or n
 
     def cost(a, b):
         return _estimate(sum(w[0] for w in weights[a:b]), sum(w[1] for w in weights[a:b]))
 
-    for k in range(math.ceil(n / cap), n + 1):
+    for k in range(max(at_least, math.ceil(n / cap)), n + 1):
         best = _minmax(n, k, cap, cost)
         if best is not None and best[0] <= budget:
             return best[1]
@@ -164,11 +169,11 @@ def plan_split(artifact: Artifact, stage: str, budget: int, max_layers: int | No
     layers = block_layers(spec)
     model = onnx.load(str(artifact.graph_path(stage)), load_external_data=False)
     cuts = block_cuts(model, layers)
-    weights = _segment_weights(model, cuts)
+    weights = _segment_weights(model, cuts, artifact.graph_path(stage).stat().st_size)
     whole = whole if whole is not None else _estimate(sum(w[0] for w in weights), sum(w[1] for w in weights))
     if whole <= budget and (max_layers is None or max_layers >= len(layers)):
         return None
-    groups = choose_groups(weights, budget, max_layers)
+    groups = choose_groups(weights, budget, max_layers, at_least=2 if whole > budget else 1)
     if groups is None:
         worst = max(range(len(weights)), key=lambda i: _estimate(*weights[i]))
         need = _estimate(*weights[worst])

@@ -155,7 +155,7 @@ def test_budget_below_the_largest_block_builds_it_in_pieces(export_tiny, tmp_pat
     before = json.loads((art / MANIFEST_NAME).read_text(encoding="utf-8"))
     artifact = load_artifact(art)
     whole = estimate_stage_memory(artifact, STAGE).peak_bytes
-    plan = plan_split(artifact, STAGE, budget=whole - 1)
+    plan = plan_split(artifact, STAGE, budget=whole - 1, whole=whole)
     budget = (max(m.peak_bytes for m in plan.memory) + whole) / 2
     lines = []
     report = build_engines(art, stages=[STAGE], max_build_memory_gb=budget / GIB, progress=lines.append,
