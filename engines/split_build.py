@@ -293,9 +293,10 @@ def build_split_stage(trt, job, plan: SplitPlan, key: str, say, timing_cache=Non
             f"{gib(rss.peak or 0)} (estimated {gib(memory.peak_bytes)}) -> {plan_rel}")
     # The stage's sidecar names piece 0's plan as its "plan" (hosts that read one plan find the first piece, and
     # `check_engine` checks it as always); "pieces" lists every piece's sidecar, in order.
-    worst = max(plan.memory, key=lambda m: m.peak_bytes)
+    whole = StageMemory(name, sum(m.inline_bytes for m in plan.memory), sum(m.external_bytes for m in plan.memory),
+                        plan.peak_bytes)  # all the pieces' weights; the largest piece's estimated peak
     stage_side = stage_sidecar(job, key, profiles, first_plan, seconds,
-                               {**worst.to_json(), "measured_peak_bytes": peak}, [])
+                               {**whole.to_json(), "measured_peak_bytes": peak}, [])
     stage_side["pieces"] = rels
     stage_side["split"] = {"reason": plan.reason, "layers": [list(p.layers) for p in plan.pieces],
                            "plan_bytes_total": total}
