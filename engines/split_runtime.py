@@ -100,12 +100,21 @@ class PiecesMixin:
             part = PieceRun(piece["piece"], piece, self.art_dir / piece["plan"], profiles_from_json(piece["profiles"]),
                             list(piece["inputs"]), list(piece["outputs"]))
             part.engine = self._deserialize(part.plan_path)
+            names = {part.engine.get_tensor_name(i) for i in range(part.engine.num_io_tensors)}
+            if names != set(part.inputs) | set(part.outputs):
+                raise ArtifactError(f"stage {self.name!r}: engine {piece['plan']} does not match its sidecar (tensors "
+                                    f"{sorted(names ^ (set(part.inputs) | set(part.outputs)))} differ); rebuild with: "
+                                    "csprt build ART")
             part.context = self._create_context(part.engine)
             for n, how in bind.items():
                 if how == "buffer":
                     part.context.set_tensor_address(n, self._buffers[n].data_ptr())
             self._parts.append(part)
         self._inputs = [t.name for t in self.stage.inputs if any(t.name in p.inputs for p in self._parts)]
+        missing = [t.name for t in self.stage.outputs if not any(t.name in p.outputs for p in self._parts)]
+        if missing:
+            raise ArtifactError(f"stage {self.name!r}: no engine piece writes {', '.join(missing)}; rebuild with: "
+                                "csprt build ART")
 
     def _run_pieces(self, feed: dict, stream) -> dict:
         """Every piece in order on `stream`; returns the stage outputs as views of their buffers."""

@@ -51,8 +51,8 @@ def _check_flat(graph) -> None:
         for a in node.attribute:
             if a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
                 raise ArtifactError(f"block graph {graph.name!r} node {node.name!r} ({node.op_type}) has a subgraph; "
-                                    "csprt splits flat block graphs only; build the stage as one engine "
-                                    "(--max-layers-per-engine 0 is not needed: give it more --max-build-memory)")
+                                    "csprt splits flat block graphs only; build the stage as one engine (a larger "
+                                    "--max-build-memory, no --max-layers-per-engine)")
 
 
 def shape_derived(graph) -> set[str]:
