@@ -197,3 +197,5 @@ def test_cli_refuses_a_block_whose_one_layer_is_over_the_budget(export_tiny, tmp
     err = capsys.readouterr().err
     assert "even one decoder layer per engine" in err and "build with --max-build-memory 0.1 or more" in err
     assert "Traceback" not in err and not (art / "engines").exists()
+    assert main(["build", str(art), "--max-layers-per-engine", "0", "--flavor", "tensorrt-rtx"]) == 2
+    assert "--max-layers-per-engine 0: expected a whole number of decoder layers, 1 or more" in capsys.readouterr().err
