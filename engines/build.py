@@ -37,9 +37,12 @@ from typing import Callable
 from engines.profiles import (InputShapes, Profile, apply_overrides, dims_to_json, parse_shapes, profile_names,
                               profiles_note, profiles_to_json, stage_dims, stage_profiles)
 from engines.build_memory import (GIB, MappedWeights, StageMemory, external_initializers,  # noqa: F401
+                                  external_initializers_of,
                                   check_build_memory, estimate_stage_memory, gib, host_memory_budget,
                                   trim_host_memory)
 from engines.engine_check import ENGINES_DIR, check_engine, engine_paths  # noqa: F401 (re-exported)
+from engines.split_build import (SplitPlan, block_layers, build_split_stage, fits_layers, plan_split, split_intact,
+                                 splittable)
 from engines.trt import NO_GPU_NOISE, PRETTY, CaptureLogger, load_trt  # noqa: F401 (CaptureLogger re-exported)
 from graphs.artifact_dir import export_lock
 from graphs.atomic import atomic_path, exclusive_lock, write_json
@@ -172,10 +175,12 @@ class NetworkFromOnnx:
         path (Path): the .onnx; external data is read from beside it.
         logger (trt.ILogger): e.g. `CaptureLogger(trt)`.
         what (str): how messages name the graph, e.g. "stage 'llm_0' (graphs/llm_0.onnx)".
+        model (onnx.ModelProto | None): parse this instead of the file, e.g. a piece of it
+            (`engines.split_build`); its external data is still read from beside `path`. Defaults to None.
     """
 
-    def __init__(self, trt, path, logger, what: str):
-        self.trt, self.path, self.logger, self.what = trt, Path(path), logger, what
+    def __init__(self, trt, path, logger, what: str, model=None):
+        self.trt, self.path, self.logger, self.what, self.model = trt, Path(path), logger, what, model
         self.weights: MappedWeights | None = None
 
     def __call__(self):
@@ -185,14 +190,18 @@ class NetworkFromOnnx:
         network = builder.create_network(0 if typed is None else 1 << int(typed))
         parser = trt.OnnxParser(network, self.logger)
         external = []
-        if hasattr(parser, "load_initializer") and self.path.is_file():
+        if self.model is not None:
+            external = external_initializers_of(self.model)
+        elif hasattr(parser, "load_initializer") and self.path.is_file():
             try:
                 external = external_initializers(self.path)
             except Exception:  # noqa: BLE001  not ONNX: parse_from_file below names what is wrong
                 external = []
-        if external:
-            self.weights = MappedWeights(self.path.parent)
-            ok = parser.load_model_proto(self.path.read_bytes(), str(self.path))
+        if external or self.model is not None:
+            self.weights = MappedWeights(self.path.parent) if external else None
+            proto = self.model.SerializeToString() if self.model is not None else self.path.read_bytes()
+            ok = parser.load_model_proto(proto, str(self.path))
+            del proto
             for name, location, offset, length in external if ok else ():
                 if not parser.load_initializer(name, self.weights.address(location, offset, length), length):
                     ok = False
@@ -443,7 +452,9 @@ def _cached(art: Path, sidecar_rel: str, key: str, settings: BuildSettings) -> d
         key, settings.flavor, settings.trt_version)
     if not same or not plan.is_file() or plan.stat().st_size != sidecar.get("plan_bytes"):
         return None
-    return sidecar if file_sha256(plan) == sidecar.get("plan_sha256") else None
+    if file_sha256(plan) != sidecar.get("plan_sha256"):
+        return None
+    return sidecar if split_intact(art, sidecar) else None
 
 
 def _cache_state(job: _Job) -> tuple[str, dict | None]:
@@ -455,15 +466,17 @@ def _cache_state(job: _Job) -> tuple[str, dict | None]:
 
 
 def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str], None],
-                 state: tuple[str, dict | None] | None = None, memory: StageMemory | None = None) -> tuple[dict, bool]:
+                 state: tuple[str, dict | None] | None = None, memory: StageMemory | None = None,
+                 split: SplitPlan | None = None) -> tuple[dict, bool]:
     art, name, s = job.artifact.dir, job.stage, job.settings
-    spec = job.artifact.layout.stage(name)
-    entry = job.artifact.stage_entry(name)
     key, hit = state or _cache_state(job)
     plan_rel, sidecar_rel = engine_paths(s.flavor, name)
     if hit is not None:
-        say(f"{name}: cached ({plan_rel}, build key {key[:12]})")
+        pieces = f", {len(hit['pieces'])} engines" if hit.get("pieces") else ""
+        say(f"{name}: cached ({hit['plan']}{pieces}, build key {key[:12]})")
         return hit, False
+    if split is not None:
+        return build_split_stage(trt, job, split, key, say, timing_cache), True
     memory = memory or estimate_stage_memory(job.artifact, name)
     say(f"{name}: building with {PRETTY[s.flavor]} {s.trt_version} for {', '.join(s.compute_capabilities)} "
         f"(weights {gib(memory.inline_bytes + memory.external_bytes)}, estimated peak {gib(memory.peak_bytes)}) ...")
@@ -484,25 +497,32 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
     trim_host_memory()
     seconds = time.perf_counter() - t0
     peak = rss.peak
-    graph = entry["graph"]
-    sidecar = {
-        "format": "csprt.engine", "format_version": BUILD_FORMAT, "stage": name,
-        "flavor": s.flavor, "trt_version": s.trt_version, "compute_capabilities": list(s.compute_capabilities),
-        "graph": graph, "graph_sha256": entry["files"][graph], "graph_files": dict(entry["files"]),
-        "quantization": stage_quantization(job.artifact.manifest, name),  # "none" or e.g. "int8/qdq": check_engine
-        "precision": s.precision, "profiles": profiles_to_json(profiles_used),
-        "dims": dims_to_json(stage_dims(spec, job.dims)), "profiles_note": profiles_note(spec, job.decode),
-        "profile_names": profile_names(spec, job.decode),
-        "settings": s.to_json(), "build_key": key, "plan": plan_rel, "plan_sha256": digest,
-        "plan_bytes": nbytes, "build_seconds": round(seconds, 3),
-        "build_memory": {**memory.to_json(), "measured_peak_bytes": peak},
-        "csprt_version": package_versions(("csprt",))["csprt"],
-        "warnings": [m for sev, m in logger.messages if sev == 2][:20],
-    }
+    sidecar = stage_sidecar(job, key, profiles_used, (plan_rel, digest, nbytes), seconds,
+                            {**memory.to_json(), "measured_peak_bytes": peak},
+                            [m for sev, m in logger.messages if sev == 2][:20])
     write_json(sidecar, art / sidecar_rel)  # written last: a plan without its sidecar is never used
     rss = f", peak RSS {gib(peak)} (estimated {gib(memory.peak_bytes)})" if peak else ""
     say(f"{name}: built in {seconds:.1f} s, {nbytes / 1e6:.2f} MB{rss} -> {plan_rel}")
     return sidecar, True
+
+
+def stage_sidecar(job: _Job, key: str, profiles: list[Profile], plan: tuple[str, str, int], seconds: float,
+                  build_memory: dict, warnings: list[str]) -> dict:
+    """A stage engine's sidecar: what it was built from and how; `plan` is (path, sha256, bytes)."""
+    s, spec, entry = job.settings, job.artifact.layout.stage(job.stage), job.artifact.stage_entry(job.stage)
+    graph = entry["graph"]
+    return {
+        "format": "csprt.engine", "format_version": BUILD_FORMAT, "stage": job.stage,
+        "flavor": s.flavor, "trt_version": s.trt_version, "compute_capabilities": list(s.compute_capabilities),
+        "graph": graph, "graph_sha256": entry["files"][graph], "graph_files": dict(entry["files"]),
+        "quantization": stage_quantization(job.artifact.manifest, job.stage),  # "none" or e.g. "int8/qdq": check_engine
+        "precision": s.precision, "profiles": profiles_to_json(profiles),
+        "dims": dims_to_json(stage_dims(spec, job.dims)), "profiles_note": profiles_note(spec, job.decode),
+        "profile_names": profile_names(spec, job.decode),
+        "settings": s.to_json(), "build_key": key, "plan": plan[0], "plan_sha256": plan[1],
+        "plan_bytes": plan[2], "build_seconds": round(seconds, 3), "build_memory": build_memory,
+        "csprt_version": package_versions(("csprt",))["csprt"], "warnings": warnings,
+    }
 
 
 def _manifest_entry(sidecar: dict, sidecar_rel: str) -> dict:
@@ -522,6 +542,23 @@ def _drop_stale_entry(artifact: Artifact, manifest: dict, stage: str, flavor: st
         built_from = None
     if built_from != entry["files"]:
         del entry["engines"][flavor]
+
+
+def _plan_splits(artifact: Artifact, memory: dict[str, StageMemory], budget: int, max_layers: int | None,
+                 flag: str) -> dict[str, SplitPlan]:
+    """Split plans of the block stages over `budget` (or over `max_layers` layers); their entries in `memory`
+    become the largest piece's estimate."""
+    splits = {}
+    for name, m in list(memory.items()):
+        spec = artifact.layout.stage(name)
+        if not splittable(spec) or (m.peak_bytes <= budget and (max_layers is None
+                                                                 or max_layers >= len(block_layers(spec)))):
+            continue
+        plan = plan_split(artifact, name, budget, max_layers, budget_flag=flag, whole=m.peak_bytes)
+        if plan is not None:
+            splits[name] = plan
+            memory[name] = StageMemory(name, m.inline_bytes, m.external_bytes, plan.peak_bytes)
+    return splits
 
 
 def _stage_list(artifact: Artifact, stages) -> list[str]:
@@ -560,11 +597,14 @@ def inspect_stage(art_dir, stage: str, precision: str | None = None, flavor: str
 
 def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", compute_capabilities=None,
                   shapes=None, timing_cache=None, workspace_gb: float | None = None, stages=None,
-                  progress: Callable[[str], None] | None = None, max_build_memory_gb: float | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None, max_build_memory_gb: float | None = None,
+                  max_layers_per_engine: int | None = None) -> dict:
     """Build (or reuse) one engine per stage graph of an artifact and record them in its manifest.
 
     Stages build one at a time, each within the build memory budget: before building anything, the estimated
-    peak of every stage to build (`estimate_stage_memory`) is checked against it.
+    peak of every stage to build (`estimate_stage_memory`) is checked against it. A block stage (`llm_<i>`) over
+    it is built as the fewest engines of consecutive layers that each fit (`engines.split_build`); the
+    manifest and graphs are unchanged, the stage's sidecar lists its pieces.
 
     The build holds the artifact's export lock (`graphs.artifact_dir.export_lock`) from loading the artifact to
     writing its manifest: engines go into the current generation, so an export (which would swap in a new one
@@ -586,12 +626,15 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
         stages (str | Iterable[str] | None): "a,b" or names to build. Defaults to None (every stage).
         progress (callable | None): called with one line per stage event. Defaults to None (silent).
         max_build_memory_gb (float | None): build memory budget in GiB. Defaults to None (what the host has
-            available now, `host_memory_budget`).
+            available now, `host_memory_budget`). A block stage over it is built as several engines of
+            consecutive layers (`engines.split_build`).
+        max_layers_per_engine (int | None): build each block stage as engines of at most this many decoder
+            layers. Defaults to None (as many as the budget allows).
 
     Returns:
         dict: {"artifact", "flavor", "trt_version", "compute_capabilities", "precision", "engines_dir",
         "budget_bytes", "stages": {name: {"status": "built" | "cached", "plan", "sidecar", "plan_bytes",
-        "seconds", "estimated_peak_bytes"}}}.
+        "seconds", "estimated_peak_bytes", "engines"}}} (plan_bytes: all of a stage's engines).
 
     Raises:
         ToolchainError: bad settings, TensorRT missing, an unusable artifact, an export or build of it running, or
@@ -605,11 +648,11 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
             if Path(art_dir).is_dir() else contextlib.nullcontext())
     with lock:
         return _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timing_cache, workspace_gb,
-                             stages, progress, max_build_memory_gb)
+                             stages, progress, max_build_memory_gb, max_layers_per_engine)
 
 
 def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timing_cache, workspace_gb, stages,
-                  progress, max_build_memory_gb) -> dict:
+                  progress, max_build_memory_gb, max_layers_per_engine=None) -> dict:
     say = progress or (lambda _msg: None)
     artifact, names, trt, settings, dims = _resolve(art_dir, precision, flavor, compute_capabilities, shapes,
                                                     workspace_gb, stages)
@@ -621,14 +664,32 @@ def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timi
     if max_build_memory_gb is not None and not max_build_memory_gb > 0:
         raise ToolchainError(f"--max-build-memory {max_build_memory_gb}: expected a positive size in GiB")
     budget = int(max_build_memory_gb * GIB) if max_build_memory_gb is not None else host_memory_budget()
+    if max_layers_per_engine is not None and not max_layers_per_engine >= 1:
+        raise ToolchainError(f"--max-layers-per-engine {max_layers_per_engine}: expected a whole number of decoder "
+                             "layers, 1 or more")
     jobs = {name: _Job(artifact, name, settings, dims) for name in names}
     states = {name: _cache_state(job) for name, job in jobs.items()}
+    states = {name: (key, hit if hit is None or fits_layers(hit, max_layers_per_engine, len(block_layers(
+        artifact.layout.stage(name)))) else None) for name, (key, hit) in states.items()}
     memory = {name: estimate_stage_memory(artifact, name) for name, (_, hit) in states.items() if hit is None}
+    flag = "this host's available memory" if max_build_memory_gb is None else "--max-build-memory"
+    try:
+        splits = _plan_splits(artifact, memory, budget, max_layers_per_engine, flag)
+    except ToolchainError:  # a block over even one layer per engine; a stage that cannot split is named first
+        check_build_memory(artifact, names, {n: m for n, m in memory.items()
+                                             if not splittable(artifact.layout.stage(n))},
+                           budget, max_build_memory_gb is None)
+        raise
     check_build_memory(artifact, names, memory, budget, max_build_memory_gb is None)
     if memory:
         worst = max(memory.values(), key=lambda m: m.peak_bytes)
         say(f"build memory: budget {gib(budget)} ({'this host has available' if max_build_memory_gb is None else '--max-build-memory'}); "
             f"largest estimated peak {gib(worst.peak_bytes)} ({worst.stage}); stages build one at a time")
+        for name, m in memory.items():  # what each stage (and piece) will need, before anything builds
+            how = (f"{len(splits[name].pieces)} engines: {splits[name].describe()}" if name in splits
+                   else "one engine")
+            say(f"build memory: {name}: weights {gib(m.inline_bytes + m.external_bytes)}, estimated peak "
+                f"{gib(m.peak_bytes)} ({how})")
     report = {"artifact": str(artifact.dir), "flavor": flavor, "trt_version": version,
               "compute_capabilities": list(targets), "precision": settings.precision,
               "engines_dir": str(artifact.dir / ENGINES_DIR / flavor), "budget_bytes": budget, "stages": {}}
@@ -640,15 +701,19 @@ def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timi
             try:
                 sidecar, built = _build_stage(trt, jobs[name], cache_path,
                                               lambda msg, i=i: say(f"[{i}/{len(names)}] {msg}"), states[name],
-                                              memory.get(name))
+                                              memory.get(name), splits.get(name))
             except ToolchainError as exc:
                 failures[name] = str(exc)
                 say(f"[{i}/{len(names)}] {name}: FAILED: {exc}")
                 _drop_stale_entry(artifact, manifest, name, flavor)
                 continue
             plan_rel, sidecar_rel = engine_paths(flavor, name)
-            report["stages"][name] = {"status": "built" if built else "cached", "plan": str(artifact.dir / plan_rel),
-                                      "sidecar": str(artifact.dir / sidecar_rel), "plan_bytes": sidecar["plan_bytes"],
+            split = sidecar.get("split") or {}
+            report["stages"][name] = {"status": "built" if built else "cached",
+                                      "plan": str(artifact.dir / sidecar["plan"]),
+                                      "sidecar": str(artifact.dir / sidecar_rel),
+                                      "plan_bytes": split.get("plan_bytes_total", sidecar["plan_bytes"]),
+                                      "engines": len(sidecar.get("pieces") or ()) or 1,
                                       "seconds": round(time.perf_counter() - t0, 3),
                                       "estimated_peak_bytes": (sidecar.get("build_memory") or {}).get(
                                           "estimated_peak_bytes"),

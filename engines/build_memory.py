@@ -54,9 +54,14 @@ class StageMemory:
 def external_initializers(path: Path) -> list[tuple[str, str, int, int]]:
     """(name, location, offset, length) of every main-graph initializer of `path` stored as external data."""
     import onnx
+
+    return external_initializers_of(onnx.load(str(path), load_external_data=False))
+
+
+def external_initializers_of(model) -> list[tuple[str, str, int, int]]:
+    """(name, location, offset, length) of every main-graph initializer of a ModelProto stored as external data."""
     from onnx import external_data_helper as ext
 
-    model = onnx.load(str(path), load_external_data=False)
     out = []
     for t in model.graph.initializer:
         if ext.uses_external_data(t):

@@ -84,4 +84,35 @@ def check_engine(art_dir, stage: str, flavor: str | None = None, version: str | 
     if not plan.is_file() or file_sha256(plan) != sidecar.get("plan_sha256"):
         what = "is missing" if not plan.is_file() else "changed since it was built (hash mismatch)"
         raise ArtifactError(f"engine {sidecar['plan']} {what}; rebuild with: {fix}")
+    check_pieces(artifact.dir, sidecar, fix)
     return plan, sidecar
+
+
+def check_pieces(art_dir, sidecar: dict, fix: str, verify: bool = True) -> list[tuple[Path, dict]]:
+    """The (plan, piece sidecar) of every engine of a stage built in pieces (`csprt build --max-build-memory`,
+    `engines.split_build`), in order; [] for a stage built as one engine.
+
+    `verify=False` reads the sidecars without hashing the plans (after `check_engine` did).
+
+    Raises:
+        ArtifactError: a piece's sidecar or plan is missing, unreadable or changed; names `fix`.
+    """
+    art = Path(art_dir)
+    out = []
+    for k, rel in enumerate(sidecar.get("pieces") or ()):
+        path = art / rel
+        try:
+            piece = json.loads(path.read_text(encoding="utf-8")) if inside(art, rel) else None
+        except (OSError, ValueError):
+            piece = None
+        if not isinstance(piece, dict) or piece.get("piece") != k or not inside(art, piece.get("plan")):
+            raise ArtifactError(f"engine piece sidecar {rel} of stage {sidecar.get('stage')!r} is missing or "
+                                f"unreadable; rebuild with: {fix}")
+        plan = art / piece["plan"]
+        checked = (piece["plan"], piece.get("plan_sha256")) == (sidecar.get("plan"), sidecar.get("plan_sha256"))
+        if not plan.is_file() or verify and not checked and file_sha256(plan) != piece.get("plan_sha256"):
+            what = "is missing" if not plan.is_file() else "changed since it was built (hash mismatch)"
+            raise ArtifactError(f"engine {piece['plan']} (piece {k + 1} of {len(sidecar['pieces'])} of stage "
+                                f"{sidecar.get('stage')!r}) {what}; rebuild with: {fix}")
+        out.append((plan, piece))
+    return out

@@ -159,6 +159,12 @@ def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[l
     models = []
     for stage in stages:
         plan, sidecar = check_engine(artifact.dir, stage.name, chosen, version)  # refuses stale or changed plans
+        if sidecar.get("pieces"):  # one Triton TensorRT model runs one plan
+            raise ArtifactError(f"stage {stage.name!r} of {artifact.path} was built as {len(sidecar['pieces'])} "
+                                "engines of consecutive layers (csprt build --max-build-memory or "
+                                "--max-layers-per-engine), and a Triton TensorRT model runs one plan; rebuild it as "
+                                f"one engine on a host with the memory it needs: {fix} --stages {stage.name} "
+                                f"--max-build-memory {_need_gb(sidecar)}")
         inputs = list(sidecar["profiles"][0])  # the engine's inputs: those it has a profile for
         dims = {**artifact.layout.dims, **{k: DimRange(**v) for k, v in sidecar.get("dims", {}).items()}}
         note = (f"{PRETTY[chosen]} {version} engine for {', '.join(sidecar['compute_capabilities'])}; Triton's "
@@ -166,6 +172,16 @@ def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[l
         models.append(_StageModel(stage, f"{name}_{stage.name}", {plan: "model.plan"}, inputs, dims, chosen, note,
                                   len(sidecar["profiles"])))
     return models, chosen, version
+
+
+def _need_gb(sidecar: dict) -> float:
+    """The --max-build-memory (GiB) a split stage's one-engine build would need: its pieces' weights at the
+    estimate's ratios, rounded up to 0.1 GiB."""
+    import math
+
+    from engines.build_memory import BUILD_BASE, GIB, RATIO_MAPPED
+    weights = (sidecar.get("build_memory") or {}).get("weight_bytes") or 0
+    return math.ceil((BUILD_BASE + RATIO_MAPPED * weights) / GIB * 10) / 10
 
 
 # --- writing --------------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.engine_check import check_engine
+from engines.engine_check import check_engine, check_pieces
 from engines.trt import CaptureLogger
 from engines.gpu_plan import CAPTURE, REPLAY, GraphCache, graph_key, graph_mode, unknown_dims
-from engines.profiles import call_profile, profiles_from_json
+from engines.profiles import InputShapes, Profile, call_profile, profiles_from_json
+from engines.split_runtime import PiecesMixin, piece_buffer_plan
 from engines.trt import load_trt
 from graphs import dims
 from graphs.dims import DimError
@@ -105,8 +106,9 @@ def checkable(value, where: str = "feed"):
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=tuple(value.shape), strides=(0,) * value.dim())
 
 
-class TrtRunner(BaseRunner):
-    """Runs one stage's TensorRT engine.
+class TrtRunner(PiecesMixin, BaseRunner):
+    """Runs one stage's TensorRT engine (or its engines, in order, when it was built in pieces:
+    `engines.split_runtime`).
 
     Args:
         stage (StageSpec): the stage.
@@ -128,7 +130,11 @@ class TrtRunner(BaseRunner):
         super().__init__(stage, engine_dims(artifact.layout.dims, self.sidecar))
         self.device = device
         self.profiles = profiles_from_json(self.sidecar["profiles"])
+        self.art_dir = artifact.dir
+        self.pieces = [p for _, p in check_pieces(artifact.dir, self.sidecar, "csprt build ART", verify=False)]
         self.buffers_plan = buffer_plan(stage, self.dims)
+        if self.pieces:  # built in pieces: plus a buffer per interface tensor between them
+            self.buffers_plan = piece_buffer_plan(self.buffers_plan, self.pieces)
         self.graph_mode = graph_mode(stage, self.flavor, cuda_graphs)
         self.graphs = GraphCache()
         self.stream = None             # infer()'s stream; enqueue() takes the caller's
@@ -139,6 +145,7 @@ class TrtRunner(BaseRunner):
         self._inputs: list[str] = []
         self._cache_inputs = {inp for inp, _ in stage.cache}
         self._staged: dict = {}        # cache inputs given as host arrays (validation): their device copies
+        self._parts: list = []         # a stage built in pieces: one PieceRun each (engines.split_runtime)
         self.last_copied: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -149,6 +156,10 @@ class TrtRunner(BaseRunner):
             raise ToolchainError(f"stage {self.name!r}: running a TensorRT engine needs a CUDA GPU, and torch sees "
                                  "none; use the onnxruntime backend here")
         with torch.cuda.device(self.device):
+            if self.pieces:
+                self._activate_pieces(torch)
+                self.stream = torch.cuda.Stream(self.device)
+                return
             engine = self._deserialize()
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             self._inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
@@ -163,9 +174,9 @@ class TrtRunner(BaseRunner):
                     context.set_tensor_address(n, buf.data_ptr())
             self._engine, self._contexts, self._context, self.stream = engine, contexts, contexts[0], stream
 
-    def _deserialize(self):
+    def _deserialize(self, plan_path=None):
         logger = CaptureLogger(self.trt)
-        engine = self.trt.Runtime(logger).deserialize_cuda_engine(Path(self.plan_path).read_bytes())
+        engine = self.trt.Runtime(logger).deserialize_cuda_engine(Path(plan_path or self.plan_path).read_bytes())
         if engine is None:
             errors = logger.errors()
             targets = ", ".join(self.sidecar.get("compute_capabilities", []))
@@ -219,7 +230,7 @@ class TrtRunner(BaseRunner):
         self.graphs = GraphCache()  # graphs first: they point into the context's memory
         self._context = self._engine = self.stream = None
         self._contexts = []
-        self._buffers, self._staged = {}, {}
+        self._buffers, self._staged, self._parts = {}, {}, []
 
     # -- running --------------------------------------------------------------------------------
     def infer(self, feed: dict) -> dict[str, np.ndarray]:
@@ -270,6 +281,8 @@ class TrtRunner(BaseRunner):
     def _run(self, feed: dict, stream) -> dict:
         import torch
 
+        if self.pieces:
+            return self._run_pieces(feed, stream)
         shapes = {n: tuple(feed[n].shape) for n in self._inputs}
         profile = call_profile(self.profiles, shapes)
         ctx = self._context = self._contexts[profile]  # set to `profile` once, at activation
@@ -335,31 +348,33 @@ class TrtRunner(BaseRunner):
                 raise internal_error(f"stage {self.name!r} output {name!r} shape {shape} exceeds its buffer "
                                      f"{self.buffers_plan[name].max_shape}")
 
-    def _execute(self, key: tuple, stream, graphed: bool = True) -> None:
+    def _execute(self, key: tuple, stream, graphed: bool = True, context=None, graphs=None) -> None:
         """execute_async_v3, or (manual graphs, `graphed` calls) capture once per key and replay; plain when
-        capture fails."""
+        capture fails. `context` and `graphs`: a piece's (default: the stage engine's)."""
+        piece = context is not None
+        context, graphs = context or self._context, graphs or self.graphs
         if self.graph_mode == "manual" and graphed:
-            action = self.graphs.decide(key)
+            action = graphs.decide(key)
             if action == REPLAY:
-                self.graphs.graphs[key].replay()
+                graphs.graphs[key].replay()
                 return
             if action == CAPTURE:
-                graph = self._capture(stream)
+                graph = self._capture(stream, context, graphs) if piece else self._capture(stream)
                 if graph is not None:
-                    self.graphs.store(key, graph)
+                    graphs.store(key, graph)
                     graph.replay()
                     return
-        if not self._context.execute_async_v3(stream.cuda_stream):
+        if not context.execute_async_v3(stream.cuda_stream):
             raise ToolchainError(f"stage {self.name!r}: TensorRT execution failed ({self.plan_path})")
 
-    def _capture(self, stream):
+    def _capture(self, stream, context=None, graphs=None):
         """A torch CUDAGraph of one execute_async_v3 on `stream`, or None (capture turned off, reason kept)."""
         import torch
 
-        ctx = self._context
+        ctx, graphs = context or self._context, graphs or self.graphs
         capturable = getattr(ctx, "is_stream_capturable", None)  # TensorRT-RTX 1.2+, recent TensorRT 10
         if capturable is not None and not capturable(stream.cuda_stream):
-            self.graphs.disable("the execution context says it is not stream capturable")
+            graphs.disable("the execution context says it is not stream capturable")
             return None
         graph = torch.cuda.CUDAGraph()
         try:
@@ -368,6 +383,6 @@ class TrtRunner(BaseRunner):
             if not ok:
                 raise RuntimeError("execute_async_v3 returned False while capturing")
         except Exception as exc:  # noqa: BLE001  capture is an optimisation: any failure falls back to plain runs
-            self.graphs.disable(f"{type(exc).__name__}: {exc}")
+            graphs.disable(f"{type(exc).__name__}: {exc}")
             return None
         return graph

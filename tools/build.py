@@ -3,13 +3,16 @@
     csprt build ART [--precision fp16|bf16|fp32] [--flavor auto|tensorrt|tensorrt-rtx]
                     [--compute-capability SM86 ...] [--shapes NAME=min:opt:max ...]
                     [--timing-cache PATH] [--workspace GB] [--stages a,b] [--max-build-memory GB]
+                    [--max-layers-per-engine N]
 
 Engines go to ART/engines/<flavor>/<stage>.plan, each with a <stage>.json sidecar (flavour, version,
 targets, graph hash, profiles, settings, build memory), and the manifest lists them. A block that generate
 mode decodes gets two optimization profiles, prefill and decode (rows 1); `--shapes` narrows both. TensorRT-RTX builds on a
 machine without a GPU; an unchanged rebuild is a cache hit. Stages build one at a time; before the first, every
 stage's estimated peak memory is checked against the budget (--max-build-memory, default: what the host has
-available), and the build refuses in one line, naming the budget that would fit, if one is over.
+available). An LLM block over it is built as several engines of consecutive decoder layers (the fewest that
+each fit; --max-layers-per-engine N caps them too); the runtime chains them as one stage. Any other stage over
+it, or a block whose single layer is, is refused in one line naming the budget that would fit.
 """
 
 from __future__ import annotations
@@ -44,8 +47,12 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                                                                  "TensorRT's")
     p.add_argument("--stages", metavar="A,B", help="only these stages (comma-separated). Defaults to all")
     p.add_argument("--max-build-memory", type=float, metavar="GB",
-                   help="build memory budget in GiB: refuse before building if a stage's estimated peak is over it. "
-                        "Defaults to the memory this host has available now")
+                   help="build memory budget in GiB: an LLM block over it is built as several engines of consecutive "
+                        "layers; other stages over it are refused before building. Defaults to the memory this host "
+                        "has available now")
+    p.add_argument("--max-layers-per-engine", type=int, metavar="N",
+                   help="build each LLM block as engines of at most N decoder layers. Defaults to as many as the "
+                        "build memory budget allows")
     p.set_defaults(func=run)
     return p
 
@@ -59,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         given["workspace_gb"] = args.workspace
     if args.max_build_memory is not None:
         given["max_build_memory_gb"] = args.max_build_memory
+    if args.max_layers_per_engine is not None:
+        given["max_layers_per_engine"] = args.max_layers_per_engine
     progress = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         report = build_engines(args.artifact, progress=progress, **given)
@@ -78,7 +87,8 @@ def _print_report(report: dict) -> None:
     for name, s in stages.items():
         profiles = s.get("profiles") or ["all"]
         more = f"; profiles {', '.join(profiles)}" if len(profiles) > 1 else ""
-        print(f"  {name}: {s['plan']} ({s['status']}, {_size(s['plan_bytes'])}{more})")
+        engines = f", {s['engines']} engines" if s.get("engines", 1) > 1 else ""
+        print(f"  {name}: {s['plan']} ({s['status']}, {_size(s['plan_bytes'])}{engines}{more})")
 
 
 def _size(n: int) -> str:

@@ -616,3 +616,23 @@ def test_cli(art, tmp_path, monkeypatch):
     rc, out, err = call(["triton-repo", str(art), "--out", str(tmp_path / "slow"), "--max-queue-delay-us", "500"])
     assert rc == 0, err
     assert parse_config(tmp_path / "slow" / "csprt" / "config.pbtxt").dynamic_batching.max_queue_delay_microseconds == 500
+
+
+def test_a_stage_built_in_pieces_is_refused(art, tmp_path):
+    """A Triton TensorRT model runs one plan: a block built as several engines (engines.split_build) cannot be one."""
+    eng = fake_engines(art, tmp_path / "art", "tensorrt")
+    sidecar_path = eng / engine_paths("tensorrt", "llm_2")[1]
+    sidecar = json.loads(sidecar_path.read_text())
+    pieces = []
+    for k in range(2):
+        plan_rel, piece_rel = f"engines/tensorrt/llm_2.p{k}.plan", f"engines/tensorrt/llm_2.p{k}.json"
+        plan = f"fake piece {k}".encode()
+        (eng / plan_rel).write_bytes(plan)
+        (eng / piece_rel).write_text(json.dumps({"piece": k, "plan": plan_rel,
+                                                 "plan_sha256": hashlib.sha256(plan).hexdigest()}))
+        pieces.append(piece_rel)
+    sidecar.update(pieces=pieces, build_memory={"weight_bytes": 8 << 30})
+    sidecar_path.write_text(json.dumps(sidecar))
+    with pytest.raises(ArtifactError, match=r"stage 'llm_2' of .* was built as 2 engines of consecutive layers .* "
+                                            r"--stages llm_2 --max-build-memory 14.5$"):
+        write_triton_repo(eng, tmp_path / "repo", backend="tensorrt")

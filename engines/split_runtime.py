@@ -1,0 +1,179 @@
+"""Running a stage built as several engines (`engines.split_build`) as one stage: its pieces in order.
+
+    TrtRunner(stage, art) finds "pieces" in the stage's sidecar and runs, per call, on one stream:
+
+    stage inputs --copied once into the stage's buffers-------------------------------+
+    cache inputs --bound at their own addresses (each piece its own layers' subset)---+
+                     v                                                                 v
+              piece 0 --interface tensors (hidden rows, cos/sin, mask) in buffers--> piece 1 --> ... --> stage outputs
+                     (each piece's output shapes, read from its context, set the next one's input shapes)
+
+`piece_buffer_plan` (pure: no TensorRT, no torch) gives the stage's buffers plus one buffer per interface
+tensor at its largest shape over the profiles (the piece sidecars' "interface_outputs"); `piece_bindings`
+says which buffer each piece's every tensor binds to. Every binding is fixed at activation except the KV cache,
+bound per call at the caller's addresses (the Pipeline's buffers: never copied).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from engines.gpu_plan import GraphCache, graph_key
+from engines.profiles import Profile, call_profile, profiles_from_json
+from graphs.errors import ArtifactError, ToolchainError, internal_error
+
+ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "bfloat16": 2}
+
+
+@dataclass
+class PieceRun:
+    """One piece's engine at run time."""
+
+    index: int
+    sidecar: dict
+    plan_path: object
+    profiles: list[Profile]
+    inputs: list[str]
+    outputs: list[str]
+    engine: object = None
+    context: object = None
+    graphs: GraphCache = field(default_factory=GraphCache)
+
+
+def piece_buffer_plan(base: dict, pieces: list[dict]) -> dict:
+    """The stage's buffers (`buffer_plan`) plus each interface tensor's, at its largest shape.
+
+    Args:
+        base (dict[str, BufferSpec]): `engines.trt_runner.buffer_plan` of the stage.
+        pieces (list[dict]): the piece sidecars, in order.
+
+    Returns:
+        dict[str, BufferSpec]: name -> spec; interface tensors have io "interface".
+    """
+    from engines.trt_runner import BufferSpec
+
+    plan = dict(base)
+    for piece in pieces:
+        for name, spec in (piece.get("interface_outputs") or {}).items():
+            shape = tuple(int(d) for d in spec["max_shape"])
+            if name in plan:
+                raise internal_error(f"interface tensor {name!r} of piece {piece.get('piece')} is also a stage tensor "
+                                     "or another piece's; rebuild with: csprt build ART")
+            plan[name] = BufferSpec(name, "interface", spec["dtype"], shape, math.prod(shape) * ITEMSIZE[spec["dtype"]])
+    return plan
+
+
+def piece_bindings(pieces: list[dict], cache_inputs) -> list[dict[str, str]]:
+    """For each piece, tensor name -> what it binds to: "buffer" (the stage's or an interface buffer, fixed at
+    activation) or "cache" (the caller's KV cache tensor, per call).
+
+    Raises:
+        ArtifactError: a piece reads an interface tensor no earlier piece writes (the sidecars do not chain).
+    """
+    written: set[str] = set()
+    out = []
+    for piece in pieces:
+        for name in piece.get("interface_inputs") or ():
+            if name not in written:
+                raise ArtifactError(f"engine piece {piece.get('piece')} of stage {piece.get('stage')!r} reads "
+                                    f"{name!r}, which no earlier piece writes; rebuild with: csprt build ART")
+        binds = {n: "cache" if n in cache_inputs else "buffer" for n in list(piece["inputs"]) + list(piece["outputs"])}
+        written.update(piece.get("interface_outputs") or {})
+        out.append(binds)
+    return out
+
+
+class PiecesMixin:
+    """What `TrtRunner` adds to run a stage built in pieces (`self.pieces`: the piece sidecars, else [])."""
+
+    pieces: list = []  # a stage built as one engine; TrtRunner sets its own list
+
+    def _activate_pieces(self, torch) -> None:
+        self._parts = []
+        binds = piece_bindings(self.pieces, self._cache_inputs)
+        dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
+                  "bool": torch.bool, "bfloat16": torch.bfloat16}
+        self._buffers = {n: torch.empty(max(1, math.prod(b.max_shape)), dtype=dtypes[b.dtype], device=self.device)
+                         for n, b in self.buffers_plan.items() if n not in self._cache_inputs}
+        for piece, bind in zip(self.pieces, binds):
+            part = PieceRun(piece["piece"], piece, self.art_dir / piece["plan"], profiles_from_json(piece["profiles"]),
+                            list(piece["inputs"]), list(piece["outputs"]))
+            part.engine = self._deserialize(part.plan_path)
+            names = {part.engine.get_tensor_name(i) for i in range(part.engine.num_io_tensors)}
+            if names != set(part.inputs) | set(part.outputs):
+                raise ArtifactError(f"stage {self.name!r}: engine {piece['plan']} does not match its sidecar (tensors "
+                                    f"{sorted(names ^ (set(part.inputs) | set(part.outputs)))} differ); rebuild with: "
+                                    "csprt build ART")
+            part.context = self._create_context(part.engine)
+            for n, how in bind.items():
+                if how == "buffer":
+                    part.context.set_tensor_address(n, self._buffers[n].data_ptr())
+            self._parts.append(part)
+        self._inputs = [t.name for t in self.stage.inputs if any(t.name in p.inputs for p in self._parts)]
+        missing = [t.name for t in self.stage.outputs if not any(t.name in p.outputs for p in self._parts)]
+        if missing:
+            raise ArtifactError(f"stage {self.name!r}: no engine piece writes {', '.join(missing)}; rebuild with: "
+                                "csprt build ART")
+
+    def _run_pieces(self, feed: dict, stream) -> dict:
+        """Every piece in order on `stream`; returns the stage outputs as views of their buffers."""
+        import torch
+
+        copied = {"inputs": 0, "cache": 0}
+        shapes = {n: tuple(feed[n].shape) for n in self._inputs}
+        cache_addr = {}
+        outputs = {t.name for t in self.stage.outputs}
+        out_shapes: dict[str, tuple[int, ...]] = {}
+        with torch.cuda.stream(stream):
+            for n in self._inputs:
+                if n in self._cache_inputs:
+                    cache_addr[n] = self._bind_piece_cache(n, feed[n], copied)
+                else:
+                    copied["inputs"] += self._load(n, feed[n])
+            for part in self._parts:
+                ctx = part.context
+                own = {n: shapes[n] if n in shapes else out_shapes[n] for n in part.inputs}
+                profile = self._select(part.profiles, own)
+                if ctx.active_optimization_profile != profile:
+                    ctx.set_optimization_profile_async(profile, stream.cuda_stream)
+                addresses = []
+                for n in part.inputs:
+                    ctx.set_input_shape(n, own[n])
+                    if n in cache_addr:
+                        ctx.set_tensor_address(n, cache_addr[n])
+                        addresses.append(cache_addr[n])
+                made = {n: tuple(ctx.get_tensor_shape(n)) for n in part.outputs}
+                self._check_piece_shapes(part, made)
+                out_shapes.update(made)
+                self._execute((part.index,) + graph_key(profile, own) + tuple(addresses), stream, self._is_step(),
+                              part.context, part.graphs)
+        self.last_copied = copied
+        return {n: self._buffers[n][:math.prod(s)].view(s) for n, s in out_shapes.items() if n in outputs}
+
+    def _select(self, profiles, shapes) -> int:
+        return call_profile(profiles, shapes)
+
+    def _bind_piece_cache(self, name: str, value, copied: dict) -> int:
+        """The device address of a KV cache input (a host array is staged once per call, for every piece)."""
+        import numpy as np
+        import torch
+
+        if isinstance(value, np.ndarray):  # validation feeds: not the Pipeline's path
+            staged = torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
+            self._staged[name] = staged
+            copied["cache"] += value.nbytes
+            value = staged
+        if not value.is_contiguous():
+            raise internal_error(f"stage {self.name!r}: KV cache input {name!r} must be contiguous to bind in place")
+        return value.data_ptr()
+
+    def _check_piece_shapes(self, part: PieceRun, shapes: dict[str, tuple[int, ...]]) -> None:
+        for name, shape in shapes.items():
+            if any(int(d) < 0 for d in shape):
+                raise internal_error(f"stage {self.name!r} piece {part.index}: TensorRT cannot tell the shape of "
+                                     f"{name!r} before running (data-dependent)")
+            b = self.buffers_plan[name]
+            if math.prod(shape) * ITEMSIZE[b.dtype] > b.nbytes:
+                raise ToolchainError(f"stage {self.name!r} piece {part.index}: {name!r} shape {shape} exceeds its buffer "
+                                     f"{b.max_shape}; rebuild with: csprt build ART")
