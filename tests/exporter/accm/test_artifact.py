@@ -119,3 +119,16 @@ def test_export_of_an_accm_schedule_without_accm_is_one_line(tiny_accm, tmp_path
                           str(tmp_path / "y")])
     assert rc == 2 and "drop --accm" in error_lines(stderr)[0]
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.trt
+def test_build_accm_artifact_with_tensorrt_rtx(accm_art, tmp_path):
+    """`csprt build` of the exported ACCM artifact: every stage (the seven ACCM graphs included) builds for SM86."""
+    art = tmp_path / "art"
+    shutil.copytree(accm_art, art)
+    rc, _, stderr = call(["build", str(art), "--flavor", "tensorrt-rtx", "--compute-capability", "SM86"])
+    assert rc == 0, stderr[-3000:]
+    engines = _manifest(art)
+    built = {s["name"] for s in engines["stages"] if s["engines"].get("tensorrt-rtx")}
+    assert built == {s["name"] for s in engines["stages"]}
+    assert {"accm_gpt2", "accm_beam_step", "accm_selector"} <= built
