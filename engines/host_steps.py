@@ -78,7 +78,8 @@ class HostSteps:
         gpt = self._tokenizer(p["gpt2_tokenizer"], GPT2).encode(query)
         if len(gpt) > gpt_max:
             raise InputError(f"the question is {len(gpt)} GPT-2 tokens; this ACCM artifact's caption model takes at "
-                             f"most {gpt_max} (its positions less the prefix rows and the caption); shorten the question")
+                             f"most {gpt_max} (its positions less the prefix rows and the caption); shorten the "
+                             "question")
         return {"clip_ids": np.asarray([clip], np.int64), "gpt_ids": np.asarray([gpt], np.int64)}
 
     def _beam_search(self, step: HostStep, feed: dict, query: str, run_stage: RunStage) -> dict:

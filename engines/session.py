@@ -259,6 +259,9 @@ class ArtifactSession:
     def check_batch(self, n: int) -> None:
         if n < 1:
             raise InputError("an empty batch: pass at least one image and one query")
+        if n > self.max_batch and self.artifact.layout.host_steps:
+            raise InputError(f"a batch of {n} requests: this artifact's host steps (ACCM's caption) run one request "
+                             "at a time; send one image and one query per call")
         if n > self.max_batch:
             raise InputError(f"a batch of {n} requests is more than this artifact's maximum of {self.max_batch}; "
                              f"run at most {self.max_batch} at a time, or re-export with --max-batch {n} "

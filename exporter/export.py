@@ -551,8 +551,9 @@ def _accm_options(schedule: Schedule, options: ExportOptions, accm_dir, checkpoi
     """The options an ACCM export runs with: its graphs run one request (batch 1), in fp32, traced on real data."""
     fix = f"csprt export {checkpoint} --schedule {schedule.name} --accm ACCM_DIR --out {art}"
     if accm_dir is None:
-        raise ScheduleError(f"schedule {schedule.name!r} is an ACCM schedule: it needs ACCM's models (caption_model.pt, "
-                            f"selector.pt, gpt2/, longclip/, clip/; `csprt make-tiny OUT --accm` writes tiny ones): {fix}")
+        raise ScheduleError(f"schedule {schedule.name!r} is an ACCM schedule: it needs ACCM's models "
+                            "(caption_model.pt, selector.pt, gpt2/, longclip/, clip/; `csprt make-tiny OUT --accm` "
+                            f"writes tiny ones): {fix}")
     if options.precision != "fp32":
         raise ToolchainError(f"ACCM artifacts export in fp32 only (its picks and beam ranking are not checked in "
                              f"fp16 yet); drop --precision {options.precision}")

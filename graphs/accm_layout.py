@@ -115,7 +115,8 @@ def accm_layout_part(schedule: Schedule, shape: ModelShape, opts: LayoutOptions,
                       TensorSpec("scores_out", "float32", (beams,)), TensorSpec("lengths_out", "float32", (beams,)),
                       TensorSpec("stopped_out", "int64", (beams,))))
     selector = StageSpec("accm_selector", "accm_selector",
-                         (TensorSpec("candidate_ids", "int64", (beams, "selector_len"), "accm_selector_text.selector_ids"),),
+                         (TensorSpec("candidate_ids", "int64", (beams, "selector_len"),
+                                     "accm_selector_text.selector_ids"),),
                          (TensorSpec("probs", "float32", (beams,)),))
 
     B = "batch"

@@ -34,7 +34,8 @@ from graphs.dims import DimError, dim_names
 from graphs.errors import ArtifactError, ToolchainError, internal_error
 from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
-from graphs.stages import CACHE_SOURCE, HOST_STEP_FEED, PRECISIONS, DimRange, HostStep, Layout, Loop, StageSpec, TensorSpec
+from graphs.stages import (CACHE_SOURCE, HOST_STEP_FEED, PRECISIONS, DimRange, HostStep, Layout, Loop, StageSpec,
+                           TensorSpec)
 
 SCHEMA_VERSION = 3  # 2: weights once (embed / entry_<i> / llm_<i> blocks), static KV cache, loop steps;
 #                     3: a `batch` dim on every graph (--max-batch), right-padded suffixes, flat [SEG] rows
@@ -174,7 +175,8 @@ def precision_problems(layout: Layout, precision: str) -> list[str]:
 def layout_problems(layout: Layout) -> list[str]:
     """Wiring and dim names that do not resolve: every input source names an existing host input, stage
     output or loop output, and every name in a shape is a key of `dims`. Empty when consistent."""
-    known = {f"host.{t.name}" for t in layout.host_inputs} | {CACHE_SOURCE} | {f"{h.name}.{HOST_STEP_FEED}" for h in layout.host_steps}
+    known = {f"host.{t.name}" for t in layout.host_inputs} | {CACHE_SOURCE}
+    known |= {f"{h.name}.{HOST_STEP_FEED}" for h in layout.host_steps}
     known |= {f"{s.name}.{t.name}" for s in layout.stages for t in s.outputs}
     known |= {f"{h.name}.{t.name}" for h in layout.host_steps for t in h.outputs}
     steps = layout.loop.steps if layout.loop is not None else ()

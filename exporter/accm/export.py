@@ -162,7 +162,7 @@ class SelectorGraph(nn.Module):
 # -- the artifact's stages (graphs/accm_layout.py): the graphs above with the layout's I/O -----------------------
 
 class VisionStage(nn.Module):
-    """accm_vision: clip_pixels [1, 3, S, S] -> image_embeds [1, N, H], cls_attn [1, N] float32, patch_embeds [1, N, P]."""
+    """accm_vision: clip_pixels [1, 3, S, S] -> image_embeds [1, N, H], cls_attn [1, N] fp32, patch_embeds [1, N, P]."""
 
     def __init__(self, model, visual_projection: nn.Module):
         super().__init__()

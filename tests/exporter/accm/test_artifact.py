@@ -132,3 +132,24 @@ def test_build_accm_artifact_with_tensorrt_rtx(accm_art, tmp_path):
     built = {s["name"] for s in engines["stages"] if s["engines"].get("tensorrt-rtx")}
     assert built == {s["name"] for s in engines["stages"]}
     assert {"accm_gpt2", "accm_beam_step", "accm_selector"} <= built
+
+
+def test_encoded_image_and_server_response_carry_the_caption(accm_art):
+    """A question about an encoded image (SAM's set_image: accm_vision and sam_encoder once) gives the same ACCM
+    result as a full run, and csprt serve's response carries it as the host_steps JSON."""
+    from engines.serving import encode_response
+    from engines.session import ArtifactSession
+    from exporter.export import sample_image
+
+    image = sample_image()
+    with ArtifactSession(accm_art) as s:
+        assert set(s.image_plan.stages) == {"accm_vision", "sam_encoder"}
+        full = s.segment(image, "Which object is red?")
+        enc = s.encode_image(image)
+        again = s.segment(enc, "Which object is red?")
+        assert again.host_steps == full.host_steps and (again.masks == full.masks).all()
+        with pytest.raises(Exception, match="one request at a time"):
+            s.segment_batch([image, image], ["a", "b"])
+    out = encode_response(full, image.shape[:2], False, full.timings_ms)
+    assert json.loads(out["host_steps"][0, 0]) == full.host_steps
+    assert full.host_steps["accm"]["caption"] == full.host_steps["accm"]["candidates"][full.host_steps["accm"]["chosen"]]
