@@ -153,3 +153,16 @@ def test_encoded_image_and_server_response_carry_the_caption(accm_art):
     out = encode_response(full, image.shape[:2], False, full.timings_ms)
     assert json.loads(out["host_steps"][0, 0]) == full.host_steps
     assert full.host_steps["accm"]["caption"] == full.host_steps["accm"]["candidates"][full.host_steps["accm"]["chosen"]]
+
+
+def test_triton_repo_carries_the_host_step_files(accm_art, tmp_path):
+    """The Triton BLS model loads its artifact copy (manifest, tokenizer, ACCM's tokenizer files) as ArtifactSession
+    does, and declares the host_steps output."""
+    from graphs.manifest import load_artifact
+
+    rc, _, stderr = call(["triton-repo", str(accm_art), "--out", str(tmp_path / "repo")])
+    assert rc == 0, stderr[-2000:]
+    copy = tmp_path / "repo/csprt/1/artifact"
+    art = load_artifact(copy, verify=False)  # would name a missing accm/... file
+    assert (copy / "accm/longclip/vocab.json").is_file() and art.layout.host_steps
+    assert 'name: "host_steps"' in (tmp_path / "repo/csprt/config.pbtxt").read_text()
