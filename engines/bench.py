@@ -42,7 +42,7 @@ def bench_session(session: ArtifactSession, text_tokens: int, mode: str = "singl
         image_feed, original_hw, resized_hw = session.host.image_batch([image] * batch)
         feed = {**query_feed, **image_feed}
         t1 = time.perf_counter()
-        result = session.pipeline.run(feed, mode, max_new_tokens=max_new_tokens)
+        result = session.pipeline.run(feed, mode, max_new_tokens=max_new_tokens, context={"queries": [query] * batch})
         t2 = time.perf_counter()
         owner = result.outputs.get("seg_batch")
         masks = result.outputs.get("masks")

@@ -2,6 +2,8 @@
 
     host {"clip_pixels", "prefix_ids", ...}
       -> for stage in layout.sequence(mode):
+             its host steps first (layout.host_steps_before: the `host_steps` hook on host arrays; ACCM's
+                 tokenizers and caption beam loop, which runs the stages in `HostStep.runs` itself)
              feed = {input: tensors[input.source_for(mode)]}      # "host.x" | "<stage>.<out>" | "loop.<x>" | "cache"
              skip_if_empty input has a zero-size dim -> empty outputs, else outputs = runner.infer(feed)
              a block (stage.cache): its cache inputs are the run's static KV cache (`KvCache`); its new K/V rows
@@ -19,6 +21,7 @@ a token for the stop check and to bring the outputs to the host; both chains fol
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Collection
 
@@ -27,7 +30,7 @@ import numpy as np
 from graphs.dims import dim_names, eval_dim
 from graphs.errors import InputError, internal_error
 from graphs.runner import BaseRunner, is_plain_dim
-from graphs.stages import CACHE_LENGTH, CACHE_SOURCE, ROW_LENS, Layout, StageSpec, TensorSpec
+from graphs.stages import CACHE_LENGTH, CACHE_SOURCE, ROW_LENS, HostStep, Layout, StageSpec, TensorSpec
 
 
 @dataclass
@@ -168,10 +171,13 @@ class Pipeline:
             the first time the stage runs. Runners are activated then and deactivated by `close()`.
         chain (HostChain | CudaChain | None): where tensors live between stages. Defaults to None
             (`HostChain`: numpy arrays through the host).
+        host_steps (Callable | None): runs the layout's host steps: (step, feed, context, run_stage) -> outputs
+            (`engines.host_steps.HostSteps`). Defaults to None (a layout with host steps then cannot run).
     """
 
-    def __init__(self, layout: Layout, runner_for: Callable[[StageSpec], BaseRunner], chain=None):
+    def __init__(self, layout: Layout, runner_for: Callable[[StageSpec], BaseRunner], chain=None, host_steps=None):
         self.layout = layout
+        self.host_steps = host_steps
         self.runner_for = runner_for
         self.chain = chain if chain is not None else HostChain()
         self.runners: dict[str, BaseRunner] = {}  # graph name -> runner: a decode step reuses its block's
@@ -199,7 +205,7 @@ class Pipeline:
     # -- run ------------------------------------------------------------------------------------
     def run(self, host: dict[str, np.ndarray], mode: str, record: bool = False,
             max_new_tokens: int | None = None, given: dict | None = None,
-            stages: Collection[str] | None = None) -> PipelineResult:
+            stages: Collection[str] | None = None, context: dict | None = None) -> PipelineResult:
         """Run every stage of `mode` on the host inputs.
 
         Args:
@@ -213,6 +219,7 @@ class Pipeline:
                 stage, e.g. an image encoding (engines.session.ImageEncoding). Defaults to None.
             stages (Collection[str] | None): run only these stages of the mode's sequence; the others' outputs
                 must be in `given`. Defaults to None (every stage).
+            context (dict | None): what host steps read besides tensors, e.g. {"queries": [...]}. Defaults to None.
 
         Returns:
             PipelineResult: the outputs, every intermediate tensor, feeds and timings.
@@ -231,6 +238,8 @@ class Pipeline:
         self.kv.begin(max(limit - 1, 0))  # a generate run feeds at most limit - 1 tokens back
         with chain.begin(mode):
             for stage in sequence:
+                for step in self.layout.host_steps_before(stage.name):
+                    self._host_step(step, mode, res, record, context or {})
                 outs = self._step(stage, mode, res.tensors, res, record)
                 res.tensors.update({f"{stage.name}.{k}": v for k, v in outs.items()})
                 if loop is not None and stage.name == loop.after:
@@ -263,6 +272,29 @@ class Pipeline:
             self.kv.write(stage, outs, feed[ROW_LENS])
         return outs
 
+    def _host_step(self, step: HostStep, mode: str, res: PipelineResult, record: bool, context: dict) -> None:
+        """Run a declared host step (graphs.stages.HostStep) on host arrays; the stages it runs itself go through
+        their runners here (timed; with `record`, their first call's feed is kept, as a decode step's)."""
+        if self.host_steps is None:
+            raise internal_error(f"the layout has host step {step.name!r} but the Pipeline was given no host_steps")
+        feed = {}
+        for t in step.inputs:
+            src = t.source.get(mode) if isinstance(t.source, dict) else t.source
+            if src is not None:
+                feed[t.name] = self.chain.to_host(src, self._source(res.tensors, step, t, mode))
+
+        def run_stage(name: str, stage_feed: dict) -> dict:
+            stage = self.layout.stage(name)
+            if record and name not in res.feeds:
+                res.feeds[name] = {k: np.array(v, copy=True) for k, v in stage_feed.items()}
+            out = self.chain.infer(stage, self.runner(stage), stage_feed, res.timings_ms)
+            return {k: self.chain.to_host(f"{name}.{k}", v) for k, v in out.items()}
+
+        t0 = time.perf_counter()
+        outs = self.host_steps(step, feed, context, run_stage)
+        res.timings_ms[step.name] = res.timings_ms.get(step.name, 0.0) + 1e3 * (time.perf_counter() - t0)
+        res.tensors.update({f"{step.name}.{k}": v for k, v in outs.items()})
+
     @staticmethod
     def _plain(stage: StageSpec) -> set[str]:
         return {t.name for t in stage.inputs if t.source != CACHE_SOURCE}
@@ -291,7 +323,7 @@ class Pipeline:
             raise InputError(f"host inputs: {what}; this artifact takes: {spec}")
 
     @staticmethod
-    def _source(tensors: dict, stage: StageSpec, spec: TensorSpec, mode: str) -> np.ndarray:
+    def _source(tensors: dict, stage: StageSpec | HostStep, spec: TensorSpec, mode: str) -> np.ndarray:
         src = spec.source_for(mode)
         if src not in tensors:
             raise internal_error(f"stage {stage.name!r} input {spec.name!r}: source {src!r} was not produced "

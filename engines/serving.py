@@ -8,7 +8,8 @@
          --max-batch requests each; hits and misses in one batch; misses' encodings are cached
       -> encode_response per request
     response mask_png BYTES [1], masks_packed UINT8 [-1], masks_shape INT64 [3], mask_logits FP32 [-1, -1, -1]?,
-             answer BYTES [1], generated_ids INT64 [-1], timings BYTES [1] (JSON)
+             answer BYTES [1], generated_ids INT64 [-1], timings BYTES [1] (JSON)[, host_steps BYTES [1] (JSON:
+             an ACCM artifact's candidate captions and the chosen one)]
 
 Shapes are per request, without Triton's batch dim (clients send [1, 1] for a BYTES [1] input); an output
 with no elements is left out of the response (PyTriton cannot send zero-size tensors). Each request's
@@ -61,6 +62,9 @@ OUTPUTS = {
     "answer": ("BYTES", (1,), "UTF-8 text answer"),
     "generated_ids": ("INT64", (-1,), "generated token ids; absent in single-pass mode (none generated)"),
     "timings": ("BYTES", (1,), "JSON: ms per stage, decode_image, segment, encode; image_cache_hit 1 or 0"),
+    "host_steps": ("BYTES", (1,), "JSON of what the artifact's host steps report: an ACCM artifact's "
+                                  "{\"accm\": {candidates, chosen, caption, beam_scores, selector_probs, picks}}; "
+                                  "absent when the artifact has none"),
 }
 _NP = {"BYTES": bytes, "BOOL": np.bool_, "UINT8": np.uint8, "INT64": np.int64, "FP32": np.float32}
 
@@ -226,6 +230,8 @@ def encode_response(seg, hw: tuple[int, int], return_logits: bool, timings_ms: d
         out["mask_logits"] = np.asarray(seg.mask_logits, dtype=np.float32)[None]
     out["answer"] = np.array([[seg.answer.encode("utf-8")]], dtype=object)
     out["generated_ids"] = np.asarray([list(seg.generated_ids)], dtype=np.int64).reshape(1, -1)
+    if seg.host_steps:
+        out["host_steps"] = np.array([[json.dumps(seg.host_steps).encode("utf-8")]], dtype=object)
     timings = {k: v if isinstance(v, int) else round(float(v), 3) for k, v in timings_ms.items()}  # counts stay ints
     timings["encode"] = round((time.perf_counter() - t0) * 1000, 3)
     out["timings"] = np.array([[json.dumps(timings).encode()]], dtype=object)

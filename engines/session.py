@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.host import HostIO, HostMeta, check_host_feed
+from engines.host_steps import HostSteps
 from engines.pipeline import Pipeline, PipelineResult
 from graphs.errors import ArtifactError, InputError, ToolchainError
 from graphs.image_encoding import image_plan
@@ -84,6 +85,7 @@ class Segmentation:
     pipeline: PipelineResult = field(repr=False)
     meta: HostMeta | None = field(default=None, repr=False)
     encoding: ImageEncoding | None = field(default=None, repr=False)  # keep_encoding=True, or the one given
+    host_steps: dict = field(default_factory=dict)  # what the host steps report, e.g. {"accm": {candidates, ...}}
 
 
 def cuda_problem() -> str:
@@ -208,7 +210,9 @@ class ArtifactSession:
         if runner_for is None:  # tensorrt: checked before anything loads
             runner_for = runner_factory(self.artifact, backend, self.device, threads=threads)
         self.host = HostIO(self.artifact.manifest, self.artifact.dir)
-        self.pipeline = Pipeline(self.artifact.layout, runner_for, chain=chain_for(self.artifact, backend, self.device))
+        self.host_steps = HostSteps(self.artifact.layout, self.artifact.dir, lambda: self.host.tokenizer)
+        self.pipeline = Pipeline(self.artifact.layout, runner_for, chain=chain_for(self.artifact, backend, self.device),
+                                 host_steps=self.host_steps)
         self._image_plan = None
         self._image_settings: str | None = None
 
@@ -255,6 +259,9 @@ class ArtifactSession:
     def check_batch(self, n: int) -> None:
         if n < 1:
             raise InputError("an empty batch: pass at least one image and one query")
+        if n > self.max_batch and self.artifact.layout.host_steps:
+            raise InputError(f"a batch of {n} requests: this artifact's host steps (ACCM's caption) run one request "
+                             "at a time; send one image and one query per call")
         if n > self.max_batch:
             raise InputError(f"a batch of {n} requests is more than this artifact's maximum of {self.max_batch}; "
                              f"run at most {self.max_batch} at a time, or re-export with --max-batch {n} "
@@ -350,7 +357,8 @@ class ArtifactSession:
             feed = {name: merged[name] for name in self.host.host_inputs if name in merged}  # manifest order
             # Before any stage runs: a text over the exported range fails here, naming the dim and the range.
             check_host_feed(self.artifact.layout, feed)
-            result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens)
+            result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens,
+                                       context={"queries": queries})
             encodings = [None] * len(images)
             if keep_encoding:
                 tensors = {**result.tensors, **{f"host.{k}": v for k, v in feed.items()}}
@@ -365,7 +373,7 @@ class ArtifactSession:
             given = {src: chain.cat([e.tensors[src] for e in encodings]) for src in self.image_plan.keep}
             rest = [s.name for s in self.artifact.layout.stages if s.name not in self.image_plan.stages]
             result = self.pipeline.run(query_feed, mode, record=record, max_new_tokens=max_new_tokens, given=given,
-                                       stages=rest)
+                                       stages=rest, context={"queries": queries})
         metas = [HostMeta(original_hw=o, resized_hw=r, mode=mode, prompt=i)
                  for o, r, i in zip(original_hw, resized_hw, ids)]
         return self._segmentations(result, metas, mode, encodings)
@@ -395,6 +403,7 @@ class ArtifactSession:
         owner = result.outputs.get("seg_batch")
         owner = np.asarray(owner).reshape(-1) if owner is not None else np.zeros(0, np.int64)
         tokens = self.image_tokens_per_layer(result)
+        extra = self.host_steps.report(result.outputs)  # host steps run one request (ACCM): the batch's only one
         out = []
         for b, meta in enumerate(metas):
             mine = None if masks is None else np.asarray(masks)[owner == b]
@@ -403,7 +412,7 @@ class ArtifactSession:
             out.append(Segmentation(
                 mask_logits=logits, masks=binary, answer=self.host.answer(ids, mode), generated_ids=ids,
                 image_tokens_per_layer=tokens, timings_ms=result.timings_ms, pipeline=result, meta=meta,
-                encoding=encodings[b]))
+                encoding=encodings[b], host_steps=extra))
         return out
 
     def image_tokens_per_layer(self, result: PipelineResult) -> list[int]:

@@ -7,7 +7,7 @@
         1/model.py
         1/stages.json                 #   stage -> Triton model and the inputs it takes
         1/artifact/manifest.json      #   the artifact's manifest and tokenizer: HostIO + Pipeline need nothing else
-        1/artifact/tokenizer/...
+        1/artifact/tokenizer/...       #   (+ accm/...: the files an ACCM artifact's host steps read)
       <name>_<stage>/                 # one per stage: onnxruntime_onnx (model.onnx [+ external data])
         config.pbtxt                  #   or tensorrt_plan (model.plan from `csprt build`)
         1/model.onnx | 1/model.plan
@@ -220,6 +220,9 @@ def _write_bls(tmp: Path, artifact: Artifact, name: str, models: list[_StageMode
     shutil.copyfile(artifact.dir / MANIFEST_NAME, art_copy / MANIFEST_NAME)
     tok = artifact.manifest["tokenizer"]["dir"]
     shutil.copytree(artifact.dir / tok, art_copy / tok, copy_function=shutil.copyfile)
+    for rel in sorted({rel for step in artifact.manifest.get("host_steps") or () for rel in step["files"]}):
+        (art_copy / rel).parent.mkdir(parents=True, exist_ok=True)  # ACCM's tokenizers: its host steps read them
+        shutil.copyfile(artifact.dir / rel, art_copy / rel)
     _write_json({"format": "csprt.triton_bls", "format_version": REPO_FORMAT_VERSION,
                  "stage_models": {m.stage.name: {"model": m.model, "inputs": m.inputs} for m in models}},
                 version_dir / STAGES_FILE)

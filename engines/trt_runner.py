@@ -32,7 +32,7 @@ import numpy as np
 from engines.engine_check import check_engine, check_pieces
 from engines.trt import CaptureLogger
 from engines.gpu_plan import CAPTURE, REPLAY, GraphCache, graph_key, graph_mode, unknown_dims
-from engines.profiles import InputShapes, Profile, call_profile, profiles_from_json
+from engines.profiles import call_profile, profiles_from_json
 from engines.split_runtime import PiecesMixin, piece_buffer_plan
 from engines.trt import load_trt
 from graphs import dims

@@ -140,6 +140,8 @@ def _schedule_context(spec: StageSpec, schedule: Schedule) -> dict:
     names = [s.name for s in schedule.stages]
     if spec.kind == "vision":
         return {"first": dataclasses.asdict(schedule.stages[0]), "knobs": knobs}
+    if spec.kind in ("accm_picks", "accm_beam_step"):  # the picks' budget and text picks; the beam width
+        return {"first": dataclasses.asdict(schedule.stages[0]), "accm": dataclasses.asdict(schedule.accm)}
     if spec.kind == "entry":
         i = int(spec.name.split("_")[-1])
         nxt = schedule.stages[i + 1].op if i + 1 < len(names) else None  # the previous budget is in the I/O
@@ -176,7 +178,8 @@ def trace_program(wrapper: torch.nn.Module, spec: StageSpec, args: tuple, opset:
         dynamic.append(axes or None)
     params = inspect.signature(wrapper.forward).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        dynamic = [tuple(dynamic)]  # torch.export matches `*args` as one tuple argument
+        fixed = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+        dynamic = [*dynamic[:fixed], tuple(dynamic[fixed:])]  # torch.export matches `*args` as one tuple argument
     sink = io.StringIO()
     # The exporter narrates to stdout, warns about unused dim names and logs missing torchvision ops:
     # none of it is actionable here, and progress is reported per stage instead.
@@ -205,12 +208,19 @@ class _SampleChain:
     (past_len 0) a few rows longer than its prompt rows: its prefill, as the Pipeline runs it.
     """
 
-    def __init__(self, model, schedule: Schedule, layout: Layout, seg_token_id: int, host: dict[str, torch.Tensor]):
+    def __init__(self, model, schedule: Schedule, layout: Layout, seg_token_id: int, host: dict[str, torch.Tensor],
+                 given: dict[str, torch.Tensor] | None = None, owned_feed: Callable[[StageSpec], dict] | None = None):
         self.model, self.schedule, self.layout, self.seg = model, schedule, layout, seg_token_id
         self.tensors: dict[str, torch.Tensor] = {f"host.{k}": v for k, v in host.items()}
+        self.tensors.update(given or {})  # host steps' outputs on the sample (ACCM: exporter.accm.sample)
+        self.owned_feed = owned_feed      # the feed of a stage a host step runs (HostStep.runs)
         self.mode = layout.modes[0]
+        self.batch = host["suffix_lens"].shape[0]
 
     def feed(self, spec: StageSpec) -> tuple:
+        if spec.name in self.layout.run_by_host_steps():
+            feed = self.owned_feed(spec)
+            return tuple(feed[t.name] for t in spec.inputs)
         args = {}
         for t in spec.inputs:
             src = t.source_for(self.mode)
@@ -222,11 +232,20 @@ class _SampleChain:
                 x = self.tensors[self.layout.loop.hidden]
             else:
                 x = self.tensors[src]
-            args[t.name] = x
+            args[t.name] = self._fit_batch(x, t)
         if spec.cache:
             rows = args["hidden"].shape[1]
             args.update(empty_cache(spec, rows + 3, args["hidden"].dtype, args["hidden"].shape[0]))
         return tuple(args[t.name] for t in spec.inputs)
+
+    def _fit_batch(self, x: torch.Tensor, t) -> torch.Tensor:
+        """A stage of one request (leading dim 1: ACCM's) takes the sample's first request; a batched input fed
+        by such a stage gets its rows repeated for the sample's other request."""
+        if t.shape and t.shape[0] == 1 and x.shape[0] != 1:
+            return x[:1]
+        if t.shape and t.shape[0] == "batch" and x.shape[0] == 1 and self.batch > 1:
+            return x.expand(self.batch, *x.shape[1:]).contiguous()
+        return x
 
     def run(self, spec: StageSpec, wrapper, args: tuple) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -484,7 +503,7 @@ def _graph_passes(model_proto, spec: StageSpec):
 def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str | os.PathLike,
                     options: ExportOptions = ExportOptions(), vision_tower: str | os.PathLike | None = None,
                     command: str = "", progress: Callable[[str], None] | None = None,
-                    finish: Callable[[Path], None] | None = None) -> Path:
+                    finish: Callable[[Path], None] | None = None, accm_dir: str | os.PathLike | None = None) -> Path:
     """Export every stage graph of `schedule` and write the manifest. Returns the artifact dir.
 
     Weights stream: the model is built on `meta` and each stage reads only the checkpoint tensors its
@@ -500,12 +519,16 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
         progress (callable | None): called with one line per stage. Defaults to silent.
         finish (callable | None): a last pass over the complete new generation's directory before it is swapped
             in (`csprt export --quantize`), so a reader never sees it half-done. Defaults to None.
+        accm_dir (path | None): ACCM's models (exporter/accm/checkpoint.py), for a schedule whose first op is
+            "accm"; only then. Defaults to None.
     """
     say = progress or (lambda _msg: None)
-    if schedule.accm is not None:
-        raise ScheduleError(f"schedule {schedule.name!r} is an ACCM schedule, which csprt cannot export yet (its "
-                            "caption graphs are not built, issue 14); run it on the PyTorch reference (docs/accm.md)")
     art = Path(out)
+    if schedule.accm is not None:
+        options = _accm_options(schedule, options, accm_dir, checkpoint, art)
+    elif accm_dir is not None:
+        raise ScheduleError(f"--accm is for ACCM schedules (accm-36, accm-18); schedule {schedule.name!r} has no "
+                            "ACCM entry: drop --accm, or export an ACCM schedule")
     if art.exists() and not art.is_dir():
         raise ArtifactError(f"--out {art} exists and is not a directory; choose a directory path")
     if options.precision not in PRECISIONS:
@@ -516,7 +539,7 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
         # Into a new generation beside the artifact, which keeps running and serving until this one is complete
         # and swapped in (graphs/artifact_dir.py); a killed export leaves the artifact as it was.
         gen = artifact_dir.begin_generation(art, mf.is_artifact_dir(art))
-        _export(gen, checkpoint, schedule, options, vision_tower, command, say, shown=art)
+        _export(gen, checkpoint, schedule, options, vision_tower, command, say, shown=art, accm_dir=accm_dir)
         if finish is not None:
             finish(gen)
         artifact_dir.publish(art, gen)
@@ -524,8 +547,24 @@ def export_artifact(checkpoint: str | os.PathLike, schedule: Schedule, out: str 
         return art
 
 
+def _accm_options(schedule: Schedule, options: ExportOptions, accm_dir, checkpoint, art: Path) -> ExportOptions:
+    """The options an ACCM export runs with: its graphs run one request (batch 1), in fp32, traced on real data."""
+    fix = f"csprt export {checkpoint} --schedule {schedule.name} --accm ACCM_DIR --out {art}"
+    if accm_dir is None:
+        raise ScheduleError(f"schedule {schedule.name!r} is an ACCM schedule: it needs ACCM's models "
+                            "(caption_model.pt, selector.pt, gpt2/, longclip/, clip/; `csprt make-tiny OUT --accm` "
+                            f"writes tiny ones): {fix}")
+    if options.precision != "fp32":
+        raise ToolchainError(f"ACCM artifacts export in fp32 only (its picks and beam ranking are not checked in "
+                             f"fp16 yet); drop --precision {options.precision}")
+    if options.trace_only:
+        raise ToolchainError("ACCM artifacts are exported with parity checks (--trace-only is not supported for "
+                             "ACCM schedules yet); drop --trace-only")
+    return dataclasses.replace(options, max_batch=1, opt_batch=1)  # ACCM's graphs run one request at a time
+
+
 def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, vision_tower, command: str,
-            say: Callable[[str], None], shown: Path) -> Path:
+            say: Callable[[str], None], shown: Path, accm_dir=None) -> Path:
     """`export_artifact` under its lock, into the generation directory `art` (`shown`: the path the user named)."""
     cfg = read_checkpoint_config(checkpoint, vision_tower)
     shape = cfg.shape
@@ -535,13 +574,20 @@ def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, v
     seg_id = token_id(tokenizer, SEG_TOKEN)
     sample_mode = "single-pass" if options.mode in ("single-pass", "both") else "generate"
     ids = tokenize_prompt(tokenizer, SAMPLE_QUERY, sample_mode, shape.num_image_tokens, shape.llm.max_positions)
+    accm = accm_info = None
+    if schedule.accm is not None:
+        from exporter.accm.sample import load_for_export
+
+        accm, accm_info = load_for_export(accm_dir, shape, say)
     layout = build_layout(schedule, shape, LayoutOptions(
         precision=options.precision, mode=options.mode, max_text_len=options.max_text_len,
         max_new_tokens=options.max_new_tokens, max_seg=options.max_seg, opt_prefix=len(ids.prefix),
-        opt_suffix=len(ids.suffix), max_batch=options.max_batch, opt_batch=options.opt_batch), seg_token_id=seg_id, stop_token_ids=(tokenizer.eos_token_id,))
+        opt_suffix=len(ids.suffix), max_batch=options.max_batch, opt_batch=options.opt_batch), seg_token_id=seg_id,
+        stop_token_ids=(tokenizer.eos_token_id,), accm=accm_info)
 
     weights = _fingerprint(find_weight_files(cfg.ckpt_dir) + [cfg.ckpt_dir / "config.json"]
-                           + [p for p in cfg.clip_dir.iterdir() if p.is_file()])
+                           + [p for p in cfg.clip_dir.iterdir() if p.is_file()]
+                           + ([p for p in Path(accm_dir).rglob("*") if p.is_file()] if accm is not None else []))
     versions, code = mf.package_versions(), _code_hash()
     keys = {s.name: stage_key(s, schedule, shape, options, weights, versions, code, seg_id) for s in layout.stages}
     reuse = _reusable(art, keys, need_parity=not options.trace_only)
@@ -557,15 +603,22 @@ def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, v
         host = _host_sample(shape, processor, sample_image(), ids, TORCH_DTYPES[options.precision], layout)
         run = _StageRun(art=art, shown=shown, schedule=schedule, layout=layout, options=options, seg_id=seg_id,
                         keys=keys, host=host, files=files, parity=parity, say=say,
-                        cache=GraphCache(options.cache_dir) if options.cache_dir else None)
+                        cache=GraphCache(options.cache_dir) if options.cache_dir else None, accm=accm)
         run.export(cfg, [s.name for s in todo])
 
     tok_files = tok_export.write(art / "tokenizer")
+    host_step_files = None
+    if accm is not None:
+        from exporter.accm.sample import write_tokenizers
+
+        host_step_files = write_tokenizers(Path(accm_dir), art, layout)
     manifest = mf.new_manifest(
         layout=layout, shape=shape, schedule=schedule, precision=options.precision, opset=options.opset,
-        export={"command": command or f"csprt export {cfg.ckpt_dir} --schedule {schedule.name} --out {shown}",
+        export={"command": command or (f"csprt export {cfg.ckpt_dir} --schedule {schedule.name} --out {shown}"
+                                       + (f" --accm {accm_dir}" if accm is not None else "")),
                 "checkpoint": str(cfg.ckpt_dir), "vision_tower": str(vision_tower) if vision_tower else None,
-                "mode": options.mode, "options": dataclasses.asdict(options), "versions": versions},
+                "mode": options.mode, "options": dataclasses.asdict(options), "versions": versions,
+                **({"accm": str(Path(accm_dir).resolve())} if accm is not None else {})},
         tokenizer={"dir": "tokenizer", "seg_token_id": seg_id, "eos_token_id": tokenizer.eos_token_id,
                    "prompt": {"template": "llava_v1", "sample_query": SAMPLE_QUERY}, **tok_files},
         preprocessing={"clip": read_clip_processor_config(cfg.clip_dir, shape), "sam": {"image_size": shape.sam.image_size, "mean": list(SAM_PIXEL_MEAN),
@@ -576,6 +629,7 @@ def _export(art: Path, checkpoint, schedule: Schedule, options: ExportOptions, v
         tolerances={"end_to_end": E2E_TOLERANCES[options.precision]},
         stage_files=files, stage_keys=keys,
         stage_tolerances={s.name: stage_tolerance(options.precision, s.name) for s in layout.stages},
+        host_step_files=host_step_files,
     )
     for entry in manifest["stages"]:
         if parity.get(entry["name"]):
@@ -616,6 +670,7 @@ class _StageRun:
     parity: dict[str, dict]
     say: Callable[[str], None]
     cache: GraphCache | None = None
+    accm: object = None  # exporter.accm.checkpoint.AccmModels of an ACCM schedule
 
     def export(self, cfg, todo: list[str]) -> None:
         """Export the stages named in `todo` (in layout order) from the checkpoint of `cfg`."""
@@ -623,8 +678,13 @@ class _StageRun:
         staged = StagedWeights(cfg.shape, cfg.ckpt_dir, cfg.clip_dir, TORCH_DTYPES[self.options.precision])
         self.say(f"export: opened {cfg.ckpt_dir} ({self.options.precision}; {staged.total_tensors} tensors, read "
                  f"per stage) in {time.perf_counter() - t0:.1f}s")
+        given = owned = None
+        if self.accm is not None:
+            from exporter.accm.sample import sample_sources
+
+            given, owned = sample_sources(self.accm, self.layout, self.host)
         chain = None if self.options.trace_only else _SampleChain(
-            staged.model, self.schedule, self.layout, self.seg_id, self.host)
+            staged.model, self.schedule, self.layout, self.seg_id, self.host, given, owned)
         # Trace-only stages are independent; checked ones need the eager outputs of the stages feeding them.
         needed = set(todo) if chain is None else _needed_stages(self.layout, set(todo))
         done = 0
@@ -646,9 +706,11 @@ class _StageRun:
             self.files[name] = {rel: mf.file_sha256(self.art / rel) for rel in hit[0]}
             self.parity[name] = hit[1] if parity_checked(hit[1]) else _unchecked_parity(self.shown)
             return "from the graph cache"
-        make = lambda model: make_wrapper(model, self.schedule, spec, self.seg_id)  # noqa: E731
+        make = lambda model: make_wrapper(model, self.schedule, spec, self.seg_id, accm=self.accm)  # noqa: E731
         args = chain.feed(spec) if chain else spec_feed(spec, self.layout, self.host, self.seg_id)
-        staged.hold(staged.used_by(make, args), name)
+        # ACCM's own models are loaded whole (small); of LISA's weights only accm_vision reads any (CLIP, projector)
+        lisa_weights = not spec.kind.startswith("accm_") or spec.kind == "accm_vision"
+        staged.hold(staged.used_by(make, args) if lisa_weights else (), name)
         wrapper = make(staged.model)
         expected = chain.run(spec, wrapper, args) if chain else None
         if not todo:
@@ -679,6 +741,7 @@ class _StageRun:
 def _needed_stages(layout: Layout, todo: set[str]) -> set[str]:
     """Stages whose eager outputs the sample feeds of `todo` depend on (plus `todo` itself)."""
     need, frontier = set(todo), list(todo)
+    stages = {s.name for s in layout.stages}
     while frontier:
         spec = layout.stage(frontier.pop())
         for t in spec.inputs:
@@ -687,7 +750,9 @@ def _needed_stages(layout: Layout, todo: set[str]) -> set[str]:
                 if src == CACHE_SOURCE:
                     continue
                 owner = layout.loop.hidden.split(".")[0] if src.startswith("loop.") else src.split(".")[0]
-                if owner != "host" and owner not in need:
+                if owner not in stages:  # the host, or a host step (the sample chain is given its outputs)
+                    continue
+                if owner not in need:
                     need.add(owner)
                     frontier.append(owner)
     return need

@@ -23,16 +23,17 @@ class TorchStageRunner(BaseRunner):
         model (LisaModel): weights on their device and dtype.
         schedule (Schedule): the artifact's schedule.
         seg_token_id (int): the tokenizer's [SEG] id.
+        accm (AccmModels | None): ACCM's models, for an ACCM stage. Defaults to None.
     """
 
     def __init__(self, stage: StageSpec, dims: dict[str, DimRange], model: LisaModel, schedule: Schedule,
-                 seg_token_id: int):
+                 seg_token_id: int, accm=None):
         super().__init__(stage, dims)
-        self.model, self.schedule, self.seg = model, schedule, seg_token_id
+        self.model, self.schedule, self.seg, self.accm = model, schedule, seg_token_id, accm
         self.wrapper = None
 
     def _activate(self) -> None:
-        self.wrapper = make_wrapper(self.model, self.schedule, self.stage, self.seg)
+        self.wrapper = make_wrapper(self.model, self.schedule, self.stage, self.seg, accm=self.accm)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         p = next(self.model.parameters())

@@ -278,8 +278,14 @@ class SamDecoderStage(nn.Module):
         return low_res, up.to(low_res.dtype)
 
 
-def make_wrapper(model: LisaModel, schedule: Schedule, spec: StageSpec, seg_token_id: int) -> nn.Module:
-    """The wrapper module of one stage, in eval mode."""
+def make_wrapper(model: LisaModel, schedule: Schedule, spec: StageSpec, seg_token_id: int, accm=None) -> nn.Module:
+    """The wrapper module of one stage, in eval mode (`accm`: ACCM's models, for an ACCM stage)."""
+    if spec.kind.startswith("accm_"):
+        from exporter.accm.export import accm_stage_wrapper
+
+        if accm is None:
+            raise AssertionError(f"stage {spec.name!r} is ACCM's: make_wrapper needs its models (accm=)")
+        return accm_stage_wrapper(model, accm, schedule, spec)
     if spec.kind == "vision":
         w = VisionStage(model, schedule, spec)
     elif spec.kind == "embed":

@@ -243,7 +243,7 @@ def flops_report(shape: ModelShape, schedule: Schedule, text_tokens: int = DEFAU
 
 def _image_only_kinds(shape: ModelShape, schedule: Schedule) -> dict[str, str]:
     """Image-only stage name -> kind, from the single-pass layout of `schedule` at `shape`."""
-    if schedule.accm is not None:  # not exportable yet: CLIP and SAM read only the image, ACCM's picks the question
+    if schedule.accm is not None:  # its layout needs ACCM's model sizes: accm_vision (CLIP, FLOPs "vision") and SAM
         return {"vision": "vision", "sam_encoder": "sam_encoder"}
     from graphs.image_encoding import image_only_stages
     from graphs.stages import LayoutOptions, build_layout

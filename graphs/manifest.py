@@ -34,7 +34,8 @@ from graphs.dims import DimError, dim_names
 from graphs.errors import ArtifactError, ToolchainError, internal_error
 from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
-from graphs.stages import CACHE_SOURCE, PRECISIONS, DimRange, Layout, Loop, StageSpec, TensorSpec
+from graphs.stages import (CACHE_SOURCE, HOST_STEP_FEED, PRECISIONS, DimRange, HostStep, Layout, Loop, StageSpec,
+                           TensorSpec)
 
 SCHEMA_VERSION = 3  # 2: weights once (embed / entry_<i> / llm_<i> blocks), static KV cache, loop steps;
 #                     3: a `batch` dim on every graph (--max-batch), right-padded suffixes, flat [SEG] rows
@@ -77,6 +78,18 @@ def _stage_from_dict(d: dict) -> StageSpec:
                      cache=tuple(tuple(p) for p in d.get("cache", ())), graph=d.get("runs", ""))
 
 
+def _host_step_to_dict(h: HostStep) -> dict:
+    return {"name": h.name, "kind": h.kind, "before": h.before, "inputs": [_tensor_to_dict(t) for t in h.inputs],
+            "outputs": [_tensor_to_dict(t) for t in h.outputs], "runs": list(h.runs), "params": dict(h.params)}
+
+
+def _host_step_from_dict(d: dict) -> HostStep:
+    return HostStep(name=d["name"], kind=d["kind"], before=d["before"],
+                    inputs=tuple(_tensor_from_dict(t) for t in d["inputs"]),
+                    outputs=tuple(_tensor_from_dict(t) for t in d["outputs"]), runs=tuple(d["runs"]),
+                    params=dict(d["params"]))
+
+
 def layout_to_dict(layout: Layout) -> dict:
     """The manifest's layout keys: host_inputs, stages (StageSpec fields only), dims, modes, outputs, loop.
 
@@ -92,7 +105,7 @@ def layout_to_dict(layout: Layout) -> dict:
                 "stop_token_ids": list(lp.stop_token_ids), "seg_token_id": lp.seg_token_id,
                 "max_positions": lp.max_positions, "max_seg": lp.max_seg, "outputs": list(lp.outputs),
                 "feeds": list(lp.feeds)}
-    return {
+    out = {
         "host_inputs": [_tensor_to_dict(t) for t in layout.host_inputs],
         "stages": [_stage_to_dict(s) for s in layout.stages],
         "dims": {k: {"min": r.min, "opt": r.opt, "max": r.max} for k, r in layout.dims.items()},
@@ -100,6 +113,9 @@ def layout_to_dict(layout: Layout) -> dict:
         "outputs": {k: dict(v) if isinstance(v, dict) else v for k, v in layout.outputs.items()},
         "loop": loop,
     }
+    if layout.host_steps:  # only layouts with host steps (ACCM) have the key: other manifests are as before
+        out["host_steps"] = [_host_step_to_dict(h) for h in layout.host_steps]
+    return out
 
 
 def layout_from_dict(d: dict) -> Layout:
@@ -123,6 +139,7 @@ def layout_from_dict(d: dict) -> Layout:
         modes=tuple(d["modes"]),
         outputs={k: dict(v) if isinstance(v, dict) else v for k, v in d["outputs"].items()},
         loop=loop,
+        host_steps=tuple(_host_step_from_dict(h) for h in d.get("host_steps") or ()),
     )
 
 
@@ -159,7 +176,9 @@ def layout_problems(layout: Layout) -> list[str]:
     """Wiring and dim names that do not resolve: every input source names an existing host input, stage
     output or loop output, and every name in a shape is a key of `dims`. Empty when consistent."""
     known = {f"host.{t.name}" for t in layout.host_inputs} | {CACHE_SOURCE}
+    known |= {f"{h.name}.{HOST_STEP_FEED}" for h in layout.host_steps}
     known |= {f"{s.name}.{t.name}" for s in layout.stages for t in s.outputs}
+    known |= {f"{h.name}.{t.name}" for h in layout.host_steps for t in h.outputs}
     steps = layout.loop.steps if layout.loop is not None else ()
     if layout.loop is not None:
         known |= {f"loop.{o}" for o in layout.loop.outputs}
@@ -177,8 +196,24 @@ def layout_problems(layout: Layout) -> list[str]:
                          "loop provides" for src in srcs if src not in known]
         if s.loop:
             known |= {f"{s.name}.{t.name}" for t in s.outputs}
+    names = {s.name for s in layout.stages}
+    for h in layout.host_steps:
+        if h.before not in names:
+            problems.append(f"host step {h.name!r} runs before {h.before!r}, which is no stage")
+        problems += [f"host step {h.name!r} runs {r!r}, which is no stage" for r in h.runs if r not in names]
+        for t in h.inputs:
+            srcs = t.source.values() if isinstance(t.source, dict) else [t.source]
+            problems += [f"host step {h.name!r} input {t.name!r} comes from {src!r}, which no stage, host input or "
+                         "host step provides" for src in srcs if src not in known]
+    owned = {(r, h.name) for h in layout.host_steps for r in h.runs}
+    for s in layout.stages:  # a stage a host step runs takes its inputs from that step
+        runner = next((h for r, h in owned if r == s.name), None)
+        if runner is not None:
+            problems += [f"stage {s.name!r} input {t.name!r} comes from {t.source!r}, not from {runner!r}, the "
+                         "host step that runs it" for t in s.inputs if t.source != f"{runner}.{HOST_STEP_FEED}"]
     tensors = [("host input", t) for t in layout.host_inputs]
     tensors += [(f"stage {s.name!r} tensor", t) for s in layout.stages for t in (*s.inputs, *s.outputs)]
+    tensors += [(f"host step {h.name!r} tensor", t) for h in layout.host_steps for t in (*h.inputs, *h.outputs)]
     for what, t in tensors:
         for dim in t.shape:
             try:
@@ -234,7 +269,7 @@ def package_versions(names: tuple[str, ...] = ("csprt", "torch", "transformers",
 def new_manifest(*, layout: Layout, shape: ModelShape, schedule: Schedule, precision: str, opset: int,
                  export: dict, tokenizer: dict, preprocessing: dict, postprocessing: dict, tolerances: dict,
                  stage_files: dict[str, dict[str, str]], stage_keys: dict[str, str],
-                 stage_tolerances: dict[str, dict]) -> dict:
+                 stage_tolerances: dict[str, dict], host_step_files: dict[str, dict[str, str]] | None = None) -> dict:
     """The manifest dict of an exported artifact (validate and write it with `write_manifest`).
 
     Args:
@@ -254,6 +289,8 @@ def new_manifest(*, layout: Layout, shape: ModelShape, schedule: Schedule, preci
         stage_files (dict[str, dict[str, str]]): per stage, {relpath: sha256} (`graph_files`).
         stage_keys (dict[str, str]): per stage, the content key its graph was exported under.
         stage_tolerances (dict[str, dict]): per stage, {"atol": {"": x, ...}, "rtol": {"": y, ...}}.
+        host_step_files (dict[str, dict[str, str]] | None): per host step, {relpath: sha256} of the files it reads
+            (ACCM's tokenizers). Defaults to None (none).
     """
     stages = []
     for spec in layout.stages:
@@ -274,6 +311,9 @@ def new_manifest(*, layout: Layout, shape: ModelShape, schedule: Schedule, preci
         "postprocessing": postprocessing, "dims": lay["dims"], "host_inputs": lay["host_inputs"],
         "stages": stages, "loop": lay["loop"], "outputs": lay["outputs"], "tolerances": tolerances,
     }
+    if "host_steps" in lay:
+        manifest["host_steps"] = [{**h, "files": dict((host_step_files or {}).get(h["name"], {}))}
+                                  for h in lay["host_steps"]]
     return json.loads(json.dumps(manifest))  # plain JSON types (to_dict() keeps tuples): what is written is what is read
 
 
@@ -493,10 +533,20 @@ def load_artifact(art_dir: str | os.PathLike, verify: bool = True) -> Artifact:
     if problems:
         raise ArtifactError(f"{path}: {problems[0]}; re-export with: {fix}")
     artifact = Artifact(dir=art, manifest=manifest, layout=layout, shape=shape, schedule=schedule, named=named)
+    _check_host_step_files(artifact, fix)
     if verify:
         _verify_files(artifact, fix)
         _check_graph_io(artifact, fix)
     return artifact
+
+
+def _check_host_step_files(artifact: Artifact, fix: str) -> None:
+    """The files host steps read (ACCM's tokenizers) are present, checked on every load (their hashes: `verify`)."""
+    for step in artifact.manifest.get("host_steps") or ():
+        missing = [rel for rel in step["files"] if not (artifact.dir / rel).is_file()]
+        if missing:
+            raise ArtifactError(f"{artifact.path} lacks {', '.join(missing)}, which host step {step['name']!r} "
+                                f"({step['kind']}) reads; re-export with: {fix}")
 
 
 def _check_seal(manifest: dict, path: Path, fix: str) -> None:
@@ -546,6 +596,7 @@ def outside_paths(art: Path, manifest: dict) -> list[str]:
         named += [(f"stage {e['name']!r} {flavor} engine {key}", eng.get(key))
                   for flavor, eng in (e.get("engines") or {}).items() if isinstance(eng, dict)
                   for key in ("sidecar", "plan") if key in eng]
+    named += [(f"host step {h['name']!r} file", rel) for h in manifest.get("host_steps") or () for rel in h["files"]]
     return [f"{what} {rel!r} leads outside the artifact directory" for what, rel in named if not inside(art, rel)]
 
 
@@ -556,6 +607,11 @@ def _verify_files(artifact: Artifact, fix: str) -> None:
     for name, digest in artifact.manifest["tokenizer"].get("files", {}).items():  # recorded since tokenizer provenance
         if not (tok / name).is_file() or file_sha256(tok / name) != digest:
             raise ArtifactError(f"tokenizer file {tok / name} is missing or changed since export; re-export with: {fix}")
+    for step in artifact.manifest.get("host_steps") or ():
+        for rel, digest in step["files"].items():
+            if file_sha256(artifact.dir / rel) != digest:
+                raise ArtifactError(f"{rel} (host step {step['name']!r}) changed since export (hash mismatch); "
+                                    f"re-export with: {fix}")
     for entry in artifact.manifest["stages"]:
         for rel, digest in entry["files"].items():
             path = artifact.dir / rel

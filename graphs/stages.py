@@ -46,7 +46,7 @@ length), or a dict {mode: source} where the source differs by mode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from graphs.errors import internal_error
 from graphs.schedule import Schedule
@@ -57,6 +57,7 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 EXPORT_MODES = ("single-pass", "generate", "both")
 CACHE_SOURCE = "cache"    # source of a block's cache inputs: the runtime's preallocated buffers
 CACHE_LENGTH = "past_len"  # block input [B]: each request's valid cache rows, where this call's rows are written
+HOST_STEP_FEED = "feed"    # "<host step>.feed": an input of a stage that host step runs itself (`HostStep.runs`)
 ROW_LENS = "row_lens"      # block input [B]: each request's real rows in this call (past_len advances by it)
 
 Dim = int | str  # an int is static; a str is a named dynamic dim (a key of `dims`) or an expression of them
@@ -141,6 +142,29 @@ class Loop:
 
 
 @dataclass(frozen=True)
+class HostStep:
+    """Work the host does between stages, declared so that any host can follow it (docs/artifact.md, "Host steps").
+
+    It runs right before stage `before` (host steps before one stage run in layout order), reads `inputs`
+    ("<stage>.<output>", "host.<input>", "<host step>.<output>"; an input whose source a mode lacks is left
+    out), and its `outputs` become sources "<name>.<output>". `kind` says what the host does (`params` holds
+    the texts, tokenizer files and numbers it needs); `runs` names stages the step runs itself, in a loop of its
+    own (they are not in any mode's stage sequence, and their inputs come from "<name>.feed").
+    """
+
+    name: str
+    kind: str
+    before: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    runs: tuple[str, ...] = ()
+    params: dict = field(default_factory=dict)
+
+    def output(self, name: str) -> TensorSpec:
+        return _named(self.outputs, name, f"host step {self.name!r} output")
+
+
+@dataclass(frozen=True)
 class Layout:
     host_inputs: tuple[TensorSpec, ...]
     stages: tuple[StageSpec, ...]
@@ -148,6 +172,15 @@ class Layout:
     modes: tuple[str, ...]
     outputs: dict[str, str | dict[str, str]]  # pipeline result name -> source
     loop: Loop | None = None
+    host_steps: tuple[HostStep, ...] = ()  # host work between stages (ACCM's tokenizers and beam loop)
+
+    def host_steps_before(self, stage: str) -> list[HostStep]:
+        """The host steps that run right before `stage`, in order."""
+        return [h for h in self.host_steps if h.before == stage]
+
+    def run_by_host_steps(self) -> set[str]:
+        """Stages a host step runs itself (`HostStep.runs`): in no mode's sequence."""
+        return {name for h in self.host_steps for name in h.runs}
 
     def stage(self, name: str) -> StageSpec:
         """A stage by name; a decode step (`loop.steps`) too."""
@@ -166,7 +199,8 @@ class Layout:
         """Stages of a `mode` run, in order. In generate mode the loop runs after `loop.after`."""
         if mode not in self.modes:
             raise KeyError(f"mode {mode!r} is not in this artifact; it has: {', '.join(self.modes)}")
-        return [s for s in self.stages if mode in s.modes]
+        owned = self.run_by_host_steps()
+        return [s for s in self.stages if mode in s.modes and s.name not in owned]
 
 
 @dataclass(frozen=True)
@@ -226,7 +260,7 @@ def _clamp_opt(lo: int, opt: int, hi: int) -> DimRange:
 
 
 def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg_token_id: int,
-                 stop_token_ids: tuple[int, ...]) -> Layout:
+                 stop_token_ids: tuple[int, ...], accm=None) -> Layout:
     """Every stage's I/O, the wiring between them and the named dims' profiles.
 
     Args:
@@ -235,7 +269,12 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
         opts (LayoutOptions): precision, modes and bounds.
         seg_token_id (int): the tokenizer's [SEG] id (the decode loop collects hidden states there).
         stop_token_ids (tuple[int, ...]): ids that end generation (EOS).
+        accm (graphs.accm_layout.AccmLayoutInfo | None): an ACCM schedule's model sizes and token ids; its
+            graphs replace `vision` and its host steps splice the caption into the suffix (graphs/accm_layout.py).
+            Defaults to None.
     """
+    if (schedule.accm is not None) != (accm is not None):
+        raise internal_error("build_layout: an ACCM schedule needs its AccmLayoutInfo, and only an ACCM schedule")
     if opts.precision not in PRECISIONS:
         raise internal_error(f"precision {opts.precision!r} not in {tuple(PRECISIONS)}")
     if opts.mode not in EXPORT_MODES:
@@ -276,6 +315,17 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
     if seg_first:
         dims["instances"] = DimRange(1, 1, opts.max_instances)
     by_name = {t.name: t for t in host}
+    # Where the LLM side reads the image rows and the prompt's ids: the vision graph and the host, or for ACCM
+    # its picks graph and its caption splice (a host step).
+    wire = {"image_hidden": "vision.image_hidden", "image_indices": "vision.image_indices",
+           "suffix_ids": "host.suffix_ids", "suffix_lens": "host.suffix_lens", "seg_rows": "host.seg_rows"}
+    accm_part = None
+    if accm is not None:
+        from graphs.accm_layout import accm_layout_part
+
+        accm_part = accm_layout_part(schedule, shape, opts, accm, by_name)
+        wire.update(accm_part.sources)
+        dims.update(accm_part.dims)
 
     vision_in = [TensorSpec("clip_pixels", f, by_name["clip_pixels"].shape, "host.clip_pixels")]
     if seg_first:
@@ -287,16 +337,19 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
     ]
     if first.op == "cluster":
         vision_out.append(TensorSpec("assign", "int64", (B, n)))  # each token's representative (position in indices)
-    stages = [StageSpec("vision", "vision", tuple(vision_in), tuple(vision_out))]
+    stages = [StageSpec("vision", "vision", tuple(vision_in), tuple(vision_out))] if accm_part is None else [
+        *accm_part.image_stages]
     stages.append(StageSpec(
         "sam_encoder", "sam_encoder", (TensorSpec("sam_pixels", f, by_name["sam_pixels"].shape, "host.sam_pixels"),),
         (TensorSpec("image_embeddings", f, (B, sam.out_chans, sam.embed_grid, sam.embed_grid)),)))
 
+    if accm_part is not None:
+        stages += accm_part.query_stages
     kv = lambda t: (B, llm.kv_heads, t, hd)  # noqa: E731  [B, kv_heads, T, head_dim]
     text = ("prefix_len", "suffix_len")
     stages.append(StageSpec(
         "embed", "embed", (TensorSpec("prefix_ids", "int64", (B, "prefix_len"), "host.prefix_ids"),
-                           TensorSpec("suffix_ids", "int64", (B, "suffix_len"), "host.suffix_ids")),
+                           TensorSpec("suffix_ids", "int64", (B, "suffix_len"), wire["suffix_ids"])),
         (TensorSpec("prefix_embeds", f, (B, "prefix_len", h)), TensorSpec("suffix_embeds", f, (B, "suffix_len", h)))))
     n_stages = len(schedule.stages)
     blocks: list[StageSpec] = []
@@ -310,8 +363,8 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
         if i == 0:
             ins = [TensorSpec("prefix_embeds", f, (B, "prefix_len", h), "embed.prefix_embeds"),
                    TensorSpec("suffix_embeds", f, (B, "suffix_len", h), "embed.suffix_embeds"),
-                   TensorSpec("image_hidden", f, (B, b_in, h), "vision.image_hidden"),
-                   TensorSpec("image_indices", "int64", (B, b_in), "vision.image_indices")]
+                   TensorSpec("image_hidden", f, (B, b_in, h), wire["image_hidden"]),
+                   TensorSpec("image_indices", "int64", (B, b_in), wire["image_indices"])]
         else:
             prev = schedule.stages[i - 1].name
             ins = [TensorSpec("block_hidden", f, (B, f"rows_{prev}", h), f"{prev}.hidden_out"),
@@ -322,10 +375,10 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
             elif st.op == "prune":
                 ins.append(TensorSpec("row_scores", "float32", (B, f"rows_{prev}"), f"{prev}.row_scores"))
         # P and S (and the [SEG] query) come from the ids themselves: entry graphs carry no weights.
-        ins += [TensorSpec(name, "int64", (B, dim), f"host.{name}")
+        ins += [TensorSpec(name, "int64", (B, dim), wire.get(name, f"host.{name}"))
                 for name, dim in zip(("prefix_ids", "suffix_ids"), text)
                 if i > 0 or name == "suffix_ids" and scores]
-        ins.append(TensorSpec("suffix_lens", "int64", (B,), "host.suffix_lens"))
+        ins.append(TensorSpec("suffix_lens", "int64", (B,), wire["suffix_lens"]))
         outs = [TensorSpec("hidden", f, (B, rows, h)), TensorSpec("positions", "int64", (B, rows)),
                 TensorSpec("image_indices_out", "int64", (B, st.budget)),
                 TensorSpec("row_lens", "int64", (B,))]  # each request's real rows: P + budget + its suffix length
@@ -387,8 +440,8 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
         stages.append(StageSpec(
             "seg_gather", "seg_gather",
             (TensorSpec("hidden", f, (B, f"rows_{last_llm}", h), f"{last_llm}.hidden_out"),
-             TensorSpec("suffix_ids", "int64", (B, "suffix_len"), "host.suffix_ids"),
-             TensorSpec("seg_rows", "int64", ("num_seg",), "host.seg_rows"),
+             TensorSpec("suffix_ids", "int64", (B, "suffix_len"), wire["suffix_ids"]),
+             TensorSpec("seg_rows", "int64", ("num_seg",), wire["seg_rows"]),
              TensorSpec("seg_batch", "int64", ("num_seg",), "host.seg_batch")),
             (TensorSpec("seg_hidden", f, ("num_seg", h)),),  # final post-norm rows before each [SEG]
             modes=("single-pass",), skip_if_empty="seg_rows"))
@@ -417,7 +470,10 @@ def build_layout(schedule: Schedule, shape: ModelShape, opts: LayoutOptions, seg
     }
     if generate:
         outputs["generated_ids"] = "loop.generated_ids"
-    return Layout(host_inputs=tuple(host), stages=tuple(stages), dims=dims, modes=modes, outputs=outputs, loop=loop)
+    if accm_part is not None:
+        outputs.update(accm_part.outputs)
+    return Layout(host_inputs=tuple(host), stages=tuple(stages), dims=dims, modes=modes, outputs=outputs, loop=loop,
+                  host_steps=accm_part.host_steps if accm_part is not None else ())
 
 
 def _one_or_dict(sources: dict[str, str]) -> str | dict[str, str]:

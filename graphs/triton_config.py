@@ -90,6 +90,9 @@ BLS_OUTPUTS = (
     BlsTensor("generated_ids", "TYPE_INT64", (-1,), doc="generated token ids (empty in single-pass mode)"),
     BlsTensor("timings", "TYPE_STRING", (1,), doc="JSON {step: ms}: decode_image, preprocess, each stage, postprocess, "
                                                   "segment, encode, total; decode_steps (a count)"),
+    BlsTensor("host_steps", "TYPE_STRING", (1,), doc="JSON of what the artifact's host steps report (an ACCM "
+                                                     "artifact's candidate captions and the chosen one); absent "
+                                                     "when it has none"),
 )
 def model_config_pb2():
     """Triton's own ModelConfig protobuf module (from tritonclient, csprt's `serve` extra), imported on first use so

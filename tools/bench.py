@@ -137,8 +137,14 @@ class Plan:
             self.shape_name = args.shape
             self.shape = tiny_shape() if args.shape == "tiny" else SHAPES[args.shape]
             self.precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
-            self.schedules = _csv(args.schedules or DEFAULT_SCHEDULES, tuple(PRESETS), "--schedules")
+            from graphs.schedule import ACCM_PRESETS
+
+            self.schedules = _csv(args.schedules or DEFAULT_SCHEDULES, (*PRESETS, *ACCM_PRESETS), "--schedules")
             self.backends = _csv(args.backends or "torch,onnxruntime", BACKENDS, "--backends")
+            accm = [s for s in self.schedules if s in ACCM_PRESETS]
+            if accm and "torch" in self.backends:
+                raise InputError(f"--schedules {','.join(accm)}: ACCM schedules are benched on their exported "
+                                 "artifacts (the torch backend times the plain reference); pass --backends onnxruntime")
             self.checkpoint = None
             self.quantize = _quantize_list(args.quantize, self.precision)
             self.work = (args.work or Path.home() / ".cache" / "csprt" / "bench") / f"{args.shape}-{self.precision}"
@@ -291,8 +297,20 @@ def _artifact_for(plan: Plan, sched_name: str, quant=None) -> Path:
         finish = lambda gen: quantize_after_export(gen, quant, _say)  # noqa: E731  inside the new generation
     export_artifact(plan.checkpoint, sched, out,
                     ExportOptions(precision=plan.precision, mode=plan.args.mode, cache_dir=str(plan.work / "graph-cache")),
-                    progress=_say, finish=finish)
+                    progress=_say, finish=finish, accm_dir=_accm_models(plan) if sched.accm is not None else None)
     return out
+
+
+def _accm_models(plan: Plan) -> Path:
+    """ACCM's models for an accm-* schedule at --shape: `csprt make-tiny --accm`'s tiny ones (GPT-2, LongCLIP and
+    the selector at tiny sizes) around the random checkpoint's CLIP tower, written once."""
+    from exporter.accm.tiny import ACCM_SUBDIR, make_tiny_accm_for
+
+    accm = plan.checkpoint / ACCM_SUBDIR
+    if not (accm / "accm_config.json").is_file():
+        _say(f"writing tiny ACCM models for the {plan.shape_name} checkpoint to {accm}")
+        make_tiny_accm_for(plan.checkpoint)
+    return accm
 
 
 def _measure(plan: Plan, sched_name: str, backend: str, torch_model, text_len: int,

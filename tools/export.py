@@ -34,6 +34,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--opt-batch", type=int, default=None,
                    help="the batch size TensorRT profiles are tuned for (1 to --max-batch). Defaults to "
                         "min(4, --max-batch).")
+    p.add_argument("--accm", type=Path, default=None, metavar="DIR",
+                   help="ACCM's models (caption_model.pt, selector.pt, gpt2/, longclip/, clip/; docs/accm.md), for an "
+                        "accm-* schedule: its graphs and tokenizer files go into the artifact (batch 1, fp32)")
     p.add_argument("--cache", type=Path, default=None,
                    help="graph cache directory shared between exports (same graphs are copied, not re-traced)")
     p.add_argument("--trace-only", action="store_true", default=None,
@@ -49,7 +52,7 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that regenerates this artifact, recorded in its manifest."""
     words = ["csprt", "export", str(args.checkpoint), "--schedule", args.schedule, "--out", str(args.out),
              "--mode", args.mode, "--precision", args.precision]
-    for flag in ("opset", "vision_tower", "max_text_len", "max_new_tokens", "max_seg", "max_batch", "opt_batch",
+    for flag in ("opset", "vision_tower", "accm", "max_text_len", "max_new_tokens", "max_seg", "max_batch", "opt_batch",
                  *KNOB_FLAGS, *QUANT_FLAGS):
         value = getattr(args, flag, None)
         if value is not None:
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     say = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     # Quantized inside the new generation, before it is swapped in: a reader never sees a half-quantized artifact.
     art = export_artifact(args.checkpoint, schedule, args.out, options, vision_tower=args.vision_tower,
-                          command=_command(args), progress=say, finish=lambda gen: quantize_after_export(gen, quant, say))
+                          command=_command(args), progress=say, finish=lambda gen: quantize_after_export(gen, quant, say),
+                          accm_dir=args.accm)
     print(f"artifact: {art} (schedule {schedule.name}, {args.precision}, mode {args.mode}"
           + (f", quantized {quant.method} ({quant.format})" if quant.method != "none" else "")
           + (", trace only: parity not checked; run csprt validate" if args.trace_only else "") + ")")

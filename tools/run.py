@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{args.target} is an exported artifact; --backend torch runs a checkpoint directory "
                              "(pass the checkpoint instead, or choose --backend onnxruntime or tensorrt)")
         if args.accm is not None:
-            raise InputError("--accm runs ACCM on a checkpoint's PyTorch reference; ACCM artifacts cannot be exported "
-                             "yet (docs/accm.md): pass the checkpoint directory instead")
+            raise InputError("--accm runs ACCM on a checkpoint's PyTorch reference; an ACCM artifact (csprt export "
+                             "--schedule accm-36 --accm DIR) carries its graphs and tokenizers: drop --accm")
         answers = _run_artifact(args, requests, images)
     else:
         if args.backend not in (None, "torch"):
@@ -195,7 +195,7 @@ def _run_artifact(args: argparse.Namespace, requests: list, images: dict) -> lis
                 result = {"query": query, "image": str(path), "answer": out.answer,
                           "generated_ids": out.generated_ids, "image_tokens_per_layer": out.image_tokens_per_layer,
                           "timings_ms": timings, "schedule": sched.to_dict(), "backend": session.backend,
-                          "batch": len(chunk), "image_cache": "hit" if hit else "miss"}
+                          "batch": len(chunk), "image_cache": "hit" if hit else "miss", **out.host_steps}
                 answers.append((result, out.masks))
     return answers
 
@@ -230,7 +230,7 @@ def _run_checkpoint(args: argparse.Namespace, requests: list, images: dict):
                   "schedule": schedule.to_dict(), "backend": "torch"}
         if getattr(out, "accm", None) is not None:
             c = out.accm
-            result["accm"] = {"candidates": c.candidates, "beam_scores": c.beam_scores,
+            result["accm"] = {"candidates": c.candidates, "candidate_ids": c.candidate_ids, "beam_scores": c.beam_scores,
                               "selector_probs": c.selector_probs, "chosen": c.chosen, "caption": c.caption,
                               "picks": c.picks.sorted_indices}
         answers.append((result, out.masks))

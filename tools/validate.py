@@ -35,6 +35,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the checkpoint it was exported from. Defaults to the one the manifest records.")
     p.add_argument("--vision-tower", type=Path, default=None, help="CLIP directory, if the checkpoint config does not name one")
+    p.add_argument("--accm", type=Path, default=None, metavar="DIR",
+                   help="ACCM's models, for an ACCM artifact. Defaults to the directory the manifest records.")
     p.add_argument("--backends", default=None,
                    help="comma-separated backends to check, the first is the baseline the others are compared with "
                         "(onnxruntime, tensorrt; tensorrt needs an NVIDIA GPU and csprt build). Defaults to onnxruntime.")
@@ -93,13 +95,14 @@ class _Reference:
     """The torch side, loaded once for every backend; its end-to-end outputs cached per mode."""
 
     checkpoint: Path
-    reference: object          # exporter.reference.Reference (fp32)
+    reference: object          # exporter.reference.Reference (fp32); AccmReference for an ACCM artifact
     stage_model: object        # the model at the artifact's precision, for per-stage wrappers
     seg_id: int
     outputs: dict = field(default_factory=dict)
+    accm: object = None        # ACCM's models (exporter.accm.checkpoint.AccmModels) of an ACCM artifact
 
     @classmethod
-    def load(cls, art, checkpoint, vision_tower, progress) -> "_Reference":
+    def load(cls, art, checkpoint, vision_tower, progress, accm_dir=None) -> "_Reference":
         from exporter.checkpoint import load_checkpoint
         from exporter.export import TORCH_DTYPES
         from exporter.reference import Reference
@@ -113,8 +116,21 @@ class _Reference:
                              f"pass the checkpoint it was exported from with --checkpoint")
         stage_model = ref_ckpt.model if art.precision == "fp32" else load_checkpoint(
             ckpt, tower, attn="eager", dtype=TORCH_DTYPES[art.precision]).model
-        reference = Reference(ref_ckpt.model, ref_ckpt.tokenizer, ref_ckpt.image_processor_config, art.schedule)
-        return cls(ckpt, reference, stage_model, art.manifest["tokenizer"]["seg_token_id"])
+        accm = None
+        if art.schedule.accm is not None:  # the reference that exists for ACCM schedules (exporter/accm/reference.py)
+            from exporter.accm.checkpoint import load_accm
+            from exporter.accm.reference import AccmReference
+
+            accm_dir = accm_dir or art.manifest["export"].get("accm")
+            if accm_dir is None:
+                raise InputError(f"artifact {art.path} is an ACCM artifact: pass its ACCM models with --accm DIR")
+            progress(f"loading ACCM models {accm_dir}")
+            accm = load_accm(accm_dir, vision_hidden=art.shape.vision.hidden)
+            reference = AccmReference(ref_ckpt.model, ref_ckpt.tokenizer, ref_ckpt.image_processor_config,
+                                      art.schedule, accm)
+        else:
+            reference = Reference(ref_ckpt.model, ref_ckpt.tokenizer, ref_ckpt.image_processor_config, art.schedule)
+        return cls(ckpt, reference, stage_model, art.manifest["tokenizer"]["seg_token_id"], accm=accm)
 
     def run(self, image, query: str, mode: str, max_new_tokens: int, progress):
         if mode not in self.outputs:
@@ -128,7 +144,7 @@ class _Reference:
 
 def validate_backends(art_dir: Path, backends=("onnxruntime",), checkpoint: Path | None = None,
                       vision_tower: Path | None = None, image=None, query: str = DEFAULT_QUERY, modes=None,
-                      max_new_tokens: int = 8, stages=None, progress=_progress) -> dict:
+                      max_new_tokens: int = 8, stages=None, progress=_progress, accm_dir: Path | None = None) -> dict:
     """The parity report of `backends` on one artifact (see `format_report` for its fields).
 
     Every backend is checked (`engines.session.check_backend`) before the reference loads. The report keeps
@@ -152,7 +168,7 @@ def validate_backends(art_dir: Path, backends=("onnxruntime",), checkpoint: Path
         for mode in modes:
             base.check_mode(mode)
         image = sample_image() if image is None else image
-        ref = _Reference.load(art, checkpoint, vision_tower, progress)
+        ref = _Reference.load(art, checkpoint, vision_tower, progress, accm_dir)
         tokenizer = check_tokenizer(art, ref.reference.tokenizer, progress)
         reports, runs = {}, {}
         for b in backends:
@@ -226,7 +242,8 @@ def _check_backend(session, ref: _Reference, image, query, modes, max_new_tokens
         seg = segs[mode] = session.segment(image, query, mode=mode, max_new_tokens=max_new_tokens, record=True)
         for stage, feed in _compared_feeds(art, seg, stages):
             got = session.pipeline.runner(stage).infer(feed)
-            with TorchStageRunner(stage, art.layout.dims, ref.stage_model, art.schedule, ref.seg_id) as torch_runner:
+            with TorchStageRunner(stage, art.layout.dims, ref.stage_model, art.schedule, ref.seg_id,
+                                  accm=ref.accm) as torch_runner:
                 want = torch_runner.infer(feed)
             cmp = compare(got, want, **tol["stage"][stage.graph_name])
             report["stages"].append(report_only(art.manifest, stage.graph_name, _stage_entry(
@@ -234,7 +251,8 @@ def _check_backend(session, ref: _Reference, image, query, modes, max_new_tokens
             progress(f"{mode}: {backend} {stage.name}: max abs {cmp.max_abs:.2e} {_verdict(report['stages'][-1])}")
         out = ref.run(image, query, mode, max_new_tokens, progress)
         report["end_to_end"].append({"backend": backend, **_end_to_end(
-            mode, seg, out.mask_logits.float().cpu().numpy(), out.masks, out.generated_ids, tol["end_to_end"])})
+            mode, seg, out.mask_logits.float().cpu().numpy(), out.masks, out.generated_ids, tol["end_to_end"],
+            _accm_of(out))})
     report["mask_iou"] = min((e["mask_iou"] for e in report["end_to_end"]), default=1.0)
     report["passed"] = all(s["passed"] for s in report["stages"]) and all(e["passed"] for e in report["end_to_end"])
     return report, segs
@@ -264,8 +282,17 @@ def _cross(other, base, other_segs: dict, base_segs: dict, stages, progress) -> 
     return entry
 
 
-def _end_to_end(mode: str, seg, ref_logits, ref_masks, ref_ids: list[int], tol: dict) -> dict:
-    """`seg` (a backend's Segmentation) against reference logits [K, H, W], masks [K, H, W] and ids."""
+def _accm_of(out) -> dict | None:
+    """The reference's ACCM caption as a Segmentation's host steps report it (candidate ids, chosen), or None."""
+    c = getattr(out, "accm", None)
+    return None if c is None else {"candidate_ids": [list(i) for i in c.candidate_ids], "chosen": c.chosen,
+                                   "caption": c.caption}
+
+
+def _end_to_end(mode: str, seg, ref_logits, ref_masks, ref_ids: list[int], tol: dict, ref_accm: dict | None = None
+                ) -> dict:
+    """`seg` (a backend's Segmentation) against reference logits [K, H, W], masks [K, H, W] and ids (and, for
+    ACCM, the candidates' GPT-2 ids and the chosen one)."""
     import numpy as np
 
     from engines.compare import mask_iou
@@ -276,10 +303,17 @@ def _end_to_end(mode: str, seg, ref_logits, ref_masks, ref_ids: list[int], tol: 
     ids_equal = list(seg.generated_ids) == list(ref_ids)
     logits_ok = tol["mask_logits_atol"] is None or max_abs <= tol["mask_logits_atol"]  # None: reported only
     passed = same_k and logits_ok and iou >= tol["mask_iou_min"] and ids_equal
-    return {"mode": mode, "num_seg": int(seg.masks.shape[0]), "ref_num_seg": int(ref_masks.shape[0]),
-            "mask_logits_max_abs": max_abs, "mask_logits_atol": tol["mask_logits_atol"], "mask_iou": float(iou),
-            "mask_iou_min": tol["mask_iou_min"], "ids_equal": ids_equal, "generated_ids": list(seg.generated_ids),
-            "passed": bool(passed)}
+    entry = {"mode": mode, "num_seg": int(seg.masks.shape[0]), "ref_num_seg": int(ref_masks.shape[0]),
+             "mask_logits_max_abs": max_abs, "mask_logits_atol": tol["mask_logits_atol"], "mask_iou": float(iou),
+             "mask_iou_min": tol["mask_iou_min"], "ids_equal": ids_equal, "generated_ids": list(seg.generated_ids)}
+    if ref_accm is not None:
+        got = seg.host_steps.get("accm") or {}
+        entry["accm"] = {"caption_ids_equal": got.get("candidate_ids") == ref_accm["candidate_ids"],
+                         "chosen_equal": got.get("chosen") == ref_accm["chosen"], "chosen": got.get("chosen"),
+                         "caption": got.get("caption"), "ref_caption": ref_accm["caption"]}
+        passed = passed and entry["accm"]["caption_ids_equal"] and entry["accm"]["chosen_equal"]
+    entry["passed"] = bool(passed)
+    return entry
 
 
 def _verdict(entry: dict) -> str:
@@ -299,10 +333,13 @@ def _atol_text(atol) -> str:
 
 
 def _e2e_line(e: dict, against: str) -> str:
+    a = e.get("accm")
+    caption = "" if a is None else (f", ACCM caption ids {'equal' if a['caption_ids_equal'] else 'DIFFER'}, chosen "
+                                    f"candidate {a['chosen']} {'equal' if a['chosen_equal'] else 'DIFFERS'}")
     return (f"  end to end {e['mode']}: [SEG] masks {e['num_seg']} ({against} {e['ref_num_seg']}), mask logits "
             f"max abs {e['mask_logits_max_abs']:.2e} ({_atol_text(e['mask_logits_atol'])}), mask IoU "
-            f"{e['mask_iou']:.4f} (min {e['mask_iou_min']:g}), ids {'equal' if e['ids_equal'] else 'DIFFER'}: "
-            f"{'ok' if e['passed'] else 'FAILED'}")
+            f"{e['mask_iou']:.4f} (min {e['mask_iou_min']:g}), ids {'equal' if e['ids_equal'] else 'DIFFER'}"
+            f"{caption}: {'ok' if e['passed'] else 'FAILED'}")
 
 
 def format_report(report: dict) -> str:
@@ -333,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     modes = [args.mode] if args.mode else None
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     report = validate_backends(args.artifact, backends, args.checkpoint, args.vision_tower, image, args.query, modes,
-                               args.max_new_tokens, stages)
+                               args.max_new_tokens, stages, accm_dir=args.accm)
     if args.json:
         print(json.dumps(report, indent=2, default=float))
     else:

@@ -200,6 +200,8 @@ class TritonPythonModel:
                    "generated_ids": np.asarray(seg.generated_ids, dtype=np.int64).reshape(-1)}
         if checked["logits"]:
             outputs["mask_logits"] = np.ascontiguousarray(seg.mask_logits, dtype=np.float32)  # [K, H, W]
+        if seg.host_steps:  # ACCM: the candidate captions and the chosen one
+            outputs["host_steps"] = np.array([json.dumps(seg.host_steps).encode("utf-8")], dtype=np.object_)
         t3 = time.perf_counter()
         ms = lambda a, b: 1e3 * (b - a)  # noqa: E731
         batch = sum(1 for r in results.values() if getattr(r, "pipeline", None) is seg.pipeline)

@@ -53,7 +53,8 @@ def beam_step(logp: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor, s
     stopped_row = torch.where(col0, torch.zeros_like(logp), torch.full_like(logp, -float("inf")))
     logp = torch.where(stopped[:, None], stopped_row, logp)
     lengths = lengths + (~stopped).to(lengths.dtype)
-    best, flat = ((scores[:, None] + logp) / lengths[:, None]).reshape(-1).topk(beams)
+    best, flat = ((scores[:, None] + logp) / lengths[:, None]).reshape(1, -1).topk(beams, dim=-1)  # 2-D: TensorRT
+    best, flat = best[0], flat[0]
     source, token = flat // logp.shape[1], flat % logp.shape[1]
     lengths = lengths[source]
     return token, source, best * lengths, lengths, stopped[source] | (token == stop_id)

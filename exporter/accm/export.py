@@ -1,7 +1,7 @@
 """ACCM's exportable pieces: picks, caption mapper, GPT-2 with a static KV cache, beam step, selector.
 
-Not wired into `csprt export` yet (docs/accm.md, "Not built yet"): these are the graphs a later layout
-will name, each traced with torch.onnx.export (dynamo) and checked on ONNX Runtime against torch.
+`csprt export --schedule accm-36 --accm DIR` traces them through `accm_stage_wrapper`, which gives each the I/O
+graphs/accm_layout.py declares (a leading dim of 1, int64 flags); `export_graph` is for one-off graphs (tests).
 
     accm_vision     clip_pixels [1, 3, S, S] -> image_embeds [N, H] (LISA's projector over every token), cls_attn [N]
                     (merged, last layer), patch_embeds [N, P] (CLIP's visual_projection per patch): replaces `vision`
@@ -157,6 +157,95 @@ class SelectorGraph(nn.Module):
         x = tm.final_layer_norm(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), candidate_ids.argmax(-1)]  # [C, W]
         return self.selector(self.longclip_text.text_projection(pooled))
+
+
+# -- the artifact's stages (graphs/accm_layout.py): the graphs above with the layout's I/O -----------------------
+
+class VisionStage(nn.Module):
+    """accm_vision: clip_pixels [1, 3, S, S] -> image_embeds [1, N, H], cls_attn [1, N] fp32, patch_embeds [1, N, P]."""
+
+    def __init__(self, model, visual_projection: nn.Module):
+        super().__init__()
+        if next(model.parameters()).device.type == "meta":  # exporter.streaming's twin: record, never compute
+            visual_projection = nn.Linear(visual_projection.in_features, visual_projection.out_features,
+                                          bias=visual_projection.bias is not None, device="meta")
+        self.parts = AccmVisionGraph(model, visual_projection)
+
+    def forward(self, clip_pixels):
+        image_embeds, cls_attn, patch = self.parts(clip_pixels)
+        return image_embeds[None], cls_attn.float()[None], patch[None]
+
+
+class PicksStage(nn.Module):
+    """accm_picks: the picks, the first LLM stage's rows and the caption model's input, weightless.
+
+    (image_embeds [1, N, H], cls_attn [1, N], text_embeds [1, P], patch_embeds [1, N, P])
+    -> image_hidden [1, budget, H], image_indices [1, budget] ascending, kept_out [N - budget, P] ascending
+    """
+
+    def __init__(self, budget: int, n_text: int):
+        super().__init__()
+        self.budget, self.n_text = budget, n_text
+
+    def forward(self, image_embeds, cls_attn, text_embeds, patch_embeds):
+        idx = pick_indices_static(cls_attn[0], text_embeds, patch_embeds[0], self.budget, self.n_text)  # [budget]
+        n = cls_attn.shape[1]
+        order = torch.arange(n, device=idx.device)
+        picked = torch.zeros(n, dtype=torch.long, device=idx.device).scatter(0, idx, 1)
+        rest = (picked * 2 * n + order)[None].topk(n - self.budget, dim=-1, largest=False).indices[0]  # the others
+        return image_embeds[:, idx], idx[None], patch_embeds[0, rest]
+
+
+class BeamStepStage(nn.Module):
+    """accm_beam_step with `stopped` as int64 (0/1) in and out: the manifest's dtypes are float and int64."""
+
+    def __init__(self, beams: int):
+        super().__init__()
+        self.beams = beams
+
+    def forward(self, logp, scores, lengths, stopped, stop_id):
+        token, source, scores, lengths, stopped = beam_step(logp, scores, lengths, stopped > 0, stop_id, self.beams)
+        return token, source, scores, lengths, stopped.long()
+
+
+class OneOutput(nn.Module):
+    """A one-output graph as a stage wrapper: its outputs as a tuple, as every stage wrapper returns them."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return (self.inner(*args),)
+
+
+def accm_stage_wrapper(model, accm, schedule, spec) -> nn.Module:
+    """The wrapper module of one ACCM stage (graphs/accm_layout.py), in eval mode.
+
+    Args:
+        model (LisaModel): LISA (its vision tower and projector feed accm_vision; the other stages ignore it).
+        accm (AccmModels): ACCM's models.
+        schedule (Schedule): the ACCM schedule (the picks' budget and text picks).
+        spec (StageSpec): the stage.
+    """
+    kind = spec.kind
+    if kind == "accm_vision":
+        w = VisionStage(model, accm.visual_projection)
+    elif kind == "accm_clip_text":
+        w = OneOutput(ClipTextGraph(accm.clip_text))
+    elif kind == "accm_picks":
+        w = PicksStage(schedule.stages[0].budget, schedule.accm.text_picks)
+    elif kind == "accm_mapper":
+        w = MapperGraph(accm.caption.clip_project)
+    elif kind == "accm_gpt2":
+        w = Gpt2CacheGraph(accm.caption.gpt)
+    elif kind == "accm_beam_step":
+        w = BeamStepStage(schedule.accm.beams)
+    elif kind == "accm_selector":
+        w = OneOutput(SelectorGraph(accm.longclip_text, accm.selector))
+    else:
+        raise AssertionError(f"unknown ACCM stage kind {kind!r}")
+    return w.eval()
 
 
 def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],

@@ -135,7 +135,7 @@ def pick_indices_static(cls_attn: torch.Tensor, text_embeds: torch.Tensor, patch
     """
     n = cls_attn.shape[0]
     x = cls_attn.float()
-    s = torch.sort(x).values
+    s = torch.sort(x[None], dim=-1).values[0]  # TopK in ONNX: 2-D, as TensorRT takes it
     q = []
     for p in (0.25, 0.75):  # numpy's linear percentile at static positions
         pos = p * (n - 1)
@@ -146,7 +146,7 @@ def pick_indices_static(cls_attn: torch.Tensor, text_embeds: torch.Tensor, patch
     t = text_embeds.float() / text_embeds.float().norm(dim=-1, keepdim=True)
     v = patch_embeds.float() / patch_embeds.float().norm(dim=-1, keepdim=True)
     dist = ((t**2).sum(1, keepdim=True) + (v**2).sum(1) - 2 * t @ v.T)[0]              # [N]
-    top = dist.topk(min(n_text, n)).indices
+    top = dist[None].topk(min(n_text, n), dim=-1).indices[0]
     picked = torch.maximum(picked, torch.zeros_like(picked).scatter(0, top, 1))
     at_or_above = torch.flip(torch.cumsum(torch.flip(picked, [0]), 0), [0])
     keep = picked * (at_or_above <= budget).long()
@@ -158,4 +158,4 @@ def pick_indices_static(cls_attn: torch.Tensor, text_embeds: torch.Tensor, patch
     rest = (1 - keep) * (1 - grid)
     rest = rest * (torch.cumsum(rest, 0) <= still).long()
     chosen = keep + grid + rest                                                        # exactly `budget` ones
-    return (chosen * 2 * n - idx).topk(budget).indices
+    return (chosen * 2 * n - idx)[None].topk(budget, dim=-1).indices[0]

@@ -161,6 +161,8 @@ def test_torch_batches_generate_mode(tmp_path):
     (["bench", "--shape", "tiny", "--threads", "0"], "--threads must be >= 1"),
     (["bench", "--shape", "tiny", "--scaling", "batch"], "--scaling: unknown 'batch'"),
     (["bench", "--shape", "tiny", "--device", "tpu"], "--device 'tpu'"),
+    (["bench", "--shape", "small", "--schedules", "full,accm-36", "--backends", "torch,onnxruntime"],
+     "ACCM schedules are benched on their exported artifacts"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, needle):
     rc, _, err = call(argv)
