@@ -291,9 +291,10 @@ def weight_matmuls(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
 
 
-def gemms_to_matmuls(model) -> int:
+def gemms_to_matmuls(model, base_dir: str | os.PathLike = "") -> int:
     """Rewrite each bias-free Gemm of a weight (the exporter's lm_head: Gemm(x, W[vocab, H], transB=1)) as
     MatMul(x, W^T), in place, so the quantizers (MatMul only) reach it. Returns how many were rewritten.
+    A transposed weight kept in external data (a graph loaded without it) is read from `base_dir` and held inline.
 
         x --Gemm(transB=1)--> y   with W [N, K]        becomes        x --MatMul--> y   with W^T [K, N]
     """
@@ -308,7 +309,7 @@ def gemms_to_matmuls(model) -> int:
             continue
         w = inits[n.input[1]]
         if attrs.get("transB", 0):
-            t = numpy_helper.from_array(np_contiguous_t(numpy_helper.to_array(w)), w.name)
+            t = numpy_helper.from_array(np_contiguous_t(numpy_helper.to_array(w, str(base_dir))), w.name)
             w.CopyFrom(t)
         model.graph.node[i].CopyFrom(helper.make_node("MatMul", [n.input[0], n.input[1]], list(n.output), name=n.name))
         done += 1
@@ -467,6 +468,17 @@ def record(opts: QuantOptions, stages: list[str], calibration: CalibrationSet | 
     }
 
 
+def check_precision(opts: QuantOptions, precision: str) -> None:
+    """fp16 graphs take the tensor-at-a-time methods (int4-wo, int8 ort); the calibrated Q/DQ ones need fp32."""
+    from graphs.quantize_stream import streamable
+
+    if precision != "fp32" and not streamable(opts.method, opts.format):
+        raise InputError(f"--quantize {opts.method} --quantize-format {opts.format} calibrates an fp32 graph (ONNX "
+                         f"Runtime's quantize_static reads fp32 weights and activations), and this export is "
+                         f"{precision}: export with --precision fp32, or quantize {precision} with --quantize int4-wo "
+                         f"or --quantize int8 --quantize-format ort")
+
+
 def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
                       calibrate: Callable[[CalibrationSet, list[str]], dict[str, list[dict]]] | None = None,
                       progress: Callable[[str], None] | None = None) -> dict | None:
@@ -481,6 +493,7 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
     """
     from graphs import manifest as mf
     from graphs import onnx_passes
+    from graphs.quantize_stream import quantize_graph_streamed, streamable
 
     say = progress or (lambda _m: None)
     opts = opts.resolved()
@@ -489,9 +502,7 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
     art = Path(art_dir)
     artifact = mf.load_artifact(art)
     manifest = json.loads(json.dumps(artifact.manifest))
-    if artifact.precision != "fp32":
-        raise InputError(f"--quantize {opts.method} needs an fp32 export (ONNX Runtime's quantizers read fp32 "
-                         f"weights); this artifact is {artifact.precision}: export with --precision fp32")
+    check_precision(opts, artifact.precision)
     if quantization_of(manifest):
         raise ArtifactError(f"{art} is already quantized; re-export it from the checkpoint: {artifact.rebuild_command}")
     stages = llm_stages(manifest)
@@ -515,10 +526,14 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
         tmpdir = Path(tempfile.mkdtemp(dir=src.parent, prefix=f".{name}.quant."))
         try:
             tmp = tmpdir / src.name
+            data = tmp.with_name(tmp.name + ".data")
             with _quiet():
-                quantize_graph(src, tmp, opts, feeds.get(name))
-            model = onnx_passes.load_graph(tmp)
-            written = onnx_passes.save_with_external_data(model, src, tmp.with_name(tmp.name + ".data"))
+                if streamable(opts.method, opts.format):  # a tensor at a time: memory bounded by one weight
+                    model = quantize_graph_streamed(src, data, opts)
+                else:  # calibrated Q/DQ: ONNX Runtime's whole-graph quantize_static
+                    quantize_graph(src, tmp, opts, feeds.get(name))
+                    model = onnx_passes.load_graph(tmp)
+            written = onnx_passes.save_with_external_data(model, src, data)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         entry["files"] = {p.relative_to(art).as_posix(): mf.file_sha256(p)
