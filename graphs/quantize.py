@@ -468,6 +468,14 @@ def record(opts: QuantOptions, stages: list[str], calibration: CalibrationSet | 
     }
 
 
+def _quarters(name: str, say: Callable[[str], None]) -> Callable[[int, int], None]:
+    """A (done, total) progress callback that reports a stage's weights at each quarter (7B blocks take minutes)."""
+    def report(done: int, total: int) -> None:
+        if total >= 8 and done < total and done * 4 // total != (done - 1) * 4 // total:
+            say(f"quantize:   {name}: {done}/{total} weights")
+    return report
+
+
 def check_precision(opts: QuantOptions, precision: str) -> None:
     """fp16 graphs take the tensor-at-a-time methods (int4-wo, int8 ort); the calibrated Q/DQ ones need fp32."""
     from graphs.quantize_stream import streamable
@@ -529,7 +537,7 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
             data = tmp.with_name(tmp.name + ".data")
             with _quiet():
                 if streamable(opts.method, opts.format):  # a tensor at a time: memory bounded by one weight
-                    model = quantize_graph_streamed(src, data, opts)
+                    model = quantize_graph_streamed(src, data, opts, progress=_quarters(name, say))
                 else:  # calibrated Q/DQ: ONNX Runtime's whole-graph quantize_static
                     quantize_graph(src, tmp, opts, feeds.get(name))
                     model = onnx_passes.load_graph(tmp)
