@@ -309,7 +309,7 @@ def gemms_to_matmuls(model, base_dir: str | os.PathLike = "") -> int:
             continue
         w = inits[n.input[1]]
         if attrs.get("transB", 0):
-            t = numpy_helper.from_array(np_contiguous_t(numpy_helper.to_array(w, str(base_dir))), w.name)
+            t = numpy_helper.from_array(np_contiguous_t(tensor_array(w, base_dir)), w.name)
             w.CopyFrom(t)
         model.graph.node[i].CopyFrom(helper.make_node("MatMul", [n.input[0], n.input[1]], list(n.output), name=n.name))
         done += 1
@@ -349,6 +349,29 @@ def isolate_inputs(model, nodes: list[str]) -> int:
     for pos, node in sorted(inserts, key=lambda t: -t[0]):  # from the back: earlier positions stay valid
         model.graph.node.insert(pos, node)
     return done
+
+
+def tensor_array(t, base_dir: str | os.PathLike = "") -> np.ndarray:
+    """An initializer's values, its external data read from `base_dir` (one tensor's bytes; a plain read, so an
+    artifact copied with hard links (`cp -al`) reads too, which onnx's own reader refuses)."""
+    from onnx import external_data_helper as ext
+    from onnx import helper, numpy_helper
+
+    if not ext.uses_external_data(t):
+        return numpy_helper.to_array(t)
+    info = ext.ExternalDataInfo(t)
+    with open(Path(base_dir) / info.location, "rb") as f:
+        f.seek(info.offset or 0)
+        raw = f.read(info.length) if info.length is not None else f.read()
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    if dtype.itemsize * int(np.prod(t.dims)) != len(raw) or t.data_type in (helper.TensorProto.BFLOAT16,):
+        inline = type(t)()
+        inline.CopyFrom(t)
+        del inline.external_data[:]
+        inline.data_location = helper.TensorProto.DEFAULT
+        inline.raw_data = raw
+        return numpy_helper.to_array(inline)
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
 
 
 def np_contiguous_t(a: np.ndarray) -> np.ndarray:

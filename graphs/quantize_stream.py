@@ -157,9 +157,8 @@ def quantize_graph_streamed(src: str | os.PathLike, data_file: str | os.PathLike
         onnx.ModelProto: the quantized graph without its data; its tensors refer to `data_file`.
     """
     import onnx
-    from onnx import numpy_helper
 
-    from graphs.quantize import gemms_to_matmuls, weight_matmuls
+    from graphs.quantize import gemms_to_matmuls, tensor_array, weight_matmuls
 
     if not streamable(opts.method, opts.format):
         raise internal_error(f"quantize_graph_streamed: {opts.method}/{opts.format} is not tensor-at-a-time")
@@ -189,7 +188,7 @@ def quantize_graph_streamed(src: str | os.PathLike, data_file: str | os.PathLike
                     nodes.append(node)
                     continue
                 t = inits[node.input[1]]
-                w = numpy_helper.to_array(t, str(base))
+                w = tensor_array(t, base)
                 if opts.method == "int4-wo":
                     pnodes, pinits = _int4_piece(node, w, t.name, opts)
                 else:

@@ -129,6 +129,20 @@ def test_fp16_graphs_quantize_and_stay_fp16(tmp_path, method, fmt):
         assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
 
 
+def test_reads_an_artifact_copied_with_hard_links(tmp_path):
+    """`cp -al` copies of a big artifact share its data files; onnx's own reader refuses hard-linked data."""
+    import os
+
+    (tmp_path / "a").mkdir()
+    src = _block(tmp_path / "a" / "g.onnx")
+    (tmp_path / "b").mkdir()
+    for name in ("g.onnx", "g.onnx.data"):
+        os.link(tmp_path / "a" / name, tmp_path / "b" / name)
+    dst, _ = _streamed(tmp_path / "b" / "g.onnx", tmp_path / "out", QuantOptions("int4-wo", "ort").resolved())
+    assert _run(dst, _feed())[0].shape == (1, 5, K)
+    assert os.stat(src.with_name("g.onnx.data")).st_nlink == 2  # the shared data is read, never written
+
+
 _MEMORY_PROBE = """
 import sys, threading, time
 from pathlib import Path
