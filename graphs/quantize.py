@@ -35,6 +35,7 @@ import logging
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -491,11 +492,13 @@ def record(opts: QuantOptions, stages: list[str], calibration: CalibrationSet | 
     }
 
 
-def _quarters(name: str, say: Callable[[str], None]) -> Callable[[int, int], None]:
-    """A (done, total) progress callback that reports a stage's weights at each quarter (7B blocks take minutes)."""
+def _quarters(name: str, say: Callable[[str], None], stdout) -> Callable[[int, int], None]:
+    """A (done, total) progress callback that reports a stage's weights at each quarter (7B blocks take minutes),
+    printing to `stdout` (the caller's, not _quiet()'s)."""
     def report(done: int, total: int) -> None:
         if total >= 8 and done < total and done * 4 // total != (done - 1) * 4 // total:
-            say(f"quantize:   {name}: {done}/{total} weights")
+            with contextlib.redirect_stdout(stdout):
+                say(f"quantize:   {name}: {done}/{total} weights")
     return report
 
 
@@ -554,13 +557,14 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
         entry = next(e for e in manifest["stages"] if e["name"] == name)
         src = art / entry["graph"]
         before = weight_bytes(src)
+        stdout = sys.stdout  # progress goes here while _quiet() holds ONNX Runtime's prints
         tmpdir = Path(tempfile.mkdtemp(dir=src.parent, prefix=f".{name}.quant."))
         try:
             tmp = tmpdir / src.name
             data = tmp.with_name(tmp.name + ".data")
             with _quiet():
                 if streamable(opts.method, opts.format):  # a tensor at a time: memory bounded by one weight
-                    model = quantize_graph_streamed(src, data, opts, progress=_quarters(name, say))
+                    model = quantize_graph_streamed(src, data, opts, progress=_quarters(name, say, stdout))
                 else:  # calibrated Q/DQ: ONNX Runtime's whole-graph quantize_static
                     quantize_graph(src, tmp, opts, feeds.get(name))
                     model = onnx_passes.load_graph(tmp)
