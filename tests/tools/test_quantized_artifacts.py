@@ -222,7 +222,7 @@ def test_quantize_flags_are_checked_before_any_export(tiny_ckpt, tmp_path, extra
 
 @pytest.mark.parametrize("argv,expected", [
     (["bench", "--shape", "tiny", "--quantize", "int3"], "choose one of none, int8, int4-wo, fp8"),
-    (["bench", "--shape", "tiny", "--quantize", "int8", "--precision", "fp16"], "add --precision fp32"),
+    (["bench", "--shape", "tiny", "--quantize", "int8:qdq", "--precision", "fp16"], "export with --precision fp32"),
     (["bench", "--shape", "tiny", "--quantize", "none,none"], "lists a value twice"),
 ], ids=["unknown", "fp16", "twice"])
 def test_bench_quantize_list_is_checked_before_any_work(argv, expected):
