@@ -5,7 +5,9 @@
     float export (as always) --> manifest.json (float)
         --calibration feeds (qdq int8 / fp8 only: engines.calibration runs the float artifact on ONNX Runtime)-->
     graphs/llm_<i>.onnx  --onnxruntime.quantization-->  graphs/llm_<i>.onnx (quantized; written atomically, weights
-        still one copy: inline under 2 GB, else <stage>.onnx.data)
+        still one copy: inline under 2 GB, else <stage>.onnx.data). int4-wo and int8 ort go a weight at a time
+        (graphs/quantize_stream.py: bounded memory, fp32 or fp16 graphs); qdq int8 and fp8 run the whole-graph
+        quantize_static on fp32 graphs
     manifest.json: "quantization" record, the quantized stages' files and export keys, tolerances; written last
 
 One artifact holds one format, because the two targets take different graphs (a TensorRT engine cannot take
