@@ -5,7 +5,9 @@
     float export (as always) --> manifest.json (float)
         --calibration feeds (qdq int8 / fp8 only: engines.calibration runs the float artifact on ONNX Runtime)-->
     graphs/llm_<i>.onnx  --onnxruntime.quantization-->  graphs/llm_<i>.onnx (quantized; written atomically, weights
-        still one copy: inline under 2 GB, else <stage>.onnx.data)
+        still one copy: inline under 2 GB, else <stage>.onnx.data). int4-wo and int8 ort go a weight at a time
+        (graphs/quantize_stream.py: bounded memory, fp32 or fp16 graphs); qdq int8 and fp8 run the whole-graph
+        quantize_static on fp32 graphs
     manifest.json: "quantization" record, the quantized stages' files and export keys, tolerances; written last
 
 One artifact holds one format, because the two targets take different graphs (a TensorRT engine cannot take
@@ -35,6 +37,7 @@ import logging
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,9 +294,10 @@ def weight_matmuls(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
 
 
-def gemms_to_matmuls(model) -> int:
+def gemms_to_matmuls(model, base_dir: str | os.PathLike = "") -> int:
     """Rewrite each bias-free Gemm of a weight (the exporter's lm_head: Gemm(x, W[vocab, H], transB=1)) as
     MatMul(x, W^T), in place, so the quantizers (MatMul only) reach it. Returns how many were rewritten.
+    A transposed weight kept in external data (a graph loaded without it) is read from `base_dir` and held inline.
 
         x --Gemm(transB=1)--> y   with W [N, K]        becomes        x --MatMul--> y   with W^T [K, N]
     """
@@ -308,7 +312,7 @@ def gemms_to_matmuls(model) -> int:
             continue
         w = inits[n.input[1]]
         if attrs.get("transB", 0):
-            t = numpy_helper.from_array(np_contiguous_t(numpy_helper.to_array(w)), w.name)
+            t = numpy_helper.from_array(np_contiguous_t(tensor_array(w, base_dir)), w.name)
             w.CopyFrom(t)
         model.graph.node[i].CopyFrom(helper.make_node("MatMul", [n.input[0], n.input[1]], list(n.output), name=n.name))
         done += 1
@@ -348,6 +352,29 @@ def isolate_inputs(model, nodes: list[str]) -> int:
     for pos, node in sorted(inserts, key=lambda t: -t[0]):  # from the back: earlier positions stay valid
         model.graph.node.insert(pos, node)
     return done
+
+
+def tensor_array(t, base_dir: str | os.PathLike = "") -> np.ndarray:
+    """An initializer's values, its external data read from `base_dir` (one tensor's bytes; a plain read, so an
+    artifact copied with hard links (`cp -al`) reads too, which onnx's own reader refuses)."""
+    from onnx import external_data_helper as ext
+    from onnx import helper, numpy_helper
+
+    if not ext.uses_external_data(t):
+        return numpy_helper.to_array(t)
+    info = ext.ExternalDataInfo(t)
+    with open(Path(base_dir) / info.location, "rb") as f:
+        f.seek(info.offset or 0)
+        raw = f.read(info.length) if info.length is not None else f.read()
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    if dtype.itemsize * int(np.prod(t.dims)) != len(raw) or t.data_type in (helper.TensorProto.BFLOAT16,):
+        inline = type(t)()
+        inline.CopyFrom(t)
+        del inline.external_data[:]
+        inline.data_location = helper.TensorProto.DEFAULT
+        inline.raw_data = raw
+        return numpy_helper.to_array(inline)
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
 
 
 def np_contiguous_t(a: np.ndarray) -> np.ndarray:
@@ -467,6 +494,27 @@ def record(opts: QuantOptions, stages: list[str], calibration: CalibrationSet | 
     }
 
 
+def _quarters(name: str, say: Callable[[str], None], stdout) -> Callable[[int, int], None]:
+    """A (done, total) progress callback that reports a stage's weights at each quarter (7B blocks take minutes),
+    printing to `stdout` (the caller's, not _quiet()'s)."""
+    def report(done: int, total: int) -> None:
+        if total >= 8 and done < total and done * 4 // total != (done - 1) * 4 // total:
+            with contextlib.redirect_stdout(stdout):
+                say(f"quantize:   {name}: {done}/{total} weights")
+    return report
+
+
+def check_precision(opts: QuantOptions, precision: str) -> None:
+    """fp16 graphs take the tensor-at-a-time methods (int4-wo, int8 ort); the calibrated Q/DQ ones need fp32."""
+    from graphs.quantize_stream import streamable
+
+    if precision != "fp32" and not streamable(opts.method, opts.format):
+        raise InputError(f"--quantize {opts.method} --quantize-format {opts.format} calibrates an fp32 graph (ONNX "
+                         f"Runtime's quantize_static reads fp32 weights and activations), and this export is "
+                         f"{precision}: export with --precision fp32, or quantize {precision} with --quantize int4-wo "
+                         f"or --quantize int8 --quantize-format ort")
+
+
 def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
                       calibrate: Callable[[CalibrationSet, list[str]], dict[str, list[dict]]] | None = None,
                       progress: Callable[[str], None] | None = None) -> dict | None:
@@ -481,6 +529,7 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
     """
     from graphs import manifest as mf
     from graphs import onnx_passes
+    from graphs.quantize_stream import quantize_graph_streamed, streamable
 
     say = progress or (lambda _m: None)
     opts = opts.resolved()
@@ -489,9 +538,7 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
     art = Path(art_dir)
     artifact = mf.load_artifact(art)
     manifest = json.loads(json.dumps(artifact.manifest))
-    if artifact.precision != "fp32":
-        raise InputError(f"--quantize {opts.method} needs an fp32 export (ONNX Runtime's quantizers read fp32 "
-                         f"weights); this artifact is {artifact.precision}: export with --precision fp32")
+    check_precision(opts, artifact.precision)
     if quantization_of(manifest):
         raise ArtifactError(f"{art} is already quantized; re-export it from the checkpoint: {artifact.rebuild_command}")
     stages = llm_stages(manifest)
@@ -512,13 +559,18 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
         entry = next(e for e in manifest["stages"] if e["name"] == name)
         src = art / entry["graph"]
         before = weight_bytes(src)
+        stdout = sys.stdout  # progress goes here while _quiet() holds ONNX Runtime's prints
         tmpdir = Path(tempfile.mkdtemp(dir=src.parent, prefix=f".{name}.quant."))
         try:
             tmp = tmpdir / src.name
+            data = tmp.with_name(tmp.name + ".data")
             with _quiet():
-                quantize_graph(src, tmp, opts, feeds.get(name))
-            model = onnx_passes.load_graph(tmp)
-            written = onnx_passes.save_with_external_data(model, src, tmp.with_name(tmp.name + ".data"))
+                if streamable(opts.method, opts.format):  # a tensor at a time: memory bounded by one weight
+                    model = quantize_graph_streamed(src, data, opts, progress=_quarters(name, say, stdout))
+                else:  # calibrated Q/DQ: ONNX Runtime's whole-graph quantize_static
+                    quantize_graph(src, tmp, opts, feeds.get(name))
+                    model = onnx_passes.load_graph(tmp)
+            written = onnx_passes.save_with_external_data(model, src, data)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         entry["files"] = {p.relative_to(art).as_posix(): mf.file_sha256(p)

@@ -157,15 +157,14 @@ class Plan:
 
 def _quantize_list(value: str | None, precision: str) -> list:
     """--quantize "none,int8,int4-wo:qdq" -> [None, QuantOptions(int8), QuantOptions(int4-wo, qdq)], checked."""
-    from graphs.quantize import QuantOptions
+    from graphs.quantize import QuantOptions, check_precision
 
     out = []
     for item in _csv(value or "none", None, "--quantize"):
         method, _, fmt = item.partition(":")
         opts = QuantOptions(method=method, format=fmt or None).resolved()
-        if opts.method != "none" and precision != "fp32":
-            raise InputError(f"--quantize {item}: quantized artifacts are exported from fp32 graphs; "
-                             "add --precision fp32")
+        if opts.method != "none":
+            check_precision(opts, precision)
         out.append(None if opts.method == "none" else opts)
     return out
 

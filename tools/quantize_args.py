@@ -41,9 +41,9 @@ def quantize_options(args: argparse.Namespace) -> QuantOptions:
         if extra:
             raise InputError(f"{', '.join(extra)} given without --quantize: add --quantize int8|int4-wo|fp8")
         return opts
-    if args.precision != "fp32":
-        raise InputError(f"--quantize {opts.method} quantizes fp32 graphs (ONNX Runtime's quantizers read fp32 "
-                         f"weights; the float ops stay fp32): use --precision fp32")
+    from graphs.quantize import check_precision
+
+    check_precision(opts, args.precision)
     if opts.needs_calibration and args.trace_only:
         raise InputError(f"--quantize {opts.method} --quantize-format qdq calibrates by running the model, which "
                          f"--trace-only does not: drop --trace-only, or use a weight-only method (int4-wo)")

@@ -60,6 +60,48 @@ def test_manifest_records_the_quantization_in_one_place(quantized, export_tiny, 
         {k: v for k, v in theirs["stages"].items() if k not in LLM}  # vision, SAM, embeddings stay float
 
 
+@pytest.fixture(scope="module")
+def quantized16(tiny_ckpt, export_tiny, tmp_path_factory):
+    """`quantized16(method, fmt) -> Path`: as `quantized`, from the session's fp16 csp artifact (--precision fp16)."""
+    made = {}
+
+    def get(method: str, fmt: str):
+        if (method, fmt) not in made:
+            out = tmp_path_factory.mktemp(f"q16_{method}_{fmt}") / "art"
+            shutil.copytree(export_tiny("csp", "both", "fp16"), out)
+            rc, stdout, stderr = call(_export_args(tiny_ckpt, out, "--precision", "fp16", "--quantize", method,
+                                                   "--quantize-format", fmt))
+            assert rc == 0, stderr
+            assert "0 to export" in stderr and f"quantized {method} ({fmt})" in stdout
+            made[(method, fmt)] = out
+        return made[(method, fmt)]
+
+    return get
+
+
+FP16 = [("int4-wo", "ort", "generate"), ("int4-wo", "qdq", "single-pass"), ("int8", "ort", "single-pass")]
+
+
+@pytest.mark.parametrize("method,fmt,mode", FP16, ids=[f"{m}-{f}" for m, f, _ in FP16])
+def test_fp16_exports_quantize_run_and_validate(quantized16, export_tiny, method, fmt, mode):
+    """fp16 graphs take the tensor-at-a-time methods: int4-wo keeps fp16 activations (fp16 scales), dynamic int8
+    runs its pieces in fp32 between Casts. Judged like the fp32 ones: mask IoU and ids against the reference."""
+    from graphs.manifest import load_artifact
+    from graphs.quantize import artifact_weights
+    from tools.validate import validate_backends
+
+    art = load_artifact(quantized16(method, fmt))
+    assert art.precision == "fp16" and art.manifest["quantization"]["method"] == method
+    float_art = load_artifact(export_tiny("csp", "both", "fp16"))
+    ratio = artifact_weights(art.manifest, art.dir)["llm"] / artifact_weights(float_art.manifest, float_art.dir)["llm"]
+    assert ratio < (0.35 if method == "int4-wo" else 0.6), ratio  # of fp16 bytes: 4.5 or 8-and-a-bit of 16 bits
+    report = validate_backends(art.dir, modes=[mode], progress=lambda _m: None, stages=[*LLM, "seg_head"])
+    assert report["passed"], [e for e in report["end_to_end"] if not e["passed"]]
+    assert all(s["report_only"] for s in report["stages"] if s["name"] in LLM)
+    for e in report["end_to_end"]:
+        assert e["ids_equal"] and e["mask_iou"] >= e["mask_iou_min"]
+
+
 @pytest.mark.parametrize("method,fmt", VARIANTS, ids=IDS)
 def test_runs_and_validates_against_the_float_reference(quantized, method, fmt):
     from tools.validate import validate_backends
@@ -164,7 +206,7 @@ def test_a_bad_calibration_set_fails_before_any_export(tiny_ckpt, tmp_path, cont
 
 
 @pytest.mark.parametrize("extra,expected", [
-    (["--precision", "fp16", "--quantize", "int8"], "use --precision fp32"),
+    (["--precision", "fp16", "--quantize", "int8", "--quantize-format", "qdq"], "export with --precision fp32"),
     (["--quantize", "fp8", "--quantize-format", "ort"], "fp8 is for TensorRT"),
     (["--quantize-format", "qdq"], "without --quantize"),
     (["--quantize", "int8", "--quantize-format", "qdq", "--trace-only"], "drop --trace-only"),
@@ -180,7 +222,7 @@ def test_quantize_flags_are_checked_before_any_export(tiny_ckpt, tmp_path, extra
 
 @pytest.mark.parametrize("argv,expected", [
     (["bench", "--shape", "tiny", "--quantize", "int3"], "choose one of none, int8, int4-wo, fp8"),
-    (["bench", "--shape", "tiny", "--quantize", "int8", "--precision", "fp16"], "add --precision fp32"),
+    (["bench", "--shape", "tiny", "--quantize", "int8:qdq", "--precision", "fp16"], "export with --precision fp32"),
     (["bench", "--shape", "tiny", "--quantize", "none,none"], "lists a value twice"),
 ], ids=["unknown", "fp16", "twice"])
 def test_bench_quantize_list_is_checked_before_any_work(argv, expected):
