@@ -188,7 +188,7 @@ def weight_problem(name: str, t: torch.Tensor, want: torch.dtype) -> str:
 
     A float parameter must be stored as a float (an int16 tensor has float16's byte size and would load as
     garbage numbers), an integer buffer as an integer, and every value must be finite: one NaN in a weight
-    turns every mask into noise with exit 0. Cost: one pass over the weights (a few seconds at LISA-7B).
+    turns every mask into noise with exit 0. Cost: one read of the weights, no copy (`all_finite`).
     """
     return tensor_problem(keys.module_to_lisa(name), t, want)
 
@@ -197,9 +197,23 @@ def tensor_problem(label: str, t: torch.Tensor, want: torch.dtype) -> str:
     """`weight_problem` for a tensor named `label` as the user's file names it (LISA's and ACCM's loaders)."""
     if t.dtype.is_floating_point != want.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         return f"wrong dtype: {label} is stored as {t.dtype}, expected a {want} tensor"
-    if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and t.device.type != "meta" and not all_finite(t):
         return f"non-finite values: {label} has {int((~torch.isfinite(t)).sum())} NaN/Inf of {t.numel()}"
     return ""
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in the float tensor `t`, found without a temporary of its size.
+
+    `torch.isfinite(t).all()` makes an abs copy and three bool tensors of each weight's size as it is read;
+    freed at once, those blocks still stayed in the process's heap: +1.7 GiB of anonymous memory while
+    LISA-7B's `llm_2` traced (peak RSS 10.0 -> 8.4 GiB, issue 11). min and max are reductions (no copy)
+    and propagate NaN; an Inf is the min or the max.
+    """
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], unknown: list[str],
