@@ -38,7 +38,7 @@ def _bytes_input(mod, name: str, value: bytes):
 
 
 def segment(client, mod, image: bytes, query: str, mode: str = "single-pass", return_logits: bool = False,
-            timeout_s: float | None = None) -> dict:
+            timeout_s: float | None = None, host_steps: bool = False) -> dict:
     """One request. Raises tritonclient.utils.InferenceServerException with the server's message on a bad request.
 
     Args:
@@ -49,17 +49,20 @@ def segment(client, mod, image: bytes, query: str, mode: str = "single-pass", re
         mode (str): "single-pass" or "generate". Defaults to "single-pass".
         return_logits (bool): also fetch mask_logits. Defaults to False.
         timeout_s (float | None): gRPC call timeout. Defaults to None (none).
+        host_steps (bool): also fetch host_steps, which only a model with host steps (an ACCM artifact) has
+            (`has_host_steps`). Defaults to False.
 
     Returns:
         dict: mask_png (bytes), masks (bool [K, H, W]), mask_logits (float32 [K, H, W] or None), answer (str),
-        generated_ids (list[int]), timings_ms (dict).
+        generated_ids (list[int]), timings_ms (dict), host_steps (dict: e.g. {"accm": {candidates, chosen,
+        caption, ...}}; empty unless asked for).
     """
     inputs = [_bytes_input(mod, "image", image), _bytes_input(mod, "query", query.encode("utf-8")),
               _bytes_input(mod, "mode", mode.encode())]
     flag = mod.InferInput("return_logits", [1, 1], "BOOL")
     flag.set_data_from_numpy(np.array([[return_logits]], dtype=bool))
     inputs.append(flag)
-    names = OUTPUTS + (("mask_logits",) if return_logits else ())
+    names = OUTPUTS + (("mask_logits",) if return_logits else ()) + (("host_steps",) if host_steps else ())
     outputs = [mod.InferRequestedOutput(n) for n in names]
     # grpc takes a timeout per call; an http client has one for all calls (InferenceServerClient network_timeout)
     kwargs = {"client_timeout": timeout_s} if timeout_s is not None and mod.__name__ == "tritonclient.grpc" else {}
@@ -76,7 +79,15 @@ def segment(client, mod, image: bytes, query: str, mode: str = "single-pass", re
         "answer": bytes(res.as_numpy("answer")[0, 0]).decode("utf-8"),
         "generated_ids": [] if ids is None else ids[0].tolist(),
         "timings_ms": json.loads(bytes(res.as_numpy("timings")[0, 0])),
+        "host_steps": json.loads(bytes(res.as_numpy("host_steps")[0, 0])) if host_steps else {},
     }
+
+
+def has_host_steps(client) -> bool:
+    """Whether the served model answers with host_steps (an ACCM artifact's captions)."""
+    meta = client.get_model_metadata(MODEL)
+    outputs = meta["outputs"] if isinstance(meta, dict) else meta.outputs  # http: a dict; grpc: a protobuf
+    return any((o["name"] if isinstance(o, dict) else o.name) == "host_steps" for o in outputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url or ("127.0.0.1:8000" if args.protocol == "http" else "127.0.0.1:8001")
     client = mod.InferenceServerClient(url)
     try:
-        r = segment(client, mod, args.image.read_bytes(), args.query, args.mode, args.logits)
+        r = segment(client, mod, args.image.read_bytes(), args.query, args.mode, args.logits,
+                    host_steps=has_host_steps(client))
     except InferenceServerException as e:
         print(f"triton_client: error: {e.message()}", file=sys.stderr)
         return 1
@@ -109,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"answer: {r['answer']!r}  [SEG] masks: {len(r['masks'])}  mask area: {int(r['masks'].any(0).sum())} px  "
           f"-> {args.out / 'mask.png'}")
     print("timings (ms): " + ", ".join(f"{k} {v:g}" for k, v in r["timings_ms"].items()))
+    if "accm" in r["host_steps"]:
+        accm = r["host_steps"]["accm"]
+        print(f"caption (candidate {accm['chosen']} of {len(accm['candidates'])}): {accm['caption']!r}")
+    if r["host_steps"]:
+        (args.out / "host_steps.json").write_text(json.dumps(r["host_steps"], indent=1), encoding="utf-8")
     return 0
 
 

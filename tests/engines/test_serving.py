@@ -37,7 +37,7 @@ def _seg(k: int = 2, h: int = 5, w: int = 7, seed: int = 0):
     logits = np.random.default_rng(seed).normal(size=(k, h, w)).astype(np.float32)
     logits = np.asfortranarray(logits)  # as a resize may return: not C-contiguous
     return types.SimpleNamespace(mask_logits=logits, masks=logits > 0, answer="[SEG].", generated_ids=[],
-                                 timings_ms={"vision": 1.0})
+                                 timings_ms={"vision": 1.0}, host_steps={})
 
 
 # -- libpython ---------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ class FakeSession:
             masks[:, : h // 2] = True
             out.append(types.SimpleNamespace(mask_logits=masks.astype(np.float32), masks=masks, answer="[SEG].",
                                              generated_ids=[1] if mode == "generate" else [], pipeline=pipeline,
-                                             timings_ms={"vision": 0.5}, encoding=None))
+                                             timings_ms={"vision": 0.5}, encoding=None, host_steps={}))
         return out
 
 
