@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 MODEL = "csprt"
-OUTPUTS = ("mask_png", "masks_packed", "masks_shape", "answer", "generated_ids", "timings")
+OUTPUTS = ("mask_png", "masks_packed", "masks_shape", "answer", "generated_ids", "timings", "host_steps")
 
 
 def client_module(protocol: str):
@@ -38,7 +38,7 @@ def _bytes_input(mod, name: str, value: bytes):
 
 
 def segment(client, mod, image: bytes, query: str, mode: str = "single-pass", return_logits: bool = False,
-            timeout_s: float | None = None, host_steps: bool = False) -> dict:
+            timeout_s: float | None = None) -> dict:
     """One request. Raises tritonclient.utils.InferenceServerException with the server's message on a bad request.
 
     Args:
@@ -49,27 +49,27 @@ def segment(client, mod, image: bytes, query: str, mode: str = "single-pass", re
         mode (str): "single-pass" or "generate". Defaults to "single-pass".
         return_logits (bool): also fetch mask_logits. Defaults to False.
         timeout_s (float | None): gRPC call timeout. Defaults to None (none).
-        host_steps (bool): also fetch host_steps, which only a model with host steps (an ACCM artifact) has
-            (`has_host_steps`). Defaults to False.
 
     Returns:
         dict: mask_png (bytes), masks (bool [K, H, W]), mask_logits (float32 [K, H, W] or None), answer (str),
-        generated_ids (list[int]), timings_ms (dict), host_steps (dict: e.g. {"accm": {candidates, chosen,
-        caption, ...}}; empty unless asked for).
+        generated_ids (list[int]), timings_ms (dict), host_steps (dict: what the artifact's host steps report,
+        e.g. {"accm": {candidates, chosen, caption, ...}}; empty for an artifact without host steps).
     """
     inputs = [_bytes_input(mod, "image", image), _bytes_input(mod, "query", query.encode("utf-8")),
               _bytes_input(mod, "mode", mode.encode())]
     flag = mod.InferInput("return_logits", [1, 1], "BOOL")
     flag.set_data_from_numpy(np.array([[return_logits]], dtype=bool))
     inputs.append(flag)
-    names = OUTPUTS + (("mask_logits",) if return_logits else ()) + (("host_steps",) if host_steps else ())
+    names = OUTPUTS + (("mask_logits",) if return_logits else ())
     outputs = [mod.InferRequestedOutput(n) for n in names]
     # grpc takes a timeout per call; an http client has one for all calls (InferenceServerClient network_timeout)
     kwargs = {"client_timeout": timeout_s} if timeout_s is not None and mod.__name__ == "tritonclient.grpc" else {}
     res = client.infer(MODEL, inputs, outputs=outputs, **kwargs)
-    # Outputs with no elements are left out: masks_packed and mask_logits when K = 0, generated_ids in single-pass.
+    # Outputs with no elements are left out: masks_packed and mask_logits when K = 0, generated_ids in single-pass,
+    # host_steps for an artifact without host steps.
     k, h, w = (int(v) for v in res.as_numpy("masks_shape")[0])
     packed, logits, ids = res.as_numpy("masks_packed"), res.as_numpy("mask_logits"), res.as_numpy("generated_ids")
+    steps = res.as_numpy("host_steps")
     masks = np.zeros((k, h, w), bool) if packed is None else np.unpackbits(packed[0], count=k * h * w).reshape(k, h, w)
     return {
         "mask_png": bytes(res.as_numpy("mask_png")[0, 0]),
@@ -79,15 +79,8 @@ def segment(client, mod, image: bytes, query: str, mode: str = "single-pass", re
         "answer": bytes(res.as_numpy("answer")[0, 0]).decode("utf-8"),
         "generated_ids": [] if ids is None else ids[0].tolist(),
         "timings_ms": json.loads(bytes(res.as_numpy("timings")[0, 0])),
-        "host_steps": json.loads(bytes(res.as_numpy("host_steps")[0, 0])) if host_steps else {},
+        "host_steps": {} if steps is None else json.loads(bytes(steps[0, 0])),
     }
-
-
-def has_host_steps(client) -> bool:
-    """Whether the served model answers with host_steps (an ACCM artifact's captions)."""
-    meta = client.get_model_metadata(MODEL)
-    outputs = meta["outputs"] if isinstance(meta, dict) else meta.outputs  # http: a dict; grpc: a protobuf
-    return any((o["name"] if isinstance(o, dict) else o.name) == "host_steps" for o in outputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url or ("127.0.0.1:8000" if args.protocol == "http" else "127.0.0.1:8001")
     client = mod.InferenceServerClient(url)
     try:
-        r = segment(client, mod, args.image.read_bytes(), args.query, args.mode, args.logits,
-                    host_steps=has_host_steps(client))
+        r = segment(client, mod, args.image.read_bytes(), args.query, args.mode, args.logits)
     except InferenceServerException as e:
         print(f"triton_client: error: {e.message()}", file=sys.stderr)
         return 1

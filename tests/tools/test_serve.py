@@ -27,7 +27,7 @@ from graphs.imageio import decode_image_bytes, write_mask_png
 from tests.cli_io import call, error_lines
 from tools.serve_bench import free_ports, load, serving, summary
 from tools.serve_lifecycle import SHUTDOWN_S
-from tools.triton_client import client_module, has_host_steps, segment
+from tools.triton_client import client_module, segment
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("pytriton", "tritonclient", "psutil")),
@@ -112,6 +112,7 @@ def _check(result: dict, want) -> None:
     assert result["mask_png"] == want.png
     assert np.array_equal(result["masks"], want.seg.masks)
     assert result["answer"] == want.seg.answer and result["generated_ids"] == list(want.seg.generated_ids)
+    assert result["host_steps"] == {}  # a plain artifact: no host steps, the output left out
 
 
 # -- flags (fail before anything loads) ----------------------------------------------------------
@@ -161,25 +162,12 @@ def test_ready_with_everything_loaded(server):
     meta = client.get_model_metadata(MODEL_NAME)
     assert {t["name"] for t in meta["inputs"]} == set(INPUTS)
     assert {t["name"] for t in meta["outputs"]} == set(OUTPUTS)
-    _, grpc_client = _client(server, "grpc")
-    assert not has_host_steps(client) and not has_host_steps(grpc_client)  # only an ACCM artifact answers with them
-    grpc_client.close()
     config = client.get_model_config(MODEL_NAME)
     assert config["max_batch_size"] == 8 and "dynamic_batching" in config
     assert int(config["dynamic_batching"]["max_queue_delay_microseconds"]) == 2000
     assert sum(g["count"] for g in config["instance_group"]) == 2
     stages = re.findall(r"loading stage (\w+)", server.stderr.read_text())
     assert len(stages) == 2 * len(set(stages)) and "vision" in stages  # both instances, every stage
-
-
-def test_client_asks_for_host_steps_only_where_the_model_has_them():
-    """An ACCM artifact's server lists host_steps (http metadata: a dict; grpc: a protobuf message)."""
-    import types
-
-    outputs = [{"name": "answer"}, {"name": "host_steps"}]
-    assert has_host_steps(types.SimpleNamespace(get_model_metadata=lambda name: {"outputs": outputs}))
-    grpc = types.SimpleNamespace(outputs=[types.SimpleNamespace(name=o["name"]) for o in outputs[:1]])
-    assert not has_host_steps(types.SimpleNamespace(get_model_metadata=lambda name: grpc))
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
