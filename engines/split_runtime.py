@@ -128,7 +128,7 @@ class PiecesMixin:
         with torch.cuda.stream(stream):
             for n in self._inputs:
                 if n in self._cache_inputs:
-                    cache_addr[n] = self._bind_piece_cache(n, feed[n], copied)
+                    cache_addr[n] = self._cache_address(n, feed[n], copied)  # staged once for every piece
                 else:
                     copied["inputs"] += self._load(n, feed[n])
             for part in self._parts:
@@ -153,20 +153,6 @@ class PiecesMixin:
 
     def _select(self, profiles, shapes) -> int:
         return call_profile(profiles, shapes)
-
-    def _bind_piece_cache(self, name: str, value, copied: dict) -> int:
-        """The device address of a KV cache input (a host array is staged once per call, for every piece)."""
-        import numpy as np
-        import torch
-
-        if isinstance(value, np.ndarray):  # validation feeds: not the Pipeline's path
-            staged = torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
-            self._staged[name] = staged
-            copied["cache"] += value.nbytes
-            value = staged
-        if not value.is_contiguous():
-            raise internal_error(f"stage {self.name!r}: KV cache input {name!r} must be contiguous to bind in place")
-        return value.data_ptr()
 
     def _check_piece_shapes(self, part: PieceRun, shapes: dict[str, tuple[int, ...]]) -> None:
         for name, shape in shapes.items():

@@ -311,7 +311,13 @@ class TrtRunner(PiecesMixin, BaseRunner):
         return self.last_dims.get(rows_dim(self.stage)) == 1
 
     def _bind(self, name: str, value, copied: dict) -> int:
-        """Bind a static KV cache input at its own address (no copy); a host array is staged once per call."""
+        """Bind a static KV cache input at its own address (no copy)."""
+        address = self._cache_address(name, value, copied)
+        self._context.set_tensor_address(name, address)
+        return address
+
+    def _cache_address(self, name: str, value, copied: dict) -> int:
+        """The device address of a static KV cache input; a host array is staged once per call."""
         import torch
 
         if isinstance(value, np.ndarray):  # validation feeds: not the Pipeline's path
@@ -321,7 +327,6 @@ class TrtRunner(PiecesMixin, BaseRunner):
             value = staged
         if not value.is_contiguous():
             raise internal_error(f"stage {self.name!r}: KV cache input {name!r} must be contiguous to bind in place")
-        self._context.set_tensor_address(name, value.data_ptr())
         return value.data_ptr()
 
     def _load(self, name: str, value) -> int:
