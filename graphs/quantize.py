@@ -400,16 +400,31 @@ class _Feeds:
         return next(self._it, None)
 
 
+def load_with_data(src: Path):
+    """`src` with its weights loaded, read by `tensor_array` (onnx.load refuses data files with several hard
+    links, as a `cp -al` copy has, or a new generation whose graph was unchanged: see graphs/artifact_dir.py)."""
+    import onnx
+    from onnx import external_data_helper as ext
+    from onnx import numpy_helper
+
+    from graphs.onnx_passes import iter_tensors
+
+    model = onnx.load(str(src), load_external_data=False)
+    for t in iter_tensors(model):
+        if ext.uses_external_data(t):
+            t.CopyFrom(numpy_helper.from_array(tensor_array(t, src.parent), t.name))
+    return model
+
+
 def quantize_graph(src: Path, dst: Path, opts: QuantOptions, feeds: list[dict] | None = None) -> None:
     """Quantize one float graph `src` (with its data beside it) into `dst` (+ `dst`.data), per `opts`.
 
     The graph's value_info is dropped first: ONNX Runtime's quantizers re-run ONNX shape inference in a mode that
     rejects the exporter's symbolic annotations on a few Reshape outputs, and they infer what they need anyway.
     """
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    model = onnx.load(str(src))
+    model = load_with_data(src)
     del model.graph.value_info[:]
     gemms_to_matmuls(model)
     nodes = weight_matmuls(model)

@@ -3,7 +3,6 @@ graphs, and memory bounded by one weight rather than the block."""
 
 from __future__ import annotations
 
-import tracemalloc
 
 import numpy as np
 import onnx
@@ -142,6 +141,10 @@ def test_reads_an_artifact_copied_with_hard_links(tmp_path):
     dst, _ = _streamed(tmp_path / "b" / "g.onnx", tmp_path / "out", QuantOptions("int4-wo", "ort").resolved())
     assert _run(dst, _feed())[0].shape == (1, 5, K)
     assert os.stat(src.with_name("g.onnx.data")).st_nlink == 2  # the shared data is read, never written
+    whole = tmp_path / "whole" / "g.onnx"  # the whole-graph quantizers (calibrated Q/DQ) read it the same way
+    whole.parent.mkdir()
+    quantize_graph(tmp_path / "b" / "g.onnx", whole, QuantOptions("int8", "ort").resolved())
+    assert _run(whole, _feed())[0].shape == (1, 5, K)
 
 
 _MEMORY_PROBE = """
