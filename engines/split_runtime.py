@@ -23,8 +23,6 @@ from engines.gpu_plan import GraphCache, graph_key
 from engines.profiles import Profile, call_profile, profiles_from_json
 from graphs.errors import ArtifactError, ToolchainError, internal_error
 
-ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "bfloat16": 2}
-
 
 @dataclass
 class PieceRun:
@@ -37,7 +35,7 @@ class PieceRun:
     inputs: list[str]
     outputs: list[str]
     engine: object = None
-    context: object = None
+    contexts: list = field(default_factory=list)  # one per optimization profile, as the stage engine's
     graphs: GraphCache = field(default_factory=GraphCache)
 
 
@@ -51,7 +49,7 @@ def piece_buffer_plan(base: dict, pieces: list[dict]) -> dict:
     Returns:
         dict[str, BufferSpec]: name -> spec; interface tensors have io "interface".
     """
-    from engines.trt_runner import BufferSpec
+    from engines.trt_runner import ITEMSIZE, BufferSpec
 
     plan = dict(base)
     for piece in pieces:
@@ -89,13 +87,10 @@ class PiecesMixin:
 
     pieces: list = []  # a stage built as one engine; TrtRunner sets its own list
 
-    def _activate_pieces(self, torch) -> None:
+    def _activate_pieces(self, torch, stream) -> None:
         self._parts = []
         binds = piece_bindings(self.pieces, self._cache_inputs)
-        dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
-                  "bool": torch.bool, "bfloat16": torch.bfloat16}
-        self._buffers = {n: torch.empty(max(1, math.prod(b.max_shape)), dtype=dtypes[b.dtype], device=self.device)
-                         for n, b in self.buffers_plan.items() if n not in self._cache_inputs}
+        self._buffers = self._allocate(torch, self.buffers_plan)
         for piece, bind in zip(self.pieces, binds):
             part = PieceRun(piece["piece"], piece, self.art_dir / piece["plan"], profiles_from_json(piece["profiles"]),
                             list(piece["inputs"]), list(piece["outputs"]))
@@ -105,10 +100,11 @@ class PiecesMixin:
                 raise ArtifactError(f"stage {self.name!r}: engine {piece['plan']} does not match its sidecar (tensors "
                                     f"{sorted(names ^ (set(part.inputs) | set(part.outputs)))} differ); rebuild with: "
                                     "csprt build ART")
-            part.context = self._create_context(part.engine)
+            part.contexts = self._create_contexts(part.engine, stream, part.profiles, part.plan_path)
             for n, how in bind.items():
-                if how == "buffer":
-                    part.context.set_tensor_address(n, self._buffers[n].data_ptr())
+                if how == "buffer":  # every profile's context runs on the same buffers
+                    for context in part.contexts:
+                        context.set_tensor_address(n, self._buffers[n].data_ptr())
             self._parts.append(part)
         self._inputs = [t.name for t in self.stage.inputs if any(t.name in p.inputs for p in self._parts)]
         missing = [t.name for t in self.stage.outputs if not any(t.name in p.outputs for p in self._parts)]
@@ -132,11 +128,9 @@ class PiecesMixin:
                 else:
                     copied["inputs"] += self._load(n, feed[n])
             for part in self._parts:
-                ctx = part.context
                 own = {n: shapes[n] if n in shapes else out_shapes[n] for n in part.inputs}
-                profile = self._select(part.profiles, own)
-                if ctx.active_optimization_profile != profile:
-                    ctx.set_optimization_profile_async(profile, stream.cuda_stream)
+                profile = call_profile(part.profiles, own)
+                ctx = part.contexts[profile]  # set to `profile` once, at activation
                 addresses = []
                 for n in part.inputs:
                     ctx.set_input_shape(n, own[n])
@@ -147,12 +141,9 @@ class PiecesMixin:
                 self._check_piece_shapes(part, made)
                 out_shapes.update(made)
                 self._execute((part.index,) + graph_key(profile, own) + tuple(addresses), stream, self._is_step(),
-                              part.context, part.graphs)
+                              ctx, part.graphs)
         self.last_copied = copied
         return {n: self._buffers[n][:math.prod(s)].view(s) for n, s in out_shapes.items() if n in outputs}
-
-    def _select(self, profiles, shapes) -> int:
-        return call_profile(profiles, shapes)
 
     def _check_piece_shapes(self, part: PieceRun, shapes: dict[str, tuple[int, ...]]) -> None:
         for name, shape in shapes.items():
@@ -160,6 +151,6 @@ class PiecesMixin:
                 raise internal_error(f"stage {self.name!r} piece {part.index}: TensorRT cannot tell the shape of "
                                      f"{name!r} before running (data-dependent)")
             b = self.buffers_plan[name]
-            if math.prod(shape) * ITEMSIZE[b.dtype] > b.nbytes:
+            if math.prod(shape) > math.prod(b.max_shape):  # buffers hold their largest shape
                 raise ToolchainError(f"stage {self.name!r} piece {part.index}: {name!r} shape {shape} exceeds its buffer "
                                      f"{b.max_shape}; rebuild with: csprt build ART")

@@ -42,7 +42,7 @@ from graphs.manifest import load_artifact
 from graphs.runner import BaseRunner, bind_dims
 from graphs.stages import DimRange, StageSpec, rows_dim
 
-ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8}
+ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "bfloat16": 2}  # dtype names as torch's
 _NUMPY_OF_TORCH = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.int64": np.int64}
 
 
@@ -157,8 +157,8 @@ class TrtRunner(PiecesMixin, BaseRunner):
                                  "none; use the onnxruntime backend here")
         with torch.cuda.device(self.device):
             if self.pieces:
-                self._activate_pieces(torch)
                 self.stream = torch.cuda.Stream(self.device)
+                self._activate_pieces(torch, self.stream)
                 return
             engine = self._deserialize()
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -166,9 +166,7 @@ class TrtRunner(PiecesMixin, BaseRunner):
             self._check_io(names)
             stream = torch.cuda.Stream(self.device)
             contexts = self._create_contexts(engine, stream)
-            dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
-            self._buffers = {n: torch.empty(max(1, math.prod(b.max_shape)), dtype=dtypes[b.dtype], device=self.device)
-                             for n, b in self.buffers_plan.items() if n in names and n not in self._cache_inputs}
+            self._buffers = self._allocate(torch, [n for n in self.buffers_plan if n in names])
             for n, buf in self._buffers.items():  # every profile's context runs on the same buffers
                 for context in contexts:
                     context.set_tensor_address(n, buf.data_ptr())
@@ -185,24 +183,32 @@ class TrtRunner(PiecesMixin, BaseRunner):
                                 f"csprt build ART --compute-capability current")
         return engine
 
-    def _create_contexts(self, engine, stream) -> list:
+    def _allocate(self, torch, names) -> dict:
+        """A device buffer per name (not the KV cache: the caller's), at its plan's largest shape."""
+        return {n: torch.empty(max(1, math.prod(self.buffers_plan[n].max_shape)),
+                               dtype=getattr(torch, self.buffers_plan[n].dtype), device=self.device)
+                for n in names if n not in self._cache_inputs}
+
+    def _create_contexts(self, engine, stream, profiles=None, plan_path=None) -> list:
         """One execution context per optimization profile, each set to its profile once, as TensorRT wants for
         contexts that take turns (switching one context per call would cost a sync and void captured graphs).
         An engine of one profile (built before blocks had a decode profile) gets one context and still runs.
+        `profiles` and `plan_path`: a piece's (default: the stage engine's).
 
         Raises:
             ArtifactError: the engine's profile count is not its sidecar's (names the rebuild command).
         """
-        count = getattr(engine, "num_optimization_profiles", len(self.profiles))
-        if count != len(self.profiles):
-            raise ArtifactError(f"stage {self.name!r}: engine {self.plan_path} has {count} optimization profiles, "
-                                f"its sidecar lists {len(self.profiles)}; rebuild with: csprt build ART")
+        profiles, plan_path = profiles or self.profiles, plan_path or self.plan_path
+        count = getattr(engine, "num_optimization_profiles", len(profiles))
+        if count != len(profiles):
+            raise ArtifactError(f"stage {self.name!r}: engine {plan_path} has {count} optimization profiles, "
+                                f"its sidecar lists {len(profiles)}; rebuild with: csprt build ART")
         contexts = []
         for i in range(count):
             context = self._create_context(engine)
             if count > 1 and not context.set_optimization_profile_async(i, stream.cuda_stream):
                 raise ToolchainError(f"stage {self.name!r}: TensorRT refused optimization profile {i} for a new "
-                                     f"execution context ({self.plan_path})")
+                                     f"execution context ({plan_path})")
             contexts.append(context)
         stream.synchronize()
         return contexts

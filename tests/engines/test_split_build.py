@@ -12,7 +12,7 @@ import pytest
 
 from engines import build_memory as build_mod
 from engines.build_memory import GIB
-from engines.split_build import block_layers, choose_groups, interface_specs, piece_profiles, plan_split
+from engines.split_build import choose_groups, interface_specs, piece_profiles, plan_split
 from graphs.errors import ToolchainError
 from graphs.manifest import MANIFEST_NAME, load_artifact
 
@@ -122,7 +122,7 @@ def test_split_stage_runs_its_pieces_in_order_through_shared_buffers(export_tiny
 
     monkeypatch.setattr(r, "_create_context", context)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    r._activate_pieces(torch)
+    r._activate_pieces(torch, types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None))
     r.is_active = True
     batch, rows, cap = 2, 5, 9
     h = stage.input("hidden").shape[2]
