@@ -1,7 +1,10 @@
 """FLOPs of ACCM's own models per request (graphs.flops convention: multiply-accumulates, norms and softmax left out).
 
-    accm_picks            the last CLIP layer (LISA's features stop one layer earlier), visual_projection of
-                          every patch, the merged CLS attention row, CLIP's text tower over the question
+    accm_vision           what the accm_vision stage runs besides LISA's vision tower and projector (graphs.flops
+                          "vision" and "projector"): the last CLIP layer (LISA's features stop one layer earlier),
+                          visual_projection of every patch, the merged CLS attention row
+    accm_clip_text        CLIP's text tower over the question
+    accm_picks            the question's similarity to every projected patch
     accm_mapper           Linear over the N - budget tokens pruned away, then the mapper's layers over them
                           plus the 20 prefix rows
     accm_caption_prefill  GPT-2 over question + 20 prefix rows, LM head on the last row
@@ -10,7 +13,8 @@
     accm_selector         LongCLIP's text tower over each candidate padded to 248 tokens (as longclip.tokenize
                           pads and ACCM encodes), then the selector's layers over the candidates
 
-The caption's LLM tokens (the schedule's `accm.caption_budget`) are counted by `graphs.flops` as text.
+Each component is named after the stage (graphs/accm_layout.py) that computes it; the caption's GPT-2 (stage
+accm_gpt2) is split into its prefill and decode. The caption's LLM tokens (the schedule's `accm.caption_budget`) are counted by `graphs.flops` as text.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from graphs.shapes import ModelShape
 
 # Tokens of a short question ("What is the man on the left holding?") under GPT-2's and CLIP's BPEs.
 QUESTION_TOKENS = 16
-ACCM_COMPONENTS = ("accm_picks", "accm_mapper", "accm_caption_prefill", "accm_caption_decode", "accm_selector")
+ACCM_COMPONENTS = ("accm_vision", "accm_clip_text", "accm_picks", "accm_mapper", "accm_caption_prefill",
+                   "accm_caption_decode", "accm_selector")
 
 
 def _text_tower(t: TextTowerShape, n: int) -> int:
@@ -43,8 +48,10 @@ def accm_flops(shape: ModelShape, budget: int, beams: int, max_tokens: int, accm
     """
     v, n = shape.vision, shape.num_image_tokens
     skipped_layers = -1 - v.select_layer if v.select_layer < 0 else v.layers - v.select_layer
-    picks = (skipped_layers * _vit_block(n + 1, v.hidden, v.intermediate) + n * v.hidden * accm.clip_projection
-             + (n + 1) ** 2 * v.hidden + _text_tower(accm.clip_text, question_tokens) + n * accm.clip_projection)
+    vision = (skipped_layers * _vit_block(n + 1, v.hidden, v.intermediate) + n * v.hidden * accm.clip_projection
+              + (n + 1) ** 2 * v.hidden)
+    clip_text = _text_tower(accm.clip_text, question_tokens)
+    picks = n * accm.clip_projection
     d, rows = accm.gpt_hidden, n - budget + accm.prefix_length
     mapper = ((n - budget) * accm.clip_projection * d
               + accm.mapper_layers * _vit_block(rows, d, accm.mapper_mlp_ratio * d))
@@ -58,5 +65,5 @@ def accm_flops(shape: ModelShape, budget: int, beams: int, max_tokens: int, accm
     s = accm.selector_dim
     selector = (beams * _text_tower(accm.longclip_text, accm.longclip_text.positions)
                 + accm.selector_layers * _vit_block(beams, s, accm.selector_ffn) + beams * s)
-    return dict(zip(ACCM_COMPONENTS, (picks, mapper, prefill, decode, selector)))
+    return dict(zip(ACCM_COMPONENTS, (vision, clip_text, picks, mapper, prefill, decode, selector)))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from graphs.errors import ToolchainError
+from graphs.errors import ToolchainError, internal_error
 from graphs.schedule import Schedule
 from graphs.shapes import ModelShape
 
@@ -37,9 +37,11 @@ DEFAULT_TEXT_TOKENS = 40
 _SAM_DECODER_TOKENS = 1 + 4 + 1
 _SAM_MASK_TOKENS = 4
 _COMPONENTS = ("vision", "projector", "llm", "llm_image_tokens", "sam_encoder", "sam_decoder", "total")
-# The FLOPs components each stage kind computes (the entry ops and heads are negligible and not counted).
+# The FLOPs components each stage kind computes (the entry ops and heads are negligible and not counted);
+# accm_vision runs LISA's vision tower and projector too (graphs/accm_flops.py counts only what it adds).
 STAGE_KIND_COMPONENTS = {"vision": ("vision", "projector"), "sam_encoder": ("sam_encoder",),
-                         "llm": ("llm",), "sam_decoder": ("sam_decoder",)}
+                         "llm": ("llm",), "sam_decoder": ("sam_decoder",),
+                         "accm_vision": ("vision", "projector", "accm_vision")}
 
 
 def llm_layer_flops(n: int, d: int, m: int, convention: str = "fastv") -> int:
@@ -213,7 +215,7 @@ def flops_report(shape: ModelShape, schedule: Schedule, text_tokens: int = DEFAU
     flops["total"] = {c: sum(same.values()) + llm[c] for c in CONVENTIONS}
     total_full = sum(v for k, v in same.items() if k in _COMPONENTS) + llm_full["fastv"]
     image_only = _image_only_kinds(shape, schedule)
-    skipped = {c: sum(flops[comp][c] for kind in image_only.values() for comp in STAGE_KIND_COMPONENTS.get(kind, ()))
+    skipped = {c: sum(flops[comp][c] for kind in image_only.values() for comp in _components(kind))
                for c in CONVENTIONS}
     return {
         "schedule": schedule.name,
@@ -242,11 +244,23 @@ def flops_report(shape: ModelShape, schedule: Schedule, text_tokens: int = DEFAU
 
 
 def _image_only_kinds(shape: ModelShape, schedule: Schedule) -> dict[str, str]:
-    """Image-only stage name -> kind, from the single-pass layout of `schedule` at `shape`."""
-    if schedule.accm is not None:  # its layout needs ACCM's model sizes: accm_vision (CLIP, FLOPs "vision") and SAM
-        return {"vision": "vision", "sam_encoder": "sam_encoder"}
+    """Image-only stage name -> kind, from the single-pass layout of `schedule` at `shape` (the manifest's names)."""
     from graphs.image_encoding import image_only_stages
     from graphs.stages import LayoutOptions, build_layout
 
-    layout = build_layout(schedule, shape, LayoutOptions(), seg_token_id=0, stop_token_ids=())
+    accm = None
+    if schedule.accm is not None:  # ACCM's released model sizes, as accm_flops counts them; no id changes a name
+        from graphs.accm import AccmShape
+        from graphs.accm_layout import AccmLayoutInfo
+
+        accm = AccmLayoutInfo(AccmShape(), stop_id=0)
+    layout = build_layout(schedule, shape, LayoutOptions(), seg_token_id=0, stop_token_ids=(), accm=accm)
     return {name: layout.stage(name).kind for name in image_only_stages(layout)}
+
+
+def _components(kind: str) -> tuple[str, ...]:
+    """The FLOPs components an image-only stage of `kind` computes (STAGE_KIND_COMPONENTS)."""
+    if kind not in STAGE_KIND_COMPONENTS:
+        raise internal_error(f"an image-only stage of kind {kind!r} has no FLOPs components; "
+                             "add it to graphs.flops.STAGE_KIND_COMPONENTS")
+    return STAGE_KIND_COMPONENTS[kind]

@@ -93,7 +93,8 @@ def test_accm_flops_parts_and_caption_tokens():
     shape = shape_named("lisa-7b")
     r = flops_report(shape, resolve("accm-36", 32, 256))
     assert r["caption_tokens"] == 96 and r["avg_image_tokens_per_layer"] == 16
-    parts = ("accm_picks", "accm_mapper", "accm_caption_prefill", "accm_caption_decode", "accm_selector")
+    parts = ("accm_vision", "accm_clip_text", "accm_picks", "accm_mapper", "accm_caption_prefill",
+             "accm_caption_decode", "accm_selector")
     f = r["flops"]
     assert all(f[p]["fastv"] > 0 for p in parts)
     assert f["total"]["fastv"] == sum(f[k]["fastv"] for k in f if k not in ("total", "llm_image_tokens"))

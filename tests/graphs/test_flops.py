@@ -98,3 +98,24 @@ def test_cached_question_skips_the_image_only_stages(schedule):
         assert cached["skipped_flops"][c] == f["vision"][c] + f["projector"][c] + f["sam_encoder"][c]
     assert cached["skipped_pct"] == pytest.approx(100 * cached["skipped_flops"]["fastv"] / f["total"]["fastv"])
     assert 60 < cached["skipped_pct"] < 90  # the SAM ViT-H encoder outweighs the whole 7B prefill
+
+
+@pytest.mark.parametrize("name", ["full", "csp", "csp-70", "evtp", "fastv", "accm-36", "accm-18"])
+def test_cached_question_names_the_layouts_stages(name):
+    """The image-only stages are named as the layout (and so the manifest) names them: an ACCM schedule's CLIP
+    stage is accm_vision (it used to be reported as `vision`), and what it skips includes ACCM's own CLIP work."""
+    from graphs.accm import AccmShape
+    from graphs.accm_layout import AccmLayoutInfo
+    from graphs.stages import LayoutOptions, build_layout
+
+    schedule = resolve(name, 32, 256)
+    accm = AccmLayoutInfo(AccmShape(), stop_id=13) if schedule.accm else None
+    layout = build_layout(schedule, SHAPES["lisa-7b"], LayoutOptions(precision="fp16", mode="both", max_batch=1),
+                          seg_token_id=32000, stop_token_ids=(2,), accm=accm)
+    r = flops_report(SHAPES["lisa-7b"], schedule)
+    f, cached = r["flops"], r["cached_question"]
+    vision = "accm_vision" if schedule.accm else "vision"
+    assert cached["image_only_stages"] == [vision, "sam_encoder"]
+    assert set(cached["image_only_stages"]) <= {s.name for s in layout.stages}
+    parts = ["vision", "projector", "sam_encoder"] + (["accm_vision"] if schedule.accm else [])
+    assert cached["skipped_flops"]["fastv"] == sum(f[p]["fastv"] for p in parts)

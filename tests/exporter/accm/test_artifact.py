@@ -31,6 +31,8 @@ def _manifest(art):
 
 
 def test_manifest_declares_accm_graphs_and_host_steps(accm_art):
+    from graphs.flops import flops_report
+    from graphs.image_encoding import image_plan
     from graphs.manifest import load_artifact
 
     m = _manifest(accm_art)
@@ -55,6 +57,9 @@ def test_manifest_declares_accm_graphs_and_host_steps(accm_art):
     assert {"accm/gpt2/vocab.json", "accm/longclip/vocab.json"} <= set(tok_files)
     art = load_artifact(accm_art)  # sealed, schema-valid, every file's hash checked
     assert [h.name for h in art.layout.host_steps] == list(steps)
+    # csprt flops names the stages a cached question skips as this manifest does
+    assert flops_report(art.shape, art.schedule)["cached_question"]["image_only_stages"] == list(
+        image_plan(art.layout).stages)
     assert "accm_gpt2" not in [s.name for s in art.layout.sequence("single-pass")]
 
 
