@@ -43,6 +43,21 @@ class PipelineResult:
     generated_ids: list[list[int]] = field(default_factory=list)  # generate mode: per request; empty in single-pass
 
 
+@dataclass(frozen=True)
+class DecodeIds:
+    """The token ids greedy decoding reacts to in one run: a token in `stop_token_ids` ends its request, one equal
+    to `seg_token_id` is a [SEG] (its hidden state is collected). `Pipeline.run` defaults to the layout's loop's
+    (`of`); a run given others (serving's warm-up) leaves the shared layout alone."""
+
+    stop_token_ids: tuple[int, ...]
+    seg_token_id: int
+
+    @classmethod
+    def of(cls, loop) -> "DecodeIds":
+        """The ids of a `graphs.stages.Loop` (the artifact's own)."""
+        return cls(tuple(loop.stop_token_ids), loop.seg_token_id)
+
+
 class HostChain:
     """Stages exchange numpy arrays through the host (ONNX Runtime, validation). The default chain."""
 
@@ -205,7 +220,8 @@ class Pipeline:
     # -- run ------------------------------------------------------------------------------------
     def run(self, host: dict[str, np.ndarray], mode: str, record: bool = False,
             max_new_tokens: int | None = None, given: dict | None = None,
-            stages: Collection[str] | None = None, context: dict | None = None) -> PipelineResult:
+            stages: Collection[str] | None = None, context: dict | None = None,
+            decode_ids: DecodeIds | None = None) -> PipelineResult:
         """Run every stage of `mode` on the host inputs.
 
         Args:
@@ -220,6 +236,8 @@ class Pipeline:
             stages (Collection[str] | None): run only these stages of the mode's sequence; the others' outputs
                 must be in `given`. Defaults to None (every stage).
             context (dict | None): what host steps read besides tensors, e.g. {"queries": [...]}. Defaults to None.
+            decode_ids (DecodeIds | None): generate mode's stop and [SEG] ids for this run. Defaults to None (the
+                layout's loop's).
 
         Returns:
             PipelineResult: the outputs, every intermediate tensor, feeds and timings.
@@ -243,7 +261,7 @@ class Pipeline:
                 outs = self._step(stage, mode, res.tensors, res, record)
                 res.tensors.update({f"{stage.name}.{k}": v for k, v in outs.items()})
                 if loop is not None and stage.name == loop.after:
-                    self._run_loop(res, record, limits)
+                    self._run_loop(res, record, limits, decode_ids or DecodeIds.of(loop))
             for name, src in self.layout.outputs.items():
                 src = src.get(mode) if isinstance(src, dict) else src
                 if src is not None and src in res.tensors:
@@ -331,7 +349,7 @@ class Pipeline:
         return tensors[src]
 
     # -- decode loop ----------------------------------------------------------------------------
-    def _run_loop(self, res: PipelineResult, record: bool, limits: list[int]) -> None:
+    def _run_loop(self, res: PipelineResult, record: bool, limits: list[int], ids: DecodeIds) -> None:
         """Greedy decoding of a batch as `exporter.reference.Reference._generate` does it per request
         (see graphs.stages.Loop).
 
@@ -366,14 +384,14 @@ class Pipeline:
                 if not active[b]:
                     continue
                 generated[b].append(token)
-                if token == loop.seg_token_id:
+                if token == ids.seg_token_id:
                     if max_seg is not None and len(seg_rows[b]) == max_seg:
                         raise InputError(f"generate: request {b + 1} emitted [SEG] number {max_seg + 1} at step "
                                          f"{len(generated[b])}; this artifact was exported for at most {max_seg} masks "
                                          "per request; re-export with a larger --max-seg, or pass a smaller "
                                          "max_new_tokens")
                     seg_rows[b].append(chain.keep(hid[b]))  # a device row lives in a buffer the next step overwrites
-                if token in loop.stop_token_ids or len(generated[b]) == limits[b]:
+                if token in ids.stop_token_ids or len(generated[b]) == limits[b]:
                     active[b] = False
             if not any(active):
                 break

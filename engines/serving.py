@@ -37,6 +37,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from engines.batching import DEFAULT_MAX_QUEUE_DELAY_US, Item, check_query, run_items
+from engines.pipeline import DecodeIds
 from graphs.errors import InputError, ToolchainError
 from graphs.imageio import MAX_IMAGE_PIXELS, decode_image_bytes, mask_png_bytes, pack_masks
 from graphs.prompt import MODES, prompt_text
@@ -406,23 +407,17 @@ def warm_up(session, image: np.ndarray, mode: str) -> int:
     step (each block at one row, writing its KV cache in place) runs whatever the first token is, and the first
     generate request does not pay for it. Returns the decode steps run.
 
-    The layout is swapped for the call only (load time, one thread): requests always see the artifact's own.
+    The warm-up's ids go to this call only (`decode_ids`): the session's layout, which requests share, is untouched.
     """
-    import dataclasses
-
-    pipeline, layout = session.pipeline, session.pipeline.layout
+    layout = session.pipeline.layout
     loop = layout.loop
     if mode != "generate" or loop is None or loop.max_new_tokens < 2:
         seg = session.segment(image, "warm-up", mode=mode, max_new_tokens=1 if mode == "generate" else None)
         return int(seg.timings_ms.get("decode_steps", 0))
     max_seg = layout.dims["num_seg"].max if "num_seg" in layout.dims else 2
     # with one [SEG] allowed, two [SEG] tokens would be refused after the step: then no token counts as [SEG]
-    warm = dataclasses.replace(loop, stop_token_ids=(), seg_token_id=loop.seg_token_id if max_seg >= 2 else -1)
-    pipeline.layout = dataclasses.replace(layout, loop=warm)
-    try:
-        seg = session.segment(image, "warm-up", mode=mode, max_new_tokens=2)
-    finally:
-        pipeline.layout = layout
+    warm = DecodeIds(stop_token_ids=(), seg_token_id=loop.seg_token_id if max_seg >= 2 else -1)
+    seg = session.segment(image, "warm-up", mode=mode, max_new_tokens=2, decode_ids=warm)
     return int(seg.timings_ms.get("decode_steps", 0))
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from engines.host import HostIO, HostMeta, check_host_feed
 from engines.host_steps import HostSteps
-from engines.pipeline import Pipeline, PipelineResult
+from engines.pipeline import DecodeIds, Pipeline, PipelineResult
 from graphs.errors import ArtifactError, InputError, ToolchainError
 from graphs.image_encoding import image_plan
 from graphs.manifest import Artifact, load_artifact
@@ -305,7 +305,8 @@ class ArtifactSession:
         return ImageEncoding(kept, original_hw, resized_hw, self.image_settings, stage_ms)
 
     def segment(self, image, query: str, mode: str = "single-pass", max_new_tokens: int | None = None,
-                instance_masks=None, record: bool = False, keep_encoding: bool = False) -> Segmentation:
+                instance_masks=None, record: bool = False, keep_encoding: bool = False,
+                decode_ids: DecodeIds | None = None) -> Segmentation:
         """Segment an image for `query` (`segment_batch` of one request).
 
         Args:
@@ -318,13 +319,15 @@ class ArtifactSession:
             record (bool): keep each stage's feed (validation). Defaults to False.
             keep_encoding (bool): with an image: also return its encoding (`Segmentation.encoding`), taken from
                 this run's tensors. Defaults to False.
+            decode_ids (DecodeIds | None): generate mode's stop and [SEG] ids. Defaults to None (the artifact's).
         """
         return self.segment_batch([image], [query], mode, max_new_tokens,
-                                  None if instance_masks is None else [instance_masks], record, keep_encoding)[0]
+                                  None if instance_masks is None else [instance_masks], record, keep_encoding,
+                                  decode_ids=decode_ids)[0]
 
     def segment_batch(self, images: list, queries: list[str], mode: str = "single-pass",
                       max_new_tokens: int | None = None, instance_masks: list | None = None, record: bool = False,
-                      keep_encoding: bool = False) -> list[Segmentation]:
+                      keep_encoding: bool = False, decode_ids: DecodeIds | None = None) -> list[Segmentation]:
         """Segment a batch: request b is `images[b]` with `queries[b]`, all in one run of each stage graph.
 
         Each request's result equals what `segment` gives it alone (its masks, its generated ids); the
@@ -339,6 +342,8 @@ class ArtifactSession:
             instance_masks (list | None): per image (arrays only), for seg_first artifacts. Defaults to None.
             record (bool): keep each stage's feed (validation). Defaults to False.
             keep_encoding (bool): also return each array image's encoding. Defaults to False.
+            decode_ids (DecodeIds | None): generate mode's stop and [SEG] ids (engines.pipeline.DecodeIds), for this
+                call only. Defaults to None (the artifact's).
 
         Raises:
             InputError: more requests than `max_batch` (naming `--max-batch`), or images and queries that do not
@@ -358,7 +363,7 @@ class ArtifactSession:
             # Before any stage runs: a text over the exported range fails here, naming the dim and the range.
             check_host_feed(self.artifact.layout, feed)
             result = self.pipeline.run(feed, mode, record=record, max_new_tokens=max_new_tokens,
-                                       context={"queries": queries})
+                                       context={"queries": queries}, decode_ids=decode_ids)
             encodings = [None] * len(images)
             if keep_encoding:
                 tensors = {**result.tensors, **{f"host.{k}": v for k, v in feed.items()}}
@@ -373,7 +378,7 @@ class ArtifactSession:
             given = {src: chain.cat([e.tensors[src] for e in encodings]) for src in self.image_plan.keep}
             rest = [s.name for s in self.artifact.layout.stages if s.name not in self.image_plan.stages]
             result = self.pipeline.run(query_feed, mode, record=record, max_new_tokens=max_new_tokens, given=given,
-                                       stages=rest, context={"queries": queries})
+                                       stages=rest, context={"queries": queries}, decode_ids=decode_ids)
         metas = [HostMeta(original_hw=o, resized_hw=r, mode=mode, prompt=i)
                  for o, r, i in zip(original_hw, resized_hw, ids)]
         return self._segmentations(result, metas, mode, encodings)

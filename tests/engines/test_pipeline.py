@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engines.ort_runner import OrtRunner
-from engines.pipeline import Pipeline
+from engines.pipeline import DecodeIds, Pipeline
 from graphs.errors import InputError
 
 
@@ -80,6 +80,21 @@ def test_generate_stops_at_max_new_tokens(make_toy_layout, toy_graphs):
     np.testing.assert_array_equal(short.tensors["loop.seg_hidden"], [[7, 4]])
     assert one.generated_ids == [[6]] and one.timings_ms["decode_steps"] == 0 and "decode" not in one.timings_ms
     assert one.tensors["loop.seg_hidden"].shape == (0, 2)
+
+
+def test_decode_ids_for_one_run_leave_the_layout_alone(make_toy_layout, toy_graphs):
+    """A run given its own stop and [SEG] ids (serving's warm-up) decodes by them; the layout, and so the next
+    run, keeps the artifact's."""
+    layout = make_toy_layout(seg=7, eos=9, max_new_tokens=10)
+    with _pipeline(layout, toy_graphs) as pipe:
+        other = pipe.run(_host(), "generate", max_new_tokens=5, decode_ids=DecodeIds(stop_token_ids=(), seg_token_id=8))
+        assert pipe.layout is layout and layout.loop.stop_token_ids == (9,) and layout.loop.seg_token_id == 7
+        own = pipe.run(_host(), "generate")
+    assert other.generated_ids == [[6, 7, 8, 9, 10]] and other.timings_ms["decode_steps"] == 4  # 9 did not stop it
+    np.testing.assert_array_equal(other.tensors["loop.seg_hidden"], [[8, 5]])  # 8 was the [SEG], 7 was not
+    assert own.generated_ids == [[6, 7, 8, 9]]
+    np.testing.assert_array_equal(own.tensors["loop.seg_hidden"], [[7, 4]])
+    assert DecodeIds.of(layout.loop) == DecodeIds((9,), 7)
 
 
 @pytest.mark.parametrize("bad", [0, 11])

@@ -338,3 +338,38 @@ def test_served_group_mixing_bad_and_good_requests(tiny_session):
     assert (stats["hits"], stats["misses"]) == (2, 4)
     again = model([_req(image=person, query=b"Segment the person.")])[0]
     assert _timings(again)["image_cache_hit"] == 1  # the miss's encoding was cached from the batched run
+
+
+class _FrozenPipeline:
+    """A pipeline whose attributes cannot be reassigned: the warm-up must not swap the layout requests share."""
+
+    def __init__(self, layout):
+        object.__setattr__(self, "layout", layout)
+
+    def __setattr__(self, name, value):
+        raise AssertionError(f"the warm-up assigned pipeline.{name}")
+
+
+@pytest.mark.parametrize("max_seg, seg_id", [(8, 5), (1, -1)])
+def test_warm_up_passes_its_decode_ids_explicitly(max_seg, seg_id):
+    """Generate's warm-up decodes two tokens with no stop token (and no [SEG] when only one is allowed) by giving
+    the call its own ids; the shared layout stays the artifact's."""
+    from engines.pipeline import DecodeIds
+    from graphs.stages import DimRange
+
+    loop = types.SimpleNamespace(max_new_tokens=4, stop_token_ids=(2,), seg_token_id=5)
+    layout = types.SimpleNamespace(loop=loop, dims={"num_seg": DimRange(1, 1, max_seg)})
+    calls = []
+
+    class Session:
+        pipeline = _FrozenPipeline(layout)
+
+        def segment(self, image, query, mode, max_new_tokens=None, decode_ids=None):
+            calls.append((mode, max_new_tokens, decode_ids))
+            return types.SimpleNamespace(timings_ms={"decode_steps": 1} if mode == "generate" else {})
+
+    image = np.zeros((4, 4, 3), np.uint8)
+    assert serving.warm_up(Session(), image, "generate") == 1
+    assert serving.warm_up(Session(), image, "single-pass") == 0
+    assert calls == [("generate", 2, DecodeIds(stop_token_ids=(), seg_token_id=seg_id)), ("single-pass", None, None)]
+    assert Session.pipeline.layout is layout and loop.stop_token_ids == (2,) and loop.seg_token_id == 5
