@@ -3,7 +3,8 @@
     requests of one Triton call (dynamic batcher group), each checked alone by the caller:
         bad  -> its own error response
         good -> Item(index, source = image array | cached ImageEncoding, query, mode, max_new_tokens)
-    check_query(session, query, mode)  tokenised and held to the exported text ranges, request by request
+    check_query(session, query, mode)  tokenised and held to the exported text ranges, request by request; its
+                                       ids ride in the Item to segment_batch (`prompts`: tokenised once)
     group_items(items, max_batch)      same (mode, max_new_tokens), arrival order, at most max_batch per
                                        batch (the artifact's `--max-batch`)
     run_items(session, items, ...)     one ArtifactSession.segment_batch per batch; hits and misses of the image
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from engines.host import check_host_feed
+from graphs.prompt import PromptIds
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Item:
     index: its position in the group (responses go back in request order).
     source: uint8 RGB [H, W, 3], or the ImageEncoding a cache hit gave.
     instance_masks: [M, grid, grid] for seg_first artifacts, with an array source only. Defaults to None.
+    prompt: the query's ids for `mode`, as `check_query` returned them. Defaults to None (tokenised when run).
     """
 
     index: int
@@ -37,17 +40,22 @@ class Item:
     mode: str
     max_new_tokens: int | None = None
     instance_masks: object = None
+    prompt: PromptIds | None = None
 
 
-def check_query(session, query: str, mode: str) -> None:
+def check_query(session, query: str, mode: str) -> PromptIds:
     """Tokenise one request's prompt and hold it to the exported text ranges (the check segment_batch makes
     for the whole batch), so an over-long query fails alone, naming the dim and its range.
+
+    Returns:
+        PromptIds: the prompt's ids, for the Item (segment_batch then uses them instead of tokenising again).
 
     Raises:
         InputError: an empty query, an unknown mode, or a prompt outside the exported range.
     """
-    feed, _ = session.host.query_batch([query], mode)
-    check_host_feed(session.artifact.layout, feed)
+    ids = session.host.prompt_ids([query], mode)
+    check_host_feed(session.artifact.layout, session.host.query_feed(ids, mode))
+    return ids[0]
 
 
 def group_items(items: list[Item], max_batch: int) -> list[list[Item]]:
@@ -66,9 +74,10 @@ def group_items(items: list[Item], max_batch: int) -> list[list[Item]]:
 def _segment(session, batch: list[Item], keep_encoding: bool) -> list:
     first = batch[0]  # instance masks: per array image (seg_first); an encoding has them already (None)
     masks = [it.instance_masks for it in batch] if any(it.instance_masks is not None for it in batch) else None
+    prompts = [it.prompt for it in batch] if all(it.prompt is not None for it in batch) else None
     return session.segment_batch([it.source for it in batch], [it.query for it in batch], mode=first.mode,
                                  max_new_tokens=first.max_new_tokens, instance_masks=masks,
-                                 keep_encoding=keep_encoding)
+                                 keep_encoding=keep_encoding, prompts=prompts)
 
 
 def run_items(session, items: list[Item], max_batch: int, keep_encoding: bool = False,

@@ -2,8 +2,9 @@
 
     image uint8 [H, W, 3], query --inputs()--> {prefix_ids, suffix_ids, suffix_lens, clip_pixels, sam_pixels
                                                 [, seg_rows, seg_batch][, instance_masks]}, meta   (a batch of 1)
-    queries --query_batch()--> prefix_ids [B, P] (the template's, tiled), suffix_ids [B, S] right-padded to the
-                               longest, suffix_lens [B], seg_rows / seg_batch [K] flat over the batch
+    queries --prompt_ids()--> PromptIds per request (tokenised once) --query_feed()--> prefix_ids [B, P] (the
+                               template's, tiled), suffix_ids [B, S] right-padded to the longest, suffix_lens [B],
+                               seg_rows / seg_batch [K] flat over the batch      (query_batch(): both in one call)
     images --image_batch()--> clip_pixels / sam_pixels [B, 3, S, S] (instance_masks [B, M, g, g], padded by empty masks)
     sam_decoder.masks [K, S, S] --masks()--> crop [:h', :w'] -> bilinear to [K, H, W] -> logits, logits > 0
     generated ids --answer()--> text
@@ -98,23 +99,39 @@ class HostIO:
         return feed, ids[0]
 
     def query_batch(self, queries: list[str], mode: str, pad_id: int = 0) -> tuple[dict[str, np.ndarray], list[PromptIds]]:
-        """The host inputs of a batch of queries, and each prompt's ids.
-
-        Every prompt starts with the template's prefix (the same ids); suffixes are right-padded with `pad_id` to
-        the longest, their real lengths in `suffix_lens`. The [SEG] rows are flat over the batch: `seg_rows[k]` is
-        a row of request `seg_batch[k]`'s suffix (ascending by request).
+        """The host inputs of a batch of queries, and each prompt's ids (`prompt_ids`, then `query_feed`).
 
         Args:
             queries (list[str]): one question per request.
             mode (str): "single-pass" or "generate".
             pad_id (int): what fills the padding (no output depends on it). Defaults to 0.
         """
+        ids = self.prompt_ids(queries, mode)
+        return self.query_feed(ids, mode, pad_id), ids
+
+    def prompt_ids(self, queries: list[str], mode: str) -> list[PromptIds]:
+        """Each query's prompt tokenised for `mode` (the one tokenisation of a request), [SEG] id checked against
+        the manifest's."""
         ids = [tokenize_prompt(self.tokenizer, q, mode, self.shape.num_image_tokens, self.shape.llm.max_positions)
                for q in queries]
         want_seg = self.tok_cfg.get("seg_token_id")
-        if want_seg is not None and ids[0].seg_token_id != want_seg:
+        if want_seg is not None and ids and ids[0].seg_token_id != want_seg:
             raise ArtifactError(f"the tokenizer's [SEG] id is {ids[0].seg_token_id} but the manifest says {want_seg}; "
                                 "the tokenizer directory was modified, re-run csprt export")
+        return ids
+
+    def query_feed(self, ids: list[PromptIds], mode: str, pad_id: int = 0) -> dict[str, np.ndarray]:
+        """The host inputs of a batch of tokenised prompts (`prompt_ids` for this `mode`).
+
+        Every prompt starts with the template's prefix (the same ids); suffixes are right-padded with `pad_id` to
+        the longest, their real lengths in `suffix_lens`. The [SEG] rows are flat over the batch: `seg_rows[k]` is
+        a row of request `seg_batch[k]`'s suffix (ascending by request).
+
+        Args:
+            ids (list[PromptIds]): one per request.
+            mode (str): "single-pass" or "generate", the mode `ids` were tokenised for.
+            pad_id (int): what fills the padding (no output depends on it). Defaults to 0.
+        """
         if len({tuple(i.prefix) for i in ids}) != 1:
             raise internal_error("prompts of one batch have different prefixes; the template's prefix holds no query")
         width = max(len(i.suffix) for i in ids)
@@ -124,7 +141,7 @@ class HostIO:
         if mode == "single-pass":  # the suffix row predicting each [SEG] (the position just before it)
             values["seg_rows"] = np.asarray([r for i in ids for r in i.seg_rows()], dtype=np.int64)
             values["seg_batch"] = np.asarray([b for b, i in enumerate(ids) for _ in i.seg_rows()], dtype=np.int64)
-        return self._cast(values, IMAGE_HOST_INPUTS, mode), ids
+        return self._cast(values, IMAGE_HOST_INPUTS, mode)
 
     def image_batch(self, images: list[np.ndarray], instance_masks: list | None = None
                     ) -> tuple[dict[str, np.ndarray], list[tuple[int, int]], list[tuple[int, int]]]:

@@ -320,7 +320,7 @@ class SegmentModel:
     def _check(self, i: int, request, images: dict, info: dict) -> Item:
         """Request i alone: its tensors, its query against the exported ranges, its image (cache or decode)."""
         req = decode_request(request, self.limits, self.modes)
-        check_query(self.session, req.query, req.mode)
+        prompt = check_query(self.session, req.query, req.mode)
         t0 = time.perf_counter()
         encoding, key = self._lookup(req.image)
         if encoding is None:
@@ -331,7 +331,7 @@ class SegmentModel:
             source, hw = encoding, encoding.original_hw
         info[i] = _Checked(key, encoding is not None, hw, req.return_logits, (time.perf_counter() - t0) * 1000)
         max_new = self.max_new_tokens if req.mode == "generate" else None
-        return Item(i, source, req.query, req.mode, max_new)
+        return Item(i, source, req.query, req.mode, max_new, prompt=prompt)
 
     def _respond(self, request, checked: "_Checked", result, results: dict, segment_ms: float) -> dict[str, np.ndarray]:
         if isinstance(result, Exception):

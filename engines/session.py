@@ -37,6 +37,7 @@ from engines.pipeline import DecodeIds, Pipeline, PipelineResult
 from graphs.errors import ArtifactError, InputError, ToolchainError
 from graphs.image_encoding import image_plan
 from graphs.manifest import Artifact, load_artifact
+from graphs.prompt import PromptIds
 from graphs.quantize import ort_session_config
 from graphs.runner import BaseRunner
 from graphs.stages import StageSpec
@@ -327,7 +328,8 @@ class ArtifactSession:
 
     def segment_batch(self, images: list, queries: list[str], mode: str = "single-pass",
                       max_new_tokens: int | None = None, instance_masks: list | None = None, record: bool = False,
-                      keep_encoding: bool = False, decode_ids: DecodeIds | None = None) -> list[Segmentation]:
+                      keep_encoding: bool = False, decode_ids: DecodeIds | None = None,
+                      prompts: list[PromptIds] | None = None) -> list[Segmentation]:
         """Segment a batch: request b is `images[b]` with `queries[b]`, all in one run of each stage graph.
 
         Each request's result equals what `segment` gives it alone (its masks, its generated ids); the
@@ -344,6 +346,9 @@ class ArtifactSession:
             keep_encoding (bool): also return each array image's encoding. Defaults to False.
             decode_ids (DecodeIds | None): generate mode's stop and [SEG] ids (engines.pipeline.DecodeIds), for this
                 call only. Defaults to None (the artifact's).
+            prompts (list[PromptIds] | None): each query's ids as `host.prompt_ids` made them for this `mode`, when
+                the caller has them already (csprt serve's per-request check): the queries are not tokenised again.
+                Defaults to None (tokenised here).
 
         Raises:
             InputError: more requests than `max_batch` (naming `--max-batch`), or images and queries that do not
@@ -355,7 +360,10 @@ class ArtifactSession:
         self.check_batch(len(images))
         self.check_mode(mode)
         encoded = [isinstance(im, ImageEncoding) for im in images]
-        query_feed, ids = self.host.query_batch(queries, mode)
+        if prompts is not None and len(prompts) != len(queries):
+            raise InputError(f"{len(prompts)} tokenised prompts for {len(queries)} queries; pass one per query")
+        ids = list(prompts) if prompts is not None else self.host.prompt_ids(queries, mode)
+        query_feed = self.host.query_feed(ids, mode)
         if not any(encoded):
             image_feed, original_hw, resized_hw = self.host.image_batch(images, instance_masks)
             merged = {**query_feed, **image_feed}

@@ -175,7 +175,7 @@ class TritonPythonModel:
         if mode not in self.layout.modes:
             raise InputError(f"mode {mode!r} is not in this artifact (exported for {', '.join(self.layout.modes)}); "
                              f"re-export it with --mode both: {self.artifact.rebuild_command}")
-        check_query(self.session, query, mode)
+        prompt = check_query(self.session, query, mode)
         key = image_key(data, self.session.image_settings, masks_in) if self.cache.enabled else None
         encoding = self._lookup(key)
         if encoding is None:  # bytes that do not decode fail here, before anything could be cached
@@ -183,7 +183,7 @@ class TritonPythonModel:
         else:
             source, masks_in = encoding, None  # the instance masks are part of the encoding (and of its key)
         checked[i] = {"t0": t0, "t1": time.perf_counter(), "key": key, "encoding": encoding, "logits": logits_wanted}
-        return Item(i, source, query, mode, int(max_new) if mode == "generate" else None, masks_in)
+        return Item(i, source, query, mode, int(max_new) if mode == "generate" else None, masks_in, prompt)
 
     def _respond(self, checked: dict, seg, results: dict, segment_ms: float):
         if isinstance(seg, Exception):

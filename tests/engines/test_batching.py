@@ -15,11 +15,12 @@ class Recorder:
     """segment_batch -> one namespace per request; raises for a batch holding `fail_on` (alone too if `always`)."""
 
     def __init__(self, fail_on: str | None = None, always: bool = False):
-        self.calls, self.fail_on, self.always = [], fail_on, always
+        self.calls, self.fail_on, self.always, self.prompts = [], fail_on, always, []
 
     def segment_batch(self, images, queries, mode="single-pass", max_new_tokens=None, instance_masks=None,
-                      keep_encoding=False):
+                      keep_encoding=False, prompts=None):
         self.calls.append((list(queries), mode, max_new_tokens, instance_masks, keep_encoding))
+        self.prompts.append(prompts)
         if self.fail_on in queries and (self.always or len(queries) > 1):
             raise InputError(f"bad batch {queries}")
         return [types.SimpleNamespace(query=q, batch=len(queries)) for q in queries]
@@ -70,6 +71,16 @@ def test_instance_masks_go_with_array_images_only():
     assert queries == ["a", "b"] and passed[0] is None and passed[1] is masks
     run_items(session, items[:1], 8)
     assert session.calls[-1][3] is None  # no masks at all: none passed
+
+
+def test_checked_prompts_ride_to_segment_batch():
+    """The ids check_query made go with their batch (not tokenised again); a batch missing any is tokenised whole."""
+    session = Recorder()
+    a, b = Item(0, "enc", "a", "single-pass", prompt="ids a"), Item(1, "enc", "b", "single-pass", prompt="ids b")
+    run_items(session, [a, b, Item(2, "enc", "c", "generate", 4, prompt="ids c")], 8)
+    assert session.prompts == [["ids a", "ids b"], ["ids c"]]
+    run_items(session, [a, Item(3, "enc", "d", "single-pass")], 8)
+    assert session.prompts[-1] is None
 
 
 def test_served_max_batch():

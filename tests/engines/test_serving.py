@@ -151,17 +151,18 @@ class FakeSession:
     def __init__(self, fail_on: str | None = None, max_batch: int = 8):
         self.artifact = types.SimpleNamespace(layout=types.SimpleNamespace(
             loop=types.SimpleNamespace(max_new_tokens=4), host_inputs=(), dims={}), modes=("single-pass", "generate"))
-        self.host = types.SimpleNamespace(query_batch=self._query_batch)
+        self.host = types.SimpleNamespace(prompt_ids=self._prompt_ids, query_feed=lambda ids, mode: {})
         self.calls, self.fail_on, self.max_batch = [], fail_on, max_batch
 
     @staticmethod
-    def _query_batch(queries, mode):
+    def _prompt_ids(queries, mode):
         if any(q == "too long" for q in queries):
             raise InputError("the prompt is too long")
-        return {}, [None] * len(queries)
+        return [f"ids of {q}" for q in queries]
 
     def segment_batch(self, images, queries, mode="single-pass", max_new_tokens=None, instance_masks=None,
-                      keep_encoding=False):
+                      keep_encoding=False, prompts=None):
+        assert prompts == [f"ids of {q}" for q in queries]  # each query's ids from its check, not tokenised again
         self.calls.append(([im.shape for im in images], list(queries), mode, max_new_tokens))
         if self.fail_on in queries:
             raise RuntimeError("boom")
@@ -338,6 +339,33 @@ def test_served_group_mixing_bad_and_good_requests(tiny_session):
     assert (stats["hits"], stats["misses"]) == (2, 4)
     again = model([_req(image=person, query=b"Segment the person.")])[0]
     assert _timings(again)["image_cache_hit"] == 1  # the miss's encoding was cached from the batched run
+
+
+class _CountingTokenizer:
+    """The artifact's tokenizer, counting the texts it encodes."""
+
+    def __init__(self, inner):
+        self.inner, self.texts = inner, []
+
+    def __call__(self, text, **kwargs):
+        self.texts.append(text)
+        return self.inner(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_served_query_is_tokenised_once(tiny_session, monkeypatch):
+    """check_query's ids go on to segment_batch: each served prompt is encoded once (its two sides of the image),
+    not a second time by the batch's run."""
+    counting = _CountingTokenizer(tiny_session.host.tokenizer)
+    monkeypatch.setattr(tiny_session.host, "_tokenizer", counting)
+    cat = _photo("chelsea")
+    group = [(b"Where is the cat?", b"single-pass"), (b"What is on the left?", b"generate"),
+             (b"Segment the ears.", b"single-pass")]
+    out = SegmentModel(tiny_session)([_req(image=cat, query=q, mode=m) for q, m in group])
+    assert all(ERROR_OUTPUT not in r for r in out)
+    assert len(counting.texts) == 2 * len(group), counting.texts  # prefix and suffix of each prompt, once
 
 
 class _FrozenPipeline:
