@@ -14,7 +14,8 @@
                           pads and ACCM encodes), then the selector's layers over the candidates
 
 Each component is named after the stage (graphs/accm_layout.py) that computes it; the caption's GPT-2 (stage
-accm_gpt2) is split into its prefill and decode. The caption's LLM tokens (the schedule's `accm.caption_budget`) are counted by `graphs.flops` as text.
+accm_gpt2) is split into its prefill and decode. The caption's LLM tokens (the schedule's `accm.caption_budget`)
+are counted by `graphs.flops` as text.
 """
 
 from __future__ import annotations
