@@ -41,8 +41,8 @@ from engines.build_memory import (GIB, MappedWeights, StageMemory, external_init
                                   check_build_memory, estimate_stage_memory, gib, host_memory_budget,
                                   trim_host_memory)
 from engines.engine_check import ENGINES_DIR, check_engine, engine_paths  # noqa: F401 (re-exported)
-from engines.split_build import (SplitPlan, block_layers, build_split_stage, fits_layers, plan_split, split_intact,
-                                 splittable)
+from engines.split_build import (LayerOverBudget, SplitPlan, block_layers, build_split_stage, fits_layers, plan_split,
+                                 split_intact, splittable)
 from engines.trt import NO_GPU_NOISE, PRETTY, CaptureLogger, load_trt  # noqa: F401 (CaptureLogger re-exported)
 from graphs.artifact_dir import export_lock
 from graphs.atomic import atomic_path, exclusive_lock, write_json
@@ -544,17 +544,22 @@ def _drop_stale_entry(artifact: Artifact, manifest: dict, stage: str, flavor: st
         del entry["engines"][flavor]
 
 
-def _plan_splits(artifact: Artifact, memory: dict[str, StageMemory], budget: int, max_layers: int | None,
-                 flag: str) -> dict[str, SplitPlan]:
+def _plan_splits(artifact: Artifact, memory: dict[str, StageMemory], budget: int,
+                 max_layers: int | None) -> dict[str, SplitPlan]:
     """Split plans of the block stages over `budget` (or over `max_layers` layers); their entries in `memory`
-    become the largest piece's estimate."""
+    become the largest piece's estimate, or, for a block over `budget` even one layer per engine, that layer's
+    (`StageMemory.layer`): `check_build_memory` then refuses it with every other stage's true need."""
     splits = {}
     for name, m in list(memory.items()):
         spec = artifact.layout.stage(name)
         if not splittable(spec) or (m.peak_bytes <= budget and (max_layers is None
                                                                  or max_layers >= len(block_layers(spec)))):
             continue
-        plan = plan_split(artifact, name, budget, max_layers, budget_flag=flag, whole=m.peak_bytes)
+        try:
+            plan = plan_split(artifact, name, budget, max_layers, whole=m.peak_bytes)
+        except LayerOverBudget as exc:
+            memory[name] = exc.memory
+            continue
         if plan is not None:
             splits[name] = plan
             memory[name] = StageMemory(name, m.inline_bytes, m.external_bytes, plan.peak_bytes)
@@ -672,14 +677,7 @@ def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timi
     states = {name: (key, hit if hit is None or fits_layers(hit, max_layers_per_engine, len(block_layers(
         artifact.layout.stage(name)))) else None) for name, (key, hit) in states.items()}
     memory = {name: estimate_stage_memory(artifact, name) for name, (_, hit) in states.items() if hit is None}
-    flag = "this host's available memory" if max_build_memory_gb is None else "--max-build-memory"
-    try:
-        splits = _plan_splits(artifact, memory, budget, max_layers_per_engine, flag)
-    except ToolchainError:  # a block over even one layer per engine; a stage that cannot split is named first
-        check_build_memory(artifact, names, {n: m for n, m in memory.items()
-                                             if not splittable(artifact.layout.stage(n))},
-                           budget, max_build_memory_gb is None)
-        raise
+    splits = _plan_splits(artifact, memory, budget, max_layers_per_engine)
     check_build_memory(artifact, names, memory, budget, max_build_memory_gb is None)
     if memory:
         worst = max(memory.values(), key=lambda m: m.peak_bytes)

@@ -49,6 +49,14 @@ def piece_paths(flavor: str, stage: str, index: int) -> tuple[str, str]:
     return f"{base}.plan", f"{base}.json"
 
 
+class LayerOverBudget(ToolchainError):
+    """A block over the budget even one decoder layer per engine; `.memory` is that layer's engine's estimate."""
+
+    def __init__(self, message: str, memory: StageMemory):
+        super().__init__(message)
+        self.memory = memory
+
+
 @dataclass
 class SplitPlan:
     """How one block stage is built: its pieces and each piece's estimated build memory."""
@@ -161,7 +169,7 @@ def plan_split(artifact: Artifact, stage: str, budget: int, max_layers: int | No
             initializers' bytes).
 
     Raises:
-        ToolchainError: even one layer per engine is over the budget; names the budget that would fit.
+        LayerOverBudget: even one layer per engine is over the budget; names the budget that would fit.
     """
     import onnx
 
@@ -178,10 +186,11 @@ def plan_split(artifact: Artifact, stage: str, budget: int, max_layers: int | No
         worst = max(range(len(weights)), key=lambda i: _estimate(*weights[i]))
         need = _estimate(*weights[worst])
         fit = math.ceil(need / GIB * 10) / 10
-        raise ToolchainError(
+        raise LayerOverBudget(
             f"stage {stage!r} cannot be built within {budget_flag} {gib(budget)} even one decoder layer per engine: "
             f"layer {layers[worst]} alone needs about {gib(need)} ({gib(sum(weights[worst]))} of weights); build with "
-            f"--max-build-memory {fit} or more on a host with that much free")
+            f"--max-build-memory {fit} or more on a host with that much free",
+            StageMemory(stage, *weights[worst], need, layer=layers[worst]))
     pieces = plan_pieces(model, layers, groups, cuts)
     memory = [StageMemory(f"{stage}.p{p.index}", sum(weights[i][0] for i in range(a, b)),
                           sum(weights[i][1] for i in range(a, b)),

@@ -195,7 +195,56 @@ def test_cli_refuses_a_block_whose_one_layer_is_over_the_budget(export_tiny, tmp
     assert main(["build", str(art), "--stages", STAGE, "--max-build-memory", "0.00001",
                  "--flavor", "tensorrt-rtx"]) == 2
     err = capsys.readouterr().err
-    assert "even one decoder layer per engine" in err and "build with --max-build-memory 0.1 or more" in err
+    assert f"stage '{STAGE}' needs about" in err and "to build even one decoder layer per engine (layer 3 alone: " in err
+    assert "--max-build-memory 0.1 once that much is free" in err and "--stages" not in err  # nothing fits
     assert "Traceback" not in err and not (art / "engines").exists()
     assert main(["build", str(art), "--max-layers-per-engine", "0", "--flavor", "tensorrt-rtx"]) == 2
     assert "--max-layers-per-engine 0: expected a whole number of decoder layers, 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.trt
+def test_refusal_names_a_block_over_even_one_layer_per_engine_and_only_stages_that_fit(export_tiny, monkeypatch):
+    """A block whose one-layer engines are over the budget, beside a whole stage also over it: the one line names
+    the block with its largest one-layer estimate (the largest need of the build) and lists as fitting only the
+    stages that do, never the block."""
+    from engines.build import build_engines, estimate_stage_memory
+    from engines.build_memory import gib
+    from engines.split_build import splittable
+
+    monkeypatch.setattr(build_mod, "BUILD_BASE", 0)  # tiny weights: the budget is about them alone
+    art = export_tiny("csp", "both")
+    artifact = load_artifact(art)
+    layer = max(m.peak_bytes for m in plan_split(artifact, STAGE, budget=100 * GIB, max_layers=1).memory)
+    need = {s.name: estimate_stage_memory(artifact, s.name).peak_bytes for s in artifact.layout.stages
+            if not splittable(s)}
+    smaller = sorted((n for n in need if need[n] < layer), key=need.get)
+    assert len(smaller) >= 3
+    budget = (need[smaller[-1]] + need[smaller[-2]]) / 2  # the largest of them is over, the others fit
+    names = [s.name for s in artifact.layout.stages if s.name in smaller or s.name == STAGE]
+    with pytest.raises(ToolchainError) as info:
+        build_engines(art, stages=names, max_build_memory_gb=budget / GIB, flavor="tensorrt-rtx",
+                      compute_capabilities=["SM86"])
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"stage '{STAGE}' needs about {gib(layer)} to build even one decoder layer per engine "
+                          f"(layer 3 alone: ") and f"2 of {len(names)} stages to build are over" in msg
+    assert "--max-build-memory 0.1 once that much is free" in msg  # fits the block's one-layer engines too
+    assert msg.rsplit("--stages ", 1)[1].split(",") == [n for n in names if n in smaller[:-1]]
+
+
+@pytest.mark.trt
+def test_cli_refusal_on_a_budget_nothing_fits(export_tiny, tmp_path, capsys):
+    """The issue's repro: every stage over 0.1 GiB; the block is named with its one-layer estimate and no stage is
+    offered as fitting."""
+    from tools.cli import main
+
+    art = tmp_path / "art"
+    shutil.copytree(export_tiny("csp", "both"), art)
+    assert main(["build", str(art), "--flavor", "tensorrt-rtx", "--compute-capability", "SM86",
+                 "--max-build-memory", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and not (art / "engines").exists()
+    stages = len(load_artifact(art).layout.stages)
+    assert f"{stages} of {stages} stages to build are over" in err and "--stages" not in err
+    assert f"'{STAGE}' needs about 0.5 GiB even one decoder layer per engine (layer 3 alone)" in err
+    assert "more than the --max-build-memory budget of 0.1 GiB; build it on a host with 0.6 GiB free" in err
