@@ -428,17 +428,70 @@ class _Job:
         return self.artifact.layout.decodes(self.stage)
 
 
-def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None) -> Prepared:
-    """Parse a stage's graph and create its builder config with the stage's profile, without building."""
+def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None, model=None,
+                  profiles: list[Profile] | None = None, what: str | None = None) -> Prepared:
+    """Parse a stage's graph and create its builder config with the stage's profiles, without building.
+
+    `model`, `profiles` and `what` prepare a piece of it instead (`engines.split_build`): its ModelProto (external
+    data read beside the stage's graph, `NetworkFromOnnx`), its own profiles, and how messages name it.
+    """
     logger = logger or CaptureLogger(trt)
-    spec = job.artifact.layout.stage(job.stage)
-    loader = NetworkFromOnnx(trt, job.artifact.graph_path(job.stage), logger, job.what)
+    loader = NetworkFromOnnx(trt, job.artifact.graph_path(job.stage), logger, what or job.what, model=model)
     builder, network, parser = loader()
-    known = {t.name for t in spec.inputs}
-    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    profiles = stage_profiles(spec, job.dims, inputs=[n for n in inputs if n in known], decode=job.decode)
+    if profiles is None:
+        spec = job.artifact.layout.stage(job.stage)
+        known = {t.name for t in spec.inputs}
+        inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+        profiles = stage_profiles(spec, job.dims, inputs=[n for n in inputs if n in known], decode=job.decode)
     config, made = ConfigFromProfiles(trt, profiles, job.settings, timing_cache)(builder, network)
     return Prepared(builder, network, parser, config, made, profiles, loader.weights)
+
+
+@dataclass
+class BuiltPlan:
+    """What `build_plan` built: the plan's bytes and sha256, the profiles it holds, and how the build went."""
+
+    nbytes: int
+    sha256: str
+    profiles: list[Profile]
+    seconds: float
+    peak: int | None            # sampled peak RSS while parsing and building (None: not sampled)
+    warnings: list[str]         # the builder's first 20
+
+    def build_memory(self, memory: StageMemory) -> dict:
+        """A sidecar's "build_memory": the estimate `memory` and the measured peak."""
+        return {**memory.to_json(), "measured_peak_bytes": self.peak}
+
+
+def build_plan(trt, prepare: Callable[[object, bytes | None], Prepared], what: str, path: Path,
+               timing_cache: Path | None = None) -> BuiltPlan:
+    """The one build step of every engine, a whole stage's or a piece's: parse and configure (`prepare(logger,
+    timing cache bytes)`, i.e. `prepare_stage`), build, stream the plan to `path` (atomically), let the mapped
+    weights go, all under a sampled peak RSS; then hand the freed memory back (`trim_host_memory`).
+
+    Args:
+        trt (module): from `load_trt`.
+        prepare (callable): (logger, timing cache bytes | None) -> Prepared.
+        what (str): how messages name the engine.
+        path (Path): the plan file.
+        timing_cache (Path | None): TensorRT's timing cache file, read first and updated after. Defaults to None.
+    """
+    logger = CaptureLogger(trt)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
+    t0 = time.perf_counter()
+    with PeakRss() as rss:
+        prep = prepare(logger, cache_bytes)
+        weights, profiles = prep.weights, prep.profiles
+        try:
+            nbytes, digest = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger, what,
+                                             save_timing_cache=timing_cache, weights=weights).to_file(path)
+        finally:
+            prep = None  # builder, network and parser go before the weights they point into
+            if weights is not None:
+                weights.close()
+    trim_host_memory()
+    return BuiltPlan(nbytes, digest, profiles, time.perf_counter() - t0, rss.peak,
+                     [m for sev, m in logger.messages if sev == 2][:20])
 
 
 def _cached(art: Path, sidecar_rel: str, key: str, settings: BuildSettings) -> dict | None:
@@ -480,29 +533,13 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
     memory = memory or estimate_stage_memory(job.artifact, name)
     say(f"{name}: building with {PRETTY[s.flavor]} {s.trt_version} for {', '.join(s.compute_capabilities)} "
         f"(weights {gib(memory.inline_bytes + memory.external_bytes)}, estimated peak {gib(memory.peak_bytes)}) ...")
-    logger = CaptureLogger(trt)
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
-    t0 = time.perf_counter()
-    with PeakRss() as rss:
-        prep = prepare_stage(trt, job, logger, cache_bytes)
-        weights, profiles_used = prep.weights, prep.profiles
-        try:
-            nbytes, digest = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger,
-                                             job.what, save_timing_cache=timing_cache,
-                                             weights=weights).to_file(art / plan_rel)
-        finally:
-            prep = None  # builder, network and parser go before the weights they point into
-            if weights is not None:
-                weights.close()
-    trim_host_memory()
-    seconds = time.perf_counter() - t0
-    peak = rss.peak
-    sidecar = stage_sidecar(job, key, profiles_used, (plan_rel, digest, nbytes), seconds,
-                            {**memory.to_json(), "measured_peak_bytes": peak},
-                            [m for sev, m in logger.messages if sev == 2][:20])
+    built = build_plan(trt, lambda logger, cache: prepare_stage(trt, job, logger, cache), job.what, art / plan_rel,
+                       timing_cache)
+    sidecar = stage_sidecar(job, key, built.profiles, (plan_rel, built.sha256, built.nbytes), built.seconds,
+                            built.build_memory(memory), built.warnings)
     write_json(sidecar, art / sidecar_rel)  # written last: a plan without its sidecar is never used
-    rss = f", peak RSS {gib(peak)} (estimated {gib(memory.peak_bytes)})" if peak else ""
-    say(f"{name}: built in {seconds:.1f} s, {nbytes / 1e6:.2f} MB{rss} -> {plan_rel}")
+    rss = f", peak RSS {gib(built.peak)} (estimated {gib(memory.peak_bytes)})" if built.peak else ""
+    say(f"{name}: built in {built.seconds:.1f} s, {built.nbytes / 1e6:.2f} MB{rss} -> {plan_rel}")
     return sidecar, True
 
 

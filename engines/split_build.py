@@ -244,14 +244,10 @@ def build_split_stage(trt, job, plan: SplitPlan, key: str, say, timing_cache=Non
         say (callable): progress lines.
         timing_cache (Path | None): TensorRT's timing cache file. Defaults to None.
     """
-    import time
-
-    from engines.build import (BUILD_FORMAT, CaptureLogger, ConfigFromProfiles, NetworkFromOnnx, PlanFromNetwork,
-                               engine_paths, stage_sidecar)
-    from engines.build_memory import trim_host_memory
+    from engines.build import BUILD_FORMAT, build_plan, engine_paths, prepare_stage, stage_sidecar
     from engines.profiles import profiles_to_json, stage_profiles
     from graphs.atomic import write_json
-    from graphs.host_memory import PeakRss
+    from graphs.onnx_split import piece_model
 
     art, name, s = job.artifact.dir, job.stage, job.settings
     spec = job.artifact.layout.stage(name)
@@ -259,47 +255,31 @@ def build_split_stage(trt, job, plan: SplitPlan, key: str, say, timing_cache=Non
     n = len(plan.pieces)
     say(f"{name}: split into {n} engines ({plan.reason}): {plan.describe()}")
     rels, total, seconds, peak = [], 0, 0.0, 0
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
     for piece, memory in zip(plan.pieces, plan.memory):
         plan_rel, sidecar_rel = piece_paths(s.flavor, name, piece.index)
         what = f"{job.what} piece {piece.index + 1}/{n} (layers {piece.layers[0]}-{piece.layers[1] - 1})"
         say(f"{name}: piece {piece.index + 1}/{n} (layers {piece.layers[0]}-{piece.layers[1] - 1}): building "
             f"(weights {gib(memory.inline_bytes + memory.external_bytes)}, estimated peak {gib(memory.peak_bytes)}) ...")
         own = piece_profiles(plan, piece, profiles)
-        logger = CaptureLogger(trt)
-        t0 = time.perf_counter()
-        with PeakRss() as rss:
-            from graphs.onnx_split import piece_model
-            loader = NetworkFromOnnx(trt, job.artifact.graph_path(name), logger, what, model=piece_model(plan.model, piece))
-            builder, network, parser = loader()
-            config, _ = ConfigFromProfiles(trt, own, s, cache_bytes)(builder, network)
-            weights = loader.weights
-            try:
-                nbytes, digest = PlanFromNetwork((builder, network, parser), config, logger, what,
-                                                 save_timing_cache=timing_cache, weights=weights).to_file(art / plan_rel)
-            finally:
-                builder = network = parser = config = loader = None  # before the weights they point into
-                if weights is not None:
-                    weights.close()
-        trim_host_memory()
-        took = time.perf_counter() - t0
+        built = build_plan(trt, lambda logger, cache, piece=piece, own=own, what=what: prepare_stage(
+            trt, job, logger, cache, model=piece_model(plan.model, piece), profiles=own, what=what),
+            what, art / plan_rel, timing_cache)
         sidecar = {
             "format": "csprt.engine_piece", "format_version": BUILD_FORMAT, "stage": name, "piece": piece.index,
-            "pieces": n, "layers": list(piece.layers), "plan": plan_rel, "plan_sha256": digest, "plan_bytes": nbytes,
-            "inputs": list(piece.inputs), "outputs": list(piece.outputs),
+            "pieces": n, "layers": list(piece.layers), "plan": plan_rel, "plan_sha256": built.sha256,
+            "plan_bytes": built.nbytes, "inputs": list(piece.inputs), "outputs": list(piece.outputs),
             "interface_inputs": list(piece.interface_in),
             "interface_outputs": interface_specs(plan, piece, profiles),
-            "profiles": profiles_to_json(own), "build_seconds": round(took, 3),
-            "build_memory": {**memory.to_json(), "measured_peak_bytes": rss.peak},
-            "warnings": [m for sev, m in logger.messages if sev == 2][:20],
+            "profiles": profiles_to_json(built.profiles), "build_seconds": round(built.seconds, 3),
+            "build_memory": built.build_memory(memory), "warnings": built.warnings,
         }
         write_json(sidecar, art / sidecar_rel)
         rels.append(sidecar_rel)
         if piece.index == 0:
-            first_plan = (plan_rel, digest, nbytes)
-        total, seconds, peak = total + nbytes, seconds + took, max(peak, rss.peak or 0)
-        say(f"{name}: piece {piece.index + 1}/{n} built in {took:.1f} s, {nbytes / 1e6:.2f} MB, peak RSS "
-            f"{gib(rss.peak or 0)} (estimated {gib(memory.peak_bytes)}) -> {plan_rel}")
+            first_plan = (plan_rel, built.sha256, built.nbytes)
+        total, seconds, peak = total + built.nbytes, seconds + built.seconds, max(peak, built.peak or 0)
+        say(f"{name}: piece {piece.index + 1}/{n} built in {built.seconds:.1f} s, {built.nbytes / 1e6:.2f} MB, peak "
+            f"RSS {gib(built.peak or 0)} (estimated {gib(memory.peak_bytes)}) -> {plan_rel}")
     # The stage's sidecar names piece 0's plan as its "plan" (hosts that read one plan find the first piece, and
     # `check_engine` checks it as always); "pieces" lists every piece's sidecar, in order.
     whole = StageMemory(name, sum(m.inline_bytes for m in plan.memory), sum(m.external_bytes for m in plan.memory),

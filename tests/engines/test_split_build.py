@@ -186,6 +186,39 @@ def test_budget_below_the_largest_block_builds_it_in_pieces(export_tiny, tmp_pat
 
 
 @pytest.mark.trt
+def test_whole_stages_and_pieces_build_through_one_build_step(export_tiny, tmp_path, monkeypatch):
+    """Every engine, a whole stage's or a block piece's, is built by `engines.build.build_plan`, and its sidecar
+    records what that step measured."""
+    from engines import build as build_engine_mod
+    from engines.build import build_engines
+    from engines.split_build import piece_paths
+
+    calls = []
+    real = build_engine_mod.build_plan
+
+    def spy(trt, prepare, what, path, timing_cache=None):
+        built = real(trt, prepare, what, path, timing_cache)
+        calls.append((what, path.name, built))
+        return built
+
+    monkeypatch.setattr(build_engine_mod, "build_plan", spy)
+    art = tmp_path / "art"
+    shutil.copytree(export_tiny("csp", "both"), art)
+    build_engines(art, stages=["entry_0", STAGE], max_layers_per_engine=1, flavor="tensorrt-rtx",
+                  compute_capabilities=["SM89"])
+    assert [(w.split(" piece ")[-1], p) for w, p, _ in calls] == [
+        ("stage 'entry_0' (graphs/entry_0.onnx)", "entry_0.plan"),
+        ("1/2 (layers 2-2)", f"{STAGE}.p0.plan"), ("2/2 (layers 3-3)", f"{STAGE}.p1.plan")]
+    sidecars = [json.loads((art / rel).read_text(encoding="utf-8")) for rel in
+                ("engines/tensorrt-rtx/entry_0.json", piece_paths("tensorrt-rtx", STAGE, 0)[1],
+                 piece_paths("tensorrt-rtx", STAGE, 1)[1])]
+    for side, (_, _, built) in zip(sidecars, calls):
+        assert (side["plan_sha256"], side["plan_bytes"]) == (built.sha256, built.nbytes) and built.nbytes > 0
+        assert side["build_seconds"] == round(built.seconds, 3) and side["warnings"] == built.warnings
+        assert side["build_memory"]["measured_peak_bytes"] == built.peak and built.peak > 0
+
+
+@pytest.mark.trt
 def test_cli_refuses_a_block_whose_one_layer_is_over_the_budget(export_tiny, tmp_path, capsys, monkeypatch):
     from tools.cli import main
 
