@@ -156,7 +156,7 @@ def _minmax(n, k, cap, cost):
 
 
 def plan_split(artifact: Artifact, stage: str, budget: int, max_layers: int | None = None,
-               budget_flag: str = "--max-build-memory", whole: int | None = None) -> SplitPlan | None:
+               whole: int | None = None) -> SplitPlan | None:
     """How to build block `stage` within `budget`: None when one engine fits (and `max_layers` allows it).
 
     Args:
@@ -164,7 +164,6 @@ def plan_split(artifact: Artifact, stage: str, budget: int, max_layers: int | No
         stage (str): a block stage (`splittable`).
         budget (int): bytes each piece's estimated build peak must fit.
         max_layers (int | None): at most this many layers per engine. Defaults to None (no limit).
-        budget_flag (str): how the refusal names the budget. Defaults to "--max-build-memory".
         whole (int | None): the one-engine estimate (`estimate_stage_memory`). Defaults to None (from the
             initializers' bytes).
 
@@ -187,7 +186,7 @@ def plan_split(artifact: Artifact, stage: str, budget: int, max_layers: int | No
         need = _estimate(*weights[worst])
         fit = math.ceil(need / GIB * 10) / 10
         raise LayerOverBudget(
-            f"stage {stage!r} cannot be built within {budget_flag} {gib(budget)} even one decoder layer per engine: "
+            f"stage {stage!r} cannot be built within --max-build-memory {gib(budget)} even one decoder layer per engine: "
             f"layer {layers[worst]} alone needs about {gib(need)} ({gib(sum(weights[worst]))} of weights); build with "
             f"--max-build-memory {fit} or more on a host with that much free",
             StageMemory(stage, *weights[worst], need, layer=layers[worst]))
