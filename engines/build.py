@@ -41,8 +41,8 @@ from engines.build_memory import (GIB, MappedWeights, StageMemory, external_init
                                   check_build_memory, estimate_stage_memory, gib, host_memory_budget,
                                   trim_host_memory)
 from engines.engine_check import ENGINES_DIR, check_engine, engine_paths  # noqa: F401 (re-exported)
-from engines.split_build import (SplitPlan, block_layers, build_split_stage, fits_layers, plan_split, split_intact,
-                                 splittable)
+from engines.split_build import (LayerOverBudget, SplitPlan, block_layers, build_split_stage, fits_layers, plan_split,
+                                 split_intact, splittable)
 from engines.trt import NO_GPU_NOISE, PRETTY, CaptureLogger, load_trt  # noqa: F401 (CaptureLogger re-exported)
 from graphs.artifact_dir import export_lock
 from graphs.atomic import atomic_path, exclusive_lock, write_json
@@ -428,17 +428,70 @@ class _Job:
         return self.artifact.layout.decodes(self.stage)
 
 
-def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None) -> Prepared:
-    """Parse a stage's graph and create its builder config with the stage's profile, without building."""
+def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None, model=None,
+                  profiles: list[Profile] | None = None, what: str | None = None) -> Prepared:
+    """Parse a stage's graph and create its builder config with the stage's profiles, without building.
+
+    `model`, `profiles` and `what` prepare a piece of it instead (`engines.split_build`): its ModelProto (external
+    data read beside the stage's graph, `NetworkFromOnnx`), its own profiles, and how messages name it.
+    """
     logger = logger or CaptureLogger(trt)
-    spec = job.artifact.layout.stage(job.stage)
-    loader = NetworkFromOnnx(trt, job.artifact.graph_path(job.stage), logger, job.what)
+    loader = NetworkFromOnnx(trt, job.artifact.graph_path(job.stage), logger, what or job.what, model=model)
     builder, network, parser = loader()
-    known = {t.name for t in spec.inputs}
-    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    profiles = stage_profiles(spec, job.dims, inputs=[n for n in inputs if n in known], decode=job.decode)
+    if profiles is None:
+        spec = job.artifact.layout.stage(job.stage)
+        known = {t.name for t in spec.inputs}
+        inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+        profiles = stage_profiles(spec, job.dims, inputs=[n for n in inputs if n in known], decode=job.decode)
     config, made = ConfigFromProfiles(trt, profiles, job.settings, timing_cache)(builder, network)
     return Prepared(builder, network, parser, config, made, profiles, loader.weights)
+
+
+@dataclass
+class BuiltPlan:
+    """What `build_plan` built: the plan's bytes and sha256, the profiles it holds, and how the build went."""
+
+    nbytes: int
+    sha256: str
+    profiles: list[Profile]
+    seconds: float
+    peak: int | None            # sampled peak RSS while parsing and building (None: not sampled)
+    warnings: list[str]         # the builder's first 20
+
+    def build_memory(self, memory: StageMemory) -> dict:
+        """A sidecar's "build_memory": the estimate `memory` and the measured peak."""
+        return {**memory.to_json(), "measured_peak_bytes": self.peak}
+
+
+def build_plan(trt, prepare: Callable[[object, bytes | None], Prepared], what: str, path: Path,
+               timing_cache: Path | None = None) -> BuiltPlan:
+    """The one build step of every engine, a whole stage's or a piece's: parse and configure (`prepare(logger,
+    timing cache bytes)`, i.e. `prepare_stage`), build, stream the plan to `path` (atomically), let the mapped
+    weights go, all under a sampled peak RSS; then hand the freed memory back (`trim_host_memory`).
+
+    Args:
+        trt (module): from `load_trt`.
+        prepare (callable): (logger, timing cache bytes | None) -> Prepared.
+        what (str): how messages name the engine.
+        path (Path): the plan file.
+        timing_cache (Path | None): TensorRT's timing cache file, read first and updated after. Defaults to None.
+    """
+    logger = CaptureLogger(trt)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
+    t0 = time.perf_counter()
+    with PeakRss() as rss:
+        prep = prepare(logger, cache_bytes)
+        weights, profiles = prep.weights, prep.profiles
+        try:
+            nbytes, digest = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger, what,
+                                             save_timing_cache=timing_cache, weights=weights).to_file(path)
+        finally:
+            prep = None  # builder, network and parser go before the weights they point into
+            if weights is not None:
+                weights.close()
+    trim_host_memory()
+    return BuiltPlan(nbytes, digest, profiles, time.perf_counter() - t0, rss.peak,
+                     [m for sev, m in logger.messages if sev == 2][:20])
 
 
 def _cached(art: Path, sidecar_rel: str, key: str, settings: BuildSettings) -> dict | None:
@@ -480,29 +533,13 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
     memory = memory or estimate_stage_memory(job.artifact, name)
     say(f"{name}: building with {PRETTY[s.flavor]} {s.trt_version} for {', '.join(s.compute_capabilities)} "
         f"(weights {gib(memory.inline_bytes + memory.external_bytes)}, estimated peak {gib(memory.peak_bytes)}) ...")
-    logger = CaptureLogger(trt)
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
-    t0 = time.perf_counter()
-    with PeakRss() as rss:
-        prep = prepare_stage(trt, job, logger, cache_bytes)
-        weights, profiles_used = prep.weights, prep.profiles
-        try:
-            nbytes, digest = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger,
-                                             job.what, save_timing_cache=timing_cache,
-                                             weights=weights).to_file(art / plan_rel)
-        finally:
-            prep = None  # builder, network and parser go before the weights they point into
-            if weights is not None:
-                weights.close()
-    trim_host_memory()
-    seconds = time.perf_counter() - t0
-    peak = rss.peak
-    sidecar = stage_sidecar(job, key, profiles_used, (plan_rel, digest, nbytes), seconds,
-                            {**memory.to_json(), "measured_peak_bytes": peak},
-                            [m for sev, m in logger.messages if sev == 2][:20])
+    built = build_plan(trt, lambda logger, cache: prepare_stage(trt, job, logger, cache), job.what, art / plan_rel,
+                       timing_cache)
+    sidecar = stage_sidecar(job, key, built.profiles, (plan_rel, built.sha256, built.nbytes), built.seconds,
+                            built.build_memory(memory), built.warnings)
     write_json(sidecar, art / sidecar_rel)  # written last: a plan without its sidecar is never used
-    rss = f", peak RSS {gib(peak)} (estimated {gib(memory.peak_bytes)})" if peak else ""
-    say(f"{name}: built in {seconds:.1f} s, {nbytes / 1e6:.2f} MB{rss} -> {plan_rel}")
+    rss = f", peak RSS {gib(built.peak)} (estimated {gib(memory.peak_bytes)})" if built.peak else ""
+    say(f"{name}: built in {built.seconds:.1f} s, {built.nbytes / 1e6:.2f} MB{rss} -> {plan_rel}")
     return sidecar, True
 
 
@@ -544,17 +581,22 @@ def _drop_stale_entry(artifact: Artifact, manifest: dict, stage: str, flavor: st
         del entry["engines"][flavor]
 
 
-def _plan_splits(artifact: Artifact, memory: dict[str, StageMemory], budget: int, max_layers: int | None,
-                 flag: str) -> dict[str, SplitPlan]:
+def _plan_splits(artifact: Artifact, memory: dict[str, StageMemory], budget: int,
+                 max_layers: int | None) -> dict[str, SplitPlan]:
     """Split plans of the block stages over `budget` (or over `max_layers` layers); their entries in `memory`
-    become the largest piece's estimate."""
+    become the largest piece's estimate, or, for a block over `budget` even one layer per engine, that layer's
+    (`StageMemory.layer`): `check_build_memory` then refuses it with every other stage's true need."""
     splits = {}
     for name, m in list(memory.items()):
         spec = artifact.layout.stage(name)
         if not splittable(spec) or (m.peak_bytes <= budget and (max_layers is None
                                                                  or max_layers >= len(block_layers(spec)))):
             continue
-        plan = plan_split(artifact, name, budget, max_layers, budget_flag=flag, whole=m.peak_bytes)
+        try:
+            plan = plan_split(artifact, name, budget, max_layers, whole=m.peak_bytes)
+        except LayerOverBudget as exc:
+            memory[name] = exc.memory
+            continue
         if plan is not None:
             splits[name] = plan
             memory[name] = StageMemory(name, m.inline_bytes, m.external_bytes, plan.peak_bytes)
@@ -672,14 +714,7 @@ def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timi
     states = {name: (key, hit if hit is None or fits_layers(hit, max_layers_per_engine, len(block_layers(
         artifact.layout.stage(name)))) else None) for name, (key, hit) in states.items()}
     memory = {name: estimate_stage_memory(artifact, name) for name, (_, hit) in states.items() if hit is None}
-    flag = "this host's available memory" if max_build_memory_gb is None else "--max-build-memory"
-    try:
-        splits = _plan_splits(artifact, memory, budget, max_layers_per_engine, flag)
-    except ToolchainError:  # a block over even one layer per engine; a stage that cannot split is named first
-        check_build_memory(artifact, names, {n: m for n, m in memory.items()
-                                             if not splittable(artifact.layout.stage(n))},
-                           budget, max_build_memory_gb is None)
-        raise
+    splits = _plan_splits(artifact, memory, budget, max_layers_per_engine)
     check_build_memory(artifact, names, memory, budget, max_build_memory_gb is None)
     if memory:
         worst = max(memory.values(), key=lambda m: m.peak_bytes)

@@ -38,12 +38,14 @@ _DROP_EVERY_S = 0.02 # how often mapped weight pages are let go while the builde
 
 @dataclass(frozen=True)
 class StageMemory:
-    """A stage's weight bytes and the estimated peak RSS of building it (`estimate_stage_memory`)."""
+    """A stage's weight bytes and the estimated peak RSS of building it (`estimate_stage_memory`). `layer` set: a
+    block that is over the budget even one decoder layer per engine; the estimate is that layer's engine's."""
 
     stage: str
     inline_bytes: int
     external_bytes: int
     peak_bytes: int
+    layer: int | None = None
 
     def to_json(self) -> dict:
         return {"weight_bytes": self.inline_bytes + self.external_bytes, "inline_weight_bytes": self.inline_bytes,
@@ -173,7 +175,9 @@ def check_build_memory(artifact: Artifact, names: list[str], memory: dict[str, S
     Args:
         artifact (Artifact): the artifact.
         names (list[str]): every stage of this build, in order.
-        memory (dict[str, StageMemory]): the estimates of the stages to build (cached ones are not built).
+        memory (dict[str, StageMemory]): the estimates of the stages to build (cached ones are not built); a
+            block built in pieces: its largest piece's; a block over the budget even one layer per engine: that
+            layer's (`layer` set).
         budget (int): bytes.
         from_host (bool): the budget is the host's available memory (not `--max-build-memory`).
 
@@ -190,9 +194,13 @@ def check_build_memory(artifact: Artifact, names: list[str], memory: dict[str, S
     where = (f"the {gib(budget)} this host has available now (--max-build-memory defaults to it)" if from_host
              else f"the --max-build-memory budget of {gib(budget)}")
     others = f"; or build the stages that fit with --stages {','.join(fit)}" if fit else ""
-    raise ToolchainError(f"stage {worst.stage!r} needs about {gib(worst.peak_bytes)} to build "
-                         f"({gib(worst.inline_bytes + worst.external_bytes)} of weights; {len(over)} of "
-                         f"{len(memory)} stages to build are over), more than {where}; build it on a host with "
-                         f"{need} GiB free, or with --max-build-memory {need} once that much is free{others}")
+    weights = gib(worst.inline_bytes + worst.external_bytes)
+    what = (f"to build even one decoder layer per engine (layer {worst.layer} alone: {weights} of weights"
+            if worst.layer is not None else f"to build ({weights} of weights")
+    blocks = "".join(f"; {m.stage!r} needs about {gib(m.peak_bytes)} even one decoder layer per engine (layer "
+                     f"{m.layer} alone)" for m in over if m.layer is not None and m is not worst)
+    raise ToolchainError(f"stage {worst.stage!r} needs about {gib(worst.peak_bytes)} {what}; {len(over)} of "
+                         f"{len(memory)} stages to build are over{blocks}), more than {where}; build it on a host "
+                         f"with {need} GiB free, or with --max-build-memory {need} once that much is free{others}")
 
 

@@ -49,6 +49,14 @@ def piece_paths(flavor: str, stage: str, index: int) -> tuple[str, str]:
     return f"{base}.plan", f"{base}.json"
 
 
+class LayerOverBudget(ToolchainError):
+    """A block over the budget even one decoder layer per engine; `.memory` is that layer's engine's estimate."""
+
+    def __init__(self, message: str, memory: StageMemory):
+        super().__init__(message)
+        self.memory = memory
+
+
 @dataclass
 class SplitPlan:
     """How one block stage is built: its pieces and each piece's estimated build memory."""
@@ -148,7 +156,7 @@ def _minmax(n, k, cap, cost):
 
 
 def plan_split(artifact: Artifact, stage: str, budget: int, max_layers: int | None = None,
-               budget_flag: str = "--max-build-memory", whole: int | None = None) -> SplitPlan | None:
+               whole: int | None = None) -> SplitPlan | None:
     """How to build block `stage` within `budget`: None when one engine fits (and `max_layers` allows it).
 
     Args:
@@ -156,12 +164,11 @@ def plan_split(artifact: Artifact, stage: str, budget: int, max_layers: int | No
         stage (str): a block stage (`splittable`).
         budget (int): bytes each piece's estimated build peak must fit.
         max_layers (int | None): at most this many layers per engine. Defaults to None (no limit).
-        budget_flag (str): how the refusal names the budget. Defaults to "--max-build-memory".
         whole (int | None): the one-engine estimate (`estimate_stage_memory`). Defaults to None (from the
             initializers' bytes).
 
     Raises:
-        ToolchainError: even one layer per engine is over the budget; names the budget that would fit.
+        LayerOverBudget: even one layer per engine is over the budget; names the budget that would fit.
     """
     import onnx
 
@@ -178,10 +185,11 @@ def plan_split(artifact: Artifact, stage: str, budget: int, max_layers: int | No
         worst = max(range(len(weights)), key=lambda i: _estimate(*weights[i]))
         need = _estimate(*weights[worst])
         fit = math.ceil(need / GIB * 10) / 10
-        raise ToolchainError(
-            f"stage {stage!r} cannot be built within {budget_flag} {gib(budget)} even one decoder layer per engine: "
+        raise LayerOverBudget(
+            f"stage {stage!r} cannot be built within --max-build-memory {gib(budget)} even one decoder layer per engine: "
             f"layer {layers[worst]} alone needs about {gib(need)} ({gib(sum(weights[worst]))} of weights); build with "
-            f"--max-build-memory {fit} or more on a host with that much free")
+            f"--max-build-memory {fit} or more on a host with that much free",
+            StageMemory(stage, *weights[worst], need, layer=layers[worst]))
     pieces = plan_pieces(model, layers, groups, cuts)
     memory = [StageMemory(f"{stage}.p{p.index}", sum(weights[i][0] for i in range(a, b)),
                           sum(weights[i][1] for i in range(a, b)),
@@ -235,14 +243,10 @@ def build_split_stage(trt, job, plan: SplitPlan, key: str, say, timing_cache=Non
         say (callable): progress lines.
         timing_cache (Path | None): TensorRT's timing cache file. Defaults to None.
     """
-    import time
-
-    from engines.build import (BUILD_FORMAT, CaptureLogger, ConfigFromProfiles, NetworkFromOnnx, PlanFromNetwork,
-                               engine_paths, stage_sidecar)
-    from engines.build_memory import trim_host_memory
+    from engines.build import BUILD_FORMAT, build_plan, engine_paths, prepare_stage, stage_sidecar
     from engines.profiles import profiles_to_json, stage_profiles
     from graphs.atomic import write_json
-    from graphs.host_memory import PeakRss
+    from graphs.onnx_split import piece_model
 
     art, name, s = job.artifact.dir, job.stage, job.settings
     spec = job.artifact.layout.stage(name)
@@ -250,47 +254,31 @@ def build_split_stage(trt, job, plan: SplitPlan, key: str, say, timing_cache=Non
     n = len(plan.pieces)
     say(f"{name}: split into {n} engines ({plan.reason}): {plan.describe()}")
     rels, total, seconds, peak = [], 0, 0.0, 0
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
     for piece, memory in zip(plan.pieces, plan.memory):
         plan_rel, sidecar_rel = piece_paths(s.flavor, name, piece.index)
         what = f"{job.what} piece {piece.index + 1}/{n} (layers {piece.layers[0]}-{piece.layers[1] - 1})"
         say(f"{name}: piece {piece.index + 1}/{n} (layers {piece.layers[0]}-{piece.layers[1] - 1}): building "
             f"(weights {gib(memory.inline_bytes + memory.external_bytes)}, estimated peak {gib(memory.peak_bytes)}) ...")
         own = piece_profiles(plan, piece, profiles)
-        logger = CaptureLogger(trt)
-        t0 = time.perf_counter()
-        with PeakRss() as rss:
-            from graphs.onnx_split import piece_model
-            loader = NetworkFromOnnx(trt, job.artifact.graph_path(name), logger, what, model=piece_model(plan.model, piece))
-            builder, network, parser = loader()
-            config, _ = ConfigFromProfiles(trt, own, s, cache_bytes)(builder, network)
-            weights = loader.weights
-            try:
-                nbytes, digest = PlanFromNetwork((builder, network, parser), config, logger, what,
-                                                 save_timing_cache=timing_cache, weights=weights).to_file(art / plan_rel)
-            finally:
-                builder = network = parser = config = loader = None  # before the weights they point into
-                if weights is not None:
-                    weights.close()
-        trim_host_memory()
-        took = time.perf_counter() - t0
+        built = build_plan(trt, lambda logger, cache, piece=piece, own=own, what=what: prepare_stage(
+            trt, job, logger, cache, model=piece_model(plan.model, piece), profiles=own, what=what),
+            what, art / plan_rel, timing_cache)
         sidecar = {
             "format": "csprt.engine_piece", "format_version": BUILD_FORMAT, "stage": name, "piece": piece.index,
-            "pieces": n, "layers": list(piece.layers), "plan": plan_rel, "plan_sha256": digest, "plan_bytes": nbytes,
-            "inputs": list(piece.inputs), "outputs": list(piece.outputs),
+            "pieces": n, "layers": list(piece.layers), "plan": plan_rel, "plan_sha256": built.sha256,
+            "plan_bytes": built.nbytes, "inputs": list(piece.inputs), "outputs": list(piece.outputs),
             "interface_inputs": list(piece.interface_in),
             "interface_outputs": interface_specs(plan, piece, profiles),
-            "profiles": profiles_to_json(own), "build_seconds": round(took, 3),
-            "build_memory": {**memory.to_json(), "measured_peak_bytes": rss.peak},
-            "warnings": [m for sev, m in logger.messages if sev == 2][:20],
+            "profiles": profiles_to_json(built.profiles), "build_seconds": round(built.seconds, 3),
+            "build_memory": built.build_memory(memory), "warnings": built.warnings,
         }
         write_json(sidecar, art / sidecar_rel)
         rels.append(sidecar_rel)
         if piece.index == 0:
-            first_plan = (plan_rel, digest, nbytes)
-        total, seconds, peak = total + nbytes, seconds + took, max(peak, rss.peak or 0)
-        say(f"{name}: piece {piece.index + 1}/{n} built in {took:.1f} s, {nbytes / 1e6:.2f} MB, peak RSS "
-            f"{gib(rss.peak or 0)} (estimated {gib(memory.peak_bytes)}) -> {plan_rel}")
+            first_plan = (plan_rel, built.sha256, built.nbytes)
+        total, seconds, peak = total + built.nbytes, seconds + built.seconds, max(peak, built.peak or 0)
+        say(f"{name}: piece {piece.index + 1}/{n} built in {built.seconds:.1f} s, {built.nbytes / 1e6:.2f} MB, peak "
+            f"RSS {gib(built.peak or 0)} (estimated {gib(memory.peak_bytes)}) -> {plan_rel}")
     # The stage's sidecar names piece 0's plan as its "plan" (hosts that read one plan find the first piece, and
     # `check_engine` checks it as always); "pieces" lists every piece's sidecar, in order.
     whole = StageMemory(name, sum(m.inline_bytes for m in plan.memory), sum(m.external_bytes for m in plan.memory),

@@ -186,6 +186,39 @@ def test_budget_below_the_largest_block_builds_it_in_pieces(export_tiny, tmp_pat
 
 
 @pytest.mark.trt
+def test_whole_stages_and_pieces_build_through_one_build_step(export_tiny, tmp_path, monkeypatch):
+    """Every engine, a whole stage's or a block piece's, is built by `engines.build.build_plan`, and its sidecar
+    records what that step measured."""
+    from engines import build as build_engine_mod
+    from engines.build import build_engines
+    from engines.split_build import piece_paths
+
+    calls = []
+    real = build_engine_mod.build_plan
+
+    def spy(trt, prepare, what, path, timing_cache=None):
+        built = real(trt, prepare, what, path, timing_cache)
+        calls.append((what, path.name, built))
+        return built
+
+    monkeypatch.setattr(build_engine_mod, "build_plan", spy)
+    art = tmp_path / "art"
+    shutil.copytree(export_tiny("csp", "both"), art)
+    build_engines(art, stages=["entry_0", STAGE], max_layers_per_engine=1, flavor="tensorrt-rtx",
+                  compute_capabilities=["SM89"])
+    assert [(w.split(" piece ")[-1], p) for w, p, _ in calls] == [
+        ("stage 'entry_0' (graphs/entry_0.onnx)", "entry_0.plan"),
+        ("1/2 (layers 2-2)", f"{STAGE}.p0.plan"), ("2/2 (layers 3-3)", f"{STAGE}.p1.plan")]
+    sidecars = [json.loads((art / rel).read_text(encoding="utf-8")) for rel in
+                ("engines/tensorrt-rtx/entry_0.json", piece_paths("tensorrt-rtx", STAGE, 0)[1],
+                 piece_paths("tensorrt-rtx", STAGE, 1)[1])]
+    for side, (_, _, built) in zip(sidecars, calls):
+        assert (side["plan_sha256"], side["plan_bytes"]) == (built.sha256, built.nbytes) and built.nbytes > 0
+        assert side["build_seconds"] == round(built.seconds, 3) and side["warnings"] == built.warnings
+        assert side["build_memory"]["measured_peak_bytes"] == built.peak and built.peak > 0
+
+
+@pytest.mark.trt
 def test_cli_refuses_a_block_whose_one_layer_is_over_the_budget(export_tiny, tmp_path, capsys, monkeypatch):
     from tools.cli import main
 
@@ -195,7 +228,57 @@ def test_cli_refuses_a_block_whose_one_layer_is_over_the_budget(export_tiny, tmp
     assert main(["build", str(art), "--stages", STAGE, "--max-build-memory", "0.00001",
                  "--flavor", "tensorrt-rtx"]) == 2
     err = capsys.readouterr().err
-    assert "even one decoder layer per engine" in err and "build with --max-build-memory 0.1 or more" in err
+    assert f"stage '{STAGE}' needs about" in err
+    assert "to build even one decoder layer per engine (layer 3 alone: " in err
+    assert "--max-build-memory 0.1 once that much is free" in err and "--stages" not in err  # nothing fits
     assert "Traceback" not in err and not (art / "engines").exists()
     assert main(["build", str(art), "--max-layers-per-engine", "0", "--flavor", "tensorrt-rtx"]) == 2
     assert "--max-layers-per-engine 0: expected a whole number of decoder layers, 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.trt
+def test_refusal_names_a_block_over_even_one_layer_per_engine_and_only_stages_that_fit(export_tiny, monkeypatch):
+    """A block whose one-layer engines are over the budget, beside a whole stage also over it: the one line names
+    the block with its largest one-layer estimate (the largest need of the build) and lists as fitting only the
+    stages that do, never the block."""
+    from engines.build import build_engines, estimate_stage_memory
+    from engines.build_memory import gib
+    from engines.split_build import splittable
+
+    monkeypatch.setattr(build_mod, "BUILD_BASE", 0)  # tiny weights: the budget is about them alone
+    art = export_tiny("csp", "both")
+    artifact = load_artifact(art)
+    layer = max(m.peak_bytes for m in plan_split(artifact, STAGE, budget=100 * GIB, max_layers=1).memory)
+    need = {s.name: estimate_stage_memory(artifact, s.name).peak_bytes for s in artifact.layout.stages
+            if not splittable(s)}
+    smaller = sorted((n for n in need if need[n] < layer), key=need.get)
+    assert len(smaller) >= 3
+    budget = (need[smaller[-1]] + need[smaller[-2]]) / 2  # the largest of them is over, the others fit
+    names = [s.name for s in artifact.layout.stages if s.name in smaller or s.name == STAGE]
+    with pytest.raises(ToolchainError) as info:
+        build_engines(art, stages=names, max_build_memory_gb=budget / GIB, flavor="tensorrt-rtx",
+                      compute_capabilities=["SM86"])
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"stage '{STAGE}' needs about {gib(layer)} to build even one decoder layer per engine "
+                          f"(layer 3 alone: ") and f"2 of {len(names)} stages to build are over" in msg
+    assert "--max-build-memory 0.1 once that much is free" in msg  # fits the block's one-layer engines too
+    assert msg.rsplit("--stages ", 1)[1].split(",") == [n for n in names if n in smaller[:-1]]
+
+
+@pytest.mark.trt
+def test_cli_refusal_on_a_budget_nothing_fits(export_tiny, tmp_path, capsys):
+    """The issue's repro: every stage over 0.1 GiB; the block is named with its one-layer estimate and no stage is
+    offered as fitting."""
+    from tools.cli import main
+
+    art = tmp_path / "art"
+    shutil.copytree(export_tiny("csp", "both"), art)
+    assert main(["build", str(art), "--flavor", "tensorrt-rtx", "--compute-capability", "SM86",
+                 "--max-build-memory", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and not (art / "engines").exists()
+    stages = len(load_artifact(art).layout.stages)
+    assert f"{stages} of {stages} stages to build are over" in err and "--stages" not in err
+    assert f"'{STAGE}' needs about 0.5 GiB even one decoder layer per engine (layer 3 alone)" in err
+    assert "more than the --max-build-memory budget of 0.1 GiB; build it on a host with 0.6 GiB free" in err
