@@ -1,13 +1,16 @@
-"""Quantized LLM stages: a pass over an exported artifact's decoder blocks (`llm_<i>`) with ONNX Runtime's tools.
+"""Quantized LLM stages: a pass over an exported artifact's decoder blocks (`llm_<i>`) with ONNX Runtime's tools
+or NVIDIA ModelOpt's.
 
-    csprt export CKPT --schedule S --out ART --quantize int8|int4-wo|fp8 [--quantize-format ort|qdq]
+    csprt export CKPT --schedule S --out ART --quantize int8|int4-wo|fp8 [--quantize-format ort|qdq|modelopt]
 
     float export (as always) --> manifest.json (float)
-        --calibration feeds (qdq int8 / fp8 only: engines.calibration runs the float artifact on ONNX Runtime)-->
-    graphs/llm_<i>.onnx  --onnxruntime.quantization-->  graphs/llm_<i>.onnx (quantized; written atomically, weights
-        still one copy: inline under 2 GB, else <stage>.onnx.data). int4-wo and int8 ort go a weight at a time
-        (graphs/quantize_stream.py: bounded memory, fp32 or fp16 graphs); qdq int8 and fp8 run the whole-graph
-        quantize_static on fp32 graphs
+        --calibration feeds (qdq int8 / fp8 and every modelopt method: engines.calibration runs the float artifact on
+          ONNX Runtime)-->
+    graphs/llm_<i>.onnx  --onnxruntime.quantization | modelopt-->  graphs/llm_<i>.onnx (quantized; written
+        atomically, weights still one copy: inline under 2 GB, else <stage>.onnx.data). int4-wo and int8 ort go a
+        weight at a time (graphs/quantize_stream.py: bounded memory, fp32 or fp16 graphs); qdq int8 and fp8 run the
+        whole-graph quantize_static on fp32 graphs; modelopt runs ModelOpt's whole-graph quantizer in its own
+        environment (graphs/quantize_modelopt.py), fp32 or fp16
     manifest.json: "quantization" record, the quantized stages' files and export keys, tolerances; written last
 
 One artifact holds one format, because the two targets take different graphs (a TensorRT engine cannot take
@@ -20,6 +23,10 @@ ONNX Runtime's contrib ops MatMulNBits / MatMulInteger; ONNX Runtime runs both):
     int4-wo   MatMulNBits: int4 blocks of `block_size` along K, one fp       DequantizeLinear int4 blocked (opset
               scale per block (round to nearest), `accuracy_level`          21) -> MatMul: weight-only, RTN
     fp8       (none: ONNX Runtime's CPU has no fp8 GEMM)                    quantize_static QDQ float8 e4m3fn
+
+modelopt makes the same kind of graphs as qdq for the same targets, with NVIDIA's recipes: int4-wo AWQ-clip (block
+scales searched on the calibration activations), int8 entropy-calibrated, fp8 max-calibrated with per-channel
+weight scales; int8/fp8 weights are stored quantized, and GEMV MatMuls (the LM head on one row) stay float.
 
 Only MatMuls whose B is a weight (an initializer) are quantized: attention's activation x activation MatMuls,
 the norms, softmax and every selection op stay float. The embeddings, vision tower, SAM, the projector and
