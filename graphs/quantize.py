@@ -1,13 +1,16 @@
-"""Quantized LLM stages: a pass over an exported artifact's decoder blocks (`llm_<i>`) with ONNX Runtime's tools.
+"""Quantized LLM stages: a pass over an exported artifact's decoder blocks (`llm_<i>`) with ONNX Runtime's tools
+or NVIDIA ModelOpt's.
 
-    csprt export CKPT --schedule S --out ART --quantize int8|int4-wo|fp8 [--quantize-format ort|qdq]
+    csprt export CKPT --schedule S --out ART --quantize int8|int4-wo|fp8 [--quantize-format ort|qdq|modelopt]
 
     float export (as always) --> manifest.json (float)
-        --calibration feeds (qdq int8 / fp8 only: engines.calibration runs the float artifact on ONNX Runtime)-->
-    graphs/llm_<i>.onnx  --onnxruntime.quantization-->  graphs/llm_<i>.onnx (quantized; written atomically, weights
-        still one copy: inline under 2 GB, else <stage>.onnx.data). int4-wo and int8 ort go a weight at a time
-        (graphs/quantize_stream.py: bounded memory, fp32 or fp16 graphs); qdq int8 and fp8 run the whole-graph
-        quantize_static on fp32 graphs
+        --calibration feeds (qdq int8 / fp8 and every modelopt method: engines.calibration runs the float artifact on
+          ONNX Runtime)-->
+    graphs/llm_<i>.onnx  --onnxruntime.quantization | modelopt-->  graphs/llm_<i>.onnx (quantized; written
+        atomically, weights still one copy: inline under 2 GB, else <stage>.onnx.data). int4-wo and int8 ort go a
+        weight at a time (graphs/quantize_stream.py: bounded memory, fp32 or fp16 graphs); qdq int8 and fp8 run the
+        whole-graph quantize_static on fp32 graphs; modelopt runs ModelOpt's whole-graph quantizer in its own
+        environment (graphs/quantize_modelopt.py), fp32 or fp16
     manifest.json: "quantization" record, the quantized stages' files and export keys, tolerances; written last
 
 One artifact holds one format, because the two targets take different graphs (a TensorRT engine cannot take
@@ -20,6 +23,10 @@ ONNX Runtime's contrib ops MatMulNBits / MatMulInteger; ONNX Runtime runs both):
     int4-wo   MatMulNBits: int4 blocks of `block_size` along K, one fp       DequantizeLinear int4 blocked (opset
               scale per block (round to nearest), `accuracy_level`          21) -> MatMul: weight-only, RTN
     fp8       (none: ONNX Runtime's CPU has no fp8 GEMM)                    quantize_static QDQ float8 e4m3fn
+
+modelopt makes the same kind of graphs as qdq for the same targets, with NVIDIA's recipes: int4-wo AWQ-clip (block
+scales searched on the calibration activations), int8 entropy-calibrated, fp8 max-calibrated with per-channel
+weight scales; int8/fp8 weights are stored quantized, and GEMV MatMuls (the LM head on one row) stay float.
 
 Only MatMuls whose B is a weight (an initializer) are quantized: attention's activation x activation MatMuls,
 the norms, softmax and every selection op stay float. The embeddings, vision tower, SAM, the projector and
@@ -48,7 +55,7 @@ import numpy as np
 from graphs.errors import ArtifactError, InputError, ToolchainError, internal_error
 
 METHODS = ("none", "int8", "int4-wo", "fp8")
-FORMATS = ("ort", "qdq")
+FORMATS = ("ort", "qdq", "modelopt")
 DEFAULT_FORMAT = {"int8": "ort", "int4-wo": "ort", "fp8": "qdq"}
 BITS = {"int8": 8, "int4-wo": 4, "fp8": 8}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -82,7 +89,8 @@ class QuantOptions:
 
     Args:
         method (str): none, int8, int4-wo or fp8. Defaults to "none".
-        format (str | None): "ort" or "qdq". Defaults to None (ort for int8 and int4-wo, qdq for fp8).
+        format (str | None): "ort", "qdq" or "modelopt". Defaults to None (ort for int8 and int4-wo, qdq for
+            fp8).
         block_size (int): int4-wo weights per scale, along K. Defaults to 32.
         accuracy_level (int): MatMulNBits compute type (4: int8 activations, the fastest on CPU). Defaults to 4.
         calibration (str | None): a calibration set file (see `load_calibration`). Defaults to None (built in).
@@ -103,9 +111,9 @@ class QuantOptions:
             return QuantOptions()
         if fmt not in FORMATS:
             raise InputError(f"--quantize-format {fmt!r}: choose one of {', '.join(FORMATS)}")
-        if self.method == "fp8" and fmt != "qdq":
+        if self.method == "fp8" and fmt == "ort":
             raise InputError("--quantize fp8 --quantize-format ort: ONNX Runtime's CPU has no fp8 GEMM; fp8 is "
-                             "for TensorRT (SM89+): use --quantize-format qdq")
+                             "for TensorRT (SM89+): use --quantize-format qdq or modelopt")
         if self.block_size not in BLOCK_SIZES:
             raise InputError(f"--quantize-block-size {self.block_size}: choose one of "
                              f"{', '.join(map(str, BLOCK_SIZES))}")
@@ -116,8 +124,9 @@ class QuantOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        """Static activation scales (qdq int8, fp8); dynamic int8 and weight-only int4 need none."""
-        return self.format == "qdq" and self.method in ("int8", "fp8")
+        """Static activation scales (qdq int8, fp8) and AWQ's activation-aware weight scales (every modelopt
+        method) calibrate; dynamic int8 and round-to-nearest int4 need no samples."""
+        return self.format == "modelopt" or (self.format == "qdq" and self.method in ("int8", "fp8"))
 
 
 # --- the calibration set ---------------------------------------------------------------------------------------
@@ -244,7 +253,7 @@ def export_command(command: str, opts: QuantOptions) -> str:
 def check_buildable(manifest: dict, rebuild_command: str) -> None:
     """Refuse to build TensorRT engines from ONNX Runtime-format quantized graphs, naming the export that fits."""
     q = quantization_of(manifest)
-    if q and q["format"] != "qdq":
+    if q and q["format"] == "ort":
         raise ToolchainError(f"this artifact is quantized {q['method']} in ONNX Runtime's format ({q['ops']}), which "
                              f"TensorRT cannot take; export Q/DQ graphs for TensorRT with: "
                              f"{with_quantize_format(rebuild_command, 'qdq')}")
@@ -492,20 +501,33 @@ def record(opts: QuantOptions, stages: list[str], calibration: CalibrationSet | 
     ops = {("int8", "ort"): "DynamicQuantizeLinear + MatMulInteger", ("int4-wo", "ort"): "MatMulNBits",
            ("int8", "qdq"): "QuantizeLinear/DequantizeLinear int8",
            ("int4-wo", "qdq"): "DequantizeLinear int4 (blocked) + MatMul",
-           ("fp8", "qdq"): "QuantizeLinear/DequantizeLinear float8e4m3fn"}[(opts.method, opts.format)]
+           ("fp8", "qdq"): "QuantizeLinear/DequantizeLinear float8e4m3fn",
+           ("int8", "modelopt"): "QuantizeLinear/DequantizeLinear int8 (weights stored int8)",
+           ("int4-wo", "modelopt"): "DequantizeLinear int4 (blocked) + MatMul",
+           ("fp8", "modelopt"): "QuantizeLinear/DequantizeLinear float8e4m3fn (weights stored e4m3fn)",
+           }[(opts.method, opts.format)]
+    if opts.format == "modelopt":
+        from graphs.quantize_modelopt import ALGORITHMS, modelopt_version
+
+        algorithm, tool = ALGORITHMS[opts.method], f"nvidia-modelopt {modelopt_version()} (its own environment)"
+    else:
+        algorithm, tool = None, f"onnxruntime.quantization {importlib.metadata.version('onnxruntime')}"
+    int4_scales = "AWQ-clip, searched on the calibration set" if algorithm == "awq_clip" else "round to nearest"
+    fp8_scales = "one scale per output channel" if opts.format == "modelopt" else "one scale per tensor"
     return {
         "method": opts.method, "format": opts.format, "bits": BITS[opts.method], "ops": ops,
-        "weights": (f"symmetric int4 blocks of {opts.block_size} along K, one scale each (round to nearest)"
+        "weights": (f"symmetric int4 blocks of {opts.block_size} along K, one scale each ({int4_scales})"
                     if opts.method == "int4-wo" else "symmetric, per output channel" if opts.method == "int8"
-                    else "e4m3fn, one scale per tensor"),
+                    else f"e4m3fn, {fp8_scales}"),
         "activations": ("float" if opts.method == "int4-wo" else "int8 per call (dynamic)" if opts.format == "ort"
-                        else f"{'int8' if opts.method == 'int8' else 'e4m3fn'} per tensor, calibrated"),
+                        else f"{'int8' if opts.method == 'int8' else 'e4m3fn'} per tensor, calibrated"
+                        + (f" ({algorithm})" if algorithm else "")),
         "block_size": opts.block_size if opts.method == "int4-wo" else None,
         "accuracy_level": opts.accuracy_level if (opts.method, opts.format) == ("int4-wo", "ort") else None,
         "calibration": None if calibration is None else {
             "sha256": calibration.sha256, "samples": len(calibration.samples), "source": calibration.source},
         "stages": list(stages),
-        "tool": f"onnxruntime.quantization {importlib.metadata.version('onnxruntime')}",
+        "tool": tool,
     }
 
 
@@ -520,14 +542,15 @@ def _quarters(name: str, say: Callable[[str], None], stdout) -> Callable[[int, i
 
 
 def check_precision(opts: QuantOptions, precision: str) -> None:
-    """fp16 graphs take the tensor-at-a-time methods (int4-wo, int8 ort); the calibrated Q/DQ ones need fp32."""
+    """fp16 graphs take the tensor-at-a-time methods (int4-wo, int8 ort) and ModelOpt's (which keeps the graph's
+    precision); ONNX Runtime's calibrated Q/DQ ones need fp32."""
     from graphs.quantize_stream import streamable
 
-    if precision != "fp32" and not streamable(opts.method, opts.format):
+    if precision != "fp32" and not streamable(opts.method, opts.format) and opts.format != "modelopt":
         raise InputError(f"--quantize {opts.method} --quantize-format {opts.format} calibrates an fp32 graph (ONNX "
                          f"Runtime's quantize_static reads fp32 weights and activations), and this export is "
-                         f"{precision}: export with --precision fp32, or quantize {precision} with --quantize int4-wo "
-                         f"or --quantize int8 --quantize-format ort")
+                         f"{precision}: export with --precision fp32, quantize {precision} with --quantize-format "
+                         f"modelopt (NVIDIA ModelOpt), or use --quantize int4-wo or --quantize int8 --quantize-format ort")
 
 
 def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
@@ -539,12 +562,12 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
         art_dir (path): an artifact `csprt export` just wrote (float).
         opts (QuantOptions): the method (resolved here).
         calibrate (callable | None): (calibration set, stage names) -> {stage: [feed, ...]}, the float artifact's
-            recorded stage feeds (engines.calibration.calibration_feeds); needed by qdq int8 and fp8.
+            recorded stage feeds (engines.calibration.calibration_feeds); needed by qdq int8 and fp8 and by every
+            modelopt method.
         progress (callable | None): one line per stage. Defaults to silent.
     """
     from graphs import manifest as mf
-    from graphs import onnx_passes
-    from graphs.quantize_stream import quantize_graph_streamed, streamable
+    from graphs.quantize_modelopt import ALGORITHMS, Block, quantize_graphs_modelopt, row_axes
 
     say = progress or (lambda _m: None)
     opts = opts.resolved()
@@ -561,7 +584,7 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
     feeds = {}
     if calibration is not None:
         if calibrate is None:
-            raise ToolchainError(f"--quantize {opts.method} --quantize-format qdq needs calibration feeds")
+            raise ToolchainError(f"--quantize {opts.method} --quantize-format {opts.format} needs calibration feeds")
         say(f"quantize: calibrating on {len(calibration.samples)} samples ({calibration.source}, "
             f"sha256 {calibration.sha256[:12]})")
         feeds = calibrate(calibration, stages)
@@ -570,6 +593,32 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
             raise ToolchainError(f"calibration ran no sample through {', '.join(empty)}; every sample of "
                                  f"{calibration.source} must reach the LLM (a query within the exported text length)")
     mf.invalidate(art)  # from here until the manifest is rewritten, the directory is not an artifact
+    with contextlib.ExitStack() as cleanup:
+        made = {}
+        if opts.format == "modelopt":  # NVIDIA ModelOpt, whole graphs, one process in its own environment
+            work = Path(tempfile.mkdtemp(dir=art / "graphs", prefix=".modelopt."))
+            cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+            entries = {e["name"]: e for e in manifest["stages"]}
+            say(f"quantize: NVIDIA ModelOpt {opts.method} ({ALGORITHMS[opts.method]}) on {', '.join(stages)}")
+            made = quantize_graphs_modelopt(
+                {n: Block(art / entries[n]["graph"], feeds[n], row_axes(entries[n]["inputs"])) for n in stages},
+                work, opts, artifact.precision,
+                done=lambda n, r: say(f"quantize:   {n}: {r['quantized_nodes']} DequantizeLinear"))
+        _install(art, manifest, stages, opts, feeds, made, say)
+    manifest["quantization"] = record(opts, stages, calibration)
+    manifest["export"]["command"] = export_command(manifest["export"]["command"], opts)
+    manifest["tolerances"]["end_to_end"] = dict(QUANT_E2E_TOLERANCES[opts.method])
+    mf.write_manifest(art, manifest)
+    return manifest["quantization"]
+
+
+def _install(art: Path, manifest: dict, stages: list[str], opts: QuantOptions, feeds: dict, made: dict,
+             say: Callable[[str], None]) -> None:
+    """Quantize each stage's graph (or take ModelOpt's, `made`) into the artifact, updating its manifest entry."""
+    from graphs import manifest as mf
+    from graphs import onnx_passes
+    from graphs.quantize_stream import quantize_graph_streamed, streamable
+
     for i, name in enumerate(stages, 1):
         entry = next(e for e in manifest["stages"] if e["name"] == name)
         src = art / entry["graph"]
@@ -582,6 +631,9 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
             with _quiet():
                 if streamable(opts.method, opts.format):  # a tensor at a time: memory bounded by one weight
                     model = quantize_graph_streamed(src, data, opts, progress=_quarters(name, say, stdout))
+                elif name in made:  # ModelOpt's, already written
+                    model = onnx_passes.load_graph(made[name])
+                    data = made[name].with_name(made[name].name + ".data")
                 else:  # calibrated Q/DQ: ONNX Runtime's whole-graph quantize_static
                     quantize_graph(src, tmp, opts, feeds.get(name))
                     model = onnx_passes.load_graph(tmp)
@@ -594,11 +646,6 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
         after = weight_bytes(src)
         say(f"quantize: [{i}/{len(stages)}] {name}: {opts.method} ({opts.format}), weights "
             f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
-    manifest["quantization"] = record(opts, stages, calibration)
-    manifest["export"]["command"] = export_command(manifest["export"]["command"], opts)
-    manifest["tolerances"]["end_to_end"] = dict(QUANT_E2E_TOLERANCES[opts.method])
-    mf.write_manifest(art, manifest)
-    return manifest["quantization"]
 
 
 # --- validation ------------------------------------------------------------------------------------------------
@@ -624,6 +671,6 @@ def ort_session_config(manifest: dict, stage: str) -> dict[str, str]:
     """ONNX Runtime session config entries a stage's graph needs: fp8 Q/DQ graphs run with the Q/DQ fusions off
     (ONNX Runtime's CPU fuses Q/DQ + MatMul into QLinearMatMul, which has no float8 kernel; unfused, each
     DequantizeLinear runs and the MatMul computes in fp32: an emulation for validation, not a fast path)."""
-    if stage_quantization(manifest, stage) == "fp8/qdq":
+    if stage_quantization(manifest, stage).startswith("fp8/"):
         return {"session.disable_quant_qdq": "1"}
     return {}

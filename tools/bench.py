@@ -61,8 +61,8 @@ def add_parser(sub, name: str) -> None:
                         f"(--text-len plus {'/'.join(map(str, SCALING_TEXT))} tokens, every backend)")
     p.add_argument("--quantize", default=None,
                    help="--shape, pipeline backends: comma list of none, int8, int4-wo (ONNX Runtime's format; "
-                        "TensorRT: the qdq format, e.g. int8:qdq): one artifact per schedule and method, with "
-                        "ratios vs the float one of the same schedule. Defaults to none.")
+                        "TensorRT: the qdq or modelopt format, e.g. int8:qdq, int4-wo:modelopt): one artifact per "
+                        "schedule and method, with ratios vs the float one of the same schedule. Defaults to none.")
     p.add_argument("--work", type=Path, default=None,
                    help="--shape: where the random checkpoint and artifacts live. Defaults to ~/.cache/csprt/bench.")
     p.add_argument("--json", type=Path, default=None, help="write the report (schema graphs/bench.schema.json)")
@@ -156,7 +156,8 @@ class Plan:
 
 
 def _quantize_list(value: str | None, precision: str) -> list:
-    """--quantize "none,int8,int4-wo:qdq" -> [None, QuantOptions(int8), QuantOptions(int4-wo, qdq)], checked."""
+    """--quantize "none,int8,int4-wo:qdq" -> [None, QuantOptions(int8), QuantOptions(int4-wo, qdq)], checked
+    (a :modelopt method also needs ModelOpt's environment)."""
     from graphs.quantize import QuantOptions, check_precision
 
     out = []
@@ -165,6 +166,10 @@ def _quantize_list(value: str | None, precision: str) -> list:
         opts = QuantOptions(method=method, format=fmt or None).resolved()
         if opts.method != "none":
             check_precision(opts, precision)
+        if opts.format == "modelopt":
+            from graphs.quantize_modelopt import modelopt_version
+
+            modelopt_version()  # its environment is there, before any work
         out.append(None if opts.method == "none" else opts)
     return out
 

@@ -19,14 +19,17 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "Defaults to none (float).")
     g.add_argument("--quantize-format", choices=FORMATS, default=None,
                    help="ort: ONNX Runtime's CPU ops (int8: MatMulInteger, int4-wo: MatMulNBits); qdq: "
-                        "QuantizeLinear/DequantizeLinear graphs that TensorRT builds (and ONNX Runtime runs). "
-                        "Defaults to ort for int8 and int4-wo, qdq for fp8.")
+                        "QuantizeLinear/DequantizeLinear graphs that TensorRT builds (and ONNX Runtime runs), made "
+                        "by ONNX Runtime's quantizer (int4-wo round to nearest); modelopt: the same kind of graphs "
+                        "made by NVIDIA ModelOpt (int4-wo: AWQ-clip; int8/fp8 calibrated; runs in .venv-modelopt, "
+                        "see .ci/setup-modelopt). Defaults to ort for int8 and int4-wo, qdq for fp8.")
     g.add_argument("--quantize-block-size", type=int, choices=BLOCK_SIZES, default=None,
                    help="int4-wo: weights per scale along K. Defaults to 32.")
     g.add_argument("--quantize-accuracy-level", type=int, choices=ACCURACY_LEVELS, default=None,
                    help="int4-wo ort: MatMulNBits compute type (1 fp32, 2 fp16, 3 bf16, 4 int8). Defaults to 4.")
     g.add_argument("--calibration", type=Path, default=None,
-                   help='qdq int8 and fp8: a calibration set, JSON {"format": "csprt.calibration", "samples": '
+                   help='qdq int8 and fp8, every modelopt method: a calibration set, JSON {"format": '
+                        '"csprt.calibration", "samples": '
                         '[{"image": PATH, "query": TEXT}, ...]}. Defaults to the built-in set (6 prompts, 4 images).')
 
 
@@ -45,11 +48,16 @@ def quantize_options(args: argparse.Namespace) -> QuantOptions:
 
     check_precision(opts, args.precision)
     if opts.needs_calibration and args.trace_only:
-        raise InputError(f"--quantize {opts.method} --quantize-format qdq calibrates by running the model, which "
-                         f"--trace-only does not: drop --trace-only, or use a weight-only method (int4-wo)")
+        raise InputError(f"--quantize {opts.method} --quantize-format {opts.format} calibrates by running the model, "
+                         f"which --trace-only does not: drop --trace-only, or use round-to-nearest weight-only int4 "
+                         f"(--quantize int4-wo --quantize-format qdq)")
     if opts.calibration is not None and not opts.needs_calibration:
         raise InputError(f"--calibration: --quantize {opts.method} --quantize-format {opts.format} takes no "
-                         f"calibration (only qdq int8 and fp8 calibrate activations); drop --calibration")
+                         f"calibration (qdq int8 and fp8 and every modelopt method calibrate); drop --calibration")
+    if opts.format == "modelopt":
+        from graphs.quantize_modelopt import modelopt_version
+
+        modelopt_version()  # its environment is there and imports, before the export's minutes of work
     if opts.needs_calibration:
         from graphs.quantize import load_calibration
 
