@@ -550,7 +550,8 @@ def check_precision(opts: QuantOptions, precision: str) -> None:
         raise InputError(f"--quantize {opts.method} --quantize-format {opts.format} calibrates an fp32 graph (ONNX "
                          f"Runtime's quantize_static reads fp32 weights and activations), and this export is "
                          f"{precision}: export with --precision fp32, quantize {precision} with --quantize-format "
-                         f"modelopt (NVIDIA ModelOpt), or use --quantize int4-wo or --quantize int8 --quantize-format ort")
+                         f"modelopt (NVIDIA ModelOpt), or use --quantize int4-wo or --quantize int8 "
+                         f"--quantize-format ort")
 
 
 def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,

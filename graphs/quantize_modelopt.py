@@ -13,9 +13,9 @@ environment of its own.
 Why a subprocess: nvidia-modelopt 0.47.0's ONNX extra needs onnx ~1.21 and onnxruntime(-gpu) ~1.24, and csprt pins
 onnx 1.23.2 and onnxruntime 1.31.1 (every 0.37-0.47 release asks the same of older ones), so the two cannot share an
 environment. `.ci/setup-modelopt` makes it (pinned in requirements-modelopt.txt); CSPRT_MODELOPT_PYTHON names
-another interpreter that has it. Memory: ModelOpt holds a whole block graph (like ONNX Runtime's quantize_static),
-so a block needs about twice its float weights of host memory; the streamed methods (graphs/quantize_stream.py) do
-not.
+another interpreter that has it. Memory: ModelOpt holds whole block graphs (like ONNX Runtime's quantize_static)
+and, for AWQ, every calibration sample's activations at each weight's input; the streamed methods
+(graphs/quantize_stream.py) hold one weight.
 """
 
 from __future__ import annotations
