@@ -11,6 +11,9 @@
       <name>_<stage>/                 # one per stage: onnxruntime_onnx (model.onnx [+ external data])
         config.pbtxt                  #   or tensorrt_plan (model.plan from `csprt build`)
         1/model.onnx | 1/model.plan
+      <name>_<stage>_p<k>/            # --backend tensorrt, a block built in pieces: one tensorrt_plan model per
+        config.pbtxt                  #   piece (engines/<flavor>/<stage>.p<k>.plan), I/O from its sidecar; the
+        1/model.plan                  #   BLS model runs the stage as its pieces in order (stages.json)
 
 The repository is built in a temp directory beside REPO and renamed into place, so Triton never
 sees half of one. An existing REPO is replaced only when it is empty or a repository csprt wrote.
@@ -25,7 +28,7 @@ import re
 import shlex
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +36,7 @@ from engines.batching import DEFAULT_MAX_QUEUE_DELAY_US, served_max_batch
 from engines.trt import PRETTY
 from graphs.errors import ArtifactError, ToolchainError
 from graphs.manifest import MANIFEST_NAME, Artifact, file_sha256, load_artifact, package_versions
-from graphs.stages import DimRange, StageSpec
+from graphs.stages import DimRange, StageSpec, TensorSpec
 from graphs.triton_config import KINDS, bls_config, model_config_pb2, stage_config
 
 REPO_FORMAT = "csprt.triton_repo"
@@ -116,6 +119,7 @@ class _StageModel:
     backend: str                 # graphs.triton_config.STAGE_BACKENDS key
     note: str = ""               # an extra config header line
     profiles: int = 1            # the plan's optimization profiles (a decoded block's: prefill and decode)
+    piece: int | None = None     # a block built in pieces: this model's piece (its `stage` has the piece's I/O)
 
 
 def _onnx_models(artifact: Artifact, name: str) -> list[_StageModel]:
@@ -136,7 +140,7 @@ def _onnx_models(artifact: Artifact, name: str) -> list[_StageModel]:
 
 def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[list[_StageModel], str, str]:
     """Stage models from `csprt build` engines -> (models, flavor, TensorRT version)."""
-    from engines.engine_check import check_engine
+    from engines.engine_check import check_engine, check_pieces
 
     fix = f"csprt build {shlex.quote(str(artifact.path))}"
     chosen = flavor or "tensorrt"
@@ -159,29 +163,69 @@ def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[l
     models = []
     for stage in stages:
         plan, sidecar = check_engine(artifact.dir, stage.name, chosen, version)  # refuses stale or changed plans
-        if sidecar.get("pieces"):  # one Triton TensorRT model runs one plan
-            raise ArtifactError(f"stage {stage.name!r} of {artifact.path} was built as {len(sidecar['pieces'])} "
-                                "engines of consecutive layers (csprt build --max-build-memory or "
-                                "--max-layers-per-engine), and a Triton TensorRT model runs one plan; rebuild it as "
-                                f"one engine on a host with the memory it needs: {fix} --stages {stage.name} "
-                                f"--max-build-memory {_need_gb(sidecar)}")
-        inputs = list(sidecar["profiles"][0])  # the engine's inputs: those it has a profile for
         dims = {**artifact.layout.dims, **{k: DimRange(**v) for k, v in sidecar.get("dims", {}).items()}}
         note = (f"{PRETTY[chosen]} {version} engine for {', '.join(sidecar['compute_capabilities'])}; Triton's "
                 f"{'TensorRT-RTX' if chosen == 'tensorrt-rtx' else 'TensorRT'} must be exactly this version")
+        pieces = check_pieces(artifact.dir, sidecar, fix, verify=False)  # check_engine hashed them
+        if pieces:  # one Triton TensorRT model runs one plan: one model per piece
+            models += _piece_models(stage, sidecar, pieces, f"{name}_{stage.name}", dims, chosen, note, fix)
+            continue
+        inputs = list(sidecar["profiles"][0])  # the engine's inputs: those it has a profile for
         models.append(_StageModel(stage, f"{name}_{stage.name}", {plan: "model.plan"}, inputs, dims, chosen, note,
                                   len(sidecar["profiles"])))
     return models, chosen, version
 
 
-def _need_gb(sidecar: dict) -> float:
-    """The --max-build-memory (GiB) a split stage's one-engine build would need: its pieces' weights at the
-    estimate's ratios, rounded up to 0.1 GiB."""
-    import math
+def _piece_models(stage: StageSpec, sidecar: dict, pieces: list[tuple[Path, dict]], base: str,
+                  dims: dict[str, DimRange], backend: str, note: str, fix: str) -> list[_StageModel]:
+    """One model per piece of a block built in pieces, `<base>_p<k>`: the stage inputs and outputs it has, plus the
+    interface tensors between pieces (dtype from the writer's sidecar, dims from the readers' profiles)."""
+    iface = _interface_tensors(stage, sidecar, [p for _, p in pieces], dims)
+    models = []
+    for plan, piece in pieces:
+        ins = [t for t in stage.inputs if t.name in piece["inputs"]] + [iface[n] for n in piece["interface_inputs"]]
+        outs = [t for t in stage.outputs if t.name in piece["outputs"]] + [iface[n] for n in piece["interface_outputs"]]
+        if {t.name for t in ins} != set(piece["inputs"]) or {t.name for t in outs} != set(piece["outputs"]):
+            raise ArtifactError(f"engine piece {piece['plan']} of stage {stage.name!r} lists tensors the stage and "
+                                f"its pieces do not have; rebuild with: {fix}")
+        spec = replace(stage, inputs=tuple(ins), outputs=tuple(outs))
+        a, b = piece["layers"]
+        what = (f"piece {piece['piece'] + 1} of {len(pieces)} of stage {stage.name!r} (layers {a}-{b - 1}), run in "
+                f"order by the BLS model")
+        models.append(_StageModel(spec, f"{base}_p{piece['piece']}", {plan: "model.plan"}, [t.name for t in ins], dims,
+                                  backend, f"{what}\n{note}", len(piece["profiles"]), piece["piece"]))
+    return models
 
-    from engines.build_memory import BUILD_BASE, GIB, RATIO_MAPPED
-    weights = (sidecar.get("build_memory") or {}).get("weight_bytes") or 0
-    return math.ceil((BUILD_BASE + RATIO_MAPPED * weights) / GIB * 10) / 10
+
+def _interface_tensors(stage: StageSpec, sidecar: dict, pieces: list[dict],
+                       dims: dict[str, DimRange]) -> dict[str, TensorSpec]:
+    """The tensors passed between a block's pieces as TensorSpecs. A dim that varies over the profiles is named
+    after the stage input dim with the same min/opt/max in every profile (`batch`, `rows_<block>` ...: Triton's
+    batch axis and the config's ranges follow), else left unnamed (-1)."""
+    count = len(sidecar["profiles"])
+    ranges: dict[str, list] = {}  # named dim -> its (min, opt, max) in each stage profile
+    for k, prof in enumerate(sidecar["profiles"]):
+        for t in stage.inputs:
+            for i, d in enumerate(t.shape):
+                if isinstance(d, str) and d in dims and t.name in prof:
+                    seen = ranges.setdefault(d, [None] * count)
+                    seen[k] = seen[k] or tuple(prof[t.name][w][i] for w in ("min", "opt", "max"))
+    dtypes = {n: spec["dtype"] for p in pieces for n, spec in (p.get("interface_outputs") or {}).items()}
+    out = {}
+    for p in pieces:
+        for name in p.get("interface_inputs") or ():
+            if name in out:
+                continue
+            shapes = [prof[name] for prof in p["profiles"]]
+            shape = []
+            for i in range(len(shapes[0]["min"])):
+                seen = [tuple(s[w][i] for w in ("min", "opt", "max")) for s in shapes]
+                if all(lo == hi == seen[0][0] for lo, _, hi in seen):
+                    shape.append(seen[0][0])
+                else:
+                    shape.append(next((d for d, r in ranges.items() if r == seen), f"{name}_d{i}"))  # unnamed: -1
+            out[name] = TensorSpec(name, dtypes[name], tuple(shape))
+    return out
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -224,7 +268,7 @@ def _write_bls(tmp: Path, artifact: Artifact, name: str, models: list[_StageMode
         (art_copy / rel).parent.mkdir(parents=True, exist_ok=True)  # ACCM's tokenizers: its host steps read them
         shutil.copyfile(artifact.dir / rel, art_copy / rel)
     _write_json({"format": "csprt.triton_bls", "format_version": REPO_FORMAT_VERSION,
-                 "stage_models": {m.stage.name: {"model": m.model, "inputs": m.inputs} for m in models}},
+                 "stage_models": _stage_entries(models)},
                 version_dir / STAGES_FILE)
     params = {"csprt_version": package_versions(("csprt",))["csprt"], "csprt_modes": ",".join(artifact.modes),
               CACHE_PARAMETER: str(image_cache_mb)}  # read by model.py: its image cache, per instance process
@@ -233,6 +277,19 @@ def _write_bls(tmp: Path, artifact: Artifact, name: str, models: list[_StageMode
     text = bls_config(artifact.layout, name=name, instances=instances, max_batch_size=max_batch_size,
                       max_queue_delay_us=max_queue_delay_us, parameters=params, header=header)
     (tmp / name / "config.pbtxt").write_text(text, encoding="utf-8")
+
+
+def _stage_entries(models: list[_StageModel]) -> dict:
+    """stages.json's "stage_models": stage -> {"model", "inputs"}, or for a block built in pieces {"pieces": [{"model",
+    "inputs", "outputs"}, ...]} in run order (engines/triton_bls/model.py requests each in turn)."""
+    out: dict = {}
+    for m in models:
+        if m.piece is None:
+            out[m.stage.name] = {"model": m.model, "inputs": m.inputs}
+        else:
+            out.setdefault(m.stage.name, {"pieces": []})["pieces"].append(
+                {"model": m.model, "inputs": m.inputs, "outputs": [t.name for t in m.stage.outputs]})
+    return out
 
 
 def _write_stage(tmp: Path, artifact: Artifact, m: _StageModel, instances: int, device: str, link: bool,
@@ -317,7 +374,8 @@ def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "c
             batch. Defaults to 2000, as `csprt serve`.
 
     Returns:
-        dict: the repository's csprt_repo.json contents ("repo", "bls_model", "stage_models", ...).
+        dict: the repository's csprt_repo.json contents ("repo", "bls_model", "stage_models": stage -> its model,
+            or the list of its piece models for a block built in pieces, ...).
 
     Raises:
         ToolchainError: bad options or --out; ArtifactError for an unusable artifact or missing/stale engines.
@@ -353,7 +411,8 @@ def write_triton_repo(art_dir, out, backend: str = "onnxruntime", name: str = "c
             "instances": instances, "max_batch_size": max_batch_size, "max_queue_delay_us": max_queue_delay_us,
             "image_cache_mb": image_cache_mb,
             "bls_model": name,
-            "stage_models": {m.stage.name: m.model for m in models},
+            "stage_models": {stage: entry.get("model") or [p["model"] for p in entry["pieces"]]
+                             for stage, entry in _stage_entries(models).items()},  # pieces: a list, in run order
         }
         _write_json(marker, tmp / REPO_MARKER)  # last: a directory without it is never taken for a repository
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; Triton may run as another user

@@ -35,8 +35,9 @@ from typing import Iterable
 from graphs.errors import ToolchainError, internal_error
 from graphs.stages import DimRange, Layout, StageSpec, TensorSpec
 
-# manifest dtype -> Triton data type
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
+# manifest dtype (and those a tensor between the engine pieces of a block may have) -> Triton data type
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "bool": "TYPE_BOOL",
+                 "int32": "TYPE_INT32"}
 
 # csprt stage backend -> (Triton platform, Triton backend, model file in the version directory).
 # tensorrt-rtx: stock Triton's `tensorrt` backend links data-center TensorRT (libnvinfer), which cannot

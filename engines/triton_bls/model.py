@@ -1,10 +1,11 @@
 """csprt's BLS orchestrator for Triton's Python backend: a group of requests through an artifact's stage models.
 
 `csprt triton-repo` copies this file to <repo>/<name>/1/model.py, beside artifact/ (the manifest and
-tokenizer) and stages.json (stage -> Triton model, and the inputs that model takes). It needs csprt
+tokenizer) and stages.json (stage -> Triton model, and the inputs that model takes; a block built in
+pieces -> its piece models in run order, each with its inputs and outputs). It needs csprt
 installed in the Python backend's environment: the wiring, decode loop, tokenisation and pre/post-
 processing are csprt's own (`engines.pipeline.Pipeline`, `engines.host.HostIO`), so nothing here
-duplicates them. The only Triton-specific step is `TritonStageRunner._infer`, a BLS request:
+duplicates them. The only Triton-specific step is `TritonStageRunner._request`, a BLS request:
 
     execute(requests): one dynamic-batcher group (config max_batch_size, at most the artifact's --max-batch)
       per request {image, query[, mode, return_logits, max_new_tokens, instance_masks]}: checked alone
@@ -13,6 +14,8 @@ duplicates them. The only Triton-specific step is `TritonStageRunner._infer`, a 
       engines.batching.run_items: ArtifactSession.segment_batch per mode (hits and misses in one batch),
         HostIO + Pipeline; per stage ONE BLS request for the whole batch:
         pb_utils.InferenceRequest(<name>_<stage>, tensors [B, ...]).exec()
+        (a block built in pieces: <name>_<stage>_p0, _p1 ... in turn, each fed the stage inputs it reads
+         and the interface tensors (hidden rows, cos/sin, mask) earlier pieces returned)
       --> per request {mask_png, masks_packed, masks_shape, answer, generated_ids, timings [, mask_logits]}
 
 The image cache (engines.image_cache, `csprt triton-repo --image-cache-mb`, config parameter
@@ -59,34 +62,46 @@ DEFAULT_IMAGE_CACHE_MB = 512
 
 
 class TritonStageRunner(BaseRunner):
-    """Runs one stage on its Triton model by a BLS request (`BaseRunner` checks the feed against the spec).
+    """Runs one stage on its Triton model by a BLS request (`BaseRunner` checks the feed against the spec); a block
+    built in pieces (`csprt build --max-build-memory`) by one request per piece model, in order.
 
     Args:
         stage (StageSpec): the stage.
         dims (dict[str, DimRange]): the artifact's named dims.
-        model (str): the stage's Triton model name.
-        inputs (list[str]): the inputs that model takes (a graph may drop spec inputs it never reads).
+        entry (dict): its stages.json entry: {"model", "inputs"} (the inputs that model takes: a graph may drop
+            spec inputs it never reads), or {"pieces": [{"model", "inputs", "outputs"}, ...]} in run order, each
+            piece fed the stage inputs it reads and the interface tensors earlier pieces returned.
     """
 
-    def __init__(self, stage: StageSpec, dims, model: str, inputs: list[str]):
+    def __init__(self, stage: StageSpec, dims, entry: dict):
         super().__init__(stage, dims)
-        self.model = model
-        self.inputs = list(inputs)
+        outputs = [t.name for t in stage.outputs]
+        calls = entry["pieces"] if "pieces" in entry else [{**entry, "outputs": outputs}]
+        self.calls = [(c["model"], list(c["inputs"]), list(c["outputs"])) for c in calls]
+        unmade = [n for n in outputs if not any(n in outs for _, _, outs in self.calls)]
+        if unmade:
+            raise ArtifactError(f"stage {self.name!r}: no Triton model in {STAGES_FILE} returns {', '.join(unmade)}; "
+                                "regenerate the repository with csprt triton-repo")
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [t.name for t in self.stage.outputs]
+        values = dict(feed)
+        for model, inputs, outputs in self.calls:  # one call for a whole stage
+            values.update(self._request(model, inputs, outputs, values))
+        return {t.name: values[t.name] for t in self.stage.outputs}
+
+    def _request(self, model: str, inputs: list[str], outputs: list[str], values: dict) -> dict[str, np.ndarray]:
         request = pb_utils.InferenceRequest(
-            model_name=self.model, requested_output_names=names,
-            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(feed[n])) for n in self.inputs],
+            model_name=model, requested_output_names=outputs,
+            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(values[n])) for n in inputs],
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0))  # as_numpy needs host memory
         response = request.exec()
         if response.has_error():
-            raise ToolchainError(f"stage {self.name!r}: Triton model {self.model!r} failed: {response.error().message()}")
+            raise ToolchainError(f"stage {self.name!r}: Triton model {model!r} failed: {response.error().message()}")
         out = {}
-        for n in names:
+        for n in outputs:
             tensor = pb_utils.get_output_tensor_by_name(response, n)
             if tensor is None:
-                raise ArtifactError(f"stage {self.name!r}: Triton model {self.model!r} returned no output {n!r}; "
+                raise ArtifactError(f"stage {self.name!r}: Triton model {model!r} returned no output {n!r}; "
                                     "its model file does not match the manifest, regenerate the repository")
             out[n] = tensor.as_numpy()
         return out
@@ -109,8 +124,7 @@ class TritonPythonModel:
                                 "repository with csprt triton-repo")
 
         def runner_for(stage: StageSpec) -> BaseRunner:
-            m = models[stage.name]
-            return TritonStageRunner(stage, self.layout.dims, m["model"], m["inputs"])
+            return TritonStageRunner(stage, self.layout.dims, models[stage.name])
 
         self.session = ArtifactSession(here / ARTIFACT_DIR, verify=False, runner_for=runner_for)
         self.host, self.pipeline = self.session.host, self.session.pipeline

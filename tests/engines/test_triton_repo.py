@@ -151,34 +151,45 @@ def _check_against_config(what: str, tensors: dict, config_tensors, batched: boo
 
 
 class StageModel:
-    """A stage model as Triton's onnxruntime backend would run it: config checks, then the repo's model.onnx."""
+    """A stage model as Triton's onnxruntime backend would run it: config checks, then the repo's model.onnx (or
+    `graph`: the stage's graph, standing in for a TensorRT plan)."""
 
-    def __init__(self, model_dir, stage, dims):
+    def __init__(self, model_dir, stage, dims, graph=None):
         self.config = parse_config(model_dir / "config.pbtxt")
         names = {t.name for t in self.config.input}
         self.runner = OrtRunner(dataclasses.replace(stage, inputs=tuple(t for t in stage.inputs if t.name in names)),
-                                dims, model_dir / "1" / "model.onnx")
+                                dims, graph or model_dir / "1" / "model.onnx")
         self.runner.activate()
 
     def __call__(self, feed):
-        batched = self.config.max_batch_size > 0  # then Triton's batch axis leads, at most max_batch_size
-        _check_against_config(self.config.name, feed, self.config.input, batched)
+        return self.checked(self.config, feed, self.runner.infer)
+
+    @staticmethod
+    def checked(config, feed, run):
+        """`run(feed)` between what Triton checks of a request and of its response against `config`."""
+        batched = config.max_batch_size > 0  # then Triton's batch axis leads, at most max_batch_size
+        _check_against_config(config.name, feed, config.input, batched)
         sizes = {v.shape[0] for v in feed.values()} if batched else set()
-        assert len(sizes) <= 1 and all(1 <= b <= self.config.max_batch_size for b in sizes), (self.config.name, sizes)
-        out = self.runner.infer(feed)
-        _check_against_config(self.config.name, out, self.config.output, batched)
+        assert len(sizes) <= 1 and all(1 <= b <= config.max_batch_size for b in sizes), (config.name, sizes)
+        out = run(feed)
+        _check_against_config(config.name, out, config.output, batched)
         return out
+
+
+def bls_module(model_py, pb_utils):
+    """Import a BLS model.py with `pb_utils` as triton_python_backend_utils."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
+        spec = importlib.util.spec_from_file_location(f"bls_{id(model_py)}", model_py)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
 
 
 def load_bls(repo, pb_utils, name="csprt"):
     """Import <repo>/<name>/1/model.py with `pb_utils` as triton_python_backend_utils and initialize it as Triton does."""
     config = parse_config(repo / name / "config.pbtxt")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
-        spec = importlib.util.spec_from_file_location(f"bls_{name}_{id(repo)}", repo / name / "1" / "model.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
+    model = bls_module(repo / name / "1" / "model.py", pb_utils).TritonPythonModel()
     model.initialize({"model_repository": str(repo / name), "model_version": "1", "model_name": name,
                       "model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True))})
     return model, config
@@ -617,23 +628,3 @@ def test_cli(art, tmp_path, monkeypatch):
     rc, out, err = call(["triton-repo", str(art), "--out", str(tmp_path / "slow"), "--max-queue-delay-us", "500"])
     assert rc == 0, err
     assert parse_config(tmp_path / "slow" / "csprt" / "config.pbtxt").dynamic_batching.max_queue_delay_microseconds == 500
-
-
-def test_a_stage_built_in_pieces_is_refused(art, tmp_path):
-    """A Triton TensorRT model runs one plan: a block built as several engines (engines.split_build) cannot be one."""
-    eng = fake_engines(art, tmp_path / "art", "tensorrt")
-    sidecar_path = eng / engine_paths("tensorrt", "llm_2")[1]
-    sidecar = json.loads(sidecar_path.read_text())
-    pieces = []
-    for k in range(2):
-        plan_rel, piece_rel = f"engines/tensorrt/llm_2.p{k}.plan", f"engines/tensorrt/llm_2.p{k}.json"
-        plan = f"fake piece {k}".encode()
-        (eng / plan_rel).write_bytes(plan)
-        (eng / piece_rel).write_text(json.dumps({"piece": k, "plan": plan_rel,
-                                                 "plan_sha256": hashlib.sha256(plan).hexdigest()}))
-        pieces.append(piece_rel)
-    sidecar.update(pieces=pieces, build_memory={"weight_bytes": 8 << 30})
-    sidecar_path.write_text(json.dumps(sidecar))
-    with pytest.raises(ArtifactError, match=r"stage 'llm_2' of .* was built as 2 engines of consecutive layers .* "
-                                            r"--stages llm_2 --max-build-memory 14.5$"):
-        write_triton_repo(eng, tmp_path / "repo", backend="tensorrt")
