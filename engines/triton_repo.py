@@ -180,6 +180,9 @@ def _piece_models(stage: StageSpec, sidecar: dict, pieces: list[tuple[Path, dict
                   dims: dict[str, DimRange], backend: str, note: str, fix: str) -> list[_StageModel]:
     """One model per piece of a block built in pieces, `<base>_p<k>`: the stage inputs and outputs it has, plus the
     interface tensors between pieces (dtype from the writer's sidecar, dims from the readers' profiles)."""
+    from engines.split_runtime import piece_bindings
+
+    piece_bindings([p for _, p in pieces], ())  # refuses pieces that do not chain (an interface input nobody writes)
     iface = _interface_tensors(stage, sidecar, [p for _, p in pieces], dims)
     models = []
     for plan, piece in pieces:
@@ -190,7 +193,7 @@ def _piece_models(stage: StageSpec, sidecar: dict, pieces: list[tuple[Path, dict
                                 f"its pieces do not have; rebuild with: {fix}")
         spec = replace(stage, inputs=tuple(ins), outputs=tuple(outs))
         a, b = piece["layers"]
-        what = (f"piece {piece['piece'] + 1} of {len(pieces)} of stage {stage.name!r} (layers {a}-{b - 1}), run in "
+        what = (f"Piece {piece['piece'] + 1} of {len(pieces)} of stage {stage.name!r} (layers {a}-{b - 1}), run in "
                 f"order by the BLS model")
         models.append(_StageModel(spec, f"{base}_p{piece['piece']}", {plan: "model.plan"}, [t.name for t in ins], dims,
                                   backend, f"{what}\n{note}", len(piece["profiles"]), piece["piece"]))

@@ -5,7 +5,7 @@
                       [--device gpu|cpu] [--link] [--image-cache-mb MB]
 
 Stage models run the artifact's ONNX graphs (onnxruntime_onnx) or its `csprt build` engines
-(tensorrt_plan); the BLS model (Python backend, csprt installed there) takes `image` + `query` and
+(tensorrt_plan; a block built in pieces is one model per piece, run in order); the BLS model (Python backend, csprt installed there) takes `image` + `query` and
 returns `mask_png`, `masks_packed`, `masks_shape`, `answer`, `generated_ids` and `timings`, the tensors
 of `csprt serve` (so tools/triton_client.py works with both). Serve it with
 `tritonserver --model-repository REPO`.
@@ -33,7 +33,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--flavor", choices=TRT_FLAVORS,
                    help="--backend tensorrt: tensorrt engines for stock Triton, or tensorrt-rtx engines for a Triton "
                         "with a TensorRT-RTX backend (backends/tensorrt_rtx). Defaults to tensorrt")
-    p.add_argument("--name", help="the BLS model's name; stage models are NAME_<stage>. Defaults to csprt")
+    p.add_argument("--name", help="the BLS model's name; stage models are NAME_<stage> (NAME_<stage>_p<k> for the "
+                                  "engine pieces of a block built in pieces). Defaults to csprt")
     p.add_argument("--instances", type=int, metavar="N",
                    help="instances of every model (each stage instance holds its own weights). Defaults to 1")
     p.add_argument("--max-batch-size", type=int, metavar="N",
@@ -61,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
     progress = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     report = write_triton_repo(args.artifact, args.out, progress=progress, **given)
     trt = f" ({report['flavor']} {report['trt_version']})" if report["trt_version"] else ""
+    models = report["stage_models"]  # stage -> its model, or its piece models (a block built in pieces)
+    pieces = {stage: len(m) for stage, m in models.items() if isinstance(m, list)}
+    split = "".join(f"; {stage} as {n} piece models" for stage, n in pieces.items())
     print(f"triton repository: {report['repo']} ({report['backend']}{trt}; BLS model {report['bls_model']!r}, "
-          f"{len(report['stage_models'])} stage models)")
+          f"{len(models) - len(pieces) + sum(pieces.values())} stage models{split})")
     print(f"  serve: tritonserver --model-repository {report['repo']}  (csprt must be installed for its Python backend)")
     return 0

@@ -158,7 +158,7 @@ def test_one_model_per_piece_with_the_pieces_io(built):
             assert DT.Name(t.data_type) == TRITON_DTYPES[dtype], t.name
         text = (repo / model / "config.pbtxt").read_text()
         a, b = side["layers"]
-        assert f"piece {side['piece'] + 1} of 2 of stage '{STAGE}' (layers {a}-{b - 1})" in text
+        assert f"Piece {side['piece'] + 1} of 2 of stage '{STAGE}' (layers {a}-{b - 1})" in text
         assert "rows_llm_2=" in cfg.parameters["csprt_dims"].string_value
     hidden = next(n for n, spec in interface.items() if len(spec["max_shape"]) == 3)  # the rows after layer 2
     h = stage.input("hidden").shape[2]
@@ -218,3 +218,27 @@ def test_bls_over_piece_models_equals_artifact_session(built, export_tiny, mode)
     runs = len(calls) // 2  # a prefill, then (generate) one per decode step: each its pieces in order
     assert calls == [f"csprt_{STAGE}_p0", f"csprt_{STAGE}_p1"] * runs and runs == (
         1 if mode == "single-pass" else len(ref.generated_ids))
+
+
+@pytest.mark.trt
+def test_cli_counts_piece_models_and_pieces_that_do_not_chain_are_refused(built, tmp_path, monkeypatch):
+    from tests.cli_io import call, error_lines
+    from tools import cli
+
+    art, _, _ = built
+    monkeypatch.setattr(cli, "COMMANDS", {"triton-repo": "tools.triton_repo"})
+    rc, out, err = call(["triton-repo", str(art), "--out", str(tmp_path / "repo"), "--backend", "tensorrt",
+                         "--flavor", FLAVOR])
+    assert rc == 0, err
+    assert f"13 stage models; {STAGE} as 2 piece models)" in out
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    rel = json.loads((copy / "engines" / FLAVOR / f"{STAGE}.json").read_text())["pieces"][1]
+    side = json.loads((copy / rel).read_text())
+    side["interface_inputs"].append("from_nowhere")
+    (copy / rel).write_text(json.dumps(side))
+    rc, out, err = call(["triton-repo", str(copy), "--out", str(tmp_path / "bad"), "--backend", "tensorrt",
+                         "--flavor", FLAVOR])
+    [line] = error_lines(err)
+    assert rc == 2 and "reads 'from_nowhere', which no earlier piece writes; rebuild with: csprt build" in line
+    assert not (tmp_path / "bad").exists()
