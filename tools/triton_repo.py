@@ -5,10 +5,10 @@
                       [--device gpu|cpu] [--link] [--image-cache-mb MB]
 
 Stage models run the artifact's ONNX graphs (onnxruntime_onnx) or its `csprt build` engines
-(tensorrt_plan; a block built in pieces is one model per piece, run in order); the BLS model (Python backend, csprt installed there) takes `image` + `query` and
-returns `mask_png`, `masks_packed`, `masks_shape`, `answer`, `generated_ids` and `timings`, the tensors
-of `csprt serve` (so tools/triton_client.py works with both). Serve it with
-`tritonserver --model-repository REPO`.
+(tensorrt_plan; a block built in pieces is one model per piece, run in order); the BLS model (Python
+backend, csprt installed there) takes `image` + `query` and returns `mask_png`, `masks_packed`,
+`masks_shape`, `answer`, `generated_ids` and `timings`, the tensors of `csprt serve` (so
+tools/triton_client.py works with both). Serve it with `tritonserver --model-repository REPO`.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from graphs.errors import ArtifactError
 from graphs.manifest import load_artifact
 from graphs.onnx_split import piece_model, tensor_types
 from graphs.triton_config import TRITON_DTYPES
+from tests.graphs.test_onnx_split import block_feed
 from tests.engines.test_triton_repo import (QUERY, InferenceRequest, StageModel, bls_module, chelsea_png, fake_pb_utils,
                                             load_bls, outputs, parse_config, request)
 
@@ -49,7 +50,7 @@ class PieceModel:
         self.session = None
 
 
-def piece_graphs(artifact) -> list:
+def piece_graphs(artifact) -> tuple[list, list]:
     """The block's pieces as `csprt build --max-layers-per-engine 1` cuts them, as ONNX models (weights inline)."""
     plan = plan_split(artifact, STAGE, budget=100 * GIB, max_layers=1)
     full = onnx.load(str(artifact.graph_path(STAGE)))
@@ -58,17 +59,6 @@ def piece_graphs(artifact) -> list:
 
 
 # --- the BLS runner's chaining, no engines (CPU) ----------------------------------------------------------------
-
-def _block_feed(spec, batch, rows, cache, past_len):
-    rng = np.random.default_rng(0)
-    sizes = {"batch": batch, f"rows_{STAGE}": rows, f"cache_{STAGE}": cache}
-    feed = {t.name: (rng.standard_normal(tuple(d if isinstance(d, int) else sizes[d] for d in t.shape))
-                     .astype(np.float32)) for t in spec.inputs if t.dtype == "float32"}
-    feed["positions"] = np.broadcast_to(past_len + np.arange(rows), (batch, rows)).astype(np.int64).copy()
-    feed["row_lens"] = np.full((batch,), rows, np.int64)
-    feed["past_len"] = np.full((batch,), past_len, np.int64)
-    return feed
-
 
 @pytest.mark.parametrize("batch,rows,cache,past_len", [(2, 7, 9, 0), (2, 1, 9, 5)], ids=["prefill", "decode-step"])
 def test_bls_runner_chains_the_pieces_into_the_block(export_tiny, tmp_path, batch, rows, cache, past_len):
@@ -92,7 +82,7 @@ def test_bls_runner_chains_the_pieces_into_the_block(export_tiny, tmp_path, batc
     entry = {"pieces": [{"model": f"p{p.index}", "inputs": list(p.inputs), "outputs": list(p.outputs)} for p in pieces]}
     InferenceRequest.models = {name: run(name) for name in sessions}
     try:
-        feed = _block_feed(spec, batch, rows, cache, past_len)
+        feed = block_feed(spec, batch, rows, cache, past_len)
         with module.TritonStageRunner(spec, dims, entry) as got, \
                 OrtRunner(spec, dims, artifact.graph_path(STAGE)) as ref:
             out, want = got.infer(feed), ref.infer(feed)

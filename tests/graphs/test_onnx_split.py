@@ -24,7 +24,8 @@ def block(export_tiny):
     return artifact, spec, layers, onnx.load(str(path), load_external_data=False), onnx.load(str(path))
 
 
-def _feed(spec, batch, rows, cache, past_len):
+def block_feed(spec, batch, rows, cache, past_len):
+    """Random inputs of the block at these sizes (also tests/engines/test_triton_repo_pieces.py's)."""
     rng = np.random.default_rng(0)
     sizes = {"batch": batch, f"rows_{STAGE}": rows, f"cache_{STAGE}": cache}
     feed = {}
@@ -55,7 +56,7 @@ def test_pieces_chained_on_onnxruntime_equal_the_block(block, batch, rows, cache
     assert {"key_2", "value_2"} <= set(pieces[0].outputs) and {"key_3", "value_3", "hidden_out", "next_token"} <= set(
         pieces[1].outputs)
     assert "past_key_3" not in pieces[0].inputs and "past_key_3" in pieces[1].inputs  # each piece its layers' cache
-    feed = _feed(spec, batch, rows, cache, past_len)
+    feed = block_feed(spec, batch, rows, cache, past_len)
     want = _run(full, feed)
     types = tensor_types(bare)
     values = dict(feed)
