@@ -158,8 +158,8 @@ def quantize_graphs_modelopt(blocks: dict[str, Block], work: Path, opts, precisi
                                 text=True, cwd=work, env=_clean_env())
         finished = []
         for line in proc.stdout:
-            if line.startswith("{"):
-                report = json.loads(line)
+            report = _report_line(line)
+            if report is not None and report.get("stage") in out:
                 finished.append(report["stage"])
                 _rename_data(out[report["stage"]])
                 shutil.rmtree(out[report["stage"]].parent / "float")  # the prepared copy: its disk back now
@@ -173,6 +173,15 @@ def quantize_graphs_modelopt(blocks: dict[str, Block], work: Path, opts, precisi
         raise ToolchainError(f"NVIDIA ModelOpt ({python}) failed to quantize {failed} ({opts.method}); the export "
                              f"stops here. ModelOpt said:\n{tail}")
     return out
+
+
+def _report_line(line: str) -> dict | None:
+    """The worker's per-graph JSON line, or None for anything else ModelOpt prints to stdout."""
+    try:
+        report = json.loads(line) if line.startswith("{") else None
+    except json.JSONDecodeError:
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def _rename_data(graph: Path) -> None:

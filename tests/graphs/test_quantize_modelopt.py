@@ -118,3 +118,11 @@ def test_an_environment_without_modelopt_names_the_setup(tmp_path, monkeypatch):
     env_python = os.environ["CSPRT_MODELOPT_PYTHON"]
     with pytest.raises(ToolchainError, match=rf"{env_python} has no NVIDIA ModelOpt .*bash .ci/setup-modelopt"):
         modelopt_version()
+
+
+def test_only_the_workers_report_lines_count_as_progress():
+    from graphs.quantize_modelopt import _report_line
+
+    assert _report_line('{"stage": "llm_0", "modelopt": "0.47.0", "quantized_nodes": 3}\n')["stage"] == "llm_0"
+    for noise in ("INFO: calibrating\n", "{not json\n", "[1, 2]\n", "{\n", "\n"):
+        assert _report_line(noise) is None, noise
