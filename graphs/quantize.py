@@ -425,20 +425,25 @@ def load_with_data(src: Path):
     return model
 
 
-def quantize_graph(src: Path, dst: Path, opts: QuantOptions, feeds: list[dict] | None = None) -> None:
-    """Quantize one float graph `src` (with its data beside it) into `dst` (+ `dst`.data), per `opts`.
-
-    The graph's value_info is dropped first: ONNX Runtime's quantizers re-run ONNX shape inference in a mode that
-    rejects the exporter's symbolic annotations on a few Reshape outputs, and they infer what they need anyway.
-    """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
+def prepared_graph(src: Path):
+    """`src` as the whole-graph quantizers take it (ONNX Runtime's and ModelOpt's), and its weight MatMuls' names:
+    weights loaded (`load_with_data`), the LM head's Gemm rewritten as a MatMul (`gemms_to_matmuls`), and
+    value_info dropped: the quantizers re-run ONNX shape inference in a mode that rejects the exporter's symbolic
+    annotations on a few Reshape outputs, and they infer what they need anyway."""
     model = load_with_data(src)
     del model.graph.value_info[:]
     gemms_to_matmuls(model)
     nodes = weight_matmuls(model)
     if not nodes:
         raise internal_error(f"quantize: {src} has no weight MatMul to quantize")
+    return model, nodes
+
+
+def quantize_graph(src: Path, dst: Path, opts: QuantOptions, feeds: list[dict] | None = None) -> None:
+    """Quantize one float graph `src` (with its data beside it) into `dst` (+ `dst`.data), per `opts`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    model, nodes = prepared_graph(src)
     if opts.method == "int4-wo":
         _int4(model, dst, opts, nodes)
     elif opts.format == "ort":  # int8, dynamic
@@ -494,8 +499,10 @@ def _quiet():
             lg.setLevel(level)
 
 
-def record(opts: QuantOptions, stages: list[str], calibration: CalibrationSet | None) -> dict:
-    """The manifest's "quantization": one place for method, format, bits, block size and calibration hash."""
+def record(opts: QuantOptions, stages: list[str], calibration: CalibrationSet | None,
+           modelopt: str | None = None) -> dict:
+    """The manifest's "quantization": one place for method, format, bits, block size and calibration hash.
+    `modelopt`: the nvidia-modelopt version that made the graphs (format modelopt, as its worker reported it)."""
     import importlib.metadata
 
     ops = {("int8", "ort"): "DynamicQuantizeLinear + MatMulInteger", ("int4-wo", "ort"): "MatMulNBits",
@@ -507,9 +514,11 @@ def record(opts: QuantOptions, stages: list[str], calibration: CalibrationSet | 
            ("fp8", "modelopt"): "QuantizeLinear/DequantizeLinear float8e4m3fn (weights stored e4m3fn)",
            }[(opts.method, opts.format)]
     if opts.format == "modelopt":
-        from graphs.quantize_modelopt import ALGORITHMS, modelopt_version
+        from graphs.quantize_modelopt import ALGORITHMS
 
-        algorithm, tool = ALGORITHMS[opts.method], f"nvidia-modelopt {modelopt_version()} (its own environment)"
+        if modelopt is None:
+            raise internal_error("record: a modelopt quantization without the version that made it")
+        algorithm, tool = ALGORITHMS[opts.method], f"nvidia-modelopt {modelopt} (its own environment)"
     else:
         algorithm, tool = None, f"onnxruntime.quantization {importlib.metadata.version('onnxruntime')}"
     int4_scales = "AWQ-clip, searched on the calibration set" if algorithm == "awq_clip" else "round to nearest"
@@ -594,6 +603,12 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
             raise ToolchainError(f"calibration ran no sample through {', '.join(empty)}; every sample of "
                                  f"{calibration.source} must reach the LLM (a query within the exported text length)")
     mf.invalidate(art)  # from here until the manifest is rewritten, the directory is not an artifact
+    versions = set()  # nvidia-modelopt's, as its worker reports it per graph
+
+    def finished(name: str, report: dict) -> None:
+        versions.add(report["modelopt"])
+        say(f"quantize:   {name}: {report['quantized_nodes']} DequantizeLinear")
+
     with contextlib.ExitStack() as cleanup:
         made = {}
         if opts.format == "modelopt":  # NVIDIA ModelOpt, whole graphs, one process in its own environment
@@ -603,10 +618,9 @@ def quantize_artifact(art_dir: str | os.PathLike, opts: QuantOptions,
             say(f"quantize: NVIDIA ModelOpt {opts.method} ({ALGORITHMS[opts.method]}) on {', '.join(stages)}")
             made = quantize_graphs_modelopt(
                 {n: Block(art / entries[n]["graph"], feeds[n], row_axes(entries[n]["inputs"])) for n in stages},
-                work, opts, artifact.precision,
-                done=lambda n, r: say(f"quantize:   {n}: {r['quantized_nodes']} DequantizeLinear"))
+                work, opts, artifact.precision, done=finished)
         _install(art, manifest, stages, opts, feeds, made, say)
-    manifest["quantization"] = record(opts, stages, calibration)
+    manifest["quantization"] = record(opts, stages, calibration, modelopt=next(iter(versions), None))
     manifest["export"]["command"] = export_command(manifest["export"]["command"], opts)
     manifest["tolerances"]["end_to_end"] = dict(QUANT_E2E_TOLERANCES[opts.method])
     mf.write_manifest(art, manifest)

@@ -63,8 +63,8 @@ def _clean_env() -> dict[str, str]:
 
 def modelopt_version() -> str:
     """nvidia-modelopt's version in its environment (read from its metadata: importing ModelOpt takes seconds); a
-    ToolchainError naming the fix when the environment or the package is missing. `csprt export` calls this before
-    any export work."""
+    ToolchainError naming the fix when the environment or the package is missing. `csprt export` and `csprt bench`
+    call this before any work; the manifest records the version the worker reports."""
     python = modelopt_python()
     probe = "import importlib.metadata as m; print(m.version('nvidia-modelopt'))"
     proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=_clean_env())
@@ -127,17 +127,14 @@ def quantize_graphs_modelopt(blocks: dict[str, Block], work: Path, opts, precisi
     """
     import onnx
 
-    from graphs.quantize import gemms_to_matmuls, load_with_data, weight_matmuls
+    from graphs.quantize import prepared_graph
 
     python = modelopt_python()
     jobs, out = [], {}
     for name, block in blocks.items():
         stage_dir = work / name
         stage_dir.mkdir(parents=True)
-        model = load_with_data(block.graph)
-        del model.graph.value_info[:]  # the exporter's symbolic annotations trip ONNX shape inference's strict mode
-        gemms_to_matmuls(model)
-        nodes = weight_matmuls(model)
+        model, nodes = prepared_graph(block.graph)
         prepared = stage_dir / "float" / "float.onnx"
         prepared.parent.mkdir()
         onnx.save_model(model, str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,
