@@ -14,6 +14,8 @@ Build memory: stages build one at a time; external-data weights are mapped into 
 and let go while the builder runs (`MappedWeights`); the plan streams to disk (`PlanFromNetwork.to_file`).
 Before any build, every stage's estimated peak (`estimate_stage_memory`) is checked against the budget
 (`--max-build-memory`, default the host's available memory) and an over-budget build is refused in one line.
+`--weights-as-inputs` (`BuildSettings.weights == "inputs"`): weight-free engines, the GEMM and embedding weights
+engine inputs read by the runtime from the graphs' own files (`graphs.weight_inputs`); the parser never sees them.
 
 The loaders follow Polygraphy's style (lazy callables) but use the TensorRT API directly: Polygraphy
 0.53 imports TensorRT-RTX as `tensorrt_rtx` (the PyPI wheel is `tensorrt_rtx_bindings`), fixes the
@@ -30,7 +32,7 @@ import json
 import re
 import shlex
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +52,7 @@ from graphs.errors import ArtifactError, ToolchainError
 from graphs.host_memory import PeakRss
 from graphs.manifest import Artifact, check_stage_names, file_sha256, load_artifact, package_versions, write_manifest
 from graphs.quantize import check_buildable, stage_quantization
+from graphs.weight_inputs import WeightInput, as_weight_inputs, moved_bytes, weight_inputs
 
 BUILD_FORMAT = 1  # bump when a build setting's meaning changes: every cached engine is rebuilt
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -77,9 +80,13 @@ class BuildSettings:
     precision: str                           # the artifact's: "fp32" | "fp16"
     compute_capabilities: tuple[str, ...]    # ("SM80", "SM86", ...); ("CURRENT",) = the build GPU
     workspace_gb: float | None = None        # builder workspace pool limit; None: TensorRT's default
+    weights: str = "engine"                  # "engine" | "inputs" (graphs.weight_inputs: weight-free engines)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "compute_capabilities": list(self.compute_capabilities), "strongly_typed": True}
+        out = {**asdict(self), "compute_capabilities": list(self.compute_capabilities), "strongly_typed": True}
+        if self.weights == "engine":  # today's engines: their build keys (and caches) stay as they were
+            del out["weights"]
+        return out
 
 
 def _with_precision(command: str, precision: str) -> str:
@@ -392,6 +399,7 @@ class Prepared:
     trt_profiles: list          # the IOptimizationProfile objects added to `config`
     profiles: list[Profile]     # what they were made from (the sidecar's "profiles")
     weights: MappedWeights | None = None  # the mapped external data `network` reads; keep it until built
+    weight_inputs: list[WeightInput] = field(default_factory=list)  # weights the engine takes as inputs
 
 
 def read_profile(profile, network) -> dict[str, InputShapes]:
@@ -434,8 +442,15 @@ def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None
 
     `model`, `profiles` and `what` prepare a piece of it instead (`engines.split_build`): its ModelProto (external
     data read beside the stage's graph, `NetworkFromOnnx`), its own profiles, and how messages name it.
+
+    Under `--weights-as-inputs` (`settings.weights == "inputs"`) the graph's GEMM and embedding weights become
+    static engine inputs (`graphs.weight_inputs`): the parser never sees their bytes, and each profile gets their
+    one shape. `Prepared.profiles` stays the stage's own (the sidecar's; the build key's).
     """
     logger = logger or CaptureLogger(trt)
+    moved: list[WeightInput] = []
+    if job.settings.weights == "inputs":
+        model, moved = stage_weight_inputs(job, model)
     loader = NetworkFromOnnx(trt, job.artifact.graph_path(job.stage), logger, what or job.what, model=model)
     builder, network, parser = loader()
     if profiles is None:
@@ -443,8 +458,22 @@ def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None
         known = {t.name for t in spec.inputs}
         inputs = [network.get_input(i).name for i in range(network.num_inputs)]
         profiles = stage_profiles(spec, job.dims, inputs=[n for n in inputs if n in known], decode=job.decode)
-    config, made = ConfigFromProfiles(trt, profiles, job.settings, timing_cache)(builder, network)
-    return Prepared(builder, network, parser, config, made, profiles, loader.weights)
+    static = {w.name: InputShapes(w.shape, w.shape, w.shape) for w in moved}
+    config, made = ConfigFromProfiles(trt, [{**p, **static} for p in profiles], job.settings,
+                                      timing_cache)(builder, network)
+    return Prepared(builder, network, parser, config, made, profiles, loader.weights, moved)
+
+
+def stage_weight_inputs(job: _Job, model=None) -> tuple[object, list[WeightInput]]:
+    """(the stage graph with its GEMM and embedding weights as inputs, those weights). `model`: the graph to
+    rewrite (default: the stage's, read without its external data)."""
+    import onnx
+
+    rel = job.artifact.stage_entry(job.stage)["graph"]
+    if model is None:
+        model = onnx.load(str(job.artifact.dir / rel), load_external_data=False)
+    moved = weight_inputs(model, rel)
+    return as_weight_inputs(model, moved), moved
 
 
 @dataclass
@@ -457,6 +486,7 @@ class BuiltPlan:
     seconds: float
     peak: int | None            # sampled peak RSS while parsing and building (None: not sampled)
     warnings: list[str]         # the builder's first 20
+    weight_inputs: list[WeightInput] = field(default_factory=list)  # weights the engine takes as inputs
 
     def build_memory(self, memory: StageMemory) -> dict:
         """A sidecar's "build_memory": the estimate `memory` and the measured peak."""
@@ -481,7 +511,7 @@ def build_plan(trt, prepare: Callable[[object, bytes | None], Prepared], what: s
     t0 = time.perf_counter()
     with PeakRss() as rss:
         prep = prepare(logger, cache_bytes)
-        weights, profiles = prep.weights, prep.profiles
+        weights, profiles, moved = prep.weights, prep.profiles, prep.weight_inputs
         try:
             nbytes, digest = PlanFromNetwork((prep.builder, prep.network, prep.parser), prep.config, logger, what,
                                              save_timing_cache=timing_cache, weights=weights).to_file(path)
@@ -491,7 +521,7 @@ def build_plan(trt, prepare: Callable[[object, bytes | None], Prepared], what: s
                 weights.close()
     trim_host_memory()
     return BuiltPlan(nbytes, digest, profiles, time.perf_counter() - t0, rss.peak,
-                     [m for sev, m in logger.messages if sev == 2][:20])
+                     [m for sev, m in logger.messages if sev == 2][:20], moved)
 
 
 def _cached(art: Path, sidecar_rel: str, key: str, settings: BuildSettings) -> dict | None:
@@ -537,6 +567,8 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
                        timing_cache)
     sidecar = stage_sidecar(job, key, built.profiles, (plan_rel, built.sha256, built.nbytes), built.seconds,
                             built.build_memory(memory), built.warnings)
+    if s.weights == "inputs":
+        sidecar.update(weight_inputs_sidecar(built.weight_inputs))
     write_json(sidecar, art / sidecar_rel)  # written last: a plan without its sidecar is never used
     rss = f", peak RSS {gib(built.peak)} (estimated {gib(memory.peak_bytes)})" if built.peak else ""
     say(f"{name}: built in {built.seconds:.1f} s, {built.nbytes / 1e6:.2f} MB{rss} -> {plan_rel}")
@@ -562,9 +594,16 @@ def stage_sidecar(job: _Job, key: str, profiles: list[Profile], plan: tuple[str,
     }
 
 
+def weight_inputs_sidecar(moved: list[WeightInput]) -> dict:
+    """A weight-free engine's sidecar fields: what the runtime reads, uploads and binds (`graphs.weight_inputs`)."""
+    return {"weights": "inputs", "weight_inputs": [w.to_json() for w in moved],
+            "weight_input_bytes": sum(w.length for w in moved)}
+
+
 def _manifest_entry(sidecar: dict, sidecar_rel: str) -> dict:
     keys = ("plan", "build_key", "trt_version", "compute_capabilities", "precision", "dims", "profiles_note")
-    return {"sidecar": sidecar_rel, **{k: sidecar[k] for k in keys}}
+    weight_free = {"weights": "inputs"} if sidecar.get("weights") == "inputs" else {}  # a host binds them: say so
+    return {"sidecar": sidecar_rel, **{k: sidecar[k] for k in keys}, **weight_free}
 
 
 def _drop_stale_entry(artifact: Artifact, manifest: dict, stage: str, flavor: str) -> None:
@@ -603,6 +642,13 @@ def _plan_splits(artifact: Artifact, memory: dict[str, StageMemory], budget: int
     return splits
 
 
+def _input_bytes(job: _Job) -> int:
+    """External-data bytes of the weights `job`'s engine takes as inputs (0 unless `--weights-as-inputs`)."""
+    if job.settings.weights != "inputs":
+        return 0
+    return moved_bytes(stage_weight_inputs(job)[1])["external"]
+
+
 def _stage_list(artifact: Artifact, stages) -> list[str]:
     if stages is None:
         return [s.name for s in artifact.layout.stages]
@@ -611,7 +657,7 @@ def _stage_list(artifact: Artifact, stages) -> list[str]:
     return [s.name for s in artifact.layout.stages if s.name in names]
 
 
-def _resolve(art_dir, precision, flavor, compute_capabilities, shapes, workspace_gb, stages):
+def _resolve(art_dir, precision, flavor, compute_capabilities, shapes, workspace_gb, stages, weights="engine"):
     """Check every setting (cheapest first, TensorRT last) -> (artifact, stage names, trt, settings, dims)."""
     artifact = load_artifact(art_dir)
     check_buildable(artifact.manifest, artifact.rebuild_command)  # MatMulNBits / MatMulInteger: ORT only
@@ -622,7 +668,7 @@ def _resolve(art_dir, precision, flavor, compute_capabilities, shapes, workspace
         raise ToolchainError(f"--workspace {workspace_gb}: expected a positive size in GiB")
     trt, flavor, version = load_trt(flavor)
     targets = resolve_compute_capabilities(trt, flavor, compute_capabilities)
-    return artifact, names, trt, BuildSettings(flavor, version, precision, targets, workspace_gb), dims
+    return artifact, names, trt, BuildSettings(flavor, version, precision, targets, workspace_gb, weights), dims
 
 
 def inspect_stage(art_dir, stage: str, precision: str | None = None, flavor: str = "auto",
@@ -640,7 +686,7 @@ def inspect_stage(art_dir, stage: str, precision: str | None = None, flavor: str
 def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", compute_capabilities=None,
                   shapes=None, timing_cache=None, workspace_gb: float | None = None, stages=None,
                   progress: Callable[[str], None] | None = None, max_build_memory_gb: float | None = None,
-                  max_layers_per_engine: int | None = None) -> dict:
+                  max_layers_per_engine: int | None = None, weights_as_inputs: bool = False) -> dict:
     """Build (or reuse) one engine per stage graph of an artifact and record them in its manifest.
 
     Stages build one at a time, each within the build memory budget: before building anything, the estimated
@@ -672,6 +718,9 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
             consecutive layers (`engines.split_build`).
         max_layers_per_engine (int | None): build each block stage as engines of at most this many decoder
             layers. Defaults to None (as many as the budget allows).
+        weights_as_inputs (bool): weight-free engines: every stage's GEMM and embedding weights become engine
+            inputs the runtime reads from the graphs' own files (`graphs.weight_inputs`), so the artifact holds
+            them once and the build never packs them. Never split into pieces. Defaults to False.
 
     Returns:
         dict: {"artifact", "flavor", "trt_version", "compute_capabilities", "precision", "engines_dir",
@@ -690,14 +739,19 @@ def build_engines(art_dir, precision: str | None = None, flavor: str = "auto", c
             if Path(art_dir).is_dir() else contextlib.nullcontext())
     with lock:
         return _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timing_cache, workspace_gb,
-                             stages, progress, max_build_memory_gb, max_layers_per_engine)
+                             stages, progress, max_build_memory_gb, max_layers_per_engine, weights_as_inputs)
 
 
 def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timing_cache, workspace_gb, stages,
-                  progress, max_build_memory_gb, max_layers_per_engine=None) -> dict:
+                  progress, max_build_memory_gb, max_layers_per_engine=None, weights_as_inputs=False) -> dict:
     say = progress or (lambda _msg: None)
+    if weights_as_inputs and max_layers_per_engine is not None:
+        raise ToolchainError("--max-layers-per-engine cannot be combined with --weights-as-inputs: a weight-free "
+                             "engine's build never holds its GEMM weights, so its blocks are built whole; drop one of "
+                             "the two options")
     artifact, names, trt, settings, dims = _resolve(art_dir, precision, flavor, compute_capabilities, shapes,
-                                                    workspace_gb, stages)
+                                                    workspace_gb, stages,
+                                                    "inputs" if weights_as_inputs else "engine")
     flavor, version, targets = settings.flavor, settings.trt_version, settings.compute_capabilities
     cache_path = Path(timing_cache) if timing_cache is not None else None
     if cache_path is not None and flavor == "tensorrt-rtx":
@@ -713,8 +767,9 @@ def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timi
     states = {name: _cache_state(job) for name, job in jobs.items()}
     states = {name: (key, hit if hit is None or fits_layers(hit, max_layers_per_engine, len(block_layers(
         artifact.layout.stage(name)))) else None) for name, (key, hit) in states.items()}
-    memory = {name: estimate_stage_memory(artifact, name) for name, (_, hit) in states.items() if hit is None}
-    splits = _plan_splits(artifact, memory, budget, max_layers_per_engine)
+    memory = {name: estimate_stage_memory(artifact, name, _input_bytes(jobs[name]))
+              for name, (_, hit) in states.items() if hit is None}
+    splits = {} if weights_as_inputs else _plan_splits(artifact, memory, budget, max_layers_per_engine)
     check_build_memory(artifact, names, memory, budget, max_build_memory_gb is None)
     if memory:
         worst = max(memory.values(), key=lambda m: m.peak_bytes)
@@ -723,7 +778,8 @@ def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timi
         for name, m in memory.items():  # what each stage (and piece) will need, before anything builds
             how = (f"{len(splits[name].pieces)} engines: {splits[name].describe()}" if name in splits
                    else "one engine")
-            say(f"build memory: {name}: weights {gib(m.inline_bytes + m.external_bytes)}, estimated peak "
+            given = f" ({gib(m.input_bytes)} of them engine inputs)" if m.input_bytes else ""
+            say(f"build memory: {name}: weights {gib(m.inline_bytes + m.external_bytes)}{given}, estimated peak "
                 f"{gib(m.peak_bytes)} ({how})")
     report = {"artifact": str(artifact.dir), "flavor": flavor, "trt_version": version,
               "compute_capabilities": list(targets), "precision": settings.precision,
@@ -752,7 +808,8 @@ def _build_locked(art_dir, precision, flavor, compute_capabilities, shapes, timi
                                       "seconds": round(time.perf_counter() - t0, 3),
                                       "estimated_peak_bytes": (sidecar.get("build_memory") or {}).get(
                                           "estimated_peak_bytes"),
-                                      "profiles": sidecar.get("profile_names") or ["all"]}
+                                      "profiles": sidecar.get("profile_names") or ["all"],
+                                      "weight_input_bytes": sidecar.get("weight_input_bytes", 0)}
             entry = next(e for e in manifest["stages"] if e["name"] == name)
             entry["engines"][flavor] = _manifest_entry(sidecar, sidecar_rel)
     finally:

@@ -46,11 +46,13 @@ class StageMemory:
     external_bytes: int
     peak_bytes: int
     layer: int | None = None
+    input_bytes: int = 0     # external-data weights the engine takes as inputs (`--weights-as-inputs`): not built in
 
     def to_json(self) -> dict:
-        return {"weight_bytes": self.inline_bytes + self.external_bytes, "inline_weight_bytes": self.inline_bytes,
-                "external_weight_bytes": self.external_bytes, "estimated_peak_bytes": self.peak_bytes,
-                "ratios": {"base": BUILD_BASE, "mapped": RATIO_MAPPED, "inline": RATIO_INLINE}}
+        out = {"weight_bytes": self.inline_bytes + self.external_bytes, "inline_weight_bytes": self.inline_bytes,
+               "external_weight_bytes": self.external_bytes, "estimated_peak_bytes": self.peak_bytes,
+               "ratios": {"base": BUILD_BASE, "mapped": RATIO_MAPPED, "inline": RATIO_INLINE}}
+        return {**out, "weight_input_bytes": self.input_bytes} if self.input_bytes else out
 
 
 def external_initializers(path: Path) -> list[tuple[str, str, int, int]]:
@@ -79,14 +81,20 @@ def _tensor_bytes(t) -> int:
     return math.prod(t.dims) * itemsize
 
 
-def estimate_stage_memory(artifact: Artifact, stage: str) -> StageMemory:
+def estimate_stage_memory(artifact: Artifact, stage: str, input_bytes: int = 0) -> StageMemory:
     """The estimated peak RSS of building `stage`: BUILD_BASE + RATIO_INLINE x the graph file's bytes +
-    RATIO_MAPPED x its external-data files' bytes (the manifest's "files"; tensors are nearly all of them)."""
+    RATIO_MAPPED x its external-data files' bytes (the manifest's "files"; tensors are nearly all of them).
+
+    `input_bytes`: external-data weights the engine takes as inputs (`--weights-as-inputs`); the builder never
+    reads them, so they do not count. (Inline weights still do: the graph is loaded to be rewritten.)
+    """
     entry = artifact.stage_entry(stage)
     sizes = {rel: (artifact.dir / rel).stat().st_size for rel in entry["files"]}
     inline = sizes.pop(entry["graph"])
     external = sum(sizes.values())
-    return StageMemory(stage, inline, external, int(BUILD_BASE + RATIO_INLINE * inline + RATIO_MAPPED * external))
+    built_in = max(0, external - input_bytes)
+    return StageMemory(stage, inline, external, int(BUILD_BASE + RATIO_INLINE * inline + RATIO_MAPPED * built_in),
+                       input_bytes=input_bytes)
 
 
 def host_memory_budget() -> int:

@@ -3,7 +3,7 @@
     csprt build ART [--precision fp16|bf16|fp32] [--flavor auto|tensorrt|tensorrt-rtx]
                     [--compute-capability SM86 ...] [--shapes NAME=min:opt:max ...]
                     [--timing-cache PATH] [--workspace GB] [--stages a,b] [--max-build-memory GB]
-                    [--max-layers-per-engine N]
+                    [--max-layers-per-engine N] [--weights-as-inputs]
 
 Engines go to ART/engines/<flavor>/<stage>.plan, each with a <stage>.json sidecar (flavour, version,
 targets, graph hash, profiles, settings, build memory), and the manifest lists them. A block that generate
@@ -13,6 +13,9 @@ stage's estimated peak memory is checked against the budget (--max-build-memory,
 available). An LLM block over it is built as several engines of consecutive decoder layers (the fewest that
 each fit; --max-layers-per-engine N caps them too); the runtime chains them as one stage. Any other stage over
 it, or a block whose single layer is, is refused in one line naming the budget that would fit.
+--weights-as-inputs builds weight-free engines: the GEMM and embedding weights become engine inputs that the
+runtime reads from the artifact's graphs and binds at load (graphs.weight_inputs), so the artifact holds every
+weight once.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--max-layers-per-engine", type=int, metavar="N",
                    help="build each LLM block as engines of at most N decoder layers. Defaults to as many as the "
                         "build memory budget allows")
+    p.add_argument("--weights-as-inputs", action="store_true",
+                   help="weight-free engines: each stage's GEMM and embedding weights become engine inputs that the "
+                        "runtime reads from the artifact's ONNX external data and binds at load, so the artifact "
+                        "holds every weight once and the build never packs them (not for Triton's TensorRT backend)")
     p.set_defaults(func=run)
     return p
 
@@ -68,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         given["max_build_memory_gb"] = args.max_build_memory
     if args.max_layers_per_engine is not None:
         given["max_layers_per_engine"] = args.max_layers_per_engine
+    if args.weights_as_inputs:
+        given["weights_as_inputs"] = True
     progress = lambda msg: print(f"[csprt] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         report = build_engines(args.artifact, progress=progress, **given)
@@ -88,7 +97,8 @@ def _print_report(report: dict) -> None:
         profiles = s.get("profiles") or ["all"]
         more = f"; profiles {', '.join(profiles)}" if len(profiles) > 1 else ""
         engines = f", {s['engines']} engines" if s.get("engines", 1) > 1 else ""
-        print(f"  {name}: {s['plan']} ({s['status']}, {_size(s['plan_bytes'])}{engines}{more})")
+        given = f", weights as inputs: {_size(s['weight_input_bytes'])}" if s.get("weight_input_bytes") else ""
+        print(f"  {name}: {s['plan']} ({s['status']}, {_size(s['plan_bytes'])}{engines}{given}{more})")
 
 
 def _size(n: int) -> str:
