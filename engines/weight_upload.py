@@ -145,8 +145,8 @@ class DeviceWeights:
                     except KeyError:  # an inline weight the .onnx does not hold
                         raise ArtifactError(f"{where}: weight {w.name!r} is not in {w.file}; rebuild with: "
                                             f"{REBUILD}") from None
-                    want = np.dtype(np.uint16 if w.dtype == "bfloat16" else w.dtype)
-                    if array.shape != w.shape or array.dtype != want or array.nbytes != w.length:
+                    dtype_ok = array.dtype.name == w.dtype or w.dtype == "bfloat16" and array.dtype == np.uint16
+                    if array.shape != w.shape or not dtype_ok or array.nbytes != w.length:  # bf16: raw or ml_dtypes
                         raise ArtifactError(f"{where}: weight {w.name!r} in {w.file} is {array.dtype} "
                                             f"{list(array.shape)}, its sidecar says {w.dtype} {list(w.shape)}; "
                                             f"rebuild with: {REBUILD}")

@@ -6,6 +6,7 @@ bit-exact on ONNX Runtime with the weights fed from the reader; Triton's TensorR
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import types
@@ -86,6 +87,55 @@ def test_truncated_external_data_names_reexport(art, tmp_path):
     data.unlink()
     with pytest.raises(ArtifactError, match=r"cannot read the engine's weights from it .*re-export it$"):
         WeightReader(damaged).read(last)
+
+
+def _half_graphs(folder):
+    """graphs/inline.onnx and graphs/external.onnx (+ .data): MatMuls on a bfloat16 and a float16 [64, 64] weight."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(1)
+    bf16 = (rng.standard_normal(4096).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # truncated
+    weights = [helper.make_tensor("w_bf16", TensorProto.BFLOAT16, [64, 64], bf16.tobytes(), raw=True),
+               numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float16), "w_f16")]
+    nodes = [helper.make_node("MatMul", ["xb", "w_bf16"], ["yb"]), helper.make_node("MatMul", ["xh", "w_f16"], ["yh"])]
+    io = [helper.make_tensor_value_info(n, t, [1, 64]) for n, t in (("xb", TensorProto.BFLOAT16),
+                                                                    ("xh", TensorProto.FLOAT16))]
+    out = [helper.make_tensor_value_info(n, t, [1, 64]) for n, t in (("yb", TensorProto.BFLOAT16),
+                                                                     ("yh", TensorProto.FLOAT16))]
+    model = helper.make_model(helper.make_graph(nodes, "g", io, out, initializer=weights))
+    (folder / "graphs").mkdir(parents=True)
+    onnx.save(model, str(folder / "graphs" / "inline.onnx"))
+    onnx.save(model, str(folder / "graphs" / "external.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="external.onnx.data", size_threshold=0)
+    return {t.name: numpy_helper.to_array(t).reshape(-1).view(np.uint8) for t in weights}
+
+
+def test_half_weights_upload_bytewise_from_either_file_kind(tmp_path):
+    torch = pytest.importorskip("torch")
+    from engines.weight_upload import DeviceWeights
+
+    raw = _half_graphs(tmp_path)
+    moved = []
+    for rel in ("graphs/inline.onnx", "graphs/external.onnx"):
+        moved += weight_inputs(onnx.load(str(tmp_path / rel), load_external_data=False), rel)
+    assert [(w.name, w.dtype, w.inline) for w in moved] == [("w_bf16", "bfloat16", True), ("w_f16", "float16", True),
+                                                           ("w_bf16", "bfloat16", False), ("w_f16", "float16", False)]
+    stream = types.SimpleNamespace(synchronize=lambda: None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(pytest.MonkeyPatch.context()).setattr(torch.cuda, "stream",
+                                                                  lambda s: contextlib.nullcontext())
+        # one arena per graph, as per engine (the two graphs' weights share names)
+        for part in (moved[:2], moved[2:]):
+            dev = DeviceWeights.upload(torch, tmp_path, part, "cpu", stream, "stage 'g'")
+            for w in part:
+                np.testing.assert_array_equal(dev.arena[dev.offsets[w.name]:][:w.length].numpy(), raw[w.name])
+                assert dev.offsets[w.name] % ALIGN == 0
+                assert dev.address(w.name) == dev.arena.data_ptr() + dev.offsets[w.name]
+        wrong = dataclasses.replace(moved[0], dtype="float16")  # the sidecar and the graph disagree
+        with pytest.raises(ArtifactError, match=r"^stage 'g': weight 'w_bf16' in graphs/inline\.onnx is bfloat16 "
+                                                r"\[64, 64\], its sidecar says float16 \[64, 64\]; rebuild with: "
+                                                r"csprt build ART --weights-as-inputs$"):
+            DeviceWeights.upload(torch, tmp_path, [wrong], "cpu", stream, "stage 'g'")
 
 
 # --- the rewrite is exact: ONNX Runtime on the graph vs on its weights-as-inputs copy ------------------------------
@@ -273,13 +323,15 @@ def test_an_engine_that_disagrees_with_its_weight_inputs_is_refused(art, monkeyp
     ({"weights": "mapped"}, r"weights 'mapped', expected 'engine' or 'inputs'; rebuild with: csprt build ART$"),
     ({"pieces": ["engines/x/llm_2.p0.json"]}, r"an engine built in pieces never takes its weights as inputs"),
     ({"weight_inputs": [{"name": "w"}]}, r"its weight_inputs are unreadable \(KeyError"),
-    ({"graph_files": {"graphs/llm_2.onnx": "0"}}, r"weight '[^']+' is read from graphs/llm_2\.onnx\.data, which is not one of the "
-                                                  r"graph files the engine was built from \(graphs/llm_2\.onnx\)"),
+    ({"graph_files": {"graphs/llm_2.onnx": "0"}}, r"weight '[^']+' is read from graphs/llm_2\.onnx\.data, which is "
+                                                  r"not one of the graph files the engine was built from "
+                                                  r"\(graphs/llm_2\.onnx\)"),
     ({"weight_input_bytes": 1}, r"weight_input_bytes 1 but its \d+ weight_inputs hold \d+ bytes"),
 ], ids=["mode", "pieces", "unreadable", "outside-graph-files", "total"])
 def test_a_sidecar_whose_weight_inputs_do_not_hold_is_refused(art, change, match):
     assert weights_of({"plan": "p"}, STAGE) == [] and weights_of({"weights": "engine"}, STAGE) == []
-    with pytest.raises(ArtifactError, match=r"^stage 'llm_2': engine sidecar of engines/x/llm_2\.plan: " + match) as err:
+    where = r"^stage 'llm_2': engine sidecar of engines/x/llm_2\.plan: "
+    with pytest.raises(ArtifactError, match=where + match) as err:
         weights_of(_sidecar(art, _moved(art), **change), STAGE)
     assert "\n" not in str(err.value)
 
@@ -303,3 +355,47 @@ def test_triton_tensorrt_backend_refuses_a_weight_input_engine(art, tmp_path):
     assert not (tmp_path / "repo").exists()
     write_triton_repo(eng, tmp_path / "repo", backend="onnxruntime", device="cpu")  # the graphs still serve
     assert (tmp_path / "repo" / "csprt_llm_2" / "1" / "model.onnx").is_file()
+
+
+# --- GPU: a weight-free engine built for this GPU runs like ONNX Runtime --------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.trt
+def test_weight_free_block_engine_matches_onnxruntime(art, tmp_path):
+    """`csprt build --stages llm_2 --weights-as-inputs` on the block with external data, run by TrtRunner (weights
+    uploaded from the .data and bound) against ONNX Runtime on the graph; its load report counts those weights."""
+    import torch
+
+    from engines.build import targetable
+    from engines.engine_check import check_engine
+    from engines.ort_runner import OrtRunner
+    from engines.trt import load_trt
+    from tests.cli_io import call
+    from tests.graphs.test_onnx_split import block_feed
+    from tools.cli import build_parser
+
+    if build_parser().parse_known_args(["build", "x", "--weights-as-inputs"])[1]:
+        pytest.skip("this csprt build has no --weights-as-inputs")
+    trt, flavor, _ = load_trt()
+    major, minor = torch.cuda.get_device_capability()
+    if flavor == "tensorrt-rtx" and f"SM{major}{minor}" not in targetable(trt):
+        pytest.skip(f"TensorRT-RTX {trt.__version__} cannot target SM{major}{minor}")
+    copy = tmp_path / "art"
+    shutil.copytree(art.dir, copy)
+    target = ["--compute-capability", "current"] if flavor == "tensorrt-rtx" else []
+    rc, _, err = call(["build", str(copy), "--stages", STAGE, "--weights-as-inputs", *target])
+    assert rc == 0, err
+    _, sidecar = check_engine(copy, STAGE)
+    moved = weights_of(sidecar, STAGE)
+    assert [w.name for w in moved] == [w.name for w in _moved(art)]
+    artifact = load_artifact(copy)
+    spec = artifact.layout.stage(STAGE)
+    feed = block_feed(spec, 2, 7, 9, 0)
+    with OrtRunner(spec, artifact.layout.dims, artifact.graph_path(STAGE)) as ort, TrtRunner(spec, copy) as rt:
+        want, got = ort.infer(feed), rt.infer(feed)
+        report = dict(rt.load_report)
+    for name, ref in want.items():
+        np.testing.assert_allclose(got[name].astype(np.float64), ref.astype(np.float64), atol=2e-2, rtol=2e-2,
+                                   err_msg=name)  # test_trt_runner's TensorRT-vs-ONNX Runtime budget
+    assert report["weight_bytes"] == sidecar["weight_input_bytes"] and report["plan_bytes"] == sidecar["plan_bytes"]
+    assert report["deserialize_s"] > 0 and report["weights_s"] > 0
