@@ -163,6 +163,11 @@ def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[l
     models = []
     for stage in stages:
         plan, sidecar = check_engine(artifact.dir, stage.name, chosen, version)  # refuses stale or changed plans
+        if sidecar.get("weights", "engine") != "engine":  # Triton binds only request tensors to engine inputs
+            raise ArtifactError(f"stage {stage.name!r}'s engine takes its weights as inputs (built with "
+                                f"--weights-as-inputs), which Triton's TensorRT backend cannot serve (every weight "
+                                f"would be a request tensor); rebuild that stage with its weights inside: "
+                                f"{fix} --stages {stage.name}")
         dims = {**artifact.layout.dims, **{k: DimRange(**v) for k, v in sidecar.get("dims", {}).items()}}
         note = (f"{PRETTY[chosen]} {version} engine for {', '.join(sidecar['compute_capabilities'])}; Triton's "
                 f"{'TensorRT-RTX' if chosen == 'tensorrt-rtx' else 'TensorRT'} must be exactly this version")

@@ -14,6 +14,11 @@
 `last_copied` counts one call's copies into the engine: {"inputs": bytes, "cache": bytes} (cache: 0 when
 the caches are device tensors, as the Pipeline's CudaChain gives them).
 
+A weight-free engine (`csprt build --weights-as-inputs`: sidecar "weights": "inputs") gets its weights at
+activation, read from the artifact's graph files, uploaded once and bound on every context
+(`engines.weight_upload`); they are never part of a call's feed. `load_report` says what activation cost:
+{"deserialize_s", "plan_bytes", "weights_s", "weight_bytes"} (the Pipeline's runners: `pipeline.runners`).
+
 `buffer_plan` is a pure function (no TensorRT, no torch): the max shape and bytes of every I/O tensor
 at the engine's dims. `engine_dims` are the manifest's dims narrowed by the sidecar's (`csprt build
 --shapes`), so a request outside the engine's profile fails in `bind_dims`, naming the dim and range,
@@ -35,6 +40,7 @@ from engines.gpu_plan import CAPTURE, REPLAY, GraphCache, graph_key, graph_mode,
 from engines.profiles import call_profile, profiles_from_json
 from engines.split_runtime import PiecesMixin, piece_buffer_plan
 from engines.trt import load_trt
+from engines.weight_upload import DeviceWeights, check_weight_inputs, weights_of
 from graphs import dims
 from graphs.dims import DimError
 from graphs.errors import ArtifactError, InputError, ToolchainError, internal_error
@@ -132,6 +138,7 @@ class TrtRunner(PiecesMixin, BaseRunner):
         self.profiles = profiles_from_json(self.sidecar["profiles"])
         self.art_dir = artifact.dir
         self.pieces = [p for _, p in check_pieces(artifact.dir, self.sidecar, "csprt build ART", verify=False)]
+        self.weights = weights_of(self.sidecar, stage.name)  # [] unless the engine takes its weights as inputs
         self.buffers_plan = buffer_plan(stage, self.dims)
         if self.pieces:  # built in pieces: plus a buffer per interface tensor between them
             self.buffers_plan = piece_buffer_plan(self.buffers_plan, self.pieces)
@@ -147,6 +154,8 @@ class TrtRunner(PiecesMixin, BaseRunner):
         self._staged: dict = {}        # cache inputs given as host arrays (validation): their device copies
         self._parts: list = []         # a stage built in pieces: one PieceRun each (engines.split_runtime)
         self.last_copied: dict[str, int] = {}
+        self._weights: DeviceWeights | None = None  # a weight-free engine's weights, while active
+        self.load_report: dict = {}    # the last activation's timings and sizes
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _activate(self) -> None:
@@ -155,26 +164,47 @@ class TrtRunner(PiecesMixin, BaseRunner):
         if not torch.cuda.is_available():
             raise ToolchainError(f"stage {self.name!r}: running a TensorRT engine needs a CUDA GPU, and torch sees "
                                  "none; use the onnxruntime backend here")
+        self.load_report = {"deserialize_s": 0.0, "plan_bytes": 0, "weights_s": 0.0, "weight_bytes": 0}
         with torch.cuda.device(self.device):
             if self.pieces:
                 self.stream = torch.cuda.Stream(self.device)
                 self._activate_pieces(torch, self.stream)
                 return
-            engine = self._deserialize()
-            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            self._inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
-            self._check_io(names)
-            stream = torch.cuda.Stream(self.device)
-            contexts = self._create_contexts(engine, stream)
-            self._buffers = self._allocate(torch, [n for n in self.buffers_plan if n in names])
-            for n, buf in self._buffers.items():  # every profile's context runs on the same buffers
-                for context in contexts:
-                    context.set_tensor_address(n, buf.data_ptr())
-            self._engine, self._contexts, self._context, self.stream = engine, contexts, contexts[0], stream
+            self._activate_engine(torch, torch.cuda.Stream(self.device))
+
+    def _activate_engine(self, torch, stream) -> None:
+        """Deserialize the stage's one engine, make its contexts, bind its buffers (and its weights, if it takes
+        them as inputs) on every one."""
+        engine = self._deserialize()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        where = f"stage {self.name!r}: engine {self.plan_path}"
+        dynamic = check_weight_inputs(self.trt, engine, self.weights, where)
+        weights = {w.name for w in self.weights}  # bound once below, never fed
+        self._inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT
+                        and n not in weights]
+        self._check_io(names)
+        contexts = self._create_contexts(engine, stream)
+        self._buffers = self._allocate(torch, [n for n in self.buffers_plan if n in names])
+        for n, buf in self._buffers.items():  # every profile's context runs on the same buffers
+            for context in contexts:
+                context.set_tensor_address(n, buf.data_ptr())
+        if self.weights:
+            t0 = time.perf_counter()
+            self._weights = DeviceWeights.upload(torch, self.art_dir, self.weights, self.device, stream, where)
+            self._weights.bind(contexts, dynamic)
+            self.load_report["weights_s"] = time.perf_counter() - t0
+            self.load_report["weight_bytes"] = self._weights.nbytes
+        self._engine, self._contexts, self._context, self.stream = engine, contexts, contexts[0], stream
 
     def _deserialize(self, plan_path=None):
+        """The engine of `plan_path` (default: the stage's plan); its read and deserialization time and bytes are
+        added to `load_report`."""
         logger = CaptureLogger(self.trt)
-        engine = self.trt.Runtime(logger).deserialize_cuda_engine(Path(plan_path or self.plan_path).read_bytes())
+        t0 = time.perf_counter()
+        plan = Path(plan_path or self.plan_path).read_bytes()
+        engine = self.trt.Runtime(logger).deserialize_cuda_engine(plan)
+        self.load_report["deserialize_s"] = self.load_report.get("deserialize_s", 0.0) + time.perf_counter() - t0
+        self.load_report["plan_bytes"] = self.load_report.get("plan_bytes", 0) + len(plan)
         if engine is None:
             errors = logger.errors()
             targets = ", ".join(self.sidecar.get("compute_capabilities", []))
@@ -237,6 +267,7 @@ class TrtRunner(PiecesMixin, BaseRunner):
         self._context = self._engine = self.stream = None
         self._contexts = []
         self._buffers, self._staged, self._parts = {}, {}, []
+        self._weights = None  # after the contexts: frees the weights' arena
 
     # -- running --------------------------------------------------------------------------------
     def infer(self, feed: dict) -> dict[str, np.ndarray]:
