@@ -33,6 +33,7 @@ GIB = 1 << 30
 BUILD_BASE = int(0.5 * GIB)
 RATIO_MAPPED = 1.75  # peak bytes per byte of external-data weights (7B llm_0: 7.1 GiB for 4.0; llm_2: 12.0 for 6.8)
 RATIO_INLINE = 2.75  # peak bytes per byte of weights inline in the .onnx: the same plus the parser's copy
+RATIO_INPUT = 0.02   # per byte of external weights an engine takes as inputs (7B llm_2: 0.6 GiB for 7.0 GiB)
 _DROP_EVERY_S = 0.02 # how often mapped weight pages are let go while the builder runs
 
 
@@ -52,7 +53,10 @@ class StageMemory:
         out = {"weight_bytes": self.inline_bytes + self.external_bytes, "inline_weight_bytes": self.inline_bytes,
                "external_weight_bytes": self.external_bytes, "estimated_peak_bytes": self.peak_bytes,
                "ratios": {"base": BUILD_BASE, "mapped": RATIO_MAPPED, "inline": RATIO_INLINE}}
-        return {**out, "weight_input_bytes": self.input_bytes} if self.input_bytes else out
+        if self.input_bytes:
+            out["ratios"]["input"] = RATIO_INPUT
+            out["weight_input_bytes"] = self.input_bytes
+        return out
 
 
 def external_initializers(path: Path) -> list[tuple[str, str, int, int]]:
@@ -86,15 +90,16 @@ def estimate_stage_memory(artifact: Artifact, stage: str, input_bytes: int = 0) 
     RATIO_MAPPED x its external-data files' bytes (the manifest's "files"; tensors are nearly all of them).
 
     `input_bytes`: external-data weights the engine takes as inputs (`--weights-as-inputs`); the builder never
-    reads them, so they do not count. (Inline weights still do: the graph is loaded to be rewritten.)
+    reads them, so they count only at RATIO_INPUT (the builder's memory for a large graph without its weights).
+    Inline weights count in full: the graph is loaded to be rewritten.
     """
     entry = artifact.stage_entry(stage)
     sizes = {rel: (artifact.dir / rel).stat().st_size for rel in entry["files"]}
     inline = sizes.pop(entry["graph"])
     external = sum(sizes.values())
     built_in = max(0, external - input_bytes)
-    return StageMemory(stage, inline, external, int(BUILD_BASE + RATIO_INLINE * inline + RATIO_MAPPED * built_in),
-                       input_bytes=input_bytes)
+    peak = BUILD_BASE + RATIO_INLINE * inline + RATIO_MAPPED * built_in + RATIO_INPUT * (external - built_in)
+    return StageMemory(stage, inline, external, int(peak), input_bytes=input_bytes)
 
 
 def host_memory_budget() -> int:

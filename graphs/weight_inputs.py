@@ -16,8 +16,8 @@ weight placeholders cover Conv, Deconv and Scale only, not MatMul constants. Wei
 need no refitter at load, and leave an artifact with engines holding its weights once: in the ONNX external data.
 
 What moves: a float initializer of rank 2 and at least `MIN_BYTES` whose every consumer takes it as a MatMul or
-Gemm B operand or a Gather table (the Linear layers, the LM head, the token embedding). Quantized weights stay
-in the engine (they feed DequantizeLinear), as do norms, biases and convolution kernels.
+Gemm B operand, a Gather table or a Transpose input (the Linear layers, the LM head, the token embedding).
+Quantized weights stay in the engine (they feed DequantizeLinear), as do norms, biases and convolution kernels.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from pathlib import Path
 from graphs.errors import ArtifactError
 
 MIN_BYTES = 4096
-_OPERAND = {"MatMul": 1, "Gemm": 1, "Gather": 0}          # the input position a weight may take
+# The input position a weight may take. Transpose: the pruning layer's query/key weights also feed its token scores
+# through a Transpose (LISA-7B `csp` llm_1: 64 MB that would otherwise stay in the engine).
+_OPERAND = {"MatMul": 1, "Gemm": 1, "Gather": 0, "Transpose": 0}
 _FLOAT = {1: "float32", 10: "float16", 16: "bfloat16"}   # ONNX TensorProto data types that move
 
 
@@ -145,7 +147,12 @@ class WeightReader:
 
         dtype = np.dtype(w.dtype) if w.dtype != "bfloat16" else np.dtype(np.uint16)
         if w.inline:
-            return self._inline_tensors(w.file)[w.name]
+            found = self._inline_tensors(w.file)
+            if w.name not in found:
+                raise ArtifactError(f"{self.art / w.file}: has no inline weight {w.name!r}, which the engine takes as "
+                                    "an input; the engine was built from another graph: rebuild with: csprt build ART "
+                                    "--weights-as-inputs")
+            return found[w.name]
         mm = self._map(w.file)
         if w.offset + w.length > len(mm) or w.length != int(np.prod(w.shape)) * dtype.itemsize:
             raise ArtifactError(f"{self.art / w.file}: weight {w.name!r} {list(w.shape)} {w.dtype} at "
