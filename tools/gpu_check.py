@@ -7,6 +7,7 @@
     trt_tiny     tiny artifact: build --compute-capability current, run (both modes),              GPU for tensorrt;
                  validate --backends onnxruntime,tensorrt, bench --backends onnxruntime,tensorrt  else onnxruntime only
                  then decode: tools.gpu_decode (block engines' decode profile, CUDA graph replay)  GPU
+                 then weights: tools.gpu_weights (weight-free engines vs full: load, latency)       GPU
     gpu_tests    pytest -m gpu on the test files that have the marker                             GPU
     torch_bench  bench --shape lisa-7b --backends torch --device cuda: full,csp; batch 8 when      GPU
                  bench has --batch; the other presets and the CUDA-graph LLM floor if time allows

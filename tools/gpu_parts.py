@@ -143,6 +143,8 @@ def trt(ctx: Context, pc: PartClock, shape: str) -> dict:
     # last, so the older steps keep their time: the block engines' decode profile and CUDA graphs, timed
     steps.append(_decode(ctx, pc, art, results) if gpu else
                  _skip(ctx, pc, "decode", CSPRT_DECODE + [str(art)], ctx.no_gpu()))
+    steps.append(_weights(ctx, pc, art, results) if gpu else
+                 _skip(ctx, pc, "weights", CSPRT_WEIGHTS + [str(art)], ctx.no_gpu()))
     v = results["validate"]
     note = f"{backends}: " + ", ".join(f"{s.name} {s.status}" for s in steps)
     if v is not None:
@@ -239,6 +241,18 @@ def _decode(ctx: Context, pc: PartClock, art: Path, results: dict) -> Step:
     step = run_step("decode", CSPRT_DECODE + [str(art), "--steps", "32", "--json", str(path)], pc, ctx.log,
                     ctx.work, min_s=20, cwd=ROOT)
     results["decode"] = _json_file(path) if step.status == "passed" else None
+    return step
+
+
+CSPRT_WEIGHTS = [sys.executable, "-m", "tools.gpu_weights"]
+
+
+def _weights(ctx: Context, pc: PartClock, art: Path, results: dict) -> Step:
+    """Weight-free engines against the full ones: load time, latency, outputs (tools.gpu_weights)."""
+    path = ctx.work / pc.name / "weights.json"
+    step = run_step("weights", CSPRT_WEIGHTS + [str(art), "--repeat", "10", "--json", str(path)], pc, ctx.log,
+                    ctx.work, min_s=20, cwd=ROOT)
+    results["weights"] = _json_file(path) if step.status == "passed" else None
     return step
 
 

@@ -53,7 +53,8 @@ def test_cpu_dry_run_runs_what_it_can_and_skips_the_rest_with_one_line_each(dry_
     assert steps["decode"]["status"] == "skipped" and steps["decode"]["reason"].startswith("needs a CUDA GPU")
     assert steps["decode"]["command"][1:3] == ["-m", "tools.gpu_decode"]  # the decode profile and CUDA graphs, timed
     assert steps["decode"]["command"][3].endswith("trt_tiny/artifact")
-    assert {n: s["status"] for n, s in steps.items() if n not in ("build_current", "decode")} == {
+    assert steps["weights"]["status"] == "skipped" and steps["weights"]["command"][1:3] == ["-m", "tools.gpu_weights"]
+    assert {n: s["status"] for n, s in steps.items() if n not in ("build_current", "decode", "weights")} == {
         "run_single-pass": "passed", "validate": "passed", "bench": "passed"}
     assert tiny["results"]["validate"]["passed"] is True
     assert list(tiny["results"]["validate"]["backends"]) == ["onnxruntime"]
@@ -62,7 +63,7 @@ def test_cpu_dry_run_runs_what_it_can_and_skips_the_rest_with_one_line_each(dry_
     for name in ("gpu_tests", "torch_bench", "trt_small"):
         assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("needs a CUDA GPU")
     skipped = [p["name"] for p in report["parts"] if p["status"] == "skipped"] + ["trt_tiny/build_current",
-                                                                                  "trt_tiny/decode"]
+                                                                                  "trt_tiny/decode", "trt_tiny/weights"]
     assert [s.split(":")[0] for s in report["skipped"]] == skipped  # one line each
     assert report["wall_s"] < report["budget_s"]
     assert "skipped:" in proc.stdout and "tiny-onnxruntime" in proc.stdout  # the summary and the bench table
@@ -172,3 +173,43 @@ def test_gpu_decode_without_a_gpu_is_one_line_and_exit_2(export_tiny, capsys):
     assert gpu_decode.main([str(art)]) == 2
     assert capsys.readouterr().err.strip() == ("gpu_decode: error: needs a CUDA GPU (torch sees none); run it on the "
                                                "GPU machine")
+
+
+def test_gpu_weights_without_a_gpu_is_one_line_and_exit_2(export_tiny, capsys):
+    """tools.gpu_weights (gpu_check's weights step) refuses in one line where it cannot measure."""
+    if has_cuda():
+        pytest.skip("a GPU is present: gpu_check runs tools.gpu_weights itself")
+    from tools import gpu_weights
+
+    art = export_tiny("csp", "both")
+    assert gpu_weights.main([str(art), "--repeat", "1"]) == 2
+    assert capsys.readouterr().err.strip() == ("gpu_weights: error: --repeat 1: need at least 2 (the first call is "
+                                               "not timed)")
+    assert gpu_weights.main([str(art)]) == 2
+    assert capsys.readouterr().err.strip() == ("gpu_weights: error: needs a CUDA GPU (torch sees none); run it on "
+                                               "the GPU machine")
+
+
+@pytest.mark.trt
+def test_gpu_weights_builds_its_weight_free_copy_beside_the_artifact_without_touching_it(export_tiny, tmp_path):
+    """The copy shares the graphs (hard links, no second copy of the weights), gets weight-free engines, and the
+    artifact's own full engines and manifest are left as they were; one single-pass run records the feeds."""
+    from engines.build import build_engines
+    from graphs.manifest import MANIFEST_NAME, file_sha256
+    from tools.gpu_weights import recorded_feeds, weight_free_copy
+
+    art = tmp_path / "art"
+    shutil.copytree(export_tiny("csp", "both"), art)
+    stages = ["embed", "llm_2"]
+    build_engines(art, stages=stages, flavor="tensorrt-rtx", compute_capabilities=["SM89"])
+    before = {p: file_sha256(p) for p in [art / MANIFEST_NAME, *sorted((art / "engines").rglob("*.*"))]}
+    free = weight_free_copy(art, "tensorrt-rtx", ["SM89"])
+    assert free == tmp_path / "art.weight-free"
+    assert {p: file_sha256(p) for p in before} == before  # the full engines and the manifest untouched
+    assert (free / "graphs/llm_2.onnx").stat().st_ino == (art / "graphs/llm_2.onnx").stat().st_ino
+    for stage in stages:
+        side = json.loads((free / f"engines/tensorrt-rtx/{stage}.json").read_text(encoding="utf-8"))
+        full = json.loads((art / f"engines/tensorrt-rtx/{stage}.json").read_text(encoding="utf-8"))
+        assert side["weights"] == "inputs" and side["weight_input_bytes"] > 0 and "weights" not in full
+    feeds = recorded_feeds(art)
+    assert set(stages) <= set(feeds) and set(feeds["llm_2"]) >= {"hidden", "positions"}
