@@ -22,7 +22,6 @@ capture), GPU time between the runner's own events; max_abs_diff against `plain`
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -151,20 +150,9 @@ def main(argv=None) -> int:
         print(f"gpu_decode: error: --steps {args.steps}: need at least 3 (a plain call, the capture, a replay)",
               file=sys.stderr)
         return 2
-    from graphs.errors import ToolchainError
+    from tools.gpu_steps import print_report
 
-    try:
-        report = measure(args.artifact, args.steps)
-    except ToolchainError as exc:
-        print(f"gpu_decode: error: {exc}", file=sys.stderr)
-        return 2
-    text = json.dumps(report, indent=1)
-    if args.json is not None:
-        from graphs.atomic import write_json
-
-        write_json(report, args.json)
-    print(text)
-    return 0
+    return print_report("gpu_decode", lambda: measure(args.artifact, args.steps), args.json)
 
 
 if __name__ == "__main__":

@@ -237,10 +237,14 @@ CSPRT_DECODE = [sys.executable, "-m", "tools.gpu_decode"]
 
 def _decode(ctx: Context, pc: PartClock, art: Path, results: dict) -> Step:
     """Block engines' decode steps: decode profile + CUDA graphs vs plain vs one shared profile (tools.gpu_decode)."""
-    path = ctx.work / pc.name / "decode.json"
-    step = run_step("decode", CSPRT_DECODE + [str(art), "--steps", "32", "--json", str(path)], pc, ctx.log,
-                    ctx.work, min_s=20, cwd=ROOT)
-    results["decode"] = _json_file(path) if step.status == "passed" else None
+    return _json_step(ctx, pc, "decode", CSPRT_DECODE + [str(art), "--steps", "32"], results)
+
+
+def _json_step(ctx: Context, pc: PartClock, name: str, command: list[str], results: dict) -> Step:
+    """A measuring tool run with `--json PATH`: results[name] is its report, None when it failed."""
+    path = ctx.work / pc.name / f"{name}.json"
+    step = run_step(name, command + ["--json", str(path)], pc, ctx.log, ctx.work, min_s=20, cwd=ROOT)
+    results[name] = _json_file(path) if step.status == "passed" else None
     return step
 
 
@@ -249,11 +253,7 @@ CSPRT_WEIGHTS = [sys.executable, "-m", "tools.gpu_weights"]
 
 def _weights(ctx: Context, pc: PartClock, art: Path, results: dict) -> Step:
     """Weight-free engines against the full ones: load time, latency, outputs (tools.gpu_weights)."""
-    path = ctx.work / pc.name / "weights.json"
-    step = run_step("weights", CSPRT_WEIGHTS + [str(art), "--repeat", "10", "--json", str(path)], pc, ctx.log,
-                    ctx.work, min_s=20, cwd=ROOT)
-    results["weights"] = _json_file(path) if step.status == "passed" else None
-    return step
+    return _json_step(ctx, pc, "weights", CSPRT_WEIGHTS + [str(art), "--repeat", "10"], results)
 
 
 def trt_small(ctx: Context, pc: PartClock) -> dict:

@@ -20,6 +20,26 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+def print_report(prog: str, measure, json_path: Path | None) -> int:
+    """A GPU measuring tool's ending (`tools.gpu_decode`, `tools.gpu_weights`): the report of `measure()` printed
+    as JSON (and written to `json_path`), or its ToolchainError as one line; the exit status."""
+    import json
+
+    from graphs.errors import ToolchainError
+
+    try:
+        report = measure()
+    except ToolchainError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if json_path is not None:
+        from graphs.atomic import write_json
+
+        write_json(report, json_path)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 RESERVE_S = 10.0   # kept back from the total for the report, the summary and the process exits
 LOG_TAIL = 64_000  # characters of each step's output copied to the log (the log must stay well under 16 MiB)
 

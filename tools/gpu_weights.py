@@ -23,7 +23,6 @@ TensorRT's own start-up: both engines of a stage load in the same order (full fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -137,19 +136,9 @@ def main(argv=None) -> int:
         print(f"gpu_weights: error: --repeat {args.repeat}: need at least 2 (the first call is not timed)",
               file=sys.stderr)
         return 2
-    from graphs.errors import ToolchainError
+    from tools.gpu_steps import print_report
 
-    try:
-        report = measure(args.artifact, args.repeat)
-    except ToolchainError as exc:
-        print(f"gpu_weights: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json is not None:
-        from graphs.atomic import write_json
-
-        write_json(report, args.json)
-    print(json.dumps(report, indent=1))
-    return 0
+    return print_report("gpu_weights", lambda: measure(args.artifact, args.repeat), args.json)
 
 
 if __name__ == "__main__":
