@@ -29,8 +29,8 @@ from pathlib import Path
 from graphs.errors import ArtifactError
 
 MIN_BYTES = 4096
-# The input position a weight may take. Transpose: the pruning layer's query/key weights also feed its token scores
-# through a Transpose (LISA-7B `csp` llm_1: 64 MB that would otherwise stay in the engine).
+# The input position a weight may take. Transpose: a few weights reach their MatMul through a Transpose the export
+# left unfolded (LISA-7B `csp` llm_1's last layer, q_proj and k_proj: 64 MB that would otherwise stay in the engine).
 _OPERAND = {"MatMul": 1, "Gemm": 1, "Gather": 0, "Transpose": 0}
 _FLOAT = {1: "float32", 10: "float16", 16: "bfloat16"}   # ONNX TensorProto data types that move
 
