@@ -567,7 +567,7 @@ def _build_stage(trt, job: _Job, timing_cache: Path | None, say: Callable[[str],
                        timing_cache)
     sidecar = stage_sidecar(job, key, built.profiles, (plan_rel, built.sha256, built.nbytes), built.seconds,
                             built.build_memory(memory), built.warnings)
-    if s.weights == "inputs":
+    if built.weight_inputs:  # none move from a stage without float GEMM weights (e.g. quantized blocks)
         sidecar.update(weight_inputs_sidecar(built.weight_inputs))
     write_json(sidecar, art / sidecar_rel)  # written last: a plan without its sidecar is never used
     rss = f", peak RSS {gib(built.peak)} (estimated {gib(memory.peak_bytes)})" if built.peak else ""

@@ -91,8 +91,10 @@ def test_weight_free_engine_holds_no_weight_and_its_build_reads_none(export_tiny
     monkeypatch.setattr(build_mod.MappedWeights, "address",
                         lambda self, loc, off, n: mapped.append((loc, off)) or real_address(self, loc, off, n))
     lines = []
-    free = build_engines(art, stages=[STAGE], weights_as_inputs=True, progress=lines.append, **FLAVOR)
+    free = build_engines(art, stages=["entry_0", STAGE], weights_as_inputs=True, progress=lines.append, **FLAVOR)
     assert free["stages"][STAGE]["status"] == "built"  # another build key than the full engine's
+    _, weightless = check_engine(art, "entry_0", "tensorrt-rtx", free["trt_version"])
+    assert "weights" not in weightless and free["stages"]["entry_0"]["weight_input_bytes"] == 0  # nothing moved
     plan_path, sidecar = check_engine(art, STAGE, "tensorrt-rtx", free["trt_version"])
     moved = [WeightInput.from_json(w) for w in sidecar["weight_inputs"]]
     rel = artifact.stage_entry(STAGE)["graph"]
