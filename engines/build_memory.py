@@ -68,21 +68,9 @@ def external_initializers(path: Path) -> list[tuple[str, str, int, int]]:
 
 def external_initializers_of(model) -> list[tuple[str, str, int, int]]:
     """(name, location, offset, length) of every main-graph initializer of a ModelProto stored as external data."""
-    from onnx import external_data_helper as ext
+    from graphs.onnx_passes import external_placement
 
-    out = []
-    for t in model.graph.initializer:
-        if ext.uses_external_data(t):
-            info = ext.ExternalDataInfo(t)
-            length = info.length if info.length is not None else _tensor_bytes(t)
-            out.append((t.name, info.location, int(info.offset or 0), int(length)))
-    return out
-
-
-def _tensor_bytes(t) -> int:
-    from onnx import helper
-    itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return math.prod(t.dims) * itemsize
+    return [(t.name, *placed) for t in model.graph.initializer if (placed := external_placement(t))]
 
 
 def estimate_stage_memory(artifact: Artifact, stage: str, input_bytes: int = 0) -> StageMemory:

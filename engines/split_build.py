@@ -105,9 +105,10 @@ def _estimate(inline: int, external: int) -> int:
 def _segment_weights(model, cuts, graph_bytes: int) -> list[tuple[int, int]]:
     """(inline bytes, external bytes) of each layer segment: the initializers it reads, plus its share (by node
     count) of the rest of the .onnx file (`graph_bytes`), so the segments add up to the stage's estimate."""
-    from graphs.onnx_split import _is_external, _tensor_bytes
+    from graphs.onnx_passes import tensor_bytes
+    from graphs.onnx_split import _is_external
 
-    info = {t.name: (_tensor_bytes(t), _is_external(t)) for t in model.graph.initializer}
+    info = {t.name: (tensor_bytes(t), _is_external(t)) for t in model.graph.initializer}
     rest = max(0, graph_bytes - sum(b for b, ext in info.values() if not ext))
     nodes = max(1, len(model.graph.node))
     out = []

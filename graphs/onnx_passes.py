@@ -88,6 +88,29 @@ def external_data_locations(model: onnx.ModelProto) -> list[str]:
     return list(locations)
 
 
+def external_placement(t: onnx.TensorProto) -> tuple[str, int, int] | None:
+    """(location, offset, length) of a tensor stored as external data (length from its dims when not recorded),
+    else None."""
+    if not ext.uses_external_data(t):
+        return None
+    info = ext.ExternalDataInfo(t)
+    length = int(info.length) if info.length is not None else _dims_bytes(t)
+    return info.location, int(info.offset or 0), length
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """A tensor's data bytes, whether inline or external, without reading them."""
+    placed = external_placement(t)
+    return placed[2] if placed else _dims_bytes(t)
+
+
+def _dims_bytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
 def value_types(model: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
     """name -> (elem_type, rank or None) of every typed value: graph inputs/outputs, value_info and
     initializers, subgraphs included. Run `infer_shapes` first to cover intermediates."""

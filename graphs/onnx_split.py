@@ -23,7 +23,6 @@ input (TensorRT engines here take execution tensors only). The graph must have n
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 from graphs.errors import ArtifactError
@@ -121,16 +120,6 @@ def block_cuts(model, layers: tuple[int, ...]) -> list[int]:
     return cuts
 
 
-def _tensor_bytes(t) -> int:
-    from onnx import external_data_helper as ext, helper
-    if ext.uses_external_data(t):
-        info = ext.ExternalDataInfo(t)
-        if info.length is not None:
-            return int(info.length)
-    itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return math.prod(t.dims) * itemsize
-
-
 def segments(model, cuts: list[int]) -> list[range]:
     """Node positions of each layer's segment: (previous cut, this cut]; the first from 0, the last to the end."""
     bounds = [-1, *cuts, len(model.graph.node) - 1]
@@ -139,7 +128,9 @@ def segments(model, cuts: list[int]) -> list[range]:
 
 def segment_bytes(model, cuts: list[int]) -> list[int]:
     """Bytes of the initializers each segment's nodes read (a shared initializer counts in each segment)."""
-    size = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
+    from graphs.onnx_passes import tensor_bytes
+
+    size = {t.name: tensor_bytes(t) for t in model.graph.initializer}
     out = []
     for seg in segments(model, cuts):
         names = {i for p in seg for i in model.graph.node[p].input if i in size}
@@ -276,12 +267,14 @@ def interface_shapes(model, shapes: dict[str, tuple[int, ...]], names) -> dict[s
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
+    from graphs.onnx_passes import tensor_bytes
+
     graph = model.graph
     derived = shape_derived(graph)
     inits = {t.name for t in graph.initializer}
     sd_nodes = [n for n in graph.node if all(o in derived for o in n.output if o)]
     sd_out = [o for n in sd_nodes for o in n.output if o]
-    small_inits = [t for t in graph.initializer if _tensor_bytes(t) <= (1 << 16) and not _is_external(t)]
+    small_inits = [t for t in graph.initializer if tensor_bytes(t) <= (1 << 16) and not _is_external(t)]
     reads = {i for n in sd_nodes for i in n.input if i}
     sd_inputs = [v for v in graph.input if v.name in reads and v.name not in inits]
     needed_inits = {i for n in sd_nodes for i in n.input if i in inits}

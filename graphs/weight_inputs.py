@@ -71,14 +71,6 @@ def _consumers(graph) -> dict[str, list[tuple[str, int]]]:
     return out
 
 
-def _nbytes(t) -> int:
-    from onnx import helper
-    n = 1
-    for d in t.dims:
-        n *= int(d)
-    return n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-
-
 def weight_inputs(model, graph_rel: str) -> list[WeightInput]:
     """The initializers of `model` (loaded without its external data) an engine takes as inputs, in graph order.
 
@@ -87,22 +79,22 @@ def weight_inputs(model, graph_rel: str) -> list[WeightInput]:
         graph_rel (str): the graph's path relative to the artifact (e.g. "graphs/llm_2.onnx"); external-data
             locations are relative to its folder.
     """
-    from onnx import external_data_helper as ext
+    from graphs.onnx_passes import external_placement, tensor_bytes
 
     uses = _consumers(model.graph)
-    folder = str(Path(graph_rel).parent)
+    folder = Path(graph_rel).parent
     out = []
     for t in model.graph.initializer:
         found = uses.get(t.name)
-        if (t.data_type not in _FLOAT or len(t.dims) != 2 or _nbytes(t) < MIN_BYTES or not found
+        if (t.data_type not in _FLOAT or len(t.dims) != 2 or tensor_bytes(t) < MIN_BYTES or not found
                 or any(_OPERAND.get(op) != i for op, i in found)):
             continue
-        if ext.uses_external_data(t):
-            info = ext.ExternalDataInfo(t)
-            where = (Path(folder) / info.location).as_posix()
-            offset, length = int(info.offset or 0), int(info.length if info.length is not None else _nbytes(t))
+        placed = external_placement(t)
+        if placed:
+            location, offset, length = placed
+            where = (folder / location).as_posix()
         else:
-            where, offset, length = graph_rel, -1, _nbytes(t)
+            where, offset, length = graph_rel, -1, tensor_bytes(t)
         out.append(WeightInput(t.name, _FLOAT[t.data_type], tuple(int(d) for d in t.dims), where, offset, length))
     return out
 
