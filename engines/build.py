@@ -467,13 +467,18 @@ def prepare_stage(trt, job: _Job, logger=None, timing_cache: bytes | None = None
 def stage_weight_inputs(job: _Job, model=None) -> tuple[object, list[WeightInput]]:
     """(the stage graph with its GEMM and embedding weights as inputs, those weights). `model`: the graph to
     rewrite (default: the stage's, read without its external data)."""
+    model, moved = _moved_weights(job, model)
+    return as_weight_inputs(model, moved), moved
+
+
+def _moved_weights(job: _Job, model=None) -> tuple[object, list[WeightInput]]:
+    """(the stage graph, or `model`; the weights its engine takes as inputs), the graph read without external data."""
     import onnx
 
     rel = job.artifact.stage_entry(job.stage)["graph"]
     if model is None:
         model = onnx.load(str(job.artifact.dir / rel), load_external_data=False)
-    moved = weight_inputs(model, rel)
-    return as_weight_inputs(model, moved), moved
+    return model, weight_inputs(model, rel)
 
 
 @dataclass
@@ -643,10 +648,12 @@ def _plan_splits(artifact: Artifact, memory: dict[str, StageMemory], budget: int
 
 
 def _input_bytes(job: _Job) -> int:
-    """External-data bytes of the weights `job`'s engine takes as inputs (0 unless `--weights-as-inputs`)."""
-    if job.settings.weights != "inputs":
+    """External-data bytes of the weights `job`'s engine takes as inputs (0 unless `--weights-as-inputs`). Counted
+    without rewriting the graph, and without loading it when it has no external data (nothing external moves)."""
+    entry = job.artifact.stage_entry(job.stage)
+    if job.settings.weights != "inputs" or set(entry["files"]) == {entry["graph"]}:
         return 0
-    return moved_bytes(stage_weight_inputs(job)[1])["external"]
+    return moved_bytes(_moved_weights(job)[1])["external"]
 
 
 def _stage_list(artifact: Artifact, stages) -> list[str]:
