@@ -156,20 +156,15 @@ def test_cli_refuses_weights_as_inputs_with_pieces(export_tiny, tmp_path, capsys
 def test_every_stage_with_its_weights_as_inputs_gives_the_same_outputs_on_onnxruntime(export_tiny, precision):
     """Every stage of a generate run (decode steps included), fed what the pipeline fed it: the weights-as-inputs
     graph, its weights read from the artifact by `WeightReader`, equals the graph on ONNX Runtime (to rounding)."""
-    import onnxruntime as ort
-
     from engines.session import ArtifactSession
     from exporter.export import sample_image
     from exporter.tiny import SEG_QUERY
+    from tests.engines.test_weight_inputs_runtime import _ort
 
     art = export_tiny("csp", "both", precision)
     with ArtifactSession(art, threads=1) as s:
         feeds = s.segment(sample_image(), SEG_QUERY, mode="generate", max_new_tokens=4, record=True).pipeline.feeds
     artifact, reader, moved_any = load_artifact(art), WeightReader(art), 0
-
-    def run(model, feed):
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
 
     for name, feed in feeds.items():
         stage = artifact.layout.stage(name).graph_name  # a decode step runs its block's graph
@@ -177,10 +172,11 @@ def test_every_stage_with_its_weights_as_inputs_gives_the_same_outputs_on_onnxru
         model = onnx.load(str(art / rel))
         moved = weight_inputs(model, rel)
         moved_any += len(moved)
-        want = run(model, feed)
-        got = run(as_weight_inputs(model, moved), {**feed, **{w.name: reader.read(w) for w in moved}})
-        for a, b in zip(got, want):
-            # ONNX Runtime pre-packs a constant GEMM weight and cannot pre-pack an input: a one-row GEMM may then
-            # sum in another order (seen: 4e-9 on fp32 decode steps). Anything past rounding is a rewrite error.
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"{name} ({stage})")
+        want = _ort(model, feed)
+        got = _ort(as_weight_inputs(model, moved), {**feed, **{w.name: reader.read(w) for w in moved}})
+        assert set(got) == set(want)
+        # ONNX Runtime pre-packs a constant GEMM weight and cannot pre-pack an input: a one-row GEMM may then sum
+        # in another order (seen: 4e-9 on fp32 decode steps). Anything past rounding is a rewrite error.
+        for out, ref in want.items():
+            np.testing.assert_allclose(got[out], ref, rtol=1e-5, atol=1e-7, err_msg=f"{name} ({stage}) {out}")
     assert moved_any > 0 and {"vision", "embed", "llm_0", "llm_2", "sam_decoder"} <= set(feeds)
