@@ -76,7 +76,6 @@ def test_external_weights_are_read_as_views_of_the_data_file(export_tiny, tmp_pa
 
 @pytest.mark.trt
 def test_weight_free_engine_holds_no_weight_and_its_build_reads_none(export_tiny, tmp_path, monkeypatch):
-    from engines import build as build_engine_mod
     from engines.build import build_engines, check_engine, estimate_stage_memory
 
     art = tmp_path / "art"
