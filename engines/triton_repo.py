@@ -164,7 +164,7 @@ def _engine_models(artifact: Artifact, name: str, flavor: str | None) -> tuple[l
     for stage in stages:
         plan, sidecar = check_engine(artifact.dir, stage.name, chosen, version)  # refuses stale or changed plans
         if sidecar.get("weights", "engine") != "engine":  # Triton binds only request tensors to engine inputs
-            raise ArtifactError(f"stage {stage.name!r}'s engine takes its weights as inputs (built with "
+            raise ArtifactError(f"stage {stage.name!r}: its engine takes its weights as inputs (built with "
                                 f"--weights-as-inputs), which Triton's TensorRT backend cannot serve (every weight "
                                 f"would be a request tensor); rebuild that stage with its weights inside: "
                                 f"{fix} --stages {stage.name}")

@@ -347,7 +347,7 @@ def test_triton_tensorrt_backend_refuses_a_weight_input_engine(art, tmp_path):
     sidecar_path = eng / engine_paths("tensorrt", STAGE)[1]
     sidecar = json.loads(sidecar_path.read_text())
     sidecar_path.write_text(json.dumps({**sidecar, **_sidecar(art, _moved(art), plan=sidecar["plan"])}))
-    with pytest.raises(ArtifactError, match=r"^stage 'llm_2''s engine takes its weights as inputs \(built with "
+    with pytest.raises(ArtifactError, match=r"^stage 'llm_2': its engine takes its weights as inputs \(built with "
                                             r"--weights-as-inputs\), which Triton's TensorRT backend cannot serve "
                                             r".*; rebuild that stage with its weights inside: csprt build \S+ "
                                             r"--stages llm_2$"):
